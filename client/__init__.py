@@ -1,0 +1,1 @@
+"""Site agent: data manifest, feature extraction, local steps and ClientApp."""

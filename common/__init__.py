@@ -1,0 +1,1 @@
+"""Math and protocol shared by site and coordinator: pure, Flower-free functions."""

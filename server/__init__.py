@@ -1,0 +1,1 @@
+"""Coordinator: ServerApp, study workflow, aggregation, report (filled by later issues)."""
