@@ -359,7 +359,7 @@ def write_table(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None:
             meta.update({f"fedrad.{k}".encode(): str(v).encode() for k, v in metadata.items()})
             pq.write_table(table.replace_schema_metadata(meta), tmp)
         else:
-            df.to_csv(tmp, index=False)
+            df.to_csv(tmp, index=False, float_format="%.17g")  # round-trips float64 exactly
         os.replace(tmp, out)
     except BaseException:
         if os.path.exists(tmp):

@@ -157,6 +157,10 @@ class CheckReport:
                 seen.setdefault(p.case_id, None)
         return list(seen)
 
+    @property
+    def n_unusable_rows(self) -> int:
+        return len({p.row for p in self.problems if p.severity == "error"})
+
 
 def geometry_mismatch(image, mask, tol: CheckTolerances) -> str | None:
     """Describe how ``mask``'s grid differs from ``image``'s beyond ``tol``, or None when they match."""
@@ -286,8 +290,8 @@ def format_problems(report: CheckReport) -> str:
         fmt = "  ".join(f"{{:<{w}}}" for w in widths) + "  {}"
         lines.append(fmt.format(*head))
         lines.extend(fmt.format(*r) for r in rows)
-    n_bad = len(report.unusable_cases)
+    n_bad = report.n_unusable_rows
     n_warn = sum(p.severity == "warning" for p in report.problems)
-    lines.append(f"{report.manifest}: {report.n_cases} cases checked, {report.n_cases - n_bad} usable, "
+    lines.append(f"{report.manifest}: {report.n_cases} rows checked, {report.n_cases - n_bad} usable, "
                  f"{n_bad} unusable, {n_warn} warnings")
     return "\n".join(lines)

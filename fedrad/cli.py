@@ -81,7 +81,8 @@ def site_check(
     tol = CheckTolerances(spacing_rel=spacing_tol, origin_abs=origin_tol, direction_abs=direction_tol)
     try:
         report = check_manifest(manifest, tolerances=tol,
-                                outcome_columns=[c for c in (outcomes or "").split(",") if c])
+                                outcome_columns=[c for c in outcomes.split(",") if c] if outcomes else None,
+                                progress=True)
     except ValueError as exc:
         _fail(str(exc))
     typer.echo(format_problems(report))
