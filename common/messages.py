@@ -1,0 +1,123 @@
+"""Message schemas: every request type a site answers, and the one codec between payloads and Flower records.
+
+A *payload* is a plain dict: string keys, values that are numpy arrays, numbers, strings, booleans, None, or
+(nested) lists/dicts of those. The math in :mod:`fedrad.common` only ever sees payloads; this module is the
+only place that builds or reads Flower ``RecordDict`` objects (Flower is imported lazily, so importing this
+module for :data:`REQUESTS` does not pull Flower in).
+
+Encoding: arrays go into one ``ArrayRecord`` (``"arrays"``) under path-like keys; everything else is a JSON
+document in a ``ConfigRecord`` (``"meta"``, key ``"json"``) in which each array is replaced by
+``{"__array__": key}``. Decoding restores the same structure. JSON keeps exact float64 values (Python's
+``repr``), so a payload round-trips bit for bit.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class RequestType:
+    """A request a site can answer: Flower message type and what its reply holds."""
+
+    message_type: str
+    summary: str
+    aggregates: str
+
+
+#: Every request type a site agent answers (the site's allow-list is a subset of these names).
+REQUESTS: dict[str, RequestType] = {
+    "combat_stats": RequestType(
+        "query.combat_stats",
+        "ComBat round 1: the site's sufficient statistics for the pooled regression",
+        "n, design cross-product X'X, X'Y, feature sums and centred sums of squares per feature",
+    ),
+    "combat_apply": RequestType(
+        "query.combat_apply",
+        "ComBat round 2: given the global fit, the site standardizes, estimates its batch effect with "
+        "empirical Bayes and harmonizes locally; replies with its residual sum of squares check",
+        "n and per-feature counts only; harmonized rows stay at the site",
+    ),
+}
+
+
+def message_type(request: str) -> str:
+    """Flower message type of a request name (``combat_stats`` -> ``query.combat_stats``)."""
+    try:
+        return REQUESTS[request].message_type
+    except KeyError:
+        raise ValueError(f"unknown request type {request!r}; known: {', '.join(REQUESTS)}") from None
+
+
+def request_name(message_type_: str) -> str:
+    for name, req in REQUESTS.items():
+        if req.message_type == message_type_:
+            return name
+    raise ValueError(f"unknown message type {message_type_!r}")
+
+
+def _split(obj, arrays: dict, prefix: str):
+    if isinstance(obj, np.ndarray):
+        key = prefix or "_"
+        arrays[key] = np.ascontiguousarray(obj)
+        return {"__array__": key}
+    if isinstance(obj, dict):
+        out = {}
+        for k, v in obj.items():
+            if not isinstance(k, str):
+                raise TypeError(f"payload keys must be strings, got {k!r}")
+            out[k] = _split(v, arrays, f"{prefix}/{k}" if prefix else k)
+        return out
+    if isinstance(obj, (list, tuple)):
+        return [_split(v, arrays, f"{prefix}/{i}") for i, v in enumerate(obj)]
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (str, bool, int, float)):
+        if isinstance(obj, float) and not np.isfinite(obj):
+            raise ValueError(f"payload value at {prefix!r} is {obj}: refusing to send a non-finite number")
+        return obj
+    raise TypeError(f"payload value at {prefix!r} has unsupported type {type(obj).__name__}")
+
+
+def _join(obj, arrays: dict):
+    if isinstance(obj, dict):
+        if set(obj) == {"__array__"}:
+            return arrays[obj["__array__"]]
+        return {k: _join(v, arrays) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_join(v, arrays) for v in obj]
+    return obj
+
+
+def split_payload(payload: dict) -> tuple[str, dict[str, np.ndarray]]:
+    """(JSON skeleton, arrays) of a payload: the Flower-free half of the codec, also used by audit logs."""
+    arrays: dict[str, np.ndarray] = {}
+    skeleton = _split(payload, arrays, "")
+    return json.dumps(skeleton, allow_nan=False), arrays
+
+
+def join_payload(skeleton: str, arrays: dict[str, np.ndarray]) -> dict:
+    return _join(json.loads(skeleton), arrays)
+
+
+def to_record(payload: dict):
+    """Payload -> Flower ``RecordDict``."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+    skeleton, arrays = split_payload(payload)
+    content = {"meta": ConfigRecord({"json": skeleton})}
+    if arrays:
+        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    return RecordDict(content)
+
+
+def from_record(record) -> dict:
+    """Flower ``RecordDict`` -> payload."""
+    if "meta" not in record:
+        raise ValueError("message has no fedrad payload (missing 'meta' record)")
+    arrays = {}
+    if "arrays" in record:
+        arrays = {k: v.numpy() for k, v in record["arrays"].items()}
+    return join_payload(str(record["meta"]["json"]), arrays)

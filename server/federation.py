@@ -1,0 +1,202 @@
+"""The coordinator's view of the sites: ``ask`` one question of every site over a Flower ``Grid``.
+
+A phase is one round trip: the coordinator sends every site the same request type (the payload may differ per
+site, e.g. per validation fold), each site answers from its own rows, the coordinator combines. :class:`Federation`
+wraps any Flower ``Grid`` — the deployment runtime's, the simulation engine's, or :class:`LocalGrid` (a Ray-free
+in-process harness for tests and single-machine CLI runs) — so the same study code runs on all of them.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+
+from flwr.app import Context, Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
+from flwr.serverapp import Grid
+from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
+from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_contents
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity
+
+from fedrad.common.messages import from_record, message_type, to_record
+
+
+class SiteError(RuntimeError):
+    """One or more sites failed or refused a request; ``failures`` maps site (or node) to its reason."""
+
+    def __init__(self, request: str, failures: dict[str, str]):
+        self.request = request
+        self.failures = failures
+        shown = "; ".join(f"{site}: {reason}" for site, reason in failures.items())
+        super().__init__(f"{request}: {len(failures)} site(s) failed: {shown}")
+
+
+def _short_reason(reason: str) -> str:
+    """Flower wraps a raised exception as ``"<class 'X'>:<'message'>"``; keep the message."""
+    if reason.startswith("<class") and ":<" in reason:
+        inner = reason.split(":<", 1)[1].rstrip(">")
+        return inner.strip("'\"")
+    return reason
+
+
+class Federation:
+    """Ask every site a question and collect aggregates, counting round trips.
+
+    Parameters
+    ----------
+    grid : flwr.serverapp.Grid
+    timeout : float
+        Seconds to wait for all replies of one round trip.
+    log : callable, optional
+        Receives one progress line per round trip (phase, round, sites answered).
+    """
+
+    def __init__(self, grid, timeout: float = 600.0, log: Callable[[str], None] | None = None):
+        self.grid = grid
+        self.timeout = timeout
+        self.log = log or (lambda line: None)
+        self.rounds = 0
+        self.node_of_site: dict[str, int] = {}
+
+    def node_ids(self) -> list[int]:
+        return sorted(self.grid.get_node_ids())
+
+    def wait_for_sites(self, n: int, timeout: float = 120.0) -> list[int]:
+        deadline = time.monotonic() + timeout
+        while True:
+            nodes = self.node_ids()
+            if len(nodes) >= n:
+                return nodes
+            if time.monotonic() > deadline:
+                raise SiteError("connect", {"federation": f"only {len(nodes)} of {n} sites connected "
+                                                          f"after {timeout:.0f} s"})
+            time.sleep(0.5)
+
+    def ask(self, request: str, payload: dict | None = None, *, per_site: dict[str, dict] | None = None,
+            phase: str = "") -> dict[str, dict]:
+        """One round trip: send ``request`` to every site; return ``{site name: reply payload}``.
+
+        ``per_site`` gives a payload per site name (sites must have answered an earlier round so that their
+        node is known); otherwise every site gets ``payload``. Raises :class:`SiteError` naming every site that
+        failed, refused or did not answer in time.
+        """
+        mtype = message_type(request)
+        if per_site is not None:
+            unknown = [s for s in per_site if s not in self.node_of_site]
+            if unknown:
+                raise ValueError(f"no node known for site(s) {', '.join(unknown)}")
+            targets = {self.node_of_site[s]: per_site[s] for s in per_site}
+        else:
+            targets = {n: payload or {} for n in self.node_ids()}
+        if not targets:
+            raise SiteError(request, {"federation": "no site is connected"})
+        self.rounds += 1
+        group = f"{phase or request}-{self.rounds}"
+        msgs = [Message(to_record(p), dst_node_id=n, message_type=mtype, group_id=group)
+                for n, p in targets.items()]
+        t0 = time.monotonic()
+        self.log(f"round {self.rounds} ({phase or request}): asking {len(msgs)} sites")
+        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        node_by_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
+        site_by_node = {v: k for k, v in self.node_of_site.items()}
+        ok: dict[str, dict] = {}
+        failed: dict[str, str] = {}
+        answered: set[int] = set()
+        for r in replies:
+            node = node_by_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
+            answered.add(node)
+            name = site_by_node.get(node, f"node {node}")
+            if r.has_error():
+                failed[name] = _short_reason(r.error.reason)
+                continue
+            content = from_record(r.content)
+            name = str(content.get("site", name))
+            self.node_of_site[name] = node
+            ok[name] = content
+        for node in set(targets) - answered:
+            failed[site_by_node.get(node, f"node {node}")] = f"no reply within {self.timeout:.0f} s"
+        self.log(f"round {self.rounds} ({phase or request}): {len(ok)} of {len(targets)} sites answered "
+                 f"in {time.monotonic() - t0:.1f} s")
+        if failed:
+            raise SiteError(request, failed)
+        return ok
+
+
+class LocalGrid(Grid):
+    """A Ray-free, in-process Flower ``Grid``: each message is handed to ``client_app(message, context)``.
+
+    Every site has its own persistent ``Context`` (``node_config`` as a SuperNode would have it, ``state``
+    kept across messages as on a SuperNode). Messages are deflated to bytes and inflated again in both
+    directions, as on the wire, so a payload that would not survive Flower's serialization fails here too.
+    A handler exception becomes an error reply (code 2, CLIENT_APP_RAISED_EXCEPTION) as on a SuperNode.
+    """
+
+    def __init__(self, client_app, node_configs: Iterable[dict], run_config: dict | None = None, run_id: int = 1):
+        self.client_app = client_app
+        self.run_id = run_id
+        self._contexts = {}
+        for i, cfg in enumerate(node_configs):
+            node_id = 1000 + i
+            self._contexts[node_id] = Context(run_id=run_id, node_id=node_id, node_config=dict(cfg),
+                                              state=RecordDict(), run_config=dict(run_config or {}))
+        self._inbox: dict[str, object] = {}
+        TaskIdentity.run_id = run_id
+        TaskIdentity.node_id = 1
+        TaskIdentity.task_id = 1
+
+    # --- Grid API -------------------------------------------------------------------------------------------
+    def set_run(self, run) -> None:  # pragma: no cover - not used in-process
+        self.run_id = run.run_id
+
+    @property
+    def run(self):
+        return Run.create_empty(self.run_id)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return Message(content, dst_node_id=dst_node_id, message_type=message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(self._contexts)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            msg.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            self._inbox[msg.metadata.message_id] = msg
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._deliver(self._inbox.pop(mid)) for mid in list(message_ids) if mid in self._inbox]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(list(messages)))
+
+    # --- delivery -------------------------------------------------------------------------------------------
+    def _deliver(self, msg):
+        wire = _wire_copy(msg)
+        node = msg.metadata.dst_node_id
+        context = self._contexts[node]
+        TaskIdentity.node_id = node
+        try:
+            reply = self.client_app(wire, context)
+        except Exception as exc:
+            reply = Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION,
+                                  reason=f"<class '{exc.__class__.__name__}'>:<'{exc}'>"), reply_to=wire)
+        finally:
+            TaskIdentity.node_id = 1
+        reply = _wire_copy(reply)
+        reply.metadata.__dict__["_reply_to_message_id"] = msg.metadata.message_id
+        reply.metadata.__dict__["_src_node_id"] = node
+        return reply
+
+
+def _wire_copy(msg):
+    """Serialize and deserialize a Message the way Flower ships it (object tree -> bytes -> objects)."""
+    objects = get_all_nested_objects(msg)
+    contents = {oid: obj.deflate() for oid, obj in objects.items()}
+    copy = inflate_object_from_contents(msg.object_id, contents)
+    copy.metadata.__dict__.update({k: v for k, v in msg.metadata.__dict__.items()})
+    return copy
+
