@@ -55,7 +55,10 @@ def demo_data(
     """Write a synthetic multi-site cohort (NIfTI images + masks, one manifest per site)."""
     from fedrad.client.demo_data import write_demo_cohort
 
-    manifests = write_demo_cohort(out, n_sites=sites, n_patients=patients, seed=seed, progress=True)
+    try:
+        manifests = write_demo_cohort(out, n_sites=sites, n_patients=patients, seed=seed, progress=True)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
     for m in manifests:
         typer.echo(f"site manifest: {m}")
 
