@@ -115,6 +115,72 @@ def site_extract(
     raise typer.Exit(0 if result.n_ok > 0 else 1)
 
 
+def _csv_list(text: Optional[str]) -> list[str]:
+    return [c.strip() for c in text.split(",") if c.strip()] if text else []
+
+
+def _read_table(path: Path):
+    import pandas as pd
+
+    if not path.is_file():
+        _fail(f"input table {path} not found")
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, float_precision="round_trip")
+
+
+@app.command("harmonize")
+def harmonize(
+    input: Path = typer.Argument(..., help="Feature table (.csv or .parquet), one row per case."),
+    batch_col: str = typer.Option(..., "--batch-col", help="Column naming the batch (site/scanner)."),
+    out: Path = typer.Option(..., "--out", help="Output table (.csv or .parquet): same columns and row order."),
+    covariates: Optional[str] = typer.Option(None, "--covariates", help="Covariates to preserve, comma-separated."),
+    categorical: Optional[str] = typer.Option(None, "--categorical", help="Which covariates are categorical."),
+    features: Optional[str] = typer.Option(
+        None, "--features", help="Columns to harmonize (default: pyradiomics-named columns, else all numeric)."),
+    ref_batch: Optional[str] = typer.Option(None, "--ref-batch", help="Reference batch, left unchanged."),
+    nonparametric: bool = typer.Option(False, "--nonparametric", help="Non-parametric empirical Bayes."),
+    mean_only: bool = typer.Option(False, "--mean-only", help="Adjust location only, not scale."),
+    no_eb: bool = typer.Option(False, "--no-eb", help="No empirical Bayes shrinkage (eb=False)."),
+    federated: bool = typer.Option(
+        False, "--federated", help="Each batch becomes a site; the federated protocol runs through Flower's "
+        "message layer in-process (aggregates only between sites and coordinator)."),
+    min_cell_size: Optional[int] = typer.Option(
+        None, "--min-cell-size", help="Smallest batch a site describes (default 10 with --federated, else 2)."),
+) -> None:
+    """ComBat harmonization of a feature table (pooled, or federated with identical results)."""
+    from fedrad.client.extract import write_table
+    from fedrad.common.combat import CombatError
+    from fedrad.local import harmonize_table
+    from fedrad.server.federation import SiteError
+
+    df = _read_table(input)
+    cats = _csv_list(categorical)
+    covs = list(dict.fromkeys(_csv_list(covariates) + cats))
+    ref = ref_batch
+    if ref is not None and batch_col in df.columns and df[batch_col].dtype.kind in "if":
+        ref = type(df[batch_col].iloc[0].item())(ref_batch)
+    if out.suffix.lower() not in (".csv", ".parquet"):
+        _fail(f"output {out} must end in .csv or .parquet")
+    try:
+        result, info = harmonize_table(
+            df, batch_col, _csv_list(features) or None, covs, cats, ref_batch=ref, eb=not no_eb,
+            parametric=not nonparametric, mean_only=mean_only, federated=federated, min_cell_size=min_cell_size,
+            log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+    except (CombatError, SiteError, ValueError) as exc:
+        _fail(str(exc))
+    write_table(result, out, {"harmonization": info["mode"]})
+    ref_d = info["reference"]
+    n_feat = len(ref_d.get("features", []))
+    excluded = ref_d.get("excluded_features") or {}
+    mode = (f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled")
+    typer.echo(f"harmonized: {out} ({n_feat} features x {len(result)} rows, "
+               f"{df[batch_col].nunique()} batches, {mode})")
+    if excluded:
+        shown = "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5])
+        typer.echo(f"left unchanged (zero variance): {len(excluded)} features ({shown})")
+
+
 def main() -> None:
     app()
 

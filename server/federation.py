@@ -7,6 +7,7 @@ in-process harness for tests and single-machine CLI runs) — so the same study 
 """
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -20,6 +21,9 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from fedrad.common.messages import from_record, message_type, to_record
+
+
+_SITE_PREFIX = re.compile(r"^site (.+?): (.*)$", re.S)
 
 
 class SiteError(RuntimeError):
@@ -108,7 +112,12 @@ class Federation:
             answered.add(node)
             name = site_by_node.get(node, f"node {node}")
             if r.has_error():
-                failed[name] = _short_reason(r.error.reason)
+                reason = _short_reason(r.error.reason)
+                named = _SITE_PREFIX.match(reason)  # site agents start their errors with "site NAME: "
+                if named:
+                    name, reason = named.group(1), named.group(2)
+                    self.node_of_site.setdefault(name, node)
+                failed[name] = reason
                 continue
             content = from_record(r.content)
             name = str(content.get("site", name))

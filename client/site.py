@@ -1,0 +1,82 @@
+"""The site agent's runtime side: its configuration, its data, and the one path every request goes through.
+
+A site is configured by its SuperNode's ``--node-config`` (TOML values, strings quoted):
+
+=================  ==================================================================================
+key                meaning
+=================  ==================================================================================
+site-name          the site's name as the coordinator will see it (required)
+table              the site's feature table (.parquet or .csv, e.g. from ``fedrad site extract``)
+workdir            where the site keeps its audit log and results (default: next to the table)
+min-cell-size      smallest group the site describes (default 10; only stricter than the request)
+allowed-requests   comma-separated request types the site answers (default: all)
+=================  ==================================================================================
+
+:func:`answer` is the single path of a request: allow-list check -> compute from the site's own rows ->
+audit log -> reply. Errors are re-raised as one line naming the site, which Flower turns into an error
+reply the coordinator reports.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from fedrad.client.audit import AuditLog
+from fedrad.client.policy import SitePolicy
+
+
+class SiteFailure(RuntimeError):
+    """A request failed or was refused at a site; the message starts with the site's name."""
+
+
+@dataclass(frozen=True)
+class Site:
+    name: str
+    table_path: Path | None
+    workdir: Path
+    policy: SitePolicy
+
+    @classmethod
+    def from_node_config(cls, cfg: dict) -> "Site":
+        if "site-name" in cfg:
+            name = str(cfg["site-name"])
+        elif "partition-id" in cfg:  # Flower simulation: virtual sites are numbered
+            name = f"site{int(cfg['partition-id']) + 1}"
+        else:
+            raise SiteFailure("this SuperNode has no site-name in its --node-config; add site-name=\"NAME\"")
+        table = Path(str(cfg["table"])) if cfg.get("table") else None
+        workdir = Path(str(cfg["workdir"])) if cfg.get("workdir") else (
+            table.parent / ".fedrad-site" if table else Path.cwd() / ".fedrad-site")
+        return cls(name=name, table_path=table, workdir=workdir, policy=SitePolicy.from_node_config(cfg))
+
+    @property
+    def audit(self) -> AuditLog:
+        return AuditLog(self.workdir / "audit.jsonl")
+
+    def rows(self) -> pd.DataFrame:
+        """The site's own feature table (never leaves the site)."""
+        if self.table_path is None:
+            raise SiteFailure(f"site {self.name}: no feature table configured; set table=\"PATH\" in --node-config")
+        if not self.table_path.is_file():
+            raise SiteFailure(f"site {self.name}: feature table {self.table_path} not found")
+        if self.table_path.suffix.lower() == ".parquet":
+            return pd.read_parquet(self.table_path)
+        return pd.read_csv(self.table_path, float_precision="round_trip")
+
+    def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict]) -> dict:
+        """Policy check, compute, audit, return the reply payload (``site`` key added)."""
+        try:
+            self.policy.check_allowed(self.name, request)
+            reply = compute(self, payload)
+        except SiteFailure:
+            raise
+        except Exception as exc:  # one line naming the site, whatever went wrong locally
+            text = " ".join(str(exc).split()) or exc.__class__.__name__
+            self.audit.record(self.name, request, {"refused": text}, status="refused")
+            raise SiteFailure(f"site {self.name}: {text}") from exc
+        reply = {"site": self.name, **reply}
+        self.audit.record(self.name, request, reply)
+        return reply

@@ -1,0 +1,117 @@
+"""Single-machine runs of the federated protocols: each site's rows in its own table, Flower's message layer
+in-process (:class:`~fedrad.server.federation.LocalGrid` with the real site ClientApp), the coordinator's code
+unchanged. Used by ``fedrad harmonize --federated`` and ``fedrad fit --federated`` on a table a user already has,
+and by tests. Only this module and the CLI see both client and server.
+"""
+from __future__ import annotations
+
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrad.client.policy import DEFAULT_MIN_CELL_SIZE
+from fedrad.server.federation import Federation, LocalGrid
+
+ROW_COL = "__fedrad_row__"
+#: pyradiomics feature names: <image type>_<class>_<feature>
+RADIOMIC_NAME = re.compile(r"^[A-Za-z0-9.\-]+_(shape|shape2D|firstorder|glcm|glrlm|glszm|gldm|ngtdm)_\w+$")
+
+
+def default_features(df: pd.DataFrame, exclude: set[str]) -> list[str]:
+    """pyradiomics-named columns when there are any, else every numeric column not excluded."""
+    radiomic = [c for c in df.columns if RADIOMIC_NAME.match(str(c)) and c not in exclude]
+    if radiomic:
+        return radiomic
+    return [c for c in df.columns if c not in exclude and c != ROW_COL and pd.api.types.is_numeric_dtype(df[c])]
+
+
+@dataclass
+class LocalSites:
+    """Sites made from one table split by a column; each site's rows live in its own file."""
+
+    workdir: Path
+    tables: dict[str, Path]
+    min_cell_size: int
+
+    def node_configs(self) -> list[dict]:
+        return [{"site-name": s, "table": str(p), "workdir": str(self.workdir / s),
+                 "min-cell-size": self.min_cell_size} for s, p in self.tables.items()]
+
+    def federation(self, log=None) -> Federation:
+        from fedrad.client.client_app import app as client_app
+
+        return Federation(LocalGrid(client_app, self.node_configs()), log=log)
+
+    def harmonized(self, name: str = "harmonized") -> dict[str, pd.DataFrame]:
+        return {s: pd.read_parquet(self.workdir / s / "harmonized" / f"{name}.parquet") for s in self.tables}
+
+
+def split_into_sites(df: pd.DataFrame, site_col: str, workdir: Path | None = None,
+                     min_cell_size: int = DEFAULT_MIN_CELL_SIZE) -> LocalSites:
+    if site_col not in df.columns:
+        raise ValueError(f"column {site_col!r} not in the table; columns: {', '.join(map(str, df.columns[:12]))}")
+    if df[site_col].isna().any():
+        raise ValueError(f"column {site_col!r} has {int(df[site_col].isna().sum())} missing values; "
+                         "every row needs a site")
+    workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="fedrad-local-"))
+    tables = {}
+    rows = df.assign(**{ROW_COL: np.arange(len(df))})
+    for site, part in rows.groupby(site_col, sort=True):
+        name = str(site)
+        d = workdir / name
+        d.mkdir(parents=True, exist_ok=True)
+        part.to_parquet(d / "table.parquet", index=False)
+        tables[name] = d / "table.parquet"
+    return LocalSites(workdir=workdir, tables=tables, min_cell_size=min_cell_size)
+
+
+def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None = None,
+                    covariates: list[str] = (), categorical: list[str] = (), *, ref_batch=None, eb: bool = True,
+                    parametric: bool = True, mean_only: bool = False, federated: bool = False,
+                    min_cell_size: int | None = None, log=None, workdir: Path | None = None
+                    ) -> tuple[pd.DataFrame, dict]:
+    """ComBat on a table: pooled, or federated with each batch value as a site. Same columns and row order.
+
+    ``workdir`` keeps the sites' folders (tables, audit logs, harmonized outputs) for inspection; by default
+    they live in a temporary directory removed afterwards.
+    """
+    from fedrad.common.combat import ComBat, make_request
+
+    for col in [batch_col, *covariates, *categorical]:
+        if col not in df.columns:
+            raise ValueError(f"column {col!r} not in the table")
+    covariates = list(dict.fromkeys([*covariates, *categorical]))
+    if features is None:
+        features = default_features(df, {batch_col, *covariates})
+    missing = [f for f in features if f not in df.columns]
+    if missing:
+        raise ValueError(f"feature column(s) not in the table: {', '.join(missing[:5])}")
+    if not features:
+        raise ValueError("no feature columns to harmonize; pass --features")
+    if not federated:
+        model = ComBat(covariates=covariates, categorical=list(categorical), eb=eb, parametric=parametric,
+                       mean_only=mean_only, ref_batch=ref_batch, min_cell_size=min_cell_size or 2)
+        out = model.fit_transform(df[features], df[batch_col], df[covariates] if covariates else None)
+        result = df.copy()
+        result[features] = np.asarray(out, dtype=float)
+        return result, {"mode": "pooled", "excluded": getattr(model, "excluded_features_", {}),
+                        "reference": model.reference_.to_dict()}
+    from fedrad.server.harmonize import run_federated_combat
+
+    request = make_request(features, covariates, list(categorical), ref_batch=ref_batch, eb=eb,
+                           parametric=parametric, mean_only=mean_only,
+                           min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+    with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
+        sites = split_into_sites(df, batch_col, Path(tmp) if workdir is None else Path(workdir),
+                                 min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+        fed = sites.federation(log=log)
+        reference, summaries = run_federated_combat(fed, request)
+        parts = pd.concat(list(sites.harmonized().values()), ignore_index=True).sort_values(ROW_COL)
+    result = df.copy()
+    result[features] = parts[features].to_numpy(dtype=float)
+    return result, {"mode": "federated", "round_trips": fed.rounds, "reference": reference.to_dict(),
+                    "summaries": summaries}

@@ -1,0 +1,126 @@
+"""Federated ComBat through Flower's message layer (in-process Grid, real site ClientApp) and `fedrad harmonize`."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from fedrad.cli import app
+from fedrad.client.audit import AuditLog
+from fedrad.local import harmonize_table
+
+RUNNER = CliRunner()
+SIZES = {"hospA": 37, "hospB": 23, "hospC": 51, "hospD": 29}
+
+
+def _table(seed: int = 0, n_features: int = 6) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    parts = []
+    for k, (site, n) in enumerate(SIZES.items()):
+        age = np.round(rng.normal(60 + 3 * k, 8, n))  # case mix differs by site
+        sex = rng.choice(["F", "M"], n, p=[0.3 + 0.1 * k, 0.7 - 0.1 * k])
+        bio = rng.normal(size=(n, n_features))
+        x = (1 + 0.3 * k) * bio + 0.04 * age[:, None] + (sex == "M")[:, None] * 0.5 + 2.0 * k
+        x[:, 0] = 1e5 + 3e3 * x[:, 0]  # a volume-like feature
+        d = pd.DataFrame(x, columns=[f"original_firstorder_F{i}" for i in range(n_features)])
+        d.insert(0, "case_id", [f"{site}-{i}" for i in range(n)])
+        d["age"], d["sex"], d["site"] = age, sex, site
+        parts.append(d)
+    return pd.concat(parts, ignore_index=True).sample(frac=1.0, random_state=seed).reset_index(drop=True)
+
+
+def _neurocombat(df, feats, **kw):
+    from neuroCombat import neuroCombat
+
+    covars = df[["site", "age", "sex"]].copy()
+    out = neuroCombat(dat=df[feats].to_numpy(float).T, covars=covars, batch_col="site", categorical_cols=["sex"],
+                      continuous_cols=["age"], **kw)
+    return out["data"].T
+
+
+@pytest.mark.parametrize("opts,nc", [
+    ({}, {}),
+    ({"parametric": False}, {"parametric": False}),
+    ({"mean_only": True}, {"mean_only": True}),
+    ({"ref_batch": "hospB"}, {"ref_batch": "hospB"}),
+])
+def test_federated_equals_pooled_equals_neurocombat(opts, nc, monkeypatch):
+    monkeypatch.setattr(np, "int", int, raising=False)  # neuroCombat 0.2.12 uses np.int in its ref_batch path
+    df = _table()
+    feats = [c for c in df.columns if c.startswith("original_")]
+    pooled, _ = harmonize_table(df, "site", feats, ["age", "sex"], ["sex"], **opts)
+    fed, info = harmonize_table(df, "site", feats, ["age", "sex"], ["sex"], federated=True, **opts)
+    ref = _neurocombat(df, feats, **nc)
+    scale = np.abs(ref).max(axis=0)
+    assert np.max(np.abs(pooled[feats].to_numpy() - ref) / scale) < 1e-8
+    assert np.max(np.abs(fed[feats].to_numpy() - pooled[feats].to_numpy()) / scale) < 1e-10
+    assert info["round_trips"] == 2
+    assert list(fed.columns) == list(df.columns) and (fed.case_id == df.case_id).all()
+    if "ref_batch" in opts:
+        b = df.site == "hospB"
+        np.testing.assert_allclose(fed.loc[b, feats].to_numpy(), df.loc[b, feats].to_numpy(), rtol=1e-12)
+
+
+def test_no_payload_has_a_patient_dimension(tmp_path):
+    """Every array any site sent (read back from the sites' audit logs) is free of a patient axis."""
+    df = _table(seed=3)
+    feats = [c for c in df.columns if c.startswith("original_")]
+    harmonize_table(df, "site", feats, ["age", "sex"], ["sex"], federated=True, workdir=tmp_path)
+    n_arrays = 0
+    for site, n in SIZES.items():
+        entries = AuditLog(tmp_path / site / "audit.jsonl").entries()
+        assert [e["request"] for e in entries] == ["combat_stats", "combat_apply"]
+        raw = df.loc[df.site == site, feats].to_numpy().ravel()
+        for e in entries:
+            for key, arr in e["arrays"].items():
+                n_arrays += 1
+                assert n not in arr["shape"], f"{site} sent {key} with shape {arr['shape']} (n = {n})"
+                values = np.asarray(arr["values"], dtype=float).ravel()
+                assert not np.isin(raw, values).any(), f"{site} sent a raw feature value in {key}"
+
+            def walk(obj):
+                if isinstance(obj, list):
+                    assert len(obj) != n or not all(isinstance(v, (int, float)) for v in obj), "patient list"
+                    for v in obj:
+                        walk(v)
+                elif isinstance(obj, dict):
+                    for v in obj.values():
+                        walk(v)
+            walk(e["payload"])
+    assert n_arrays == 0 or n_arrays > 4
+
+
+def test_site_below_min_cell_size_refuses_and_is_named():
+    df = _table()
+    small = df[(df.site != "hospB") | (df.index.isin(df.index[df.site == "hospB"][:6]))]
+    feats = [c for c in df.columns if c.startswith("original_")]
+    from fedrad.server.federation import SiteError
+
+    with pytest.raises(SiteError) as info:
+        harmonize_table(small, "site", feats, ["age"], federated=True)
+    assert list(info.value.failures) == ["hospB"]
+    assert "hospB" in str(info.value) and "6" in str(info.value)
+
+
+def test_harmonize_cli_pooled_and_federated(tmp_path):
+    df = _table(seed=5)
+    src = tmp_path / "in.csv"
+    df.to_csv(src, index=False, float_format="%.17g")
+    base = ["harmonize", str(src), "--batch-col", "site", "--covariates", "age,sex", "--categorical", "sex"]
+    r1 = RUNNER.invoke(app, base + ["--out", str(tmp_path / "pooled.csv")])
+    r2 = RUNNER.invoke(app, base + ["--federated", "--out", str(tmp_path / "fed.parquet")])
+    assert r1.exit_code == 0, r1.output
+    assert r2.exit_code == 0, r2.output
+    assert "federated, 2 round trips" in r2.output and "6 features x 140 rows, 4 batches" in r2.output
+    pooled = pd.read_csv(tmp_path / "pooled.csv", float_precision="round_trip")
+    fed = pd.read_parquet(tmp_path / "fed.parquet")
+    feats = [c for c in df.columns if c.startswith("original_")]
+    assert list(pooled.columns) == list(df.columns) and list(fed.columns) == list(df.columns)
+    np.testing.assert_allclose(fed[feats].to_numpy(), pooled[feats].to_numpy(), rtol=1e-10)
+    # the site effect is gone: site means of a harmonized feature are far closer than before
+    before = df.groupby("site")[feats[1]].mean().std()
+    after = pooled.groupby("site")[feats[1]].mean().std()
+    assert after < 0.2 * before
+    bad = RUNNER.invoke(app, base[:-4] + ["--covariates", "nope", "--out", str(tmp_path / "x.csv")])
+    assert bad.exit_code == 2 and "column 'nope' not in the table" in bad.output
