@@ -209,3 +209,69 @@ def _wire_copy(msg):
     copy.metadata.__dict__.update({k: v for k, v in msg.metadata.__dict__.items()})
     return copy
 
+
+
+class FastGrid(Grid):
+    """Wrap a deployment ``Grid`` so ``send_and_receive`` polls every ``poll_interval`` s instead of Flower's
+    hard-coded 3 s (public API only: push once, then ``pull_messages``; FLOWER-LATENCY.md §3.1)."""
+
+    def __init__(self, inner: Grid, poll_interval: float = 0.05):
+        self._inner, self._poll = inner, poll_interval
+
+    def set_run(self, run):
+        self._inner.set_run(run)
+
+    @property
+    def run(self):
+        return self._inner.run
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
+        return self._inner.create_message(content, message_type, dst_node_id, group_id, ttl)
+
+    def get_node_ids(self):
+        return self._inner.get_node_ids()
+
+    def push_messages(self, messages):
+        return self._inner.push_messages(messages)
+
+    def pull_messages(self, message_ids):
+        return self._inner.pull_messages(message_ids)
+
+    def __getattr__(self, name):
+        return getattr(self._inner, name)
+
+    def send_and_receive(self, messages, *, timeout=None):
+        pending = {m for m in self._inner.push_messages(messages) if m}
+        end = None if timeout is None else time.monotonic() + timeout
+        replies = []
+        while pending and (end is None or time.monotonic() < end):
+            got = list(self._inner.pull_messages(list(pending)))
+            replies.extend(got)
+            pending.difference_update(r.metadata.reply_to_message_id for r in got)
+            if pending:
+                time.sleep(self._poll)
+        return replies
+
+
+def fast_object_pulls(initial_backoff: float = 0.02, backoff_cap: float = 0.5) -> bool:
+    """Shorten the ServerApp's 1 s object-pull back-off (FLOWER-LATENCY.md §3.2) — Flower 1.42.0 only.
+
+    Relies on the module-level name ``flwr.superlink.grid.http_grid.pull_objects``; on any other Flower
+    version it does nothing and returns False (stock behaviour).
+    """
+    import functools
+
+    import flwr
+
+    if getattr(flwr, "__version__", "") != "1.42.0":
+        return False
+    try:
+        import flwr.superlink.grid.http_grid as http_grid
+        from flwr.supercore.inflatable.inflatable_utils import pull_objects
+    except ImportError:
+        return False
+    if not hasattr(http_grid, "pull_objects"):
+        return False
+    http_grid.pull_objects = functools.partial(pull_objects, initial_backoff=initial_backoff,
+                                               backoff_cap=backoff_cap)
+    return True

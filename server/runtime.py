@@ -1,0 +1,288 @@
+"""Flower's deployment runtime as real processes: SuperLink, SuperNodes, ``flwr run``, run status.
+
+fedrad does not implement a server or an RPC layer: the coordinator runs ``flower-superlink``, each site runs
+``flower-supernode`` with its ``--node-config`` (TOML values: strings quoted), and a study is submitted with
+``flwr run`` as a thin Flower app whose components are the installed ``fedrad`` modules
+(``fedrad.server.server_app:app``, ``fedrad.client.client_app:app``). Notes that shaped this module
+(../shared/FLOWER.md, FLOWER-LATENCY.md):
+
+* Flower spawns ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name: the venv's ``bin``
+  must be first on ``PATH`` of every process started here.
+* ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` on SuperNodes (stock latency recipe; 0.01 starves 2 cores).
+* ``flwr run --stream`` exits 0 even when the run fails: :func:`wait_for_run` polls ``flwr ls``.
+* Results are written by the ServerApp itself (no ``flwr pull`` in open-source Flower).
+* A SuperNode stopped with SIGTERM unregisters at once; SIGKILL is only noticed after ~50 s.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import fedrad
+
+BIN = Path(sys.executable).parent
+#: the Flower app's components: installed fedrad modules (the FAB carries only its pyproject.toml)
+APP_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "fedrad-study"
+version = "{version}"
+description = "fedrad study app: components live in the installed fedrad package"
+license = "Apache-2.0"
+dependencies = []
+
+[tool.flwr.app]
+publisher = "fedrad"
+
+[tool.flwr.app.components]
+serverapp = "fedrad.server.server_app:app"
+clientapp = "fedrad.client.client_app:app"
+
+[tool.flwr.app.config]
+plan = ""
+out-dir = ""
+expected-sites = 1
+connect-timeout = 120.0
+round-timeout = 600.0
+poll-interval = 0.05
+"""
+
+
+class RuntimeFailure(RuntimeError):
+    """A Flower process or run failed; the message says which and where its log is."""
+
+
+def toml_value(value) -> str:
+    """A Python value as a TOML literal (``--node-config`` and ``--run-config`` values are TOML)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
+def toml_pairs(config: dict) -> str:
+    return " ".join(f"{k}={toml_value(v)}" for k, v in config.items())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flower_env(home: Path, **extra: str) -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    env["FLWR_HOME"] = str(home)
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.update(extra)
+    return env
+
+
+def write_app(directory: Path) -> Path:
+    """The thin Flower app directory (only a pyproject.toml) that ``flwr run`` packages into a FAB."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "pyproject.toml").write_text(APP_PYPROJECT.format(version=fedrad.__version__.split("+")[0]))
+    return directory
+
+
+@dataclass
+class Process:
+    name: str
+    popen: subprocess.Popen
+    log: Path
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.alive():
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(5)
+
+    def tail(self, n: int = 15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    f = open(log, "ab")
+    popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    f.close()
+    return Process(name, popen, log)
+
+
+def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
+                    tls: dict | None = None, node_auth: bool = False) -> Process:
+    """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp)."""
+    cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
+           "--disable-runtime-dependency-installation"]
+    if database is not None:
+        cmd += ["--database", str(database)]
+    if tls:
+        cmd += ["--ssl-ca-certfile", str(tls["ca"]), "--ssl-certfile", str(tls["cert"]),
+                "--ssl-keyfile", str(tls["key"])]
+        if node_auth:
+            cmd += ["--enable-supernode-auth"]
+    else:
+        cmd += ["--insecure"]
+    return _spawn("superlink", cmd, flower_env(home), home / "superlink.log")
+
+
+def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
+                    root_certificates: Path | None = None, auth_key: Path | None = None,
+                    poll_interval: float = 0.1) -> Process:
+    """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``."""
+    cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
+           "--node-config", toml_pairs(node_config)]
+    if root_certificates:
+        cmd += ["--root-certificates", str(root_certificates)]
+        if auth_key:
+            cmd += ["--auth-supernode-private-key", str(auth_key)]
+    else:
+        cmd += ["--insecure"]
+    env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(poll_interval))
+    return _spawn(f"supernode {name}", cmd, env, home / "supernode.log")
+
+
+def wait_for_port(host: str, port: int, proc: Process, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not proc.alive():
+            raise RuntimeFailure(f"{proc.name} exited with code {proc.popen.returncode}; log {proc.log}:\n"
+                                 f"{proc.tail()}")
+        try:
+            with socket.create_connection((host, port), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise RuntimeFailure(f"{proc.name} did not listen on {host}:{port} within {timeout:.0f} s; log {proc.log}")
+
+
+def write_cli_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
+    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
+    lines.append(f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
+
+
+def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict) -> int:
+    """Submit a run; returns its run id."""
+    cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--format", "json"]
+    if run_config:
+        cmd += ["--run-config", toml_pairs(run_config)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(flwr_home), timeout=300)
+    try:
+        out = json.loads(proc.stdout[proc.stdout.find("{"):])
+    except ValueError:
+        out = {}
+    if proc.returncode != 0 or not out.get("success", True) or "run-id" not in out:
+        raise RuntimeFailure(f"flwr run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}")
+    return int(out["run-id"])
+
+
+def run_status(flwr_home: Path, connection: str, run_id: int) -> dict:
+    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
+                          capture_output=True, text=True, env=flower_env(flwr_home), timeout=120)
+    try:
+        data = json.loads(proc.stdout[proc.stdout.find("{"):])
+        return data["runs"][0]
+    except (ValueError, KeyError, IndexError):
+        raise RuntimeFailure(f"flwr ls failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
+
+
+def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
+    proc = subprocess.run([str(BIN / "flwr"), "log", str(run_id), connection, "--show"], capture_output=True,
+                          text=True, env=flower_env(flwr_home), timeout=120)
+    return proc.stdout + proc.stderr
+
+
+def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, poll: float = 1.0,
+                 on_poll=None) -> dict:
+    """Poll ``flwr ls`` until the run finishes; raise :class:`RuntimeFailure` unless it completed."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = run_status(flwr_home, connection, run_id)
+        state = str(status.get("status", ""))
+        if on_poll:
+            on_poll(status)
+        if state.startswith("finished"):
+            if state != "finished:completed":
+                details = status.get("status-details") or ""
+                raise RuntimeFailure(f"run {run_id} {state}: {details}\n{run_log(flwr_home, connection, run_id)[-3000:]}")
+            return status
+        if time.monotonic() > deadline:
+            raise RuntimeFailure(f"run {run_id} still {state or 'pending'} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+@dataclass
+class SiteNode:
+    """One site's SuperNode on this machine (loopback deployments, tests, ``fedrad demo``)."""
+
+    name: str
+    node_config: dict
+
+
+@dataclass
+class LoopbackDeployment:
+    """A SuperLink and one SuperNode per site on 127.0.0.1, started and stopped together (insecure loopback)."""
+
+    home: Path
+    sites: list[SiteNode]
+    port: int = 0
+    processes: list[Process] = field(default_factory=list)
+    connection: str = "fedrad-local"
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 90.0) -> "LoopbackDeployment":
+        self.port = self.port or free_port()
+        link = start_superlink(self.home / "superlink", port=self.port)
+        self.processes.append(link)
+        wait_for_port("127.0.0.1", self.port, link, timeout)
+        for site in self.sites:
+            self.processes.append(start_supernode(self.home / "sites" / site.name, site.name, self.address,
+                                                  free_port(), {"site-name": site.name, **site.node_config}))
+        write_cli_connection(self.home / "cli", self.connection, self.address)
+        return self
+
+    def submit(self, run_config: dict) -> int:
+        app_dir = write_app(self.home / "app")
+        return flwr_run(app_dir, self.home / "cli", self.connection, run_config)
+
+    def wait(self, run_id: int, timeout: float = 900.0, on_poll=None) -> dict:
+        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, on_poll=on_poll)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> "LoopbackDeployment":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

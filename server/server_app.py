@@ -1,0 +1,25 @@
+"""The coordinator's Flower ServerApp: loads the plan the coordinator wrote, runs it, writes the results.
+
+Run config (``flwr run --run-config``): ``plan`` (path of the plan JSON on the SuperLink host), ``out-dir``
+(where results.json is written — by the ServerApp itself, since open-source Flower has no ``flwr pull``),
+``expected-sites``, ``connect-timeout``, ``round-timeout``, ``poll-interval``.
+"""
+from __future__ import annotations
+
+from flwr.app import Context
+from flwr.serverapp import Grid, ServerApp
+
+from fedrad.server.federation import FastGrid, Federation, fast_object_pulls
+from fedrad.server.plans import run_plan
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    cfg = context.run_config
+    fast_object_pulls()
+    fed = Federation(FastGrid(grid, float(cfg.get("poll-interval", 0.05))),
+                     timeout=float(cfg.get("round-timeout", 600.0)), log=lambda line: print(line, flush=True))
+    fed.wait_for_sites(int(cfg.get("expected-sites", 1)), timeout=float(cfg.get("connect-timeout", 120.0)))
+    run_plan(fed, str(cfg["plan"]), str(cfg["out-dir"]))
