@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command set-up of fedrad on a fresh machine (Python >= 3.10 with venv).
+# One-command set-up of fedrad on a fresh machine (Python >= 3.11 with venv).
 # Creates .venv/ next to this repository and installs fedrad with its test extras.
 # pyradiomics 3.0.1 has no wheel and needs numpy + versioneer at build time, so it is
 # built without build isolation after those are present (see README, "Set-up").
