@@ -26,3 +26,8 @@ def combat_stats(msg: Message, context: Context) -> Message:
 @app.query("combat_apply")
 def combat_apply(msg: Message, context: Context) -> Message:
     return _handle(msg, context)
+
+
+@app.train("fit_round")
+def fit_round(msg: Message, context: Context) -> Message:
+    return _handle(msg, context)

@@ -50,5 +50,48 @@ def _atomic_text(text: str, path) -> None:
     os.replace(tmp, path)
 
 
+def _model_rows(site: Site, data: dict):
+    """The rows a fit task uses at this site, in the form the model's site function takes."""
+    rows = site.rows()
+    n = len(rows)
+    if n < site.policy.min_cell_size:
+        raise ValueError(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
+    features = list(data["features"])
+    absent = [c for c in features + _outcome_columns(data) if c not in rows.columns]
+    if absent:
+        raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
+    if data["model"] == "logistic":
+        return rows[features], rows[data["outcome"]].to_numpy()
+    return rows[features], rows[data["time"]].to_numpy(), rows[data["event"]].to_numpy()
+
+
+def _outcome_columns(data: dict) -> list[str]:
+    return [data["outcome"]] if data["model"] == "logistic" else [data["time"], data["event"]]
+
+
+def _site_function(model: str):
+    if model == "logistic":
+        from fedrad.common.glm import site_logistic
+
+        return site_logistic
+    if model == "cox":
+        from fedrad.common.cox import site_cox
+
+        return site_cox
+    raise ValueError(f"unknown model {model!r}")
+
+
+def fit_round(site: Site, payload: dict) -> dict:
+    """One step of every fit task that involves this site: its sums, gradients and Hessians."""
+    results = {}
+    for task in payload["tasks"]:
+        if task.get("sites") is not None and site.name not in task["sites"]:
+            continue
+        data = task["data"]
+        results[task["id"]] = _site_function(data["model"])(_model_rows(site, data), task["request"],
+                                                            site=site.name)
+    return {"results": results}
+
+
 #: request name -> site step
-STEPS = {"combat_stats": combat_stats, "combat_apply": combat_apply}
+STEPS = {"combat_stats": combat_stats, "combat_apply": combat_apply, "fit_round": fit_round}

@@ -40,6 +40,13 @@ REQUESTS: dict[str, RequestType] = {
         "empirical Bayes and harmonizes locally; replies with its residual sum of squares check",
         "n and per-feature counts only; harmonized rows stay at the site",
     ),
+    "fit_round": RequestType(
+        "train.fit_round",
+        "one step of every model fit the coordinator is running (all folds and penalties batched): "
+        "round 1 standardization statistics, then Newton steps at the sent coefficients",
+        "n, class or event counts, centred feature sums and cross-products; log-likelihood, gradient "
+        "and Hessian at the sent coefficients",
+    ),
 }
 
 

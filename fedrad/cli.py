@@ -115,6 +115,34 @@ def site_extract(
     raise typer.Exit(0 if result.n_ok > 0 else 1)
 
 
+@site_app.command("delta")
+def site_delta(
+    features_table: Path = typer.Argument(..., help="Feature table with a timepoint column (two per case)."),
+    out: Path = typer.Option(..., "--out", help="Output table (.parquet or .csv), one row per case."),
+    order: Optional[str] = typer.Option(None, "--order", help="The two timepoints, earlier first (e.g. pre,post)."),
+    relative: bool = typer.Option(False, "--relative", help="Relative change instead of the difference."),
+) -> None:
+    """Delta radiomics at the site: per-case change of every feature between two timepoints."""
+    from fedrad.client.extract import write_table
+    from fedrad.common.delta import delta_features
+    from fedrad.local import default_features
+
+    df = _read_table(features_table)
+    feats = default_features(df, {"case_id", "timepoint"})
+    try:
+        res = delta_features(df, feats, order=_csv_list(order) or None,
+                             mode="relative" if relative else "difference")
+    except ValueError as exc:
+        _fail(str(exc))
+    write_table(res.table, out, {"delta": f"{res.timepoints[0]}->{res.timepoints[1]}"})
+    typer.echo(f"delta features: {out} ({len(res.table)} cases, {res.table.shape[1]} columns, "
+               f"{res.timepoints[0]} -> {res.timepoints[1]})")
+    for case, reason in res.skipped_cases.items():
+        typer.echo(f"skipped case {case}: {reason}", err=True)
+    for feat, reason in res.dropped_features.items():
+        typer.echo(f"dropped feature {feat}: {reason}", err=True)
+
+
 def _csv_list(text: Optional[str]) -> list[str]:
     return [c.strip() for c in text.split(",") if c.strip()] if text else []
 
@@ -179,6 +207,126 @@ def harmonize(
     if excluded:
         shown = "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5])
         typer.echo(f"left unchanged (zero variance): {len(excluded)} features ({shown})")
+
+
+@app.command("fit")
+def fit(
+    input: Path = typer.Argument(..., help="Feature table (.csv or .parquet) with a site column."),
+    site_col: str = typer.Option(..., "--site-col", help="Column naming each row's site."),
+    model: str = typer.Option(..., "--model", help="logistic (binary response) or cox (survival, site strata)."),
+    out: Path = typer.Option(..., "--out", help="Model file (JSON)."),
+    outcome: Optional[str] = typer.Option(None, "--outcome", help="0/1 outcome column (logistic)."),
+    time: Optional[str] = typer.Option(None, "--time", help="Survival time column (cox)."),
+    event: Optional[str] = typer.Option(None, "--event", help="Event indicator column, 1 = event (cox)."),
+    features: Optional[str] = typer.Option(None, "--features", help="Feature columns, comma-separated "
+                                           "(radiomic and clinical: a composite model)."),
+    feature_prefix: Optional[str] = typer.Option(None, "--feature-prefix",
+                                                 help="Use columns starting with these prefixes (comma-separated)."),
+    penalty: str = typer.Option("l2", "--penalty", help="l2, l1, elasticnet or none."),
+    c: float = typer.Option(1.0, "--C", help="logistic: inverse penalty strength (scikit-learn's C); "
+                                            "cox: the penalizer (lifelines')."),
+    l1_ratio: Optional[float] = typer.Option(None, "--l1-ratio", help="Elastic-net mixing (0 = L2, 1 = L1)."),
+    federated: bool = typer.Option(False, "--federated", help="Each site a site agent; Flower's message layer "
+                                   "in-process; only sums, gradients and Hessians leave a site."),
+    min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", help="Sites refuse with fewer patients "
+                                                "(default 10 with --federated)."),
+) -> None:
+    """Fit a penalized logistic or site-stratified Cox model (pooled, or federated with identical results)."""
+    import json
+
+    from fedrad.local import fit_table, select_features
+    from fedrad.server.federation import SiteError
+
+    df = _read_table(input)
+    model = model.lower()
+    if model not in ("logistic", "cox"):
+        _fail(f"--model {model!r}: use logistic or cox")
+    pen = None if penalty.lower() == "none" else penalty.lower()
+    if pen not in (None, "l2", "l1", "elasticnet"):
+        _fail(f"--penalty {penalty!r}: use l2, l1, elasticnet or none")
+    if pen == "elasticnet" and l1_ratio is None:
+        _fail("--penalty elasticnet needs --l1-ratio")
+    if model == "cox":
+        l1 = l1_ratio if l1_ratio is not None else (1.0 if pen == "l1" else 0.0)
+        c_eff = 0.0 if pen is None else c
+    else:
+        l1 = l1_ratio if pen == "elasticnet" else None
+        c_eff = c
+    try:
+        exclude = {site_col, *(x for x in (outcome, time, event) if x)}
+        feats = select_features(df, _csv_list(features), _csv_list(feature_prefix), exclude)
+        fitted, info = fit_table(df, site_col, model, feats, outcome=outcome, time=time, event=event, penalty=pen,
+                                 C=c_eff, l1_ratio=l1, federated=federated, min_cell_size=min_cell_size,
+                                 log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+    except (SiteError, ValueError) as exc:
+        _fail(str(exc))
+    doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
+           "outcome": {"outcome": outcome} if model == "logistic" else {"time": time, "event": event},
+           "site_col": site_col, "features": feats, "harmonization": None, "params": fitted.to_dict(),
+           "source": str(input)}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    tmp.replace(out)
+    mode = f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled"
+    typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
+               f"{df[site_col].nunique()} sites, {mode})")
+    try:
+        typer.echo(fitted.summary.to_string(max_rows=30))
+    except Exception:  # the summary is a convenience; L1 models report coefficients only
+        pass
+
+
+def load_model(path: Path):
+    import json
+
+    if not path.is_file():
+        _fail(f"model file {path} not found")
+    doc = json.loads(path.read_text())
+    if doc.get("fedrad_model") != 1:
+        _fail(f"{path} is not a fedrad model file")
+    if doc["model"] == "logistic":
+        from fedrad.common.glm import LogisticModel
+
+        return doc, LogisticModel.from_dict(doc["params"])
+    from fedrad.common.cox import CoxModel
+
+    return doc, CoxModel.from_dict(doc["params"])
+
+
+@app.command("predict")
+def predict(
+    model_file: Path = typer.Argument(..., help="Model file written by `fedrad fit`."),
+    input: Path = typer.Argument(..., help="A site's own table (.csv or .parquet)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Write scores here (default: print)."),
+    id_col: str = typer.Option("case_id", "--id-col", help="Identifier column carried into the output."),
+) -> None:
+    """Score a site's own rows locally with a fitted model (nothing leaves the site)."""
+    import numpy as np
+    import pandas as pd
+
+    doc, fitted = load_model(model_file)
+    df = _read_table(input)
+    missing = [f for f in doc["features"] if f not in df.columns]
+    if missing:
+        _fail(f"{input} lacks feature column(s) {', '.join(missing[:5])} used by the model")
+    bad = [f for f in doc["features"] if df[f].isna().any()]
+    if bad:
+        _fail(f"feature {bad[0]!r} has {int(df[bad[0]].isna().sum())} missing values; impute or drop those rows")
+    X = df[doc["features"]]
+    res = pd.DataFrame({id_col: df[id_col]} if id_col in df.columns else {"row": np.arange(len(df))})
+    if doc["model"] == "logistic":
+        res["probability"] = fitted.predict_proba(X)[:, 1]
+        res["linear_predictor"] = fitted.decision_function(X)
+    else:
+        res["log_partial_hazard"] = np.asarray(fitted.predict_log_partial_hazard(X), dtype=float)
+    if out is None:
+        typer.echo(res.to_string(index=False))
+    else:
+        from fedrad.client.extract import write_table
+
+        write_table(res, out, {"model": str(model_file)})
+        typer.echo(f"scores: {out} ({len(res)} rows)")
 
 
 def main() -> None:

@@ -115,3 +115,65 @@ def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None
     result[features] = parts[features].to_numpy(dtype=float)
     return result, {"mode": "federated", "round_trips": fed.rounds, "reference": reference.to_dict(),
                     "summaries": summaries}
+
+
+def select_features(df: pd.DataFrame, features: list[str] | None, prefixes: list[str] | None,
+                    exclude: set[str]) -> list[str]:
+    """Explicit ``features``, else columns starting with any of ``prefixes``, else pyradiomics-named columns."""
+    if features:
+        missing = [f for f in features if f not in df.columns]
+        if missing:
+            raise ValueError(f"feature column(s) not in the table: {', '.join(missing[:5])}")
+        chosen = list(features)
+    elif prefixes:
+        chosen = [c for c in df.columns if any(str(c).startswith(p) for p in prefixes) and c not in exclude]
+    else:
+        chosen = default_features(df, exclude)
+    if not chosen:
+        raise ValueError("no feature columns selected; pass --features or --feature-prefix")
+    text = [c for c in chosen if not pd.api.types.is_numeric_dtype(df[c])]
+    if text:
+        raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
+    return chosen
+
+
+def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], *, outcome: str | None = None,
+              time: str | None = None, event: str | None = None, penalty: str | None = "l2", C: float = 1.0,
+              l1_ratio: float | None = None, federated: bool = False, min_cell_size: int | None = None,
+              log=None) -> tuple[object, dict]:
+    """Fit a logistic or site-stratified Cox model on a table, pooled or federated (each site a site agent)."""
+    if site_col not in df.columns:
+        raise ValueError(f"column {site_col!r} not in the table")
+    outcome_cols = [outcome] if model == "logistic" else [time, event]
+    if any(c is None for c in outcome_cols):
+        raise ValueError("logistic needs --outcome; cox needs --time and --event")
+    for col in outcome_cols:
+        if col not in df.columns:
+            raise ValueError(f"outcome column {col!r} not in the table")
+    if model == "logistic":
+        from fedrad.common.glm import LogisticModel, LogisticServer
+
+        if not federated:
+            est = LogisticModel(penalty=penalty, C=C, l1_ratio=l1_ratio)
+            return est.fit(df[features], df[outcome].to_numpy()), {"mode": "pooled"}
+        server = LogisticServer(features, penalty=penalty, C=C, l1_ratio=l1_ratio)
+        data = {"model": "logistic", "features": features, "outcome": outcome}
+    elif model == "cox":
+        from fedrad.common.cox import CoxModel, CoxServer
+
+        penalizer = C
+        if not federated:
+            est = CoxModel(penalizer=penalizer, l1_ratio=l1_ratio or 0.0)
+            fitted = est.fit(df[features], df[time].to_numpy(), df[event].to_numpy(), strata=df[site_col].to_numpy())
+            return fitted, {"mode": "pooled"}
+        server = CoxServer(features, penalizer=penalizer, l1_ratio=l1_ratio or 0.0)
+        data = {"model": "cox", "features": features, "time": time, "event": event}
+    else:
+        raise ValueError(f"unknown model {model!r}; use logistic or cox")
+    from fedrad.server.fitting import FitTask, run_fits
+
+    with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
+        sites = split_into_sites(df, site_col, Path(tmp), min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+        fed = sites.federation(log=log)
+        models = run_fits(fed, {"fit": FitTask(server, data)})
+    return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
