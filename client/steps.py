@@ -62,7 +62,7 @@ def _model_rows(site: Site, data: dict):
         raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
     if data["model"] == "logistic":
         return rows[features], rows[data["outcome"]].to_numpy()
-    return rows[features], rows[data["time"]].to_numpy(), rows[data["event"]].to_numpy()
+    return rows[features + [data["time"], data["event"]]]
 
 
 def _outcome_columns(data: dict) -> list[str]:

@@ -115,6 +115,30 @@ def site_extract(
     raise typer.Exit(0 if result.n_ok > 0 else 1)
 
 
+@site_app.command("robustness")
+def site_robustness(
+    manifest: Path = typer.Argument(..., help="Site data manifest (CSV)."),
+    params: Optional[str] = typer.Option(None, "--params", help="'ct' (default), 'mr' or a pyradiomics YAML path."),
+    out: Path = typer.Option(..., "--out", help="Perturbed feature table (.parquet or .csv): case_id, "
+                             "perturbation, features."),
+    perturbations: int = typer.Option(4, "--perturbations", min=2, help="Perturbations per case (0 = original)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the perturbation design and noise."),
+    jobs: int = typer.Option(0, "--jobs", help="Worker processes (default: number of cores)."),
+    cache_dir: Optional[Path] = typer.Option(None, "--cache-dir", help="Feature cache directory."),
+    no_cache: bool = typer.Option(False, "--no-cache", help="Do not read or write the feature cache."),
+) -> None:
+    """Features of perturbed images (rotation, translation, noise, volume) for ICC(1,1) robustness."""
+    from fedrad.client.perturb import extract_perturbed
+
+    try:
+        result = extract_perturbed(manifest, params=params, out=out, n_perturbations=perturbations, seed=seed,
+                                   jobs=jobs or None, cache_dir=cache_dir, use_cache=not no_cache, progress=True)
+    except ValueError as exc:
+        _fail(str(exc))
+    typer.echo(result.summary())
+    raise typer.Exit(0 if result.n_ok > 0 else 1)
+
+
 @site_app.command("delta")
 def site_delta(
     features_table: Path = typer.Argument(..., help="Feature table with a timepoint column (two per case)."),

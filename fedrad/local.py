@@ -159,14 +159,13 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
         server = LogisticServer(features, penalty=penalty, C=C, l1_ratio=l1_ratio)
         data = {"model": "logistic", "features": features, "outcome": outcome}
     elif model == "cox":
-        from fedrad.common.cox import CoxModel, CoxServer
+        from fedrad.common.cox import CoxFit, fit_pooled
 
-        penalizer = C
         if not federated:
-            est = CoxModel(penalizer=penalizer, l1_ratio=l1_ratio or 0.0)
-            fitted = est.fit(df[features], df[time].to_numpy(), df[event].to_numpy(), strata=df[site_col].to_numpy())
+            fitted = fit_pooled(df, time, event, strata=site_col, features=features, penalizer=C,
+                                l1_ratio=l1_ratio or 0.0)
             return fitted, {"mode": "pooled"}
-        server = CoxServer(features, penalizer=penalizer, l1_ratio=l1_ratio or 0.0)
+        server = CoxFit(features, duration_col=time, event_col=event, penalizer=C, l1_ratio=l1_ratio or 0.0)
         data = {"model": "cox", "features": features, "time": time, "event": event}
     else:
         raise ValueError(f"unknown model {model!r}; use logistic or cox")

@@ -39,10 +39,13 @@ def run_fits(fed: Federation, tasks: dict[str, FitTask], phase: str = "model") -
                              for tid, t in active.items()]}
         replies = fed.ask("fit_round", payload, phase=phase)
         for tid, task in active.items():
-            aggregates = [r["results"][tid] for r in replies.values() if tid in r.get("results", {})]
+            aggregates = {site: r["results"][tid] for site, r in replies.items() if tid in r.get("results", {})}
             if not aggregates:
                 raise RuntimeError(f"fit {tid}: no site contributed data")
             task.request = task.server.receive(aggregates)
+            asked = getattr(task.server, "sites_to_ask", None)
+            if asked is not None:  # e.g. Cox: sites without events are not asked again
+                task.sites = [s for s in asked if task.sites is None or s in task.sites]
             if task.request is None:
                 models[tid] = task.server.model()
     return models

@@ -99,3 +99,41 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     assert r.exit_code == 2 and "needs --outcome" in r.output
     r = _fit(tmp_path, df, "--model", "tree", "--outcome", "response", "--out", str(tmp_path / "e.json"))
     assert r.exit_code == 2 and "use logistic or cox" in r.output
+
+
+def _survival_table(seed=4):
+    rng = np.random.default_rng(seed)
+    rows = []
+    for k, n in enumerate([90, 70, 40]):
+        X = rng.normal(size=(n, 3))
+        hazard = np.exp(X @ np.array([0.7, -0.4, 0.0]) + 0.3 * k)
+        t = np.round(rng.exponential(1 / hazard) * 10, 1) + 0.1  # rounded: tied times
+        c = rng.uniform(2, 20, n)
+        d = pd.DataFrame(X, columns=[f"original_shape_f{i}" for i in range(3)])
+        d["os_time"], d["os_event"] = np.minimum(t, c), (t <= c).astype(int)
+        d["site"], d["case_id"] = f"h{k}", [f"h{k}-{i}" for i in range(n)]
+        rows.append(d)
+    return pd.concat(rows, ignore_index=True)
+
+
+def test_cox_federated_equals_pooled_equals_lifelines(tmp_path):
+    from lifelines import CoxPHFitter
+
+    df = _survival_table()
+    base = ["--model", "cox", "--time", "os_time", "--event", "os_event", "--C", "0.05"]
+    r1 = _fit(tmp_path, df, *base, "--out", str(tmp_path / "pooled.json"))
+    r2 = _fit(tmp_path, df, *base, "--federated", "--out", str(tmp_path / "fed.json"))
+    assert r1.exit_code == 0, r1.output
+    assert r2.exit_code == 0, r2.output
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    fed = json.loads((tmp_path / "fed.json").read_text())
+    assert fed["fit"]["round_trips"] <= 10
+    np.testing.assert_allclose(fed["params"]["coef_"], pooled["params"]["coef_"], atol=1e-10)
+    feats = fed["features"]
+    cph = CoxPHFitter(penalizer=0.05).fit(df[feats + ["os_time", "os_event", "site"]], "os_time", "os_event",
+                                          strata=["site"], fit_options={"precision": 1e-12, "r_precision": 1e-15})
+    np.testing.assert_allclose(fed["params"]["coef_"], cph.params_[feats].to_numpy(), atol=1e-6)
+    src = tmp_path / "site.csv"
+    df[df.site == "h2"].to_csv(src, index=False)
+    r = RUNNER.invoke(app, ["predict", str(tmp_path / "fed.json"), str(src)])
+    assert r.exit_code == 0 and "log_partial_hazard" in r.output
