@@ -215,10 +215,13 @@ def _make_worker(params_path: Path) -> _Worker:
     return _Worker(params_path=params_path, extractor=ex, normalize=normalize)
 
 
-def extract_case(case: Case, worker: _Worker, tol: CheckTolerances = CheckTolerances()) -> dict[str, float]:
-    """Feature values of one case (pyradiomics names, ``diagnostics_*`` dropped). Raises ExtractionError."""
+def load_case(case: Case, tol: CheckTolerances = CheckTolerances()):
+    """Read and check a case's image and mask (same grid within ``tol``, label present, more than one voxel).
+
+    Returns ``(image, mask)`` with the mask on the image's exact grid and an integer pixel type.
+    Raises :class:`ExtractionError` with a one-line reason.
+    """
     import SimpleITK as sitk
-    from radiomics import imageoperations
 
     from fedrad.client.imaging import ImagingError, read_image, read_mask
 
@@ -233,8 +236,7 @@ def extract_case(case: Case, worker: _Worker, tol: CheckTolerances = CheckTolera
     if mask.GetSpacing() != image.GetSpacing() or mask.GetOrigin() != image.GetOrigin() \
             or mask.GetDirection() != image.GetDirection():
         mask.CopyInformation(image)  # equal within tolerance: same grid
-    mask_arr = sitk.GetArrayViewFromImage(mask)
-    n = int(np.count_nonzero(mask_arr == case.label))
+    n = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask) == case.label))
     if n == 0:
         raise ExtractionError(f"label {case.label} not present in mask {case.mask.name}")
     if n == 1:
@@ -242,28 +244,38 @@ def extract_case(case: Case, worker: _Worker, tol: CheckTolerances = CheckTolera
     if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt8, sitk.sitkInt16,
                                  sitk.sitkInt32):
         mask = sitk.Cast(mask, sitk.sitkUInt32)
+    return image, mask
+
+
+def run_extractor(image, mask, label: int, worker: _Worker, pad_distance: int) -> dict[str, float]:
+    """pyradiomics on prepared (normalized, cropped) inputs; ``diagnostics_*`` dropped. Raises ExtractionError."""
     ex = worker.extractor
-    if worker.normalize:
-        image = imageoperations.normalizeImage(image, **worker.normalize)
-    plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
-    image, mask = crop_to_margin(image, mask, case.label, plan)
     saved_pad = ex.settings.get("padDistance")
-    ex.settings["padDistance"] = plan.pad_distance
+    ex.settings["padDistance"] = pad_distance
     try:
-        result = ex.execute(image, mask, label=case.label)
+        result = ex.execute(image, mask, label=label)
     except Exception as exc:  # pyradiomics raises bare ValueError/RuntimeError/AssertionError
         text = " ".join(str(exc).split()) or exc.__class__.__name__
         raise ExtractionError(f"pyradiomics failed: {text[:300]}") from exc
     finally:
         ex.settings["padDistance"] = saved_pad
-    features = {}
-    for key, value in result.items():
-        if key.startswith("diagnostics_"):
-            continue
-        features[key] = float(value)
+    features = {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
     if not features:
         raise ExtractionError("pyradiomics returned no features (check the parameter file's featureClass)")
     return features
+
+
+def extract_case(case: Case, worker: _Worker, tol: CheckTolerances = CheckTolerances()) -> dict[str, float]:
+    """Feature values of one case (pyradiomics names, ``diagnostics_*`` dropped). Raises ExtractionError."""
+    from radiomics import imageoperations
+
+    image, mask = load_case(case, tol)
+    ex = worker.extractor
+    if worker.normalize:
+        image = imageoperations.normalizeImage(image, **worker.normalize)
+    plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
+    image, mask = crop_to_margin(image, mask, case.label, plan)
+    return run_extractor(image, mask, case.label, worker, plan.pad_distance)
 
 
 def _run_case(case: Case) -> tuple[str, dict | None, str | None, float]:

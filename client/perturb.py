@@ -89,14 +89,15 @@ from fedrad.client.extract import (
     _init_worker,
     case_cache_key,
     crop_plan,
-    crop_to_margin,
     errors_path,
     extract_case,
+    load_case,
     params_digest,
     resolve_params,
+    run_extractor,
     write_table,
 )
-from fedrad.client.manifest import Case, CheckTolerances, geometry_mismatch, read_manifest
+from fedrad.client.manifest import Case, CheckTolerances, read_manifest
 
 __all__ = ["Perturbation", "PerturbationResult", "perturbations", "perturb_case", "case_rng", "roi_robust_sd",
            "extract_perturbed", "extract_perturbed_case", "ROTATION_RANGE_DEG", "TRANSLATION_RANGE_VOX",
@@ -469,8 +470,6 @@ def perturb_case(image, mask, label: int, p: Perturbation, rng: np.random.Genera
 def _perturbed_inputs(image, mask, label: int, p: Perturbation, rng: np.random.Generator, plan: CropPlan):
     """(image, mask) to hand to pyradiomics for a perturbed case: what ``crop_to_margin(plan)`` would give on the
     fully perturbed image, computed only on the block it keeps (values equal :func:`perturb_case`'s there)."""
-    import SimpleITK as sitk
-
     if plan.margin is None:  # whole-image filters: perturb everything
         return perturb_case(image, mask, label, p, rng)
     mask_key, noise_key = _split_key(rng)
@@ -512,49 +511,6 @@ def _perturbed_inputs(image, mask, label: int, p: Perturbation, rng: np.random.G
     return out_image, out_mask
 
 
-def _read_case(case: Case, tol: CheckTolerances):
-    """Image and mask of a case, checked as :func:`fedrad.client.extract.extract_case` checks them."""
-    import SimpleITK as sitk
-
-    from fedrad.client.imaging import ImagingError, read_image, read_mask
-
-    try:
-        image = read_image(case.image)
-        mask = read_mask(case.mask, image, roi=case.roi)
-    except ImagingError as exc:
-        raise ExtractionError(str(exc)) from exc
-    mismatch = geometry_mismatch(image, mask, tol)
-    if mismatch:
-        raise ExtractionError(f"image/mask {mismatch}; run `fedrad site check` for details")
-    if mask.GetSpacing() != image.GetSpacing() or mask.GetOrigin() != image.GetOrigin() \
-            or mask.GetDirection() != image.GetDirection():
-        mask.CopyInformation(image)
-    n = int(np.count_nonzero(sitk.GetArrayViewFromImage(mask) == case.label))
-    if n == 0:
-        raise ExtractionError(f"label {case.label} not present in mask {case.mask.name}")
-    if n == 1:
-        raise ExtractionError(f"mask label {case.label} covers a single voxel; features are undefined")
-    return image, _int_mask(mask)
-
-
-def _execute(image, mask, label: int, worker, pad_distance: int) -> dict[str, float]:
-    """pyradiomics on prepared inputs, as the tail of :func:`fedrad.client.extract.extract_case`."""
-    ex = worker.extractor
-    saved_pad = ex.settings.get("padDistance")
-    ex.settings["padDistance"] = pad_distance
-    try:
-        result = ex.execute(image, mask, label=label)
-    except Exception as exc:
-        text = " ".join(str(exc).split()) or exc.__class__.__name__
-        raise ExtractionError(f"pyradiomics failed: {text[:300]}") from exc
-    finally:
-        ex.settings["padDistance"] = saved_pad
-    features = {k: float(v) for k, v in result.items() if not k.startswith("diagnostics_")}
-    if not features:
-        raise ExtractionError("pyradiomics returned no features (check the parameter file's featureClass)")
-    return features
-
-
 def extract_perturbed_case(case: Case, index: int, p: Perturbation, seed: int, worker,
                            tol: CheckTolerances = CheckTolerances()) -> dict[str, float]:
     """Feature values of perturbation ``index`` (setting ``p``) of one case. Raises ExtractionError."""
@@ -562,13 +518,13 @@ def extract_perturbed_case(case: Case, index: int, p: Perturbation, seed: int, w
         return extract_case(case, worker, tol)
     from radiomics import imageoperations
 
-    image, mask = _read_case(case, tol)
+    image, mask = load_case(case, tol)
     ex = worker.extractor
     if worker.normalize:
         image = imageoperations.normalizeImage(image, **worker.normalize)
     plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
     image, mask = _perturbed_inputs(image, mask, case.label, p, case_rng(case.key, index, seed), plan)
-    return _execute(image, mask, case.label, worker, plan.pad_distance)
+    return run_extractor(image, mask, case.label, worker, plan.pad_distance)
 
 
 def _run_task(case: Case, index: int, p: Perturbation, seed: int, tol: CheckTolerances):

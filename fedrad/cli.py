@@ -23,8 +23,8 @@ app = typer.Typer(
 site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features.",
                        no_args_is_help=True)
 coordinator_app = typer.Typer(
-    help="Coordinator operator: SuperLink, certificates, site registration. "
-    "(Stub: filled by the study-runtime and security issues.)", no_args_is_help=True)
+    help="Coordinator operator: certificates now; SuperLink start and site registration come with the "
+    "study-runtime issue.", no_args_is_help=True)
 study_app = typer.Typer(
     help="Multi-center validation studies: define, run, report. (Stub: filled by the study issue.)",
     no_args_is_help=True)
@@ -113,6 +113,59 @@ def site_extract(
         _fail(str(exc))
     typer.echo(result.summary())
     raise typer.Exit(0 if result.n_ok > 0 else 1)
+
+
+@coordinator_app.command("certs")
+def coordinator_certs(
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    host: list[str] = typer.Option([], "--host", help="Name or IP sites use to reach the SuperLink (repeatable); "
+                                   "localhost, 127.0.0.1 and ::1 are always included."),
+    days: int = typer.Option(825, "--days", min=1, help="Validity in days."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Create the coordinator's CA and the SuperLink TLS certificate (EC P-384, keys readable by owner only)."""
+    from fedrad.server.certs import describe_certificate, make_certificates
+
+    try:
+        paths = make_certificates(out, hosts=host, days=days, overwrite=force)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(describe_certificate(paths["server_cert"]))
+    typer.echo(f"give every site: {paths['ca_cert']}   keep private (never copy): {paths['ca_key']}")
+
+
+@site_app.command("keys")
+def site_keys(
+    out: Path = typer.Option(..., "--out", help="Directory for the key pair."),
+    name: str = typer.Option("node", "--name", help="File name of the private key (<name>.pub for the public)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
+) -> None:
+    """Create this site's SuperNode authentication key pair (EC P-384, OpenSSH format)."""
+    from fedrad.client.keys import make_node_keys, public_key_fingerprint
+
+    try:
+        private, public = make_node_keys(out, name, overwrite=force)
+    except (FileExistsError, ValueError) as exc:
+        _fail(str(exc))
+    typer.echo(f"private key (stays here, 0600): {private}")
+    typer.echo(f"public key (send to the coordinator): {public}")
+    typer.echo(f"fingerprint (confirm by phone before registration): {public_key_fingerprint(public)}")
+
+
+@site_app.command("audit")
+def site_audit(
+    log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory "
+                                         "(default: ./audit.jsonl, then ./.fedrad-site/audit.jsonl)."),
+) -> None:
+    """Verify the audit log's hash chain and summarize what left the hospital; exit 1 if the chain is broken."""
+    from fedrad.client.audit import find_audit_log, summarize_audit, verify_audit
+
+    try:
+        path = find_audit_log(log)
+    except FileNotFoundError as exc:
+        _fail(str(exc))
+    typer.echo(summarize_audit(path))
+    raise typer.Exit(0 if verify_audit(path).ok else 1)
 
 
 @site_app.command("robustness")

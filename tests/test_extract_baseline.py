@@ -13,7 +13,6 @@ import ast
 import math
 from collections import defaultdict
 
-import pytest
 import yaml
 
 from fedrad.client.extract import _make_worker, extract_case

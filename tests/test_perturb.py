@@ -13,7 +13,7 @@ import SimpleITK as sitk
 import yaml
 from scipy.ndimage import gaussian_filter
 
-from fedrad.client.extract import SHIPPED_PARAMS, _make_worker, crop_plan, crop_to_margin, extract_case
+from fedrad.client.extract import SHIPPED_PARAMS, _make_worker, crop_plan, crop_to_margin, extract_case, run_extractor
 from fedrad.client.manifest import Case
 from fedrad.client.perturb import (
     NOISE_RANGE,
@@ -21,7 +21,6 @@ from fedrad.client.perturb import (
     TRANSLATION_RANGE_VOX,
     VOLUME_RANGE,
     Perturbation,
-    _execute,
     _perturbed_inputs,
     case_rng,
     extract_perturbed,
@@ -273,7 +272,7 @@ def test_shared_mr_case_cropped_perturbation_equals_whole_image():
     full_i, full_m = perturb_case(image, mask, 1, ps[2], case_rng(case.key, 2, 0))
     ex = worker.extractor
     plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
-    ref = _execute(full_i, full_m, 1, worker, plan.pad_distance)
+    ref = run_extractor(full_i, full_m, 1, worker, plan.pad_distance)
     worst = max(abs(got[k] - ref[k]) / max(abs(ref[k]), 1e-9) for k in ref)
     print(f"breast1 perturbation 2 ({ps[2]}): {len(got)} features, max rel deviation cropped vs whole "
           f"{worst:.1e}, {time.perf_counter() - t0:.1f} s")
