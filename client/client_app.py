@@ -1,4 +1,4 @@
-"""The site's Flower ClientApp: one thin handler per request type (logic in steps.py and fedrad.common)."""
+"""The site's Flower ClientApp: one thin handler per request type (logic in steps.py, study_steps.py, common)."""
 from __future__ import annotations
 
 from flwr.app import Context, Message
@@ -6,28 +6,27 @@ from flwr.clientapp import ClientApp
 
 from fedrad.client.site import Site
 from fedrad.client.steps import STEPS
-from fedrad.common.messages import from_record, request_name, to_record
+from fedrad.client.study_steps import STUDY_STEPS
+from fedrad.common.messages import REQUESTS, from_record, request_name, to_record
 
 app = ClientApp()
+_ALL_STEPS = {**STEPS, **STUDY_STEPS}
 
 
 def _handle(msg: Message, context: Context) -> Message:
     request = request_name(msg.metadata.message_type)
     site = Site.from_node_config(context.node_config)
-    reply = site.answer(request, from_record(msg.content), STEPS[request])
+    reply = site.answer(request, from_record(msg.content), _ALL_STEPS[request])
     return Message(to_record(reply), reply_to=msg)
 
 
-@app.query("combat_stats")
-def combat_stats(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+def _register() -> None:
+    """One handler per request type in :data:`fedrad.common.messages.REQUESTS` (``category.action``)."""
+    for name, req in REQUESTS.items():
+        if name not in _ALL_STEPS:
+            raise RuntimeError(f"request type {name!r} has no site step")
+        category, action = req.message_type.split(".")
+        getattr(app, category)(action)(_handle)
 
 
-@app.query("combat_apply")
-def combat_apply(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
-
-
-@app.train("fit_round")
-def fit_round(msg: Message, context: Context) -> Message:
-    return _handle(msg, context)
+_register()

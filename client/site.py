@@ -66,6 +66,32 @@ class Site:
             return pd.read_parquet(self.table_path)
         return pd.read_csv(self.table_path, float_precision="round_trip")
 
+    def table(self, name: str | None = None) -> pd.DataFrame:
+        """The configured feature table (``name`` None) or a table this site derived earlier (``name``)."""
+        if name is None:
+            return self.rows()
+        path = self.workdir / "harmonized" / f"{name}.parquet"
+        if not path.is_file():
+            raise SiteFailure(f"site {self.name}: table {name!r} not found (an earlier phase did not run here)")
+        return pd.read_parquet(path)
+
+    def save_table(self, name: str, df: pd.DataFrame) -> Path:
+        """Keep a derived table at the site (atomic write; never sent anywhere)."""
+        import os
+        import tempfile
+
+        path = self.workdir / "harmonized" / f"{name}.parquet"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        try:
+            df.to_parquet(tmp, index=False)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        return path
+
     def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict]) -> dict:
         """Policy check, compute, audit, return the reply payload (``site`` key added)."""
         try:

@@ -12,35 +12,25 @@ from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stat
 def combat_stats(site: Site, payload: dict) -> dict:
     """ComBat round 1: the site's regression statistics (aggregates only)."""
     request = payload["request"]
-    return {"stats": site_combat_stats(site.rows(), request, site=site.name,
+    return {"stats": site_combat_stats(site.table(payload.get("table")), request, site=site.name,
                                        min_cell_size=site.policy.min_cell_size)}
 
 
-def combat_apply(site: Site, payload: dict) -> dict:
-    """ComBat round 2: harmonize locally against the global fit; keep the result at the site."""
-    reference = ComBatReference.from_dict(payload["reference"])
-    rows = site.rows()
-    harmonized, adjustments = apply_combat(rows, reference, site=site.name,
+def harmonize_locally(site: Site, rows, reference: dict, output: str) -> dict:
+    """Harmonize the site's rows against a fitted reference (in the fit or not) and keep them at the site."""
+    harmonized, adjustments = apply_combat(rows, ComBatReference.from_dict(reference), site=site.name,
                                            min_cell_size=site.policy.min_cell_size)
-    name = str(payload.get("output", "harmonized"))
-    out_dir = site.workdir / "harmonized"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_parquet(harmonized, out_dir / f"{name}.parquet")
+    site.save_table(output, harmonized)
     _atomic_text(json.dumps({str(b): a.to_dict() for b, a in adjustments.items()}),
-                 out_dir / f"{name}.batch-parameters.json")
+                 site.workdir / "harmonized" / f"{output}.batch-parameters.json")
     return {"n_rows": int(len(harmonized)), "batches": [str(b) for b in adjustments],
             "excluded_locally": {str(b): list(a.excluded_features) for b, a in adjustments.items()}}
 
 
-def _atomic_parquet(df, path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        df.to_parquet(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def combat_apply(site: Site, payload: dict) -> dict:
+    """ComBat round 2: harmonize locally against the global fit; keep the result at the site."""
+    return harmonize_locally(site, site.table(payload.get("table")), payload["reference"],
+                             str(payload.get("output", "harmonized")))
 
 
 def _atomic_text(text: str, path) -> None:
@@ -50,12 +40,27 @@ def _atomic_text(text: str, path) -> None:
     os.replace(tmp, path)
 
 
-def _model_rows(site: Site, data: dict):
+class TooFewRows(ValueError):
+    """The rows a task would use are fewer than the site's minimum cell size."""
+
+
+def _model_rows(site: Site, data: dict, tables: dict | None = None):
     """The rows a fit task uses at this site, in the form the model's site function takes."""
-    rows = site.rows()
+    from fedrad.common.folds import row_mask
+
+    name = data.get("table")
+    if tables is not None and name in tables:
+        rows = tables[name]
+    else:
+        rows = site.table(name)
+        if tables is not None:
+            tables[name] = rows
+    if data.get("rows"):
+        ids = rows["case_id"] if "case_id" in rows.columns else rows.index.astype(str)
+        rows = rows[row_mask(list(ids), data["rows"])]
     n = len(rows)
     if n < site.policy.min_cell_size:
-        raise ValueError(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
+        raise TooFewRows(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
     features = list(data["features"])
     absent = [c for c in features + _outcome_columns(data) if c not in rows.columns]
     if absent:
@@ -83,14 +88,20 @@ def _site_function(model: str):
 
 def fit_round(site: Site, payload: dict) -> dict:
     """One step of every fit task that involves this site: its sums, gradients and Hessians."""
-    results = {}
+    results, skipped, tables = {}, {}, {}
     for task in payload["tasks"]:
         if task.get("sites") is not None and site.name not in task["sites"]:
             continue
         data = task["data"]
-        results[task["id"]] = _site_function(data["model"])(_model_rows(site, data), task["request"],
-                                                            site=site.name)
-    return {"results": results}
+        try:
+            rows = _model_rows(site, data, tables)
+        except TooFewRows as exc:
+            if not data.get("rows"):
+                raise  # the site's whole table is below its minimum: it refuses to take part
+            skipped[task["id"]] = str(exc)  # an inner CV subset: left out consistently in every round
+            continue
+        results[task["id"]] = _site_function(data["model"])(rows, task["request"], site=site.name)
+    return {"results": results, "skipped": skipped}
 
 
 #: request name -> site step

@@ -47,6 +47,33 @@ REQUESTS: dict[str, RequestType] = {
         "n, class or event counts, centred feature sums and cross-products; log-likelihood, gradient "
         "and Hessian at the sent coefficients",
     ),
+    "study_prepare": RequestType(
+        "query.study_prepare",
+        "make the study's table at the site (extract its manifest or take its feature table), check columns",
+        "row count, outcome counts (each withheld below the minimum cell size), candidate feature names, "
+        "extraction parameter hash",
+    ),
+    "study_harmonize": RequestType(
+        "query.study_harmonize",
+        "harmonize the site's table against every validation fold's ComBat fit; tables stay at the site",
+        "per fold: row count and locally excluded features",
+    ),
+    "study_select": RequestType(
+        "query.study_select",
+        "feature-selection statistics for every fold the site trains in",
+        "per fold: univariate score-test sums and information, centred cross-product matrix, counts",
+    ),
+    "study_cv": RequestType(
+        "query.study_cv",
+        "inner cross-validation: the loss of each fitted model on the site's held-out inner fold",
+        "one summed loss per fit (withheld when the inner fold has fewer rows than the minimum cell size)",
+    ),
+    "study_evaluate": RequestType(
+        "evaluate.study_evaluate",
+        "validation metrics of every model computed on the site's own rows",
+        "AUC/C-index with CI, Brier, calibration, HR and log-rank p, paired differences; binned ROC and "
+        "Kaplan-Meier counts with small cells merged",
+    ),
 }
 
 

@@ -1243,3 +1243,34 @@ def pool_proportion_like(values: Sequence[Any], ses: Sequence[Any], *, level: fl
             "fe_ci_high": float(ex(dl["fe_ci_high"])), "tau2": dl["tau2"], "i2": dl["i2"], "q": dl["q"],
             "q_p": dl["q_p"], "k": dl["k"], "included": keep, "excluded": excluded, "logit": dl,
             "level": level, "reason": dl["reason"]}
+
+
+def pooled_roc_interpolated(bin_counts: Sequence[Mapping]) -> PooledROC:
+    r"""Pooled ROC from per-site binned counts whose bins were merged differently (approximate).
+
+    :func:`pooled_roc` is exact but can only use the edges every site kept, which after small-cell merging
+    may leave almost none. Here each site's number of positives (negatives) scoring at or above a threshold
+    :math:`t` is interpolated linearly within its merged bins (scores assumed uniform inside a bin), on the
+    union of all sites' edges; the sums over sites give TPR and FPR at every threshold, and the trapezoidal
+    AUC. With identical edges at every site it equals :func:`pooled_roc`.
+    """
+    tabs = [t for t in bin_counts if t.get("pos_counts") is not None and t.get("neg_counts") is not None
+            and t.get("edges") is not None]
+    if not tabs:
+        raise ValueError("pooled_roc_interpolated: no usable count tables with edges")
+    thresholds = np.unique(np.concatenate([_edges(t["edges"]) for t in tabs]))[::-1]
+    above_pos = np.zeros(len(thresholds))
+    above_neg = np.zeros(len(thresholds))
+    for t in tabs:
+        e = _edges(t["edges"])
+        for key, acc in (("pos_counts", above_pos), ("neg_counts", above_neg)):
+            c = _counts(t, key).astype(float)
+            at_or_above = np.concatenate([np.cumsum(c[::-1])[::-1], [0.0]])  # count >= each edge
+            acc += np.interp(thresholds, e, at_or_above)
+    if above_pos[-1] <= 0 or above_neg[-1] <= 0:
+        raise ValueError("pooled_roc_interpolated: no positives or no negatives in the pooled counts")
+    tpr = above_pos / above_pos[-1]
+    fpr = above_neg / above_neg[-1]
+    tpr = np.concatenate([[0.0], tpr]) if tpr[0] > 0 else tpr
+    fpr = np.concatenate([[0.0], fpr]) if len(fpr) < len(tpr) else fpr
+    return PooledROC(fpr=fpr, tpr=tpr, auc=float(np.trapezoid(tpr, fpr)))

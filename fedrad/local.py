@@ -176,3 +176,12 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
         fed = sites.federation(log=log)
         models = run_fits(fed, {"fit": FitTask(server, data)})
     return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
+
+
+def run_study_in_process(cfg: dict, node_configs: list[dict], log=None) -> dict:
+    """Run a validated study with every site in this process (Flower's message layer, LocalGrid)."""
+    from fedrad.client.client_app import app as client_app
+    from fedrad.server.study import Study
+
+    fed = Federation(LocalGrid(client_app, node_configs), log=log)
+    return Study(fed, cfg).run()

@@ -29,7 +29,13 @@ def _harmonize(fed: Federation, plan: dict) -> dict:
     return {"reference": reference.to_dict(), "sites": summaries}
 
 
-TASKS = {"harmonize": _harmonize}
+def _study(fed: Federation, plan: dict) -> dict:
+    from fedrad.server.study import Study
+
+    return Study(fed, plan["config"]).run()
+
+
+TASKS = {"harmonize": _harmonize, "study": _study}
 
 
 def run_plan(fed: Federation, plan_path: str, out_dir: str) -> dict:

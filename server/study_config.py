@@ -41,6 +41,7 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     loso = true                         # leave-one-site-out external validation
     inner_folds = 3                     # federated k-fold CV within training sites (penalty choice)
     seed = 0
+    km_times = [0, 3, 6, 12, 24, 36, 60]  # time grid (units of the time column) of the pooled KM counts
 """
 from __future__ import annotations
 
@@ -57,7 +58,8 @@ DEFAULTS = {
     "selection": {"feature_prefixes": ["original_", "log-sigma"], "fdr": 0.05, "redundancy": 0.9,
                   "max_features": 10},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": []},
-    "validation": {"loso": True, "inner_folds": 3, "seed": 0},
+    "validation": {"loso": True, "inner_folds": 3, "seed": 0,
+                   "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
 }
 ALLOWED = {section: set(values) for section, values in DEFAULTS.items() if section != "sites"}
 

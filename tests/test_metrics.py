@@ -732,3 +732,27 @@ def test_end_to_end_multicenter_survival():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         pooled_km(tabs)
+
+
+def test_pooled_roc_interpolated_equals_exact_with_shared_edges_and_is_close_after_merging():
+    from sklearn.metrics import roc_auc_score
+
+    from fedrad.common.metrics import pooled_roc, pooled_roc_interpolated, roc_bins, suppress_small_cells
+
+    rng = np.random.default_rng(5)
+    edges = np.linspace(0, 1, 21)
+    tables, merged, ys, ps = [], [], [], []
+    for n in (80, 60, 120, 50):
+        y = rng.integers(0, 2, n)
+        p = np.clip(0.5 + 0.25 * (y - 0.5) + rng.normal(0, 0.2, n), 0, 1)
+        t = roc_bins(y, p, edges)
+        tables.append(t)
+        merged.append(suppress_small_cells(t, 10))
+        ys.append(y)
+        ps.append(p)
+    exact = pooled_roc(tables)
+    approx = pooled_roc_interpolated(tables)
+    assert abs(exact.auc - approx.auc) < 1e-12
+    after = pooled_roc_interpolated(merged)
+    truth = roc_auc_score(np.concatenate(ys), np.concatenate(ps))
+    assert len(after.fpr) > 5 and abs(after.auc - truth) < 0.03, (after.auc, truth)

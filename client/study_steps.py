@@ -1,0 +1,142 @@
+"""Site steps of a multi-center validation study (see :mod:`fedrad.server.study` for the protocol).
+
+Every step works on the site's own tables and returns aggregates or metric values only. Derived tables (the
+study's raw table, one harmonized table per validation fold) stay in the site's work directory.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from fedrad.client.site import Site
+from fedrad.client.steps import harmonize_locally
+
+
+def _small(count: int, k: int):
+    """A count cell is released only when it is at least the site's minimum cell size."""
+    return int(count) if count >= k else None
+
+
+def study_prepare(site: Site, payload: dict) -> dict:
+    """Make the study's raw table at the site: extract its manifest, or take its feature table; check columns.
+
+    Replies with the table's size, outcome counts (each suppressed below the minimum cell size), the candidate
+    feature names and the extraction parameters' hash (to check every site used the same settings).
+    """
+    source = (payload.get("sources") or {}).get(site.name) or {}
+    params_hash = None
+    if "manifest" in source:
+        from fedrad.client.extract import extract_manifest, read_provenance
+
+        out = site.workdir / "features.parquet"
+        result = extract_manifest(Path(source["manifest"]), params=source.get("params"), out=out,
+                                  cache_dir=site.workdir / "cache")
+        rows = pd.read_parquet(out)
+        params_hash = read_provenance(out).get("params_hash")
+        extraction = {"cases": result.n_cases, "extracted": result.n_ok, "failed": result.n_failed}
+    else:
+        rows = site.table(source.get("table")) if source.get("table") else site.rows()
+        extraction = None
+    endpoint = payload["endpoint"]
+    required = list(dict.fromkeys(payload.get("required_columns", [])))
+    missing = [c for c in required if c not in rows.columns]
+    if missing:
+        raise ValueError(f"the feature table lacks column(s) {', '.join(missing)} the study needs")
+    from fedrad.common.pipeline import candidate_features, complete_rows
+
+    k = site.policy.min_cell_size
+    complete = complete_rows(rows, endpoint, list(payload.get("clinical", [])), site.name)
+    dropped = len(rows) - len(complete)
+    site.save_table("raw", complete)
+    if endpoint["type"] == "response":
+        y = complete[endpoint["outcome"]]
+        bad = sorted(set(y.unique()) - {0, 1})
+        if bad:
+            raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
+        events = int(y.sum())
+    else:
+        events = int(complete[endpoint["event"]].sum())
+    return {"n": int(len(complete)), "n_dropped_incomplete": int(dropped), "n_events": _small(events, k),
+            "n_nonevents": _small(len(complete) - events, k),
+            "features": candidate_features(complete, payload["feature_prefixes"]),
+            "params_hash": params_hash, "extraction": extraction}
+
+
+def study_harmonize(site: Site, payload: dict) -> dict:
+    """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site)."""
+    rows = site.table("raw")
+    return {"folds": {fold: harmonize_locally(site, rows, ref, f"h-{fold}")
+                      for fold, ref in payload["references"].items()}}
+
+
+def study_select(site: Site, payload: dict) -> dict:
+    """Selection statistics for every fold this site trains in (score tests, correlations)."""
+    from fedrad.common.selection import site_batch
+
+    out = {}
+    for fold, spec in payload["folds"].items():
+        if site.name not in spec["train_sites"]:
+            continue
+        out[fold] = site_batch(site.table(spec["table"]), spec["requests"], site=site.name,
+                               min_cell_size=site.policy.min_cell_size)
+    return {"folds": out}
+
+
+def study_cv(site: Site, payload: dict) -> dict:
+    """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
+    from fedrad.common.folds import row_mask
+    from fedrad.common.pipeline import heldout_loss, model_from_dict
+
+    endpoint = payload["endpoint"]
+    tables: dict[str, pd.DataFrame] = {}
+    losses = {}
+    for item in payload["items"]:
+        if site.name not in item["sites"]:
+            continue
+        name = item["table"]
+        if name not in tables:
+            tables[name] = site.table(name)
+        rows = tables[name]
+        train = row_mask(list(rows["case_id"]), {**item["rows"], "keep": "train"})
+        if (~train).sum() < site.policy.min_cell_size:
+            losses[item["id"]] = None
+            continue
+        losses[item["id"]] = heldout_loss(endpoint, model_from_dict(endpoint, item["model"]), rows, train)
+    return {"losses": losses}
+
+
+def study_evaluate(site: Site, payload: dict) -> dict:
+    """Metrics of every model of every fold this site evaluates, computed on its own rows."""
+    from fedrad.common.pipeline import evaluate_site, model_from_dict
+
+    endpoint = payload["endpoint"]
+    out = {}
+    for fold, spec in payload["folds"].items():
+        if site.name not in spec["eval_sites"]:
+            continue
+        rows = site.table(spec["table"])
+        models = {kind: model_from_dict(endpoint, d) for kind, d in spec["models"].items()}
+        out[fold] = evaluate_site(endpoint, models, rows, min_cell_size=site.policy.min_cell_size,
+                                  km_grid=payload.get("km_times"))
+    return {"folds": _plain(out)}
+
+
+def _plain(obj):
+    """Metric dicts may hold numpy scalars/arrays and tuples: make them message-friendly."""
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj
+    if isinstance(obj, (np.floating, np.integer, np.bool_)):
+        return obj.item()
+    if isinstance(obj, float) and not np.isfinite(obj):
+        return None
+    return obj
+
+
+STUDY_STEPS = {"study_prepare": study_prepare, "study_harmonize": study_harmonize, "study_select": study_select,
+               "study_cv": study_cv, "study_evaluate": study_evaluate}

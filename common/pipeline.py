@@ -1,0 +1,214 @@
+"""The study pipeline's decisions and site-local evaluations, shared by the federated study and its pooled twin.
+
+Everything here is pure (no Flower, no files): which features a model uses, how a radiomic signature is picked
+from the combined selection statistics, which penalty wins the inner cross-validation, the held-out loss a site
+reports for an inner fold, and the metrics a held-out site computes on its own rows. The federated study
+(:mod:`fedrad.server.study`) and the pooled oracle (:mod:`fedrad.server.study_pooled`) call the same functions,
+so any difference between them comes from the aggregation, which is what the tests check.
+
+Models validated side by side (TRIPOD; "a signature that is tumour volume in disguise" must show):
+
+* ``radiomics``: the selected radiomic signature,
+* ``volume``: tumour volume alone (``original_shape_VoxelVolume``, else ``MeshVolume``),
+* ``clinical``: the study's clinical covariates alone (when it has any),
+* ``combined``: signature + clinical covariates (composite model).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import scipy.special
+
+from fedrad.common import metrics
+
+MODEL_KINDS = ("radiomics", "volume", "clinical", "combined")
+VOLUME_FEATURES = ("original_shape_VoxelVolume", "original_shape_MeshVolume")
+ROC_EDGES = np.linspace(0.0, 1.0, 21)  # probability bins for the pooled ROC curve
+
+
+def volume_feature(candidates: list[str]) -> str | None:
+    for name in VOLUME_FEATURES:
+        if name in candidates:
+            return name
+    return None
+
+
+def model_features(kind: str, signature: list[str], clinical: list[str], volume: str | None) -> list[str] | None:
+    """Features of one model kind, or None when the study cannot have it (no clinical covariates, no volume)."""
+    if kind == "radiomics":
+        return list(signature) or None
+    if kind == "volume":
+        return [volume] if volume else None
+    if kind == "clinical":
+        return list(clinical) or None
+    if kind == "combined":
+        return (list(signature) + [c for c in clinical if c not in signature]) if clinical and signature else None
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
+def select_signature(score, corr, *, fdr: float, redundancy: float, max_features: int) -> dict:
+    """Signature from combined score tests and correlations (training sites of one fold only).
+
+    1. Benjamini-Hochberg at ``fdr`` on the univariate score-test p-values;
+    2. among the survivors, most associated first (|z|), drop one of each pair with |r| > ``redundancy``
+       (the less associated);
+    3. keep at most ``max_features``.
+    If no feature passes the FDR, the single most associated feature is kept and ``fallback`` is set, so the
+    study still reports how a (weak) signature validates instead of stopping.
+    """
+    from fedrad.common.selection import benjamini_hochberg, drop_redundant
+
+    p = score.pvalues
+    q = benjamini_hochberg(p)
+    assoc = score.association
+    passed = [f for f in q.index if q[f] <= fdr and f not in score.uninformative]
+    fallback = not passed
+    if fallback:
+        informative = assoc.drop(list(score.uninformative), errors="ignore")
+        passed = [informative.idxmax()] if len(informative) else []
+    ordered = sorted(passed, key=lambda f: (-float(assoc[f]), f))
+    usable = [f for f in ordered if f in corr.corr.index]
+    if len(usable) > 1:
+        kept, dropped = drop_redundant(corr.corr.loc[usable, usable], assoc[usable], threshold=redundancy)
+        kept = sorted(kept, key=lambda f: (-float(assoc[f]), f))
+    else:
+        kept, dropped = usable, []
+    return {"selected": kept[:max_features], "n_candidates": int(len(p)), "n_passed_fdr": 0 if fallback else
+            len(passed), "fallback": bool(fallback),
+            "dropped_redundant": [[str(a), str(b), float(r)] for a, b, r in dropped],
+            "q_values": {f: float(q[f]) for f in ordered[: 4 * max_features]}}
+
+
+def make_fit(endpoint: dict, features: list[str], penalty: str, value: float, l1_ratio: float):
+    """The server state machine for one fit (logistic: ``value`` is C; Cox: ``value`` is the penalizer)."""
+    if endpoint["type"] == "response":
+        from fedrad.common.glm import LogisticServer
+
+        return LogisticServer(features, penalty=penalty, C=value,
+                              l1_ratio=l1_ratio if penalty == "elasticnet" else None)
+    from fedrad.common.cox import CoxFit
+
+    l1 = {"l2": 0.0, "l1": 1.0}.get(penalty, l1_ratio)
+    return CoxFit(features, duration_col=endpoint["time"], event_col=endpoint["event"], penalizer=value,
+                  l1_ratio=l1)
+
+
+def fit_pooled(endpoint: dict, rows: pd.DataFrame, features: list[str], penalty: str, value: float,
+               l1_ratio: float, strata: str = "site"):
+    """Pooled twin of :func:`make_fit` (the oracle)."""
+    if endpoint["type"] == "response":
+        from fedrad.common.glm import LogisticModel
+
+        model = LogisticModel(penalty=penalty, C=value, l1_ratio=l1_ratio if penalty == "elasticnet" else None)
+        return model.fit(rows[features], rows[endpoint["outcome"]].to_numpy())
+    from fedrad.common.cox import fit_pooled as cox_pooled
+
+    l1 = {"l2": 0.0, "l1": 1.0}.get(penalty, l1_ratio)
+    return cox_pooled(rows, endpoint["time"], endpoint["event"], strata=strata, features=features,
+                      penalizer=value, l1_ratio=l1)
+
+
+def model_from_dict(endpoint: dict, d: dict):
+    if endpoint["type"] == "response":
+        from fedrad.common.glm import LogisticModel
+
+        return LogisticModel.from_dict(d)
+    from fedrad.common.cox import CoxModel
+
+    return CoxModel.from_dict(d)
+
+
+def linear_predictor(endpoint: dict, model, rows: pd.DataFrame) -> np.ndarray:
+    """Logistic: log odds; Cox: log partial hazard (centred on the training mean)."""
+    if endpoint["type"] == "response":
+        return np.asarray(model.decision_function(rows), dtype=float)
+    return np.asarray(model.predict_log_partial_hazard(rows[list(model.feature_names_)]), dtype=float)
+
+
+def heldout_loss(endpoint: dict, model, rows: pd.DataFrame, train: np.ndarray) -> float:
+    """A site's contribution to the inner-CV loss of a model fit without the rows ``~train``.
+
+    Logistic: summed log loss on the held-out rows. Cox: minus the cross-validated partial likelihood
+    contribution of the site's stratum (Verweij & van Houwelingen 1993): −[ℓ(β; all rows) − ℓ(β; training rows)].
+    """
+    lp = linear_predictor(endpoint, model, rows)
+    if endpoint["type"] == "response":
+        y = rows[endpoint["outcome"]].to_numpy(dtype=float)
+        test = ~train
+        return float(np.sum(np.logaddexp(0.0, lp[test]) - y[test] * lp[test]))
+    from fedrad.common.cox import efron_stratum
+
+    t = rows[endpoint["time"]].to_numpy(dtype=float)
+    e = rows[endpoint["event"]].to_numpy(dtype=float)
+    x = lp[:, None]
+    one = np.ones(1)
+    ll_all = efron_stratum(x, t, e, one)[0] if e.sum() > 0 else 0.0
+    ll_train = efron_stratum(x[train], t[train], e[train], one)[0] if e[train].sum() > 0 else 0.0
+    return float(-(ll_all - ll_train))
+
+
+def choose_penalty(losses: dict) -> float:
+    """Smallest total inner-CV loss; a tie goes to the stronger penalty (smaller C / larger penalizer is
+    decided by the caller's ordering of the grid from strongest to weakest)."""
+    best = min(losses.values())
+    for value, loss in losses.items():
+        if loss <= best + 1e-12 * max(1.0, abs(best)):
+            return value
+    raise ValueError("no losses")
+
+
+def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_size: int,
+                  km_grid: list[float] | None = None) -> dict:
+    """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers).
+
+    Response: AUC with DeLong 95% CI, Brier score, calibration intercept and slope, probability-binned
+    positive/negative counts for the pooled ROC (neighbouring bins merged until each holds ≥ ``min_cell_size``
+    patients), and paired DeLong differences (radiomics − volume, radiomics − clinical, combined − clinical).
+    Survival: Harrell's C with CI, hazard ratio and log-rank p of the high- vs low-risk split at the training
+    mean risk (linear predictor > 0), Kaplan-Meier counts per risk group on ``km_grid``, and paired C-index
+    differences.
+    """
+    out: dict = {"n": int(len(rows))}
+    lps = {kind: linear_predictor(endpoint, m, rows) for kind, m in models.items()}
+    pairs = [("radiomics", "volume"), ("radiomics", "clinical"), ("combined", "clinical")]
+    if endpoint["type"] == "response":
+        y = rows[endpoint["outcome"]].to_numpy(dtype=int)
+        out["n_events"] = int(y.sum()) if y.sum() >= min_cell_size else None  # a small count cell is suppressed
+        for kind, lp in lps.items():
+            p = scipy.special.expit(lp)
+            res = {"auc": metrics.auc_delong(y, lp), "brier": float(metrics.brier(y, p)),
+                   "calibration": metrics.calibration(y, np.clip(p, 1e-12, 1 - 1e-12))}
+            bins = metrics.roc_bins(y, p, ROC_EDGES)
+            res["roc_bins"] = metrics.suppress_small_cells(bins, min_cell_size)
+            out[kind] = res
+        out["paired"] = {f"{a}-{b}": metrics.delong_paired(y, lps[a], lps[b]) for a, b in pairs
+                         if a in lps and b in lps}
+        return out
+    t = rows[endpoint["time"]].to_numpy(dtype=float)
+    e = rows[endpoint["event"]].to_numpy(dtype=int)
+    out["n_events"] = int(e.sum()) if e.sum() >= min_cell_size else None
+    grid = np.asarray(km_grid if km_grid is not None else np.quantile(t, np.linspace(0, 1, 11)), dtype=float)
+    for kind, lp in lps.items():
+        res = {"c_index": metrics.harrell_c(t, e, lp), "risk_split": metrics.risk_group_split(t, e, lp, 0.0)}
+        high = lp > 0.0
+        res["km"] = {g: (metrics.km_bins(t[m], e[m], grid) if m.sum() >= min_cell_size else None)
+                     for g, m in (("high", high), ("low", ~high))}
+        out[kind] = res
+    out["paired"] = {f"{a}-{b}": metrics.c_paired(t, e, lps[a], lps[b]) for a, b in pairs
+                     if a in lps and b in lps}
+    return out
+
+
+def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site: str) -> pd.DataFrame:
+    """The rows a study uses: outcome and clinical values present; a ``case_id`` column (made if absent)."""
+    outcome_cols = [endpoint["outcome"]] if endpoint["type"] == "response" else [endpoint["time"], endpoint["event"]]
+    complete = rows.dropna(subset=outcome_cols + list(clinical))
+    if "case_id" not in complete.columns:
+        complete = complete.assign(case_id=[f"{site}-{i}" for i in range(len(complete))])
+    return complete.reset_index(drop=True)
+
+
+def candidate_features(rows: pd.DataFrame, prefixes: list[str]) -> list[str]:
+    """Numeric columns whose names start with one of ``prefixes``."""
+    return [c for c in rows.columns if any(str(c).startswith(p) for p in prefixes)
+            and pd.api.types.is_numeric_dtype(rows[c])]

@@ -1,0 +1,300 @@
+"""A multi-center validation study, run by the coordinator over a :class:`Federation` (any Flower runtime).
+
+Validation folds: ``final`` (every site trains) and, with leave-one-site-out, ``loso:<site>`` for each site
+(the other sites train; the site is held out and validates). Every phase serves all folds in the same round
+trips, so the number of round trips does not grow with the number of sites:
+
+==========================  ==========================================================================  ======
+phase                       what happens                                                                rounds
+==========================  ==========================================================================  ======
+prepare                     each site extracts its manifest (or takes its table), checks columns        1
+harmonization               ComBat statistics once per site; the server fits one reference per fold     2
+                            from its training sites; each site harmonizes itself against every fold's
+                            reference (a held-out site uses the unseen-site path) and keeps the tables
+selection                   per fold, training sites send score-test and correlation aggregates; the    1
+                            server applies BH-FDR, the redundancy filter and the size cap
+models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~6-8
+                            and inner CV fold, fitted together (Newton / proximal Newton)
+inner CV                    training sites send each inner fit's loss on their held-out inner fold;     1
+                            the server picks each (fold, model)'s penalty
+evaluation                  held-out sites compute metrics of every fold's models on their own rows     1
+                            (and every site the final models' apparent performance)
+==========================  ==========================================================================  ======
+
+Harmonization and selection are fit inside each fold (no information from a held-out site reaches its
+models). Inner CV for the penalty reuses the fold's selected features (a documented simplification: the
+penalty choice, not the external validation, sees the selection's optimism). Pooled estimates: random-effects
+meta-analysis (DerSimonian-Laird) of the held-out sites' AUC / C-index on the logit scale, and pooled ROC /
+Kaplan-Meier curves from binned counts.
+"""
+from __future__ import annotations
+
+import time
+
+from fedrad.common import metrics
+from fedrad.common.combat import combine_combat_stats, make_request
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, make_fit, model_features, select_signature,
+                                    volume_feature)
+from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request,
+                                     logistic_score_request)
+from fedrad.server.federation import Federation
+from fedrad.server.fitting import FitTask, run_fits
+
+
+def fold_plan(sites: list[str], loso: bool) -> dict[str, dict]:
+    """``{fold: {"train": [...], "test": [...]}}``."""
+    folds = {"final": {"train": list(sites), "test": list(sites)}}
+    if loso:
+        for s in sites:
+            folds[f"loso:{s}"] = {"train": [t for t in sites if t != s], "test": [s]}
+    return folds
+
+
+def grid_strong_to_weak(endpoint: dict, grid: list[float]) -> list[float]:
+    """Penalty grid ordered from the strongest penalty (logistic: small C; Cox: large penalizer)."""
+    return sorted(grid) if endpoint["type"] == "response" else sorted(grid, reverse=True)
+
+
+def endpoint_of(cfg: dict) -> dict:
+    ep = cfg["endpoint"]
+    if ep["type"] == "response":
+        return {"type": "response", "outcome": ep["outcome"]}
+    return {"type": "survival", "time": ep["time"], "event": ep["event"]}
+
+
+def _data_spec(endpoint: dict, features: list[str], table: str, rows: dict | None) -> dict:
+    spec = {"features": features, "table": table, "rows": rows}
+    if endpoint["type"] == "response":
+        spec.update(model="logistic", outcome=endpoint["outcome"])
+    else:
+        spec.update(model="cox", time=endpoint["time"], event=endpoint["event"])
+    return spec
+
+
+class Study:
+    """Runs the phases; every decision comes from :mod:`fedrad.common.pipeline` (shared with the pooled twin)."""
+
+    def __init__(self, fed: Federation, cfg: dict, log=None):
+        self.fed, self.cfg = fed, cfg
+        self.endpoint = endpoint_of(cfg)
+        self.log = log or fed.log
+        self.results: dict = {"study": cfg["study"]["name"], "endpoint": self.endpoint, "phases": []}
+
+    # -- phases ------------------------------------------------------------------------------------------
+    def _phase(self, name: str, t0: float, rounds0: int) -> None:
+        self.results["phases"].append({"phase": name, "round_trips": self.fed.rounds - rounds0,
+                                       "seconds": round(time.monotonic() - t0, 2)})
+        self.log(f"phase {name} done: {self.fed.rounds - rounds0} round trips, {time.monotonic() - t0:.1f} s")
+
+    def prepare(self) -> None:
+        t0, r0 = time.monotonic(), self.fed.rounds
+        cfg = self.cfg
+        clinical = list(cfg["model"]["clinical"])
+        required = clinical + list(cfg["harmonization"]["covariates"] if cfg["harmonization"]["enabled"] else [])
+        required += [self.endpoint["outcome"]] if self.endpoint["type"] == "response" else \
+            [self.endpoint["time"], self.endpoint["event"]]
+        payload = {"sources": cfg["sites"], "endpoint": self.endpoint, "required_columns": required,
+                   "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"]}
+        replies = self.fed.ask("study_prepare", payload, phase="prepare")
+        min_sites = int(cfg["study"]["min_sites"])
+        if len(replies) < min_sites:
+            raise RuntimeError(f"only {len(replies)} sites answered; the study needs {min_sites}")
+        self.sites = sorted(replies)
+        hashes = {r["params_hash"] for r in replies.values() if r.get("params_hash")}
+        if len(hashes) > 1:
+            raise RuntimeError("sites extracted features with different parameter files; use one params file")
+        common = set.intersection(*(set(r["features"]) for r in replies.values()))
+        self.candidates = [f for f in replies[self.sites[0]]["features"] if f in common]
+        if not self.candidates:
+            raise RuntimeError("the sites share no feature column matching the study's feature_prefixes")
+        self.folds = fold_plan(self.sites, bool(cfg["validation"]["loso"]))
+        self.results["sites"] = {s: {k: replies[s].get(k) for k in ("n", "n_events", "n_nonevents",
+                                                                     "n_dropped_incomplete", "extraction")}
+                                 for s in self.sites}
+        self.results["n_candidate_features"] = len(self.candidates)
+        self.results["folds"] = {f: dict(v) for f, v in self.folds.items()}
+        self._phase("prepare", t0, r0)
+
+    def harmonize(self) -> None:
+        harm = self.cfg["harmonization"]
+        if not harm["enabled"]:
+            self.tables = {f: "raw" for f in self.folds}
+            return
+        t0, r0 = time.monotonic(), self.fed.rounds
+        request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
+                               parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+        stats = self.fed.ask("combat_stats", {"request": request, "table": "raw"}, phase="harmonization")
+        refs = {}
+        for fold, spec in self.folds.items():
+            refs[fold] = combine_combat_stats([stats[s]["stats"] for s in spec["train"]], request).to_dict()
+        self.fed.ask("study_harmonize", {"references": refs}, phase="harmonization")
+        self.tables = {f: f"h-{f}" for f in self.folds}
+        self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},
+                                             "batch_sizes": refs[f].get("batch_sizes")} for f in refs}
+        self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
+        self._phase("harmonization", t0, r0)
+
+    def select(self) -> None:
+        t0, r0 = time.monotonic(), self.fed.rounds
+        sel = self.cfg["selection"]
+        excluded = getattr(self, "excluded", {})
+        requests, specs = {}, {}
+        for fold, spec in self.folds.items():
+            feats = [f for f in self.candidates if f not in excluded.get(fold, set())]
+            if self.endpoint["type"] == "response":
+                score = logistic_score_request(feats, self.endpoint["outcome"])
+            else:
+                score = cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
+            requests[fold] = {"score": score, "corr": correlation_request(feats)}
+            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": requests[fold]}
+        replies = self.fed.ask("study_select", {"folds": specs}, phase="selection")
+        self.signatures, report = {}, {}
+        for fold, spec in self.folds.items():
+            combined = combine_batch([replies[s]["folds"][fold] for s in spec["train"]], stratified=True)
+            chosen = select_signature(combined["score"], combined["corr"], fdr=float(sel["fdr"]),
+                                      redundancy=float(sel["redundancy"]), max_features=int(sel["max_features"]))
+            self.signatures[fold] = chosen["selected"]
+            report[fold] = chosen
+        self.results["selection"] = report
+        self._phase("selection", t0, r0)
+
+    def fit_models(self) -> None:
+        t0, r0 = time.monotonic(), self.fed.rounds
+        mcfg, vcfg = self.cfg["model"], self.cfg["validation"]
+        clinical = list(mcfg["clinical"])
+        grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
+        k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
+        volume = volume_feature(self.candidates)
+        tasks: dict[str, FitTask] = {}
+        self.model_features: dict[str, dict[str, list[str]]] = {}
+        for fold, spec in self.folds.items():
+            self.model_features[fold] = {}
+            for kind in MODEL_KINDS:
+                feats = model_features(kind, self.signatures[fold], clinical, volume)
+                if not feats:
+                    continue
+                self.model_features[fold][kind] = feats
+                for gi, g in enumerate(grid):
+                    for inner in [None, *range(k)]:
+                        rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
+                        tid = f"{fold}|{kind}|{gi}|{'all' if inner is None else inner}"
+                        tasks[tid] = FitTask(make_fit(self.endpoint, feats, mcfg["penalty"], g,
+                                                      float(mcfg["l1_ratio"])),
+                                             _data_spec(self.endpoint, feats, self.tables[fold], rows),
+                                             sites=list(spec["train"]))
+        self.log(f"models: {len(tasks)} fits (folds x models x penalties x inner folds) in shared round trips")
+        self.fits = run_fits(self.fed, tasks, phase="models")
+        self.grid = grid
+        self._phase("models", t0, r0)
+        # inner CV: held-out loss of each inner fit
+        t0, r0 = time.monotonic(), self.fed.rounds
+        items = []
+        for tid, model in self.fits.items():
+            fold, kind, gi, inner = tid.split("|")
+            if inner == "all":
+                continue
+            items.append({"id": tid, "model": model.to_dict(), "table": self.tables[fold],
+                          "rows": {"k": k, "seed": seed, "fold": int(inner)}, "sites": self.folds[fold]["train"]})
+        replies = self.fed.ask("study_cv", {"endpoint": self.endpoint, "items": items}, phase="inner CV")
+        totals: dict[tuple, dict] = {}
+        for r in replies.values():
+            for tid, loss in r["losses"].items():
+                if loss is None:
+                    continue
+                fold, kind, gi, _ = tid.split("|")
+                totals.setdefault((fold, kind), {}).setdefault(int(gi), 0.0)
+                totals[(fold, kind)][int(gi)] += float(loss)
+        self.chosen: dict[str, dict[str, object]] = {}
+        penalties = {}
+        for fold, kinds in self.model_features.items():
+            self.chosen[fold] = {}
+            for kind in kinds:
+                losses = totals.get((fold, kind)) or {0: 0.0}
+                gi = choose_penalty({i: losses.get(i, float("inf")) for i in range(len(grid))})
+                self.chosen[fold][kind] = self.fits[f"{fold}|{kind}|{gi}|all"]
+                penalties.setdefault(fold, {})[kind] = {"value": grid[gi], "cv_loss": {
+                    str(grid[i]): losses.get(i) for i in range(len(grid))}}
+        self.results["penalties"] = penalties
+        self._phase("inner CV", t0, r0)
+
+    def evaluate(self) -> None:
+        t0, r0 = time.monotonic(), self.fed.rounds
+        folds = {}
+        for fold, spec in self.folds.items():
+            folds[fold] = {"models": {kind: m.to_dict() for kind, m in self.chosen[fold].items()},
+                           "table": self.tables[fold], "eval_sites": spec["test"]}
+        replies = self.fed.ask("study_evaluate", {"endpoint": self.endpoint, "folds": folds,
+                                                  "km_times": self.cfg["validation"]["km_times"]},
+                               phase="evaluation")
+        external = {s: replies[s]["folds"][f"loso:{s}"] for s in self.sites if f"loso:{s}" in replies[s]["folds"]}
+        apparent = {s: replies[s]["folds"]["final"] for s in self.sites}
+        self.results["external"] = external
+        self.results["apparent"] = apparent
+        self.results["pooled"] = pool_metrics(self.endpoint, external) if external else {}
+        self.results["final_models"] = {kind: {"features": self.model_features["final"][kind],
+                                               "params": m.to_dict()} for kind, m in self.chosen["final"].items()}
+        self.results["signature"] = self.signatures["final"]
+        self._phase("evaluation", t0, r0)
+
+    def run(self) -> dict:
+        t0 = time.monotonic()
+        self.prepare()
+        self.harmonize()
+        self.select()
+        self.fit_models()
+        self.evaluate()
+        self.results["round_trips"] = self.fed.rounds
+        self.results["seconds"] = round(time.monotonic() - t0, 2)
+        return self.results
+
+
+def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
+    """Random-effects meta-analysis of the sites' metrics and pooled curves from their binned counts."""
+    pooled: dict = {}
+    kinds = [k for k in MODEL_KINDS if all(k in m for m in per_site.values())]
+    key = "auc" if endpoint["type"] == "response" else "c_index"
+    for kind in kinds:
+        vals, ses = [], []
+        for m in per_site.values():
+            est = m[kind][key]
+            vals.append(est.get("auc") if key == "auc" else est.get("c"))
+            ses.append(est.get("se"))
+        ok = [(v, s) for v, s in zip(vals, ses) if v is not None and s is not None and 0 < v < 1 and s > 0]
+        entry = {"k": len(ok)}
+        if len(ok) >= 2:
+            entry.update(metrics.pool_proportion_like([v for v, _ in ok], [s for _, s in ok]))
+        elif len(ok) == 1:
+            entry.update({"pooled": ok[0][0], "reason": "only one site with a defined estimate"})
+        if endpoint["type"] == "response":
+            tables = [m[kind]["roc_bins"] for m in per_site.values() if m[kind].get("roc_bins")]
+            try:
+                roc = metrics.pooled_roc_interpolated(tables)
+                entry["roc"] = {"fpr": list(map(float, roc.fpr)), "tpr": list(map(float, roc.tpr)),
+                                "auc_binned": float(roc.auc)}
+            except (ValueError, TypeError) as exc:
+                entry["roc"] = {"reason": str(exc)}
+        else:
+            for group in ("high", "low"):
+                tables = [m[kind]["km"][group] for m in per_site.values() if m[kind]["km"].get(group)]
+                if tables:
+                    entry[f"km_{group}"] = _jsonable(metrics.pooled_km(tables))
+        pooled[kind] = _jsonable(entry)
+    return pooled
+
+
+def _jsonable(obj):
+    import numpy as np
+
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [_jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if np.isfinite(obj) else None
+    if isinstance(obj, (np.integer,)):
+        return int(obj)
+    if hasattr(obj, "_asdict"):
+        return _jsonable(obj._asdict())
+    return obj

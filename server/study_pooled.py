@@ -1,0 +1,102 @@
+"""Pooled twin of a study's leave-one-site-out fold: the test oracle for :mod:`fedrad.server.study`.
+
+For a held-out site it runs the same pipeline on the *pooled* rows of the other sites with the pooled
+estimators (``ComBat.fit``, pooled score tests and correlations, pooled logistic / stratified Cox fits, pooled
+inner-CV losses), then harmonizes the held-out site with the unseen-site path and evaluates it. Decisions come
+from :mod:`fedrad.common.pipeline`, exactly as in the federated study, so equal metrics mean the federated
+aggregation is exact. It needs every site's rows in one place: a test tool, never part of a real study.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+from fedrad.common.combat import ComBat, apply_combat
+from fedrad.common.folds import row_mask
+from fedrad.common.pipeline import (MODEL_KINDS, candidate_features, choose_penalty, complete_rows, evaluate_site,
+                                    fit_pooled, heldout_loss, model_features, select_signature, volume_feature)
+from fedrad.common.selection import (correlation_request, cox_score_request, logistic_score_request,
+                                     pooled_correlation, pooled_cox_score, pooled_logistic_score)
+from fedrad.server.study import endpoint_of, grid_strong_to_weak
+
+
+def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, min_cell_size: int = 10) -> dict:
+    """Metrics of the held-out site when everything is fit on the pooled rows of the other sites."""
+    endpoint = endpoint_of(cfg)
+    clinical = list(cfg["model"]["clinical"])
+    tables = {s: complete_rows(t, endpoint, clinical, s) for s, t in site_tables.items()}
+    prefixes = cfg["selection"]["feature_prefixes"]
+    sites = sorted(tables)
+    first = candidate_features(tables[sites[0]], prefixes)
+    common = set.intersection(*(set(candidate_features(t, prefixes)) for t in tables.values()))
+    candidates = [f for f in first if f in common]
+    train_sites = [s for s in sites if s != held_out]
+    harm = cfg["harmonization"]
+    if harm["enabled"]:
+        pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
+        combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
+                        parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+        combat.fit(pooled[candidates], pooled["site"], pooled[list(harm["covariates"])] if harm["covariates"]
+                   else None)
+        ref = combat.reference_
+        excluded = set(ref.excluded_features or {})
+        harmonized = {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in sites}
+    else:
+        excluded, harmonized = set(), tables
+    feats = [f for f in candidates if f not in excluded]
+    train = pd.concat([harmonized[s].assign(site=s) for s in train_sites], ignore_index=True)
+    sel = cfg["selection"]
+    if endpoint["type"] == "response":
+        score = pooled_logistic_score(train, logistic_score_request(feats, endpoint["outcome"]), strata="site")
+    else:
+        score = pooled_cox_score(train, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata="site")
+    corr = pooled_correlation(train, correlation_request(feats))
+    signature = select_signature(score, corr, fdr=float(sel["fdr"]), redundancy=float(sel["redundancy"]),
+                                 max_features=int(sel["max_features"]))["selected"]
+    mcfg, vcfg = cfg["model"], cfg["validation"]
+    grid = grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
+    k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
+    volume = volume_feature(candidates)
+    chosen = {}
+    for kind in MODEL_KINDS:
+        mf = model_features(kind, signature, clinical, volume)
+        if not mf:
+            continue
+        losses = {}
+        for gi, g in enumerate(grid):
+            total = 0.0
+            for inner in range(k):
+                spec = {"k": k, "seed": seed, "fold": inner, "keep": "train"}
+                parts = []
+                for s in train_sites:  # a site whose inner training subset is below the minimum sits out
+                    rows = harmonized[s][row_mask(list(harmonized[s]["case_id"]), spec)]
+                    if len(rows) >= min_cell_size:
+                        parts.append(rows.assign(site=s))
+                model = fit_pooled(endpoint, pd.concat(parts, ignore_index=True), mf, mcfg["penalty"], g,
+                                   float(mcfg["l1_ratio"]))
+                for s in train_sites:
+                    rows = harmonized[s]
+                    mask = row_mask(list(rows["case_id"]), spec)
+                    if (~mask).sum() >= min_cell_size:
+                        total += heldout_loss(endpoint, model, rows, mask)
+            losses[gi] = total
+        gi = choose_penalty(losses)
+        chosen[kind] = fit_pooled(endpoint, train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))
+    return {"signature": signature,
+            "metrics": evaluate_site(endpoint, chosen, harmonized[held_out], min_cell_size=min_cell_size,
+                                     km_grid=vcfg["km_times"]),
+            "models": {kind: m.to_dict() for kind, m in chosen.items()}}
+
+
+def flatten_metrics(d, prefix: str = "") -> dict[str, float]:
+    """Numeric leaves of a metrics dict as ``{"a/b/c": value}`` (for comparing two runs)."""
+    out = {}
+    if isinstance(d, dict):
+        for k, v in d.items():
+            out.update(flatten_metrics(v, f"{prefix}/{k}" if prefix else str(k)))
+    elif isinstance(d, (list, tuple, np.ndarray)):
+        for i, v in enumerate(list(d)):
+            out.update(flatten_metrics(v, f"{prefix}/{i}"))
+    elif isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, bool):
+        out[prefix] = float(d)
+    return out
