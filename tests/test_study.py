@@ -1,0 +1,83 @@
+"""A whole multi-center validation study through Flower's message layer (in-process Grid, real site ClientApp):
+leave-one-site-out metrics equal the same pipeline fitted pooled on the other sites (the pooled twin), rounds do
+not depend on the number of folds, and no payload any site sent has a patient dimension."""
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrad.client.audit import AuditLog, verify_audit
+from fedrad.local import run_study_in_process
+from fedrad.server.study_config import _merge, validate
+from fedrad.server.study_pooled import flatten_metrics, pooled_loso
+
+SIZES = (91, 73, 112, 64)
+
+
+def make_sites(tmp_path, survival: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    nodes, tables = [], {}
+    for k, n in enumerate(SIZES):
+        bio = rng.normal(size=(n, 3))
+        age, stage = rng.normal(60, 8, n), rng.integers(1, 5, n)
+        X = np.column_stack([bio + rng.normal(scale=0.5, size=(n, 3)), rng.normal(size=(n, 6))]) * (1 + 0.2 * k) + k
+        lp = 1.2 * bio[:, 0] - 0.8 * bio[:, 1] + 0.3 * (stage - 2.5)
+        d = pd.DataFrame(X, columns=[f"original_glcm_F{i}" for i in range(9)])
+        d["original_shape_VoxelVolume"] = np.exp(rng.normal(7, 0.5, n) + 0.2 * bio[:, 0])
+        d["age"], d["stage"], d["sex"] = age, stage, rng.choice(["F", "M"], n)
+        d["response"] = (rng.random(n) < 1 / (1 + np.exp(-lp))).astype(int)
+        t, c = rng.exponential(1 / np.exp(lp)) * 12, rng.uniform(3, 40, n)
+        d["os_time"], d["os_event"] = np.round(np.minimum(t, c), 1) + 0.1, (t <= c).astype(int)
+        d["case_id"] = [f"s{k}-{i}" for i in range(n)]
+        name = f"hosp{k}"
+        path = tmp_path / name / "features.parquet"
+        path.parent.mkdir(parents=True)
+        d.to_parquet(path)
+        tables[name] = d
+        nodes.append({"site-name": name, "table": str(path), "workdir": str(tmp_path / name / "work"),
+                      "min-cell-size": 10})
+    endpoint = ({"type": "survival", "time": "os_time", "event": "os_event"} if survival
+                else {"type": "response", "outcome": "response"})
+    cfg = validate(_merge({"study": {"name": "t", "min_sites": 3}, "endpoint": endpoint,
+                           "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
+                           "model": {"clinical": ["age", "stage"], "grid": [0.01, 0.1, 1.0]}}))
+    return cfg, nodes, tables
+
+
+@pytest.mark.parametrize("survival", [False, True])
+def test_loso_equals_pooled_twin_and_payloads_are_aggregates(tmp_path, survival):
+    cfg, nodes, tables = make_sites(tmp_path, survival)
+    res = run_study_in_process(cfg, nodes)
+    assert res["round_trips"] <= 14
+    assert [p["phase"] for p in res["phases"]] == ["prepare", "harmonization", "selection", "models", "inner CV",
+                                                   "evaluation"]
+    key, stat = ("c_index", "c") if survival else ("auc", "auc")
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got) == set(want)
+        worst = max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got)
+        assert worst < 1e-6, worst
+        assert 0.6 < res["external"][site]["radiomics"][key][stat] < 0.95
+    # the signature finds the two informative features; volume alone is weak
+    assert set(res["signature"]) >= {"original_glcm_F0", "original_glcm_F1"}
+    assert res["pooled"]["radiomics"]["pooled"] > res["pooled"]["volume"]["pooled"] + 0.1
+    # every site's audit log verifies and holds no array with a patient axis
+    for node, n in zip(nodes, SIZES):
+        log = AuditLog(tmp_path / node["site-name"] / "work" / "audit.jsonl")
+        assert verify_audit(log.path).ok
+        requests = [e["request"] for e in log.entries()]
+        assert requests[:3] == ["study_prepare", "combat_stats", "study_harmonize"]
+        assert requests[-1] == "study_evaluate"
+        for e in log.entries():
+            for name, arr in e["arrays"].items():
+                assert n not in arr["shape"], (node["site-name"], e["request"], name, arr["shape"])
+
+
+def test_rounds_do_not_grow_with_sites(tmp_path):
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=3)
+    three = run_study_in_process(cfg, nodes[:3])["round_trips"]
+    four = run_study_in_process(cfg, nodes)["round_trips"]
+    assert abs(four - three) <= 1
