@@ -48,7 +48,8 @@ from fedrad import __version__
 from fedrad.client.manifest import Case, CheckTolerances, geometry_mismatch, read_manifest
 
 PARAMS_DIR = Path(__file__).resolve().parent / "params"
-SHIPPED_PARAMS = {"ct": PARAMS_DIR / "ct.yaml", "mr": PARAMS_DIR / "mr.yaml"}
+SHIPPED_PARAMS = {"ct": PARAMS_DIR / "ct.yaml", "mr": PARAMS_DIR / "mr.yaml",
+                  "ct-original": PARAMS_DIR / "ct-original.yaml"}
 #: LoG margin in units of the largest sigma (measured: 10 sigma deviates 8.6e-7, 12 sigma 6.6e-8 on lung1).
 LOG_MARGIN_SIGMAS = 12.0
 #: image types whose filter output depends on image-wide statistics: cropping would change them
@@ -65,7 +66,8 @@ class ExtractionError(ValueError):
 
 
 def resolve_params(params: str | os.PathLike | None) -> Path:
-    """``None`` or ``"ct"`` -> shipped CT file, ``"mr"`` -> shipped MR file, anything else -> a path."""
+    """``None`` or ``"ct"`` -> shipped CT file, ``"mr"`` -> shipped MR file, ``"ct-original"`` -> shipped CT
+    file without filters; anything else -> a path."""
     if params is None:
         return SHIPPED_PARAMS["ct"]
     key = str(params)
@@ -73,7 +75,8 @@ def resolve_params(params: str | os.PathLike | None) -> Path:
         return SHIPPED_PARAMS[key.lower()]
     path = Path(key)
     if not path.is_file():
-        raise ExtractionError(f"parameter file {path} not found; pass 'ct', 'mr' or a pyradiomics YAML path")
+        raise ExtractionError(f"parameter file {path} not found; pass 'ct', 'mr', 'ct-original' or a pyradiomics "
+                              "YAML path")
     return path
 
 

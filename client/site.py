@@ -10,6 +10,7 @@ table              the site's feature table (.parquet or .csv, e.g. from ``fedra
 workdir            where the site keeps its audit log and results (default: next to the table)
 min-cell-size      smallest group the site describes (default 10; only stricter than the request)
 allowed-requests   comma-separated request types the site answers (default: all)
+extract-jobs       worker processes for feature extraction at the site (default: all cores)
 =================  ==================================================================================
 
 :func:`answer` is the single path of a request: allow-list check -> compute from the site's own rows ->
@@ -38,6 +39,7 @@ class Site:
     table_path: Path | None
     workdir: Path
     policy: SitePolicy
+    extract_jobs: int | None = None
 
     @classmethod
     def from_node_config(cls, cfg: dict) -> "Site":
@@ -50,7 +52,9 @@ class Site:
         table = Path(str(cfg["table"])) if cfg.get("table") else None
         workdir = Path(str(cfg["workdir"])) if cfg.get("workdir") else (
             table.parent / ".fedrad-site" if table else Path.cwd() / ".fedrad-site")
-        return cls(name=name, table_path=table, workdir=workdir, policy=SitePolicy.from_node_config(cfg))
+        jobs = int(cfg["extract-jobs"]) if cfg.get("extract-jobs") else None
+        return cls(name=name, table_path=table, workdir=workdir, policy=SitePolicy.from_node_config(cfg),
+                   extract_jobs=jobs)
 
     @property
     def audit(self) -> AuditLog:

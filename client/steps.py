@@ -5,6 +5,8 @@ import json
 import os
 import tempfile
 
+import pandas as pd
+
 from fedrad.client.site import Site
 from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stats
 
@@ -44,30 +46,44 @@ class TooFewRows(ValueError):
     """The rows a task would use are fewer than the site's minimum cell size."""
 
 
-def _model_rows(site: Site, data: dict, tables: dict | None = None):
-    """The rows a fit task uses at this site, in the form the model's site function takes."""
+def _model_rows(site: Site, data: dict, request: dict, cache: dict):
+    """The rows a fit task uses at this site, in the form the model's site function takes.
+
+    ``cache`` (one per message) keeps tables, row subsets and column arrays: a study round carries hundreds of
+    fits over a handful of (table, row subset, feature list) combinations.
+    """
+    import json as _json
+
     from fedrad.common.folds import row_mask
 
     name = data.get("table")
-    if tables is not None and name in tables:
-        rows = tables[name]
-    else:
-        rows = site.table(name)
-        if tables is not None:
-            tables[name] = rows
-    if data.get("rows"):
-        ids = rows["case_id"] if "case_id" in rows.columns else rows.index.astype(str)
-        rows = rows[row_mask(list(ids), data["rows"])]
+    spec_key = (name, _json.dumps(data.get("rows"), sort_keys=True))
+    if spec_key not in cache:
+        if name not in cache:
+            cache[name] = site.table(name)
+        rows = cache[name]
+        if data.get("rows"):
+            ids = rows["case_id"] if "case_id" in rows.columns else rows.index.astype(str)
+            rows = rows[row_mask(list(ids), data["rows"])]
+        cache[spec_key] = rows
+    rows = cache[spec_key]
     n = len(rows)
     if n < site.policy.min_cell_size:
         raise TooFewRows(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
-    features = list(data["features"])
-    absent = [c for c in features + _outcome_columns(data) if c not in rows.columns]
-    if absent:
-        raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
-    if data["model"] == "logistic":
-        return rows[features], rows[data["outcome"]].to_numpy()
-    return rows[features + [data["time"], data["event"]]]
+    features = list(request["features"])
+    key = (spec_key, tuple(features), data["model"])
+    if key not in cache:
+        absent = [c for c in features + _outcome_columns(data) if c not in rows.columns]
+        if absent:
+            raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
+        text = [c for c in features if not pd.api.types.is_numeric_dtype(rows[c])]
+        if text:
+            raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
+        if data["model"] == "logistic":  # an array in the request's feature order
+            cache[key] = (rows[features].to_numpy(dtype=float), rows[data["outcome"]].to_numpy())
+        else:
+            cache[key] = rows[features + [data["time"], data["event"]]].copy()
+    return cache[key]
 
 
 def _outcome_columns(data: dict) -> list[str]:
@@ -88,13 +104,13 @@ def _site_function(model: str):
 
 def fit_round(site: Site, payload: dict) -> dict:
     """One step of every fit task that involves this site: its sums, gradients and Hessians."""
-    results, skipped, tables = {}, {}, {}
+    results, skipped, cache = {}, {}, {}
     for task in payload["tasks"]:
         if task.get("sites") is not None and site.name not in task["sites"]:
             continue
         data = task["data"]
         try:
-            rows = _model_rows(site, data, tables)
+            rows = _model_rows(site, data, task["request"], cache)
         except TooFewRows as exc:
             if not data.get("rows"):
                 raise  # the site's whole table is below its minimum: it refuses to take part

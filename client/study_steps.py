@@ -14,6 +14,14 @@ from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
 
 
+def read_feature_file(path: Path, site: str) -> pd.DataFrame:
+    if not path.is_file():
+        raise ValueError(f"feature table {path} not found at site {site}")
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, float_precision="round_trip")
+
+
 def _small(count: int, k: int):
     """A count cell is released only when it is at least the site's minimum cell size."""
     return int(count) if count >= k else None
@@ -32,12 +40,12 @@ def study_prepare(site: Site, payload: dict) -> dict:
 
         out = site.workdir / "features.parquet"
         result = extract_manifest(Path(source["manifest"]), params=source.get("params"), out=out,
-                                  cache_dir=site.workdir / "cache")
+                                  jobs=site.extract_jobs, cache_dir=site.workdir / "cache")
         rows = pd.read_parquet(out)
         params_hash = read_provenance(out).get("params_hash")
         extraction = {"cases": result.n_cases, "extracted": result.n_ok, "failed": result.n_failed}
     else:
-        rows = site.table(source.get("table")) if source.get("table") else site.rows()
+        rows = read_feature_file(Path(source["table"]), site.name) if source.get("table") else site.rows()
         extraction = None
     endpoint = payload["endpoint"]
     required = list(dict.fromkeys(payload.get("required_columns", [])))
@@ -65,10 +73,12 @@ def study_prepare(site: Site, payload: dict) -> dict:
 
 
 def study_harmonize(site: Site, payload: dict) -> dict:
-    """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site)."""
+    """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site), then
+    answer the selection's score-test requests on the folds this site trains in."""
     rows = site.table("raw")
-    return {"folds": {fold: harmonize_locally(site, rows, ref, f"h-{fold}")
-                      for fold, ref in payload["references"].items()}}
+    folds = {fold: harmonize_locally(site, rows, ref, f"h-{fold}") for fold, ref in payload["references"].items()}
+    selection = study_select(site, {"folds": payload["selection"]})["folds"] if payload.get("selection") else {}
+    return {"folds": folds, "selection": selection}
 
 
 def study_select(site: Site, payload: dict) -> dict:

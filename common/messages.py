@@ -5,10 +5,13 @@ A *payload* is a plain dict: string keys, values that are numpy arrays, numbers,
 only place that builds or reads Flower ``RecordDict`` objects (Flower is imported lazily, so importing this
 module for :data:`REQUESTS` does not pull Flower in).
 
-Encoding: arrays go into one ``ArrayRecord`` (``"arrays"``) under path-like keys; everything else is a JSON
-document in a ``ConfigRecord`` (``"meta"``, key ``"json"``) in which each array is replaced by
-``{"__array__": key}``. Decoding restores the same structure. JSON keeps exact float64 values (Python's
-``repr``), so a payload round-trips bit for bit.
+Encoding: one ``ConfigRecord`` (``"meta"``) holding the payload as a JSON document (key ``"json"``) in which
+each array is replaced by ``{"__array__": key}``, and all arrays' raw bytes concatenated in a single bytes value
+(key ``"arrays"``) with a JSON index of key, dtype, shape and offset (key ``"array-index"``; numeric dtypes
+only, no pickle). One object per
+message matters: Flower transfers every Array of an ArrayRecord as a separate object, and a study's batched
+model round carries thousands of small arrays. JSON keeps exact float64 values (Python's ``repr``) and the
+archive keeps the arrays' bytes, so a payload round-trips bit for bit.
 """
 from __future__ import annotations
 
@@ -136,22 +139,45 @@ def join_payload(skeleton: str, arrays: dict[str, np.ndarray]) -> dict:
     return _join(json.loads(skeleton), arrays)
 
 
+def _pack(arrays: dict[str, np.ndarray]) -> tuple[list, bytes]:
+    """All arrays as one byte string plus an index ``[[key, dtype, shape, offset], ...]``."""
+    index, chunks, offset = [], [], 0
+    for key, a in arrays.items():
+        if a.dtype.hasobject:
+            raise TypeError(f"payload array {key!r} has dtype object; send numbers")
+        raw = np.ascontiguousarray(a).tobytes()
+        index.append([key, a.dtype.str, list(a.shape), offset])
+        chunks.append(raw)
+        offset += len(raw)
+    return index, b"".join(chunks)
+
+
+def _unpack(index: list, blob: bytes) -> dict[str, np.ndarray]:
+    out = {}
+    for key, dtype, shape, offset in index:
+        dt = np.dtype(dtype)
+        count = int(np.prod(shape)) if shape else 1
+        out[key] = np.frombuffer(blob, dtype=dt, count=count, offset=offset).reshape(shape).copy()
+    return out
+
+
 def to_record(payload: dict):
-    """Payload -> Flower ``RecordDict``."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+    """Payload -> Flower ``RecordDict`` (one ConfigRecord: JSON skeleton + one array archive)."""
+    from flwr.app import ConfigRecord, RecordDict
 
     skeleton, arrays = split_payload(payload)
-    content = {"meta": ConfigRecord({"json": skeleton})}
+    index, blob = _pack(arrays)
+    meta = {"json": skeleton, "array-index": json.dumps(index)}
     if arrays:
-        content["arrays"] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
-    return RecordDict(content)
+        meta["arrays"] = blob
+    return RecordDict({"meta": ConfigRecord(meta)})
 
 
 def from_record(record) -> dict:
     """Flower ``RecordDict`` -> payload."""
     if "meta" not in record:
         raise ValueError("message has no fedrad payload (missing 'meta' record)")
-    arrays = {}
-    if "arrays" in record:
-        arrays = {k: v.numpy() for k, v in record["arrays"].items()}
-    return join_payload(str(record["meta"]["json"]), arrays)
+    meta = record["meta"]
+    index = json.loads(str(meta["array-index"])) if "array-index" in meta else []
+    arrays = _unpack(index, bytes(meta["arrays"])) if index else {}
+    return join_payload(str(meta["json"]), arrays)

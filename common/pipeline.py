@@ -12,6 +12,10 @@ Models validated side by side (TRIPOD; "a signature that is tumour volume in dis
 * ``volume``: tumour volume alone (``original_shape_VoxelVolume``, else ``MeshVolume``),
 * ``clinical``: the study's clinical covariates alone (when it has any),
 * ``combined``: signature + clinical covariates (composite model).
+
+Signature selection runs in two steps so that only a small correlation matrix ever leaves a site:
+:func:`screen_candidates` (score tests, BH-FDR, the most associated survivors) and :func:`finish_signature`
+(redundancy filter on the candidates' correlations, size cap).
 """
 from __future__ import annotations
 
@@ -46,20 +50,20 @@ def model_features(kind: str, signature: list[str], clinical: list[str], volume:
     raise ValueError(f"unknown model kind {kind!r}")
 
 
-def select_signature(score, corr, *, fdr: float, redundancy: float, max_features: int) -> dict:
-    """Signature from combined score tests and correlations (training sites of one fold only).
+#: the redundancy filter looks at this many of the most associated FDR survivors per signature feature
+CANDIDATES_PER_FEATURE = 5
 
-    1. Benjamini-Hochberg at ``fdr`` on the univariate score-test p-values;
-    2. among the survivors, most associated first (|z|), drop one of each pair with |r| > ``redundancy``
-       (the less associated);
-    3. keep at most ``max_features``.
+
+def screen_candidates(score, *, fdr: float, max_features: int) -> dict:
+    """Step 1 of the signature: Benjamini-Hochberg at ``fdr`` on the univariate score tests, most associated
+    first (|z|), the top ``CANDIDATES_PER_FEATURE * max_features`` kept for the redundancy step.
+
     If no feature passes the FDR, the single most associated feature is kept and ``fallback`` is set, so the
     study still reports how a (weak) signature validates instead of stopping.
     """
-    from fedrad.common.selection import benjamini_hochberg, drop_redundant
+    from fedrad.common.selection import benjamini_hochberg
 
-    p = score.pvalues
-    q = benjamini_hochberg(p)
+    q = benjamini_hochberg(score.pvalues)
     assoc = score.association
     passed = [f for f in q.index if q[f] <= fdr and f not in score.uninformative]
     fallback = not passed
@@ -67,16 +71,28 @@ def select_signature(score, corr, *, fdr: float, redundancy: float, max_features
         informative = assoc.drop(list(score.uninformative), errors="ignore")
         passed = [informative.idxmax()] if len(informative) else []
     ordered = sorted(passed, key=lambda f: (-float(assoc[f]), f))
-    usable = [f for f in ordered if f in corr.corr.index]
+    candidates = ordered[: CANDIDATES_PER_FEATURE * max_features]
+    return {"candidates": candidates, "association": {f: float(assoc[f]) for f in candidates},
+            "n_candidates": int(len(q)), "n_passed_fdr": 0 if fallback else len(passed),
+            "fallback": bool(fallback), "q_values": {f: float(q[f]) for f in candidates}}
+
+
+def finish_signature(screen: dict, corr, *, redundancy: float, max_features: int) -> dict:
+    """Step 2: among the screened candidates (most associated first), drop one of each pair with
+    |r| > ``redundancy`` (the less associated; ``corr`` from the same training rows), keep ``max_features``."""
+    from fedrad.common.selection import drop_redundant
+
+    assoc = pd.Series(screen["association"], dtype=float)
+    usable = [f for f in screen["candidates"] if f in corr.corr.index]
     if len(usable) > 1:
         kept, dropped = drop_redundant(corr.corr.loc[usable, usable], assoc[usable], threshold=redundancy)
         kept = sorted(kept, key=lambda f: (-float(assoc[f]), f))
     else:
         kept, dropped = usable, []
-    return {"selected": kept[:max_features], "n_candidates": int(len(p)), "n_passed_fdr": 0 if fallback else
-            len(passed), "fallback": bool(fallback),
-            "dropped_redundant": [[str(a), str(b), float(r)] for a, b, r in dropped],
-            "q_values": {f: float(q[f]) for f in ordered[: 4 * max_features]}}
+    out = {k: v for k, v in screen.items() if k != "association"}
+    out.update({"selected": kept[:max_features],
+                "dropped_redundant": [[str(a), str(b), float(r)] for a, b, r in dropped]})
+    return out
 
 
 def make_fit(endpoint: dict, features: list[str], penalty: str, value: float, l1_ratio: float):

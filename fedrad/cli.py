@@ -25,9 +25,8 @@ site_app = typer.Typer(help="Site agent (run at a hospital): check a data manife
 coordinator_app = typer.Typer(
     help="Coordinator operator: certificates now; SuperLink start and site registration come with the "
     "study-runtime issue.", no_args_is_help=True)
-study_app = typer.Typer(
-    help="Multi-center validation studies: define, run, report. (Stub: filled by the study issue.)",
-    no_args_is_help=True)
+study_app = typer.Typer(help="Multi-center validation studies: run a study.toml, write its report.",
+                        no_args_is_help=True)
 app.add_typer(site_app, name="site")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(study_app, name="study")
@@ -64,9 +63,34 @@ def demo_data(
 
 
 @app.command("demo")
-def demo() -> None:
-    """Run a full demo study end to end. (Stub: filled by the study issue; use demo-data + site extract.)"""
-    _fail("`fedrad demo` is not implemented yet; run `fedrad demo-data` then `fedrad site extract`.", 1)
+def demo(
+    out: Path = typer.Option(Path("fedrad-demo"), "--out", help="Working directory for data, sites and results."),
+    sites: int = typer.Option(5, "--sites", min=3, help="Number of synthetic hospitals."),
+    patients: int = typer.Option(100, "--patients", min=20, help="Patients per hospital."),
+    endpoint: str = typer.Option("response", "--endpoint", help="response (AUC) or survival (C-index)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
+    params: str = typer.Option("ct-original", "--params", help="Extraction parameters at the sites: ct-original "
+                               "(default, fast), ct (with LoG filters), mr, or a YAML path."),
+) -> None:
+    """The whole product on this machine: synthetic hospitals, a SuperLink and one SuperNode per site (real
+    Flower processes on loopback), extraction at the sites, federated harmonization, selection, models,
+    leave-one-site-out validation, and the HTML report."""
+    from fedrad.demo import run_demo
+    from fedrad.server.report import headline
+
+    if endpoint not in ("response", "survival"):
+        _fail("--endpoint must be response or survival")
+    try:
+        res = run_demo(out, sites=sites, patients=patients, seed=seed, endpoint=endpoint, params=params,
+                       log=lambda line: typer.echo(line, err=True))
+    except Exception as exc:  # a failed run is reported in one line; details are in the logs it names
+        _fail(" ".join(str(exc).split())[:2000])
+    results = res["results"]
+    for line in headline(results):
+        typer.echo(line)
+    typer.echo(f"round trips: {results['round_trips']}; study time {results['seconds']} s; "
+               f"demo wall time {res['seconds']} s")
+    typer.echo(f"report: {res['report']}")
 
 
 @site_app.command("check")
@@ -352,6 +376,79 @@ def fit(
         typer.echo(fitted.summary.to_string(max_rows=30))
     except Exception:  # the summary is a convenience; L1 models report coefficients only
         pass
+
+
+@study_app.command("run")
+def study_run(
+    study_file: Path = typer.Argument(..., help="study.toml (see `fedrad.server.study_config` for every key)."),
+    runtime: str = typer.Option("deployment", "--runtime",
+                                help="deployment (a running SuperLink and joined sites) or local (every site "
+                                     "in this process; the sites' tables must be on this machine)."),
+    superlink: str = typer.Option("127.0.0.1:9300", "--superlink", help="SuperLink address (deployment)."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates",
+                                                     help="CA certificate of the SuperLink (TLS)."),
+    expected_sites: int = typer.Option(0, "--expected-sites", help="Sites to wait for (default: [sites] count, "
+                                       "else [study] min_sites)."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish."),
+) -> None:
+    """Run a multi-center validation study; writes results.json and report.html to the study's output."""
+    import json
+
+    from fedrad.server.plans import write_json_atomic
+    from fedrad.server.report import headline, write_report
+    from fedrad.server.study_config import StudyConfigError, load_study
+
+    try:
+        cfg = load_study(study_file)
+    except StudyConfigError as exc:
+        _fail(str(exc))
+    out = Path(cfg["study"]["output"])
+    out.mkdir(parents=True, exist_ok=True)
+    if runtime == "local":
+        from fedrad.local import run_study_in_process
+
+        if not cfg["sites"]:
+            _fail("--runtime local needs [sites.NAME] entries with the sites' manifests or tables")
+        nodes = [{"site-name": name, "workdir": str(out / "sites" / name)} for name in cfg["sites"]]
+        results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
+        write_json_atomic(results, out / "results.json")
+    elif runtime == "deployment":
+        from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
+
+        n = expected_sites or len(cfg["sites"]) or int(cfg["study"]["min_sites"])
+        write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
+        home = out / ".flwr"
+        write_cli_connection(home, "fedrad", superlink, root_certificates)
+        try:
+            run_id = flwr_run(write_app(out / ".app"), home, "fedrad",
+                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n})
+            typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
+            wait_for_run(home, "fedrad", run_id, timeout)
+        except RuntimeFailure as exc:
+            _fail(str(exc))
+        results = json.loads((out / "results.json").read_text())
+    else:
+        _fail(f"--runtime {runtime!r}: use deployment or local")
+    report = write_report(results, out / "report.html")
+    for line in headline(results):
+        typer.echo(line)
+    typer.echo(f"results: {out / 'results.json'}; report: {report}")
+
+
+@study_app.command("report")
+def study_report(
+    results_file: Path = typer.Argument(..., help="results.json of a study."),
+    out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: report.html beside results)."),
+) -> None:
+    """(Re)write the HTML report of a finished study."""
+    import json
+
+    from fedrad.server.report import write_report
+
+    if not results_file.is_file():
+        _fail(f"{results_file} not found")
+    path = write_report(json.loads(results_file.read_text()), out or results_file.with_name("report.html"))
+    typer.echo(f"report: {path}")
 
 
 def load_model(path: Path):

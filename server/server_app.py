@@ -6,6 +6,8 @@ Run config (``flwr run --run-config``): ``plan`` (path of the plan JSON on the S
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -19,7 +21,18 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = context.run_config
     fast_object_pulls()
+    progress = Path(str(cfg["out-dir"])) / "progress.log"
+    progress.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:  # visible in `flwr log` and, for fedrad's own CLI, in out-dir/progress.log
+        print(line, flush=True)
+        with open(progress, "a") as f:
+            f.write(line + "\n")
+
     fed = Federation(FastGrid(grid, float(cfg.get("poll-interval", 0.05))),
-                     timeout=float(cfg.get("round-timeout", 600.0)), log=lambda line: print(line, flush=True))
-    fed.wait_for_sites(int(cfg.get("expected-sites", 1)), timeout=float(cfg.get("connect-timeout", 120.0)))
+                     timeout=float(cfg.get("round-timeout", 600.0)), log=log)
+    n = int(cfg.get("expected-sites", 1))
+    log(f"coordinator: waiting for {n} sites to connect")
+    fed.wait_for_sites(n, timeout=float(cfg.get("connect-timeout", 120.0)))
+    log(f"coordinator: {len(fed.node_ids())} sites connected")
     run_plan(fed, str(cfg["plan"]), str(cfg["out-dir"]))

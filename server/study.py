@@ -33,8 +33,8 @@ import time
 
 from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
-from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, make_fit, model_features, select_signature,
-                                    volume_feature)
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
+                                    screen_candidates, volume_feature)
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request,
                                      logistic_score_request)
 from fedrad.server.federation import Federation
@@ -127,32 +127,50 @@ class Study:
         refs = {}
         for fold, spec in self.folds.items():
             refs[fold] = combine_combat_stats([stats[s]["stats"] for s in spec["train"]], request).to_dict()
-        self.fed.ask("study_harmonize", {"references": refs}, phase="harmonization")
+        self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
         self.tables = {f: f"h-{f}" for f in self.folds}
+        # the sites compute the selection's score tests on the tables they just harmonized (same round trip)
+        replies = self.fed.ask("study_harmonize", {"references": refs, "selection": self._score_specs()},
+                               phase="harmonization")
+        self.scores = {s: r["selection"] for s, r in replies.items()}
         self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},
                                              "batch_sizes": refs[f].get("batch_sizes")} for f in refs}
-        self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
         self._phase("harmonization", t0, r0)
 
-    def select(self) -> None:
-        t0, r0 = time.monotonic(), self.fed.rounds
-        sel = self.cfg["selection"]
+    def _score_specs(self) -> dict:
+        """Per fold: the univariate score-test request over the fold's candidate features."""
         excluded = getattr(self, "excluded", {})
-        requests, specs = {}, {}
+        specs = {}
         for fold, spec in self.folds.items():
             feats = [f for f in self.candidates if f not in excluded.get(fold, set())]
             if self.endpoint["type"] == "response":
                 score = logistic_score_request(feats, self.endpoint["outcome"])
             else:
                 score = cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
-            requests[fold] = {"score": score, "corr": correlation_request(feats)}
-            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": requests[fold]}
+            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": {"score": score}}
+        return specs
+
+    def select(self) -> None:
+        """Score tests (already collected with harmonization, else one round) -> FDR screen per fold ->
+        correlations among each fold's candidates only (one round) -> redundancy filter and size cap."""
+        t0, r0 = time.monotonic(), self.fed.rounds
+        sel = self.cfg["selection"]
+        if not hasattr(self, "scores"):
+            replies = self.fed.ask("study_select", {"folds": self._score_specs()}, phase="selection")
+            self.scores = {s: r["folds"] for s, r in replies.items()}
+        screens, specs = {}, {}
+        for fold, spec in self.folds.items():
+            combined = combine_batch([self.scores[s][fold] for s in spec["train"]], stratified=True)
+            screens[fold] = screen_candidates(combined["score"], fdr=float(sel["fdr"]),
+                                              max_features=int(sel["max_features"]))
+            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold],
+                           "requests": {"corr": correlation_request(screens[fold]["candidates"])}}
         replies = self.fed.ask("study_select", {"folds": specs}, phase="selection")
         self.signatures, report = {}, {}
         for fold, spec in self.folds.items():
-            combined = combine_batch([replies[s]["folds"][fold] for s in spec["train"]], stratified=True)
-            chosen = select_signature(combined["score"], combined["corr"], fdr=float(sel["fdr"]),
-                                      redundancy=float(sel["redundancy"]), max_features=int(sel["max_features"]))
+            corr = combine_batch([replies[s]["folds"][fold] for s in spec["train"]])["corr"]
+            chosen = finish_signature(screens[fold], corr, redundancy=float(sel["redundancy"]),
+                                      max_features=int(sel["max_features"]))
             self.signatures[fold] = chosen["selected"]
             report[fold] = chosen
         self.results["selection"] = report

@@ -14,7 +14,8 @@ import pandas as pd
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
 from fedrad.common.pipeline import (MODEL_KINDS, candidate_features, choose_penalty, complete_rows, evaluate_site,
-                                    fit_pooled, heldout_loss, model_features, select_signature, volume_feature)
+                                    finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
+                                    volume_feature)
 from fedrad.common.selection import (correlation_request, cox_score_request, logistic_score_request,
                                      pooled_correlation, pooled_cox_score, pooled_logistic_score)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
@@ -50,8 +51,9 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
         score = pooled_logistic_score(train, logistic_score_request(feats, endpoint["outcome"]), strata="site")
     else:
         score = pooled_cox_score(train, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata="site")
-    corr = pooled_correlation(train, correlation_request(feats))
-    signature = select_signature(score, corr, fdr=float(sel["fdr"]), redundancy=float(sel["redundancy"]),
+    screen = screen_candidates(score, fdr=float(sel["fdr"]), max_features=int(sel["max_features"]))
+    corr = pooled_correlation(train, correlation_request(screen["candidates"]))
+    signature = finish_signature(screen, corr, redundancy=float(sel["redundancy"]),
                                  max_features=int(sel["max_features"]))["selected"]
     mcfg, vcfg = cfg["model"], cfg["validation"]
     grid = grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
