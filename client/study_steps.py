@@ -94,15 +94,14 @@ def study_select(site: Site, payload: dict) -> dict:
     return {"folds": out}
 
 
-def study_cv(site: Site, payload: dict) -> dict:
+def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
     from fedrad.common.folds import row_mask
     from fedrad.common.pipeline import heldout_loss, model_from_dict
 
-    endpoint = payload["endpoint"]
     tables: dict[str, pd.DataFrame] = {}
     losses = {}
-    for item in payload["items"]:
+    for item in items:
         if site.name not in item["sites"]:
             continue
         name = item["table"]
@@ -114,12 +113,13 @@ def study_cv(site: Site, payload: dict) -> dict:
             losses[item["id"]] = None
             continue
         losses[item["id"]] = heldout_loss(endpoint, model_from_dict(endpoint, item["model"]), rows, train)
-    return {"losses": losses}
+    return losses
 
 
 def study_evaluate(site: Site, payload: dict) -> dict:
-    """Metrics of every model of every fold this site evaluates, computed on its own rows."""
-    from fedrad.common.pipeline import evaluate_site, model_from_dict
+    """Inner-CV losses for the folds this site trains in, and metrics of every penalty variant of every model
+    of the folds it evaluates, computed on its own rows."""
+    from fedrad.common.pipeline import evaluate_variants, model_from_dict
 
     endpoint = payload["endpoint"]
     out = {}
@@ -127,10 +127,11 @@ def study_evaluate(site: Site, payload: dict) -> dict:
         if site.name not in spec["eval_sites"]:
             continue
         rows = site.table(spec["table"])
-        models = {kind: model_from_dict(endpoint, d) for kind, d in spec["models"].items()}
-        out[fold] = evaluate_site(endpoint, models, rows, min_cell_size=site.policy.min_cell_size,
-                                  km_grid=payload.get("km_times"))
-    return {"folds": _plain(out)}
+        variants = {kind: {v: model_from_dict(endpoint, d) for v, d in vs.items()}
+                    for kind, vs in spec["models"].items()}
+        out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
+                                      km_grid=payload.get("km_times"))
+    return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": _plain(out)}
 
 
 def _plain(obj):
@@ -149,4 +150,4 @@ def _plain(obj):
 
 
 STUDY_STEPS = {"study_prepare": study_prepare, "study_harmonize": study_harmonize, "study_select": study_select,
-               "study_cv": study_cv, "study_evaluate": study_evaluate}
+               "study_evaluate": study_evaluate}

@@ -66,16 +66,13 @@ REQUESTS: dict[str, RequestType] = {
         "feature-selection statistics for every fold the site trains in",
         "per fold: univariate score-test sums and information, centred cross-product matrix, counts",
     ),
-    "study_cv": RequestType(
-        "query.study_cv",
-        "inner cross-validation: the loss of each fitted model on the site's held-out inner fold",
-        "one summed loss per fit (withheld when the inner fold has fewer rows than the minimum cell size)",
-    ),
     "study_evaluate": RequestType(
         "evaluate.study_evaluate",
-        "validation metrics of every model computed on the site's own rows",
-        "AUC/C-index with CI, Brier, calibration, HR and log-rank p, paired differences; binned ROC and "
-        "Kaplan-Meier counts with small cells merged",
+        "inner cross-validation losses (training sites) and validation metrics of every model variant "
+        "computed on the site's own rows (held-out sites)",
+        "one summed held-out loss per inner fit (withheld below the minimum cell size); AUC/C-index with CI, "
+        "Brier, calibration, HR and log-rank p, paired differences; binned ROC and Kaplan-Meier counts with "
+        "small cells merged",
     ),
 }
 

@@ -173,6 +173,46 @@ def choose_penalty(losses: dict) -> float:
     raise ValueError("no losses")
 
 
+PAIRS = (("radiomics", "volume"), ("radiomics", "clinical"), ("combined", "clinical"))
+
+
+def _outcomes(endpoint: dict, rows: pd.DataFrame):
+    if endpoint["type"] == "response":
+        return (rows[endpoint["outcome"]].to_numpy(dtype=int),)
+    return rows[endpoint["time"]].to_numpy(dtype=float), rows[endpoint["event"]].to_numpy(dtype=int)
+
+
+def _model_metrics(endpoint: dict, lp: np.ndarray, outcome: tuple, min_cell_size: int, grid) -> dict:
+    if endpoint["type"] == "response":
+        (y,) = outcome
+        p = scipy.special.expit(lp)
+        bins = metrics.roc_bins(y, p, ROC_EDGES)
+        return {"auc": metrics.auc_delong(y, lp), "brier": float(metrics.brier(y, p)),
+                "calibration": metrics.calibration(y, np.clip(p, 1e-12, 1 - 1e-12)),
+                "roc_bins": metrics.suppress_small_cells(bins, min_cell_size)}
+    t, e = outcome
+    high = lp > 0.0
+    return {"c_index": metrics.harrell_c(t, e, lp), "risk_split": metrics.risk_group_split(t, e, lp, 0.0),
+            "km": {g: (metrics.km_bins(t[m], e[m], grid) if m.sum() >= min_cell_size else None)
+                   for g, m in (("high", high), ("low", ~high))}}
+
+
+def _paired(endpoint: dict, lp_a: np.ndarray, lp_b: np.ndarray, outcome: tuple) -> dict:
+    if endpoint["type"] == "response":
+        return metrics.delong_paired(outcome[0], lp_a, lp_b)
+    return metrics.c_paired(outcome[0], outcome[1], lp_a, lp_b)
+
+
+def _header(endpoint: dict, rows: pd.DataFrame, outcome: tuple, min_cell_size: int, km_grid):
+    events = int(outcome[0].sum()) if endpoint["type"] == "response" else int(outcome[1].sum())
+    grid = None
+    if endpoint["type"] == "survival":
+        grid = np.asarray(km_grid if km_grid is not None else np.quantile(outcome[0], np.linspace(0, 1, 11)),
+                          dtype=float)
+    # a small count cell is suppressed
+    return {"n": int(len(rows)), "n_events": events if events >= min_cell_size else None}, grid
+
+
 def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_size: int,
                   km_grid: list[float] | None = None) -> dict:
     """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers).
@@ -184,34 +224,40 @@ def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_
     mean risk (linear predictor > 0), Kaplan-Meier counts per risk group on ``km_grid``, and paired C-index
     differences.
     """
-    out: dict = {"n": int(len(rows))}
+    outcome = _outcomes(endpoint, rows)
+    out, grid = _header(endpoint, rows, outcome, min_cell_size, km_grid)
     lps = {kind: linear_predictor(endpoint, m, rows) for kind, m in models.items()}
-    pairs = [("radiomics", "volume"), ("radiomics", "clinical"), ("combined", "clinical")]
-    if endpoint["type"] == "response":
-        y = rows[endpoint["outcome"]].to_numpy(dtype=int)
-        out["n_events"] = int(y.sum()) if y.sum() >= min_cell_size else None  # a small count cell is suppressed
-        for kind, lp in lps.items():
-            p = scipy.special.expit(lp)
-            res = {"auc": metrics.auc_delong(y, lp), "brier": float(metrics.brier(y, p)),
-                   "calibration": metrics.calibration(y, np.clip(p, 1e-12, 1 - 1e-12))}
-            bins = metrics.roc_bins(y, p, ROC_EDGES)
-            res["roc_bins"] = metrics.suppress_small_cells(bins, min_cell_size)
-            out[kind] = res
-        out["paired"] = {f"{a}-{b}": metrics.delong_paired(y, lps[a], lps[b]) for a, b in pairs
-                         if a in lps and b in lps}
-        return out
-    t = rows[endpoint["time"]].to_numpy(dtype=float)
-    e = rows[endpoint["event"]].to_numpy(dtype=int)
-    out["n_events"] = int(e.sum()) if e.sum() >= min_cell_size else None
-    grid = np.asarray(km_grid if km_grid is not None else np.quantile(t, np.linspace(0, 1, 11)), dtype=float)
     for kind, lp in lps.items():
-        res = {"c_index": metrics.harrell_c(t, e, lp), "risk_split": metrics.risk_group_split(t, e, lp, 0.0)}
-        high = lp > 0.0
-        res["km"] = {g: (metrics.km_bins(t[m], e[m], grid) if m.sum() >= min_cell_size else None)
-                     for g, m in (("high", high), ("low", ~high))}
-        out[kind] = res
-    out["paired"] = {f"{a}-{b}": metrics.c_paired(t, e, lps[a], lps[b]) for a, b in pairs
+        out[kind] = _model_metrics(endpoint, lp, outcome, min_cell_size, grid)
+    out["paired"] = {f"{a}-{b}": _paired(endpoint, lps[a], lps[b], outcome) for a, b in PAIRS
                      if a in lps and b in lps}
+    return out
+
+
+def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min_cell_size: int,
+                      km_grid: list[float] | None = None) -> dict:
+    """:func:`evaluate_site` for every penalty variant of every model (``{kind: {variant: model}}``), with paired
+    differences for every combination of variants, so that the penalty can be chosen *after* the evaluation
+    round (from the training sites' inner-CV losses, sent in the same round) without another round trip.
+    :func:`pick_variants` turns the result into :func:`evaluate_site`'s output for the chosen variants.
+    """
+    outcome = _outcomes(endpoint, rows)
+    out, grid = _header(endpoint, rows, outcome, min_cell_size, km_grid)
+    lps = {kind: {v: linear_predictor(endpoint, m, rows) for v, m in vs.items()} for kind, vs in variants.items()}
+    out["models"] = {kind: {v: _model_metrics(endpoint, lp, outcome, min_cell_size, grid) for v, lp in vs.items()}
+                     for kind, vs in lps.items()}
+    out["paired"] = {f"{a}:{va}-{b}:{vb}": _paired(endpoint, lps[a][va], lps[b][vb], outcome)
+                     for a, b in PAIRS if a in lps and b in lps for va in lps[a] for vb in lps[b]}
+    return out
+
+
+def pick_variants(evaluated: dict, chosen: dict) -> dict:
+    """The :func:`evaluate_site`-shaped metrics of the chosen variant of each model (``{kind: variant}``)."""
+    out = {"n": evaluated["n"], "n_events": evaluated["n_events"]}
+    for kind, v in chosen.items():
+        out[kind] = evaluated["models"][kind][str(v)]
+    out["paired"] = {f"{a}-{b}": evaluated["paired"][f"{a}:{chosen[a]}-{b}:{chosen[b]}"] for a, b in PAIRS
+                     if a in chosen and b in chosen}
     return out
 
 

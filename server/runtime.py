@@ -217,11 +217,14 @@ def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
     return proc.stdout + proc.stderr
 
 
-def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, poll: float = 1.0,
-                 on_poll=None) -> dict:
-    """Poll ``flwr ls`` until the run finishes; raise :class:`RuntimeFailure` unless it completed."""
+def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, poll: float = 10.0,
+                 on_poll=None, tick: float = 1.0, done_file: Path | None = None) -> dict:
+    """Poll ``flwr ls`` (every ``poll`` s: each call is a Python process that costs ~1 s of CPU) until the run
+    finishes; ``on_poll`` is called every ``tick`` s in between. Raises :class:`RuntimeFailure` unless the run
+    completed."""
     deadline = time.monotonic() + timeout
     while True:
+        next_poll = time.monotonic() + poll
         status = run_status(flwr_home, connection, run_id)
         state = str(status.get("status", ""))
         if on_poll:
@@ -233,7 +236,13 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
             return status
         if time.monotonic() > deadline:
             raise RuntimeFailure(f"run {run_id} still {state or 'pending'} after {timeout:.0f} s")
-        time.sleep(poll)
+        while time.monotonic() < next_poll:
+            time.sleep(tick)
+            if on_poll:
+                on_poll(None)
+            if done_file is not None and Path(done_file).exists():
+                time.sleep(tick)  # the run is finishing: ask for its status now
+                break
 
 
 @dataclass
@@ -273,8 +282,10 @@ class LoopbackDeployment:
         app_dir = write_app(self.home / "app")
         return flwr_run(app_dir, self.home / "cli", self.connection, run_config)
 
-    def wait(self, run_id: int, timeout: float = 900.0, on_poll=None) -> dict:
-        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, on_poll=on_poll)
+    def wait(self, run_id: int, timeout: float = 900.0, on_poll=None, poll: float = 10.0,
+             done_file: Path | None = None) -> dict:
+        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, poll=poll, on_poll=on_poll,
+                            done_file=done_file)
 
     def stop(self) -> None:
         for proc in reversed(self.processes):

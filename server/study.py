@@ -13,12 +13,13 @@ harmonization               ComBat statistics once per site; the server fits one
                             reference (a held-out site uses the unseen-site path) and keeps the tables
 selection                   per fold, training sites send score-test and correlation aggregates; the    1
                             server applies BH-FDR, the redundancy filter and the size cap
-models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~6-8
+models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~5-8
                             and inner CV fold, fitted together (Newton / proximal Newton)
-inner CV                    training sites send each inner fit's loss on their held-out inner fold;     1
-                            the server picks each (fold, model)'s penalty
-evaluation                  held-out sites compute metrics of every fold's models on their own rows     1
-                            (and every site the final models' apparent performance)
+evaluation                  training sites send each inner fit's loss on their held-out inner fold;     1
+                            held-out sites compute metrics of every penalty variant of their fold's
+                            models on their own rows (every site: the final models' apparent
+                            performance); the server picks each (fold, model)'s penalty from the
+                            inner-CV losses and keeps that variant's metrics
 ==========================  ==========================================================================  ======
 
 Harmonization and selection are fit inside each fold (no information from a held-out site reaches its
@@ -34,7 +35,7 @@ import time
 from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
-                                    screen_candidates, volume_feature)
+                                    pick_variants, screen_candidates, volume_feature)
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request,
                                      logistic_score_request)
 from fedrad.server.federation import Federation
@@ -204,16 +205,26 @@ class Study:
         self.fits = run_fits(self.fed, tasks, phase="models")
         self.grid = grid
         self._phase("models", t0, r0)
-        # inner CV: held-out loss of each inner fit
+
+    def evaluate(self) -> None:
+        """One round: training sites send each inner fit's held-out loss (penalty choice) while held-out sites
+        evaluate every penalty variant of their fold's models; the server then picks, per fold and model, the
+        penalty with the smallest inner-CV loss and keeps that variant's metrics."""
         t0, r0 = time.monotonic(), self.fed.rounds
-        items = []
+        k, seed = int(self.cfg["validation"]["inner_folds"]), int(self.cfg["validation"]["seed"])
+        items, folds = [], {}
         for tid, model in self.fits.items():
             fold, kind, gi, inner = tid.split("|")
             if inner == "all":
+                folds.setdefault(fold, {"models": {}, "table": self.tables[fold],
+                                        "eval_sites": self.folds[fold]["test"]})
+                folds[fold]["models"].setdefault(kind, {})[gi] = model.to_dict()
                 continue
             items.append({"id": tid, "model": model.to_dict(), "table": self.tables[fold],
                           "rows": {"k": k, "seed": seed, "fold": int(inner)}, "sites": self.folds[fold]["train"]})
-        replies = self.fed.ask("study_cv", {"endpoint": self.endpoint, "items": items}, phase="inner CV")
+        replies = self.fed.ask("study_evaluate", {"endpoint": self.endpoint, "items": items, "folds": folds,
+                                                  "km_times": self.cfg["validation"]["km_times"]},
+                               phase="evaluation")
         totals: dict[tuple, dict] = {}
         for r in replies.values():
             for tid, loss in r["losses"].items():
@@ -222,30 +233,24 @@ class Study:
                 fold, kind, gi, _ = tid.split("|")
                 totals.setdefault((fold, kind), {}).setdefault(int(gi), 0.0)
                 totals[(fold, kind)][int(gi)] += float(loss)
-        self.chosen: dict[str, dict[str, object]] = {}
-        penalties = {}
+        grid = self.grid
+        self.chosen, self.chosen_index, penalties = {}, {}, {}
         for fold, kinds in self.model_features.items():
-            self.chosen[fold] = {}
+            self.chosen[fold], self.chosen_index[fold] = {}, {}
             for kind in kinds:
                 losses = totals.get((fold, kind)) or {0: 0.0}
                 gi = choose_penalty({i: losses.get(i, float("inf")) for i in range(len(grid))})
                 self.chosen[fold][kind] = self.fits[f"{fold}|{kind}|{gi}|all"]
+                self.chosen_index[fold][kind] = gi
                 penalties.setdefault(fold, {})[kind] = {"value": grid[gi], "cv_loss": {
                     str(grid[i]): losses.get(i) for i in range(len(grid))}}
         self.results["penalties"] = penalties
-        self._phase("inner CV", t0, r0)
-
-    def evaluate(self) -> None:
-        t0, r0 = time.monotonic(), self.fed.rounds
-        folds = {}
-        for fold, spec in self.folds.items():
-            folds[fold] = {"models": {kind: m.to_dict() for kind, m in self.chosen[fold].items()},
-                           "table": self.tables[fold], "eval_sites": spec["test"]}
-        replies = self.fed.ask("study_evaluate", {"endpoint": self.endpoint, "folds": folds,
-                                                  "km_times": self.cfg["validation"]["km_times"]},
-                               phase="evaluation")
-        external = {s: replies[s]["folds"][f"loso:{s}"] for s in self.sites if f"loso:{s}" in replies[s]["folds"]}
-        apparent = {s: replies[s]["folds"]["final"] for s in self.sites}
+        external, apparent = {}, {}
+        for s in self.sites:
+            got = replies[s]["folds"]
+            if f"loso:{s}" in got:
+                external[s] = pick_variants(got[f"loso:{s}"], self.chosen_index[f"loso:{s}"])
+            apparent[s] = pick_variants(got["final"], self.chosen_index["final"])
         self.results["external"] = external
         self.results["apparent"] = apparent
         self.results["pooled"] = pool_metrics(self.endpoint, external) if external else {}

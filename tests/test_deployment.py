@@ -30,7 +30,7 @@ def test_federated_combat_on_real_superlink_and_supernodes(tmp_path):
     with LoopbackDeployment(tmp_path / "flower", sites) as dep:
         run_id = dep.submit({"plan": str(tmp_path / "plan.json"), "out-dir": str(out), "expected-sites": 3,
                              "round-timeout": 120.0})
-        status = dep.wait(run_id, timeout=300)
+        status = dep.wait(run_id, timeout=300, done_file=out / "results.json")
     assert status["status"] == "finished:completed"
     results = json.loads((out / "results.json").read_text())
     assert results["round_trips"] == 2
