@@ -423,7 +423,7 @@ def study_run(
             run_id = flwr_run(write_app(out / ".app"), home, "fedrad",
                               {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n})
             typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
-            wait_for_run(home, "fedrad", run_id, timeout)
+            wait_for_run(home, "fedrad", run_id, timeout, done_file=out / "results.json")
         except RuntimeFailure as exc:
             _fail(str(exc))
         results = json.loads((out / "results.json").read_text())

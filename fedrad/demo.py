@@ -68,7 +68,7 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
                 log(f"  {line}")
             seen[0] = len(lines)
 
-        dep.wait(run_id, timeout=1800, on_poll=follow)
+        dep.wait(run_id, timeout=1800, on_poll=follow, done_file=out / "results" / "results.json")
         follow(None)
     results = json.loads((out / "results" / "results.json").read_text())
     from fedrad.server.report import write_report
