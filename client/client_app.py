@@ -23,6 +23,8 @@ def _handle(msg: Message, context: Context) -> Message:
 def _register() -> None:
     """One handler per request type in :data:`fedrad.common.messages.REQUESTS` (``category.action``)."""
     for name, req in REQUESTS.items():
+        if "." not in req.message_type:  # Flower's own strategies (FedAvg): handled by fedavg_train below
+            continue
         if name not in _ALL_STEPS:
             raise RuntimeError(f"request type {name!r} has no site step")
         category, action = req.message_type.split(".")
@@ -30,3 +32,19 @@ def _register() -> None:
 
 
 _register()
+
+
+@app.train()
+def fedavg_train(msg: Message, context: Context) -> Message:
+    """Flower's own FedAvg / FedProx strategies (approximate option of `fedrad fit --strategy`): a local update
+    from the global weights; replies with the new weights and the number of rows (aggregates only)."""
+    from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+    from fedrad.client.steps import fedavg_update
+
+    site = Site.from_node_config(context.node_config)
+    weights = msg.content["arrays"]["weights"].numpy()
+    config = dict(msg.content["config"])
+    reply = site.answer("fedavg", {"weights": weights, "config": config}, fedavg_update)
+    return Message(RecordDict({"arrays": ArrayRecord({"weights": Array(reply["weights"])}),
+                               "metrics": MetricRecord({"num-examples": int(reply["n"])})}), reply_to=msg)

@@ -120,5 +120,26 @@ def fit_round(site: Site, payload: dict) -> dict:
     return {"results": results, "skipped": skipped}
 
 
+def fedavg_update(site: Site, payload: dict) -> dict:
+    """FedAvg / FedProx local update on the site's rows (approximate option; see fedrad.common.fedavg)."""
+    import numpy as np
+
+    from fedrad.common.fedavg import local_update
+
+    cfg = payload["config"]
+    rows = site.table(cfg.get("table") or None)
+    n = len(rows)
+    if n < site.policy.min_cell_size:
+        raise ValueError(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
+    features = list(cfg["features"])
+    x = rows[features].to_numpy(dtype=float)
+    if not np.isfinite(x).all():
+        raise ValueError("missing or non-finite feature values; impute or drop them")
+    z = (x - np.asarray(cfg["mean"], float)) / np.asarray(cfg["scale"], float)
+    w = local_update(z, rows[cfg["outcome"]].to_numpy(dtype=float), payload["weights"], C=float(cfg["C"]),
+                     epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), mu=float(cfg.get("proximal-mu", 0.0)))
+    return {"weights": w, "n": n}
+
+
 #: request name -> site step
 STEPS = {"combat_stats": combat_stats, "combat_apply": combat_apply, "fit_round": fit_round}

@@ -1094,7 +1094,7 @@ class LogisticModel:
         m.n_, m.n_pos_ = int(d["n"]), int(d["n_pos"])
         m.n_per_site_, m.n_pos_per_site_ = dict(d["n_per_site"]), dict(d["n_pos_per_site"])
         m.converged_, m.n_rounds_ = bool(d["converged"]), int(d["n_rounds"])
-        m.objective_ = float(d["objective"])
+        m.objective_ = float("nan") if d.get("objective") is None else float(d["objective"])  # None: FedAvg fit
         m.hessian_std_ = np.asarray(d["hessian_std"], dtype=np.float64)
         m.history_ = [dict(h) for h in d.get("history", [])]
         m.fit_kind_ = d.get("fit", "federated")

@@ -50,6 +50,11 @@ REQUESTS: dict[str, RequestType] = {
         "n, class or event counts, centred feature sums and cross-products; log-likelihood, gradient "
         "and Hessian at the sent coefficients",
     ),
+    "fedavg": RequestType(
+        "train",
+        "approximate option: FedAvg / FedProx local update (Flower's own strategies) from the global weights",
+        "the updated weight vector and the number of rows",
+    ),
     "study_prepare": RequestType(
         "query.study_prepare",
         "make the study's table at the site (extract its manifest or take its feature table), check columns",

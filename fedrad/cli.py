@@ -23,8 +23,7 @@ app = typer.Typer(
 site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features.",
                        no_args_is_help=True)
 coordinator_app = typer.Typer(
-    help="Coordinator operator: certificates now; SuperLink start and site registration come with the "
-    "study-runtime issue.", no_args_is_help=True)
+    help="Coordinator operator: certificates, the SuperLink, site registration.", no_args_is_help=True)
 study_app = typer.Typer(help="Multi-center validation studies: run a study.toml, write its report.",
                         no_args_is_help=True)
 app.add_typer(site_app, name="site")
@@ -156,6 +155,108 @@ def coordinator_certs(
         _fail(str(exc))
     typer.echo(describe_certificate(paths["server_cert"]))
     typer.echo(f"give every site: {paths['ca_cert']}   keep private (never copy): {paths['ca_key']}")
+
+
+@coordinator_app.command("start")
+def coordinator_start(
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator state: Flower home, "
+                              "SuperLink database (run history survives restarts), CLI connection."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for remote sites)."),
+    port: int = typer.Option(9300, "--port", help="The one SuperLink port (sites, flwr CLI, ServerApp)."),
+    certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `fedrad coordinator certs`."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP; refused unless --host is loopback."),
+) -> None:
+    """Run the coordinator's Flower SuperLink in the foreground (TLS + node authentication off loopback)."""
+    import ipaddress
+
+    from fedrad.server.runtime import start_superlink, write_cli_connection
+
+    loopback = host == "localhost" or _is_loopback(ipaddress, host)
+    if insecure and not loopback:
+        _fail(f"--insecure is refused for --host {host}: off loopback, use --certs (TLS + node authentication)")
+    if not insecure and certs is None:
+        _fail("pass --certs DIR (from `fedrad coordinator certs`) or, on loopback only, --insecure")
+    tls = None
+    if certs is not None:
+        tls = {"ca": certs / "ca.crt", "cert": certs / "server.pem", "key": certs / "server.key"}
+        missing = [str(p) for p in tls.values() if not p.is_file()]
+        if missing:
+            _fail(f"certificate file(s) missing: {', '.join(missing)}; run `fedrad coordinator certs` first")
+    home.mkdir(parents=True, exist_ok=True)
+    address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
+    write_cli_connection(home / "cli", "fedrad", address, tls["ca"] if tls else None)
+    proc = start_superlink(home / "superlink", host, port, database=home / "superlink.db", tls=tls,
+                           node_auth=tls is not None)
+    typer.echo(f"SuperLink pid {proc.popen.pid} on {host}:{port} ({'TLS + node auth' if tls else 'insecure'}); "
+               f"log {proc.log}; flwr connection: FLWR_HOME={home / 'cli'} (name fedrad)", err=True)
+    try:
+        raise typer.Exit(proc.popen.wait())
+    except KeyboardInterrupt:
+        proc.stop()
+
+
+@coordinator_app.command("register-site")
+def coordinator_register_site(
+    pubkey: Path = typer.Argument(..., help="The site's public key (`fedrad site keys`)."),
+    name: str = typer.Option(..., "--name", help="The site's name."),
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator home (as for start)."),
+) -> None:
+    """Allow a site's SuperNode to connect (Flower node authentication: `flwr supernode register`)."""
+    import subprocess
+
+    from fedrad.server.runtime import BIN, flower_env
+
+    if not pubkey.is_file():
+        _fail(f"public key {pubkey} not found")
+    proc = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pubkey), "fedrad", "--name", name],
+                          capture_output=True, text=True, env=flower_env(home / "cli"))
+    if proc.returncode != 0:
+        _fail(f"registration failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
+    typer.echo(proc.stdout.strip())
+
+
+@site_app.command("join")
+def site_join(
+    name: str = typer.Option(..., "--name", help="This site's name as the coordinator will see it."),
+    table: Path = typer.Option(..., "--table", help="The site's feature table (stays here)."),
+    superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
+    workdir: Path = typer.Option(Path("fedrad-site"), "--workdir", help="Audit log and derived tables."),
+    port: int = typer.Option(9094, "--port", help="Local port of this SuperNode's runtime API."),
+    min_cell_size: int = typer.Option(10, "--min-cell-size", min=2, help="Smallest group this site describes."),
+    root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="The coordinator's ca.crt."),
+    auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key (`site keys`)."),
+    insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP; refused unless the SuperLink is loopback."),
+) -> None:
+    """Run this site's Flower SuperNode in the foreground: it answers the coordinator's requests from its own
+    table, under its policy, writing every reply to its audit log."""
+    import ipaddress
+
+    from fedrad.server.runtime import start_supernode
+
+    host = superlink.rsplit(":", 1)[0].strip("[]")
+    loopback = host == "localhost" or _is_loopback(ipaddress, host)
+    if insecure and not loopback:
+        _fail(f"--insecure is refused for SuperLink {superlink}: use --root-certificates and --auth-key")
+    if not insecure and (root_certificates is None or auth_key is None):
+        _fail("pass --root-certificates and --auth-key (TLS + node authentication), or --insecure on loopback")
+    if not table.is_file():
+        _fail(f"feature table {table} not found")
+    workdir.mkdir(parents=True, exist_ok=True)
+    cfg = {"table": str(table.resolve()), "workdir": str(workdir.resolve()), "min-cell-size": min_cell_size}
+    proc = start_supernode(workdir / "flower", name, superlink, port, {"site-name": name, **cfg},
+                           root_certificates=root_certificates, auth_key=auth_key)
+    typer.echo(f"SuperNode pid {proc.popen.pid} for site {name} -> {superlink}; log {proc.log}", err=True)
+    try:
+        raise typer.Exit(proc.popen.wait())
+    except KeyboardInterrupt:
+        proc.stop()
+
+
+def _is_loopback(ipaddress, host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @site_app.command("keys")
@@ -329,6 +430,10 @@ def fit(
     l1_ratio: Optional[float] = typer.Option(None, "--l1-ratio", help="Elastic-net mixing (0 = L2, 1 = L1)."),
     federated: bool = typer.Option(False, "--federated", help="Each site a site agent; Flower's message layer "
                                    "in-process; only sums, gradients and Hessians leave a site."),
+    strategy: str = typer.Option("exact", "--strategy", help="exact (Newton from sufficient statistics, equals "
+                                 "the pooled fit) or, approximate, fedavg / fedprox (Flower's strategies; "
+                                 "logistic L2 only)."),
+    rounds: int = typer.Option(20, "--rounds", help="FedAvg/FedProx rounds."),
     min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", help="Sites refuse with fewer patients "
                                                 "(default 10 with --federated)."),
 ) -> None:
@@ -353,12 +458,24 @@ def fit(
     else:
         l1 = l1_ratio if pen == "elasticnet" else None
         c_eff = c
+    if strategy not in ("exact", "fedavg", "fedprox"):
+        _fail(f"--strategy {strategy!r}: use exact, fedavg or fedprox")
+    if strategy != "exact" and (model != "logistic" or pen != "l2" or not federated):
+        _fail("--strategy fedavg/fedprox is available for --model logistic --penalty l2 --federated only")
     try:
         exclude = {site_col, *(x for x in (outcome, time, event) if x)}
         feats = select_features(df, _csv_list(features), _csv_list(feature_prefix), exclude)
-        fitted, info = fit_table(df, site_col, model, feats, outcome=outcome, time=time, event=event, penalty=pen,
-                                 C=c_eff, l1_ratio=l1, federated=federated, min_cell_size=min_cell_size,
-                                 log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+        if strategy != "exact":
+            from fedrad.local import fit_fedavg
+
+            fitted, info = fit_fedavg(df, site_col, feats, outcome, C=c_eff, strategy=strategy, rounds=rounds,
+                                      min_cell_size=min_cell_size,
+                                      log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+        else:
+            fitted, info = fit_table(df, site_col, model, feats, outcome=outcome, time=time, event=event,
+                                     penalty=pen, C=c_eff, l1_ratio=l1, federated=federated,
+                                     min_cell_size=min_cell_size,
+                                     log=lambda line: typer.echo(f"coordinator: {line}", err=True))
     except (SiteError, ValueError) as exc:
         _fail(str(exc))
     doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
@@ -367,9 +484,12 @@ def fit(
            "source": str(input)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1, allow_nan=False))
+    from fedrad.server.plans import _jsonable
+
+    tmp.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     tmp.replace(out)
-    mode = f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled"
+    mode = {"federated": f"federated, {info['round_trips']} round trips", "pooled": "pooled"}.get(
+        info["mode"], f"{info['mode']} (approximate), {info.get('round_trips')} round trips")
     typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
                f"{df[site_col].nunique()} sites, {mode})")
     try:

@@ -137,3 +137,22 @@ def test_cox_federated_equals_pooled_equals_lifelines(tmp_path):
     df[df.site == "h2"].to_csv(src, index=False)
     r = RUNNER.invoke(app, ["predict", str(tmp_path / "fed.json"), str(src)])
     assert r.exit_code == 0 and "log_partial_hazard" in r.output
+
+
+@pytest.mark.parametrize("strategy", ["fedavg", "fedprox"])
+def test_fedavg_option_is_approximate_but_close(tmp_path, strategy):
+    """Flower's own FedAvg/FedProx strategies as the approximate option: near the exact fit, not equal to it."""
+    df = _table()
+    base = ["--model", "logistic", "--outcome", "response", "--federated"]
+    r1 = _fit(tmp_path, df, *base, "--out", str(tmp_path / "exact.json"))
+    r2 = _fit(tmp_path, df, *base, "--strategy", strategy, "--rounds", "40", "--out", str(tmp_path / "avg.json"))
+    assert r1.exit_code == 0, r1.output
+    assert r2.exit_code == 0, r2.output
+    assert "(approximate), 41 round trips" in r2.output
+    exact = np.array(json.loads((tmp_path / "exact.json").read_text())["params"]["coef_std"])
+    approx = np.array(json.loads((tmp_path / "avg.json").read_text())["params"]["coef_std"])
+    gap = np.abs(approx - exact).max()
+    assert 1e-6 < gap < 0.15, gap
+    r3 = _fit(tmp_path, df, "--model", "cox", "--time", "response", "--event", "response", "--federated",
+              "--strategy", strategy, "--out", str(tmp_path / "x.json"))
+    assert r3.exit_code == 2 and "logistic --penalty l2 --federated only" in r3.output
