@@ -58,6 +58,8 @@ def study_prepare(site: Site, payload: dict) -> dict:
     complete = complete_rows(rows, endpoint, list(payload.get("clinical", [])), site.name)
     dropped = len(rows) - len(complete)
     site.save_table("raw", complete)
+    if source.get("robustness"):  # perturbed features for ICC (fedrad site robustness), kept at the site
+        site.save_table("robustness", read_feature_file(Path(source["robustness"]), site.name))
     if endpoint["type"] == "response":
         y = complete[endpoint["outcome"]]
         bad = sorted(set(y.unique()) - {0, 1})
@@ -69,7 +71,8 @@ def study_prepare(site: Site, payload: dict) -> dict:
     return {"n": int(len(complete)), "n_dropped_incomplete": int(dropped), "n_events": _small(events, k),
             "n_nonevents": _small(len(complete) - events, k),
             "features": candidate_features(complete, payload["feature_prefixes"]),
-            "params_hash": params_hash, "extraction": extraction}
+            "params_hash": params_hash, "extraction": extraction,
+            "has_robustness": bool(source.get("robustness"))}
 
 
 def study_harmonize(site: Site, payload: dict) -> dict:
@@ -86,11 +89,14 @@ def study_select(site: Site, payload: dict) -> dict:
     from fedrad.common.selection import site_batch
 
     out = {}
+    perturbed = None
     for fold, spec in payload["folds"].items():
         if site.name not in spec["train_sites"]:
             continue
+        if "icc" in spec["requests"] and perturbed is None:
+            perturbed = site.table("robustness")
         out[fold] = site_batch(site.table(spec["table"]), spec["requests"], site=site.name,
-                               min_cell_size=site.policy.min_cell_size)
+                               perturbed_rows=perturbed, min_cell_size=site.policy.min_cell_size)
     return {"folds": out}
 
 

@@ -54,17 +54,25 @@ def model_features(kind: str, signature: list[str], clinical: list[str], volume:
 CANDIDATES_PER_FEATURE = 5
 
 
-def screen_candidates(score, *, fdr: float, max_features: int) -> dict:
+def screen_candidates(score, *, fdr: float, max_features: int, icc=None, icc_threshold: float | None = None) -> dict:
     """Step 1 of the signature: Benjamini-Hochberg at ``fdr`` on the univariate score tests, most associated
     first (|z|), the top ``CANDIDATES_PER_FEATURE * max_features`` kept for the redundancy step.
 
-    If no feature passes the FDR, the single most associated feature is kept and ``fallback`` is set, so the
+    With ``icc`` (an ICC result over the perturbed features) and ``icc_threshold``, features with ICC(1,1)
+    below the threshold are dropped first (Zwanenburg et al. 2019). If no feature passes the FDR, the single
+    most associated feature is kept and ``fallback`` is set, so the
     study still reports how a (weak) signature validates instead of stopping.
     """
-    from fedrad.common.selection import benjamini_hochberg
+    from fedrad.common.selection import benjamini_hochberg, robust_features
 
-    q = benjamini_hochberg(score.pvalues)
-    assoc = score.association
+    pvalues = score.pvalues
+    not_robust: list[str] = []
+    if icc is not None and icc_threshold is not None:  # robustness first: FDR over the robust features only
+        robust = set(robust_features(icc, threshold=icc_threshold))
+        not_robust = [f for f in pvalues.index if f not in robust]
+        pvalues = pvalues.drop(not_robust)
+    q = benjamini_hochberg(pvalues)
+    assoc = score.association.drop(not_robust)
     passed = [f for f in q.index if q[f] <= fdr and f not in score.uninformative]
     fallback = not passed
     if fallback:
@@ -73,7 +81,7 @@ def screen_candidates(score, *, fdr: float, max_features: int) -> dict:
     ordered = sorted(passed, key=lambda f: (-float(assoc[f]), f))
     candidates = ordered[: CANDIDATES_PER_FEATURE * max_features]
     return {"candidates": candidates, "association": {f: float(assoc[f]) for f in candidates},
-            "n_candidates": int(len(q)), "n_passed_fdr": 0 if fallback else len(passed),
+            "n_not_robust": len(not_robust), "n_candidates": int(len(q)), "n_passed_fdr": 0 if fallback else len(passed),
             "fallback": bool(fallback), "q_values": {f: float(q[f]) for f in candidates}}
 
 

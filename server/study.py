@@ -36,7 +36,7 @@ from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
                                     pick_variants, screen_candidates, volume_feature)
-from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request,
+from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
                                      logistic_score_request)
 from fedrad.server.federation import Federation
 from fedrad.server.fitting import FitTask, run_fits
@@ -113,6 +113,11 @@ class Study:
                                                                      "n_dropped_incomplete", "extraction")}
                                  for s in self.sites}
         self.results["n_candidate_features"] = len(self.candidates)
+        if cfg["selection"]["icc_threshold"] is not None:
+            lacking = [s for s in self.sites if not replies[s].get("has_robustness")]
+            if lacking:
+                raise RuntimeError(f"[selection] icc_threshold needs a robustness table at every site; missing at "
+                                   f"{', '.join(lacking)} (run `fedrad site robustness` and set robustness = ...)")
         self.results["folds"] = {f: dict(v) for f, v in self.folds.items()}
         self._phase("prepare", t0, r0)
 
@@ -148,7 +153,10 @@ class Study:
                 score = logistic_score_request(feats, self.endpoint["outcome"])
             else:
                 score = cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
-            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": {"score": score}}
+            requests = {"score": score}
+            if self.cfg["selection"]["icc_threshold"] is not None:
+                requests["icc"] = icc_request(feats)
+            specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": requests}
         return specs
 
     def select(self) -> None:
@@ -163,7 +171,8 @@ class Study:
         for fold, spec in self.folds.items():
             combined = combine_batch([self.scores[s][fold] for s in spec["train"]], stratified=True)
             screens[fold] = screen_candidates(combined["score"], fdr=float(sel["fdr"]),
-                                              max_features=int(sel["max_features"]))
+                                              max_features=int(sel["max_features"]), icc=combined.get("icc"),
+                                              icc_threshold=sel["icc_threshold"])
             specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold],
                            "requests": {"corr": correlation_request(screens[fold]["candidates"])}}
         replies = self.fed.ask("study_select", {"folds": specs}, phase="selection")

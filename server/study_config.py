@@ -29,6 +29,9 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     fdr = 0.05                          # univariate screening, Benjamini-Hochberg
     redundancy = 0.9                    # |r| above which one of a pair is dropped
     max_features = 10
+    # icc_threshold = 0.9               # keep features with ICC(1,1) >= this across image perturbations;
+                                        # every site then needs robustness = "perturbed.parquet" (fedrad site
+                                        # robustness)
 
     [model]
     type = "logistic"                   # "logistic" (response) or "cox" (survival, stratified by site)
@@ -56,7 +59,7 @@ DEFAULTS = {
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
                       "mean_only": False},
     "selection": {"feature_prefixes": ["original_", "log-sigma"], "fdr": 0.05, "redundancy": 0.9,
-                  "max_features": 10},
+                  "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": []},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
@@ -110,6 +113,8 @@ def validate(cfg: dict) -> dict:
         raise StudyConfigError("[selection] fdr must be in (0, 1]")
     if not (0 < float(sel["redundancy"]) <= 1):
         raise StudyConfigError("[selection] redundancy must be in (0, 1]")
+    if sel["icc_threshold"] is not None and not (0 < float(sel["icc_threshold"]) <= 1):
+        raise StudyConfigError("[selection] icc_threshold must be in (0, 1]")
     if int(sel["max_features"]) < 1:
         raise StudyConfigError("[selection] max_features must be at least 1")
     harm = cfg["harmonization"]
@@ -125,7 +130,7 @@ def validate(cfg: dict) -> dict:
     for name, site in cfg["sites"].items():
         if not isinstance(site, dict) or ("manifest" in site) == ("table" in site):
             raise StudyConfigError(f"[sites.{name}] needs exactly one of manifest = \"...\" or table = \"...\"")
-        unknown = set(site) - {"manifest", "table", "params"}
+        unknown = set(site) - {"manifest", "table", "params", "robustness"}
         if unknown:
             raise StudyConfigError(f"[sites.{name}] has unknown key(s) {', '.join(sorted(unknown))}")
     if cfg["sites"] and len(cfg["sites"]) < int(study["min_sites"]):

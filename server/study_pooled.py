@@ -16,13 +16,15 @@ from fedrad.common.folds import row_mask
 from fedrad.common.pipeline import (MODEL_KINDS, candidate_features, choose_penalty, complete_rows, evaluate_site,
                                     finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
                                     volume_feature)
-from fedrad.common.selection import (correlation_request, cox_score_request, logistic_score_request,
-                                     pooled_correlation, pooled_cox_score, pooled_logistic_score)
+from fedrad.common.selection import (correlation_request, cox_score_request, icc_request, logistic_score_request,
+                                     pooled_correlation, pooled_cox_score, pooled_icc, pooled_logistic_score)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
 
 
-def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, min_cell_size: int = 10) -> dict:
-    """Metrics of the held-out site when everything is fit on the pooled rows of the other sites."""
+def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, min_cell_size: int = 10,
+                robustness: dict[str, pd.DataFrame] | None = None) -> dict:
+    """Metrics of the held-out site when everything is fit on the pooled rows of the other sites
+    (``robustness``: each site's perturbed feature table, when the study filters by ICC)."""
     endpoint = endpoint_of(cfg)
     clinical = list(cfg["model"]["clinical"])
     tables = {s: complete_rows(t, endpoint, clinical, s) for s, t in site_tables.items()}
@@ -51,7 +53,12 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
         score = pooled_logistic_score(train, logistic_score_request(feats, endpoint["outcome"]), strata="site")
     else:
         score = pooled_cox_score(train, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata="site")
-    screen = screen_candidates(score, fdr=float(sel["fdr"]), max_features=int(sel["max_features"]))
+    icc = None
+    if sel["icc_threshold"] is not None:
+        perturbed = pd.concat([robustness[s] for s in train_sites], ignore_index=True)
+        icc = pooled_icc(perturbed, icc_request(feats))
+    screen = screen_candidates(score, fdr=float(sel["fdr"]), max_features=int(sel["max_features"]), icc=icc,
+                               icc_threshold=sel["icc_threshold"])
     corr = pooled_correlation(train, correlation_request(screen["candidates"]))
     signature = finish_signature(screen, corr, redundancy=float(sel["redundancy"]),
                                  max_features=int(sel["max_features"]))["selected"]

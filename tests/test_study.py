@@ -80,3 +80,34 @@ def test_rounds_do_not_grow_with_sites(tmp_path):
     three = run_study_in_process(cfg, nodes[:3])["round_trips"]
     four = run_study_in_process(cfg, nodes)["round_trips"]
     assert abs(four - three) <= 1
+
+
+def test_icc_robustness_filter_inside_the_study(tmp_path):
+    """Sites send ICC ANOVA sums of their perturbed features; a non-robust informative feature is kept out of
+    the signature, and the held-out metrics still equal the pooled twin's (which pools the perturbed rows)."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, seed=5)
+    rng = np.random.default_rng(9)
+    robustness, sources = {}, {}
+    for node in nodes:
+        name, d = node["site-name"], tables[node["site-name"]]
+        feats = [c for c in d.columns if c.startswith("original_")]
+        parts = []
+        for k in range(3):
+            noise = rng.normal(size=(len(d), len(feats))) * 0.05
+            noise[:, feats.index("original_glcm_F1")] *= 80  # F1 is informative but not robust
+            part = d[feats] + noise * d[feats].std().to_numpy()
+            parts.append(part.assign(case_id=d["case_id"].to_numpy(), perturbation=k))
+        robustness[name] = pd.concat(parts, ignore_index=True)
+        path = tmp_path / name / "perturbed.parquet"
+        robustness[name].to_parquet(path)
+        sources[name] = {"table": node["table"], "robustness": str(path)}
+    cfg["sites"] = sources
+    cfg["selection"]["icc_threshold"] = 0.9
+    res = run_study_in_process(cfg, nodes)
+    assert "original_glcm_F0" in res["signature"] and "original_glcm_F1" not in res["signature"]
+    assert res["selection"]["final"]["n_not_robust"] >= 1
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site, robustness=robustness)
+        assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
