@@ -488,8 +488,12 @@ def fit(
 
     tmp.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
     tmp.replace(out)
-    mode = {"federated": f"federated, {info['round_trips']} round trips", "pooled": "pooled"}.get(
-        info["mode"], f"{info['mode']} (approximate), {info.get('round_trips')} round trips")
+    if info["mode"] == "pooled":
+        mode = "pooled"
+    elif info["mode"] == "federated":
+        mode = f"federated, {info['round_trips']} round trips"
+    else:
+        mode = f"{info['mode']} (approximate), {info['round_trips']} round trips"
     typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
                f"{df[site_col].nunique()} sites, {mode})")
     try:
