@@ -45,6 +45,7 @@ import numpy as np
 import pandas as pd
 
 from fedrad import __version__
+from fedrad.common.files import atomic_write_bytes
 from fedrad.client.manifest import Case, CheckTolerances, geometry_mismatch, read_manifest
 
 PARAMS_DIR = Path(__file__).resolve().parent / "params"
@@ -340,22 +341,10 @@ class FeatureCache:
     def put(self, key: str, features: dict) -> None:
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        _atomic_write_bytes(path, json.dumps(features).encode())
+        atomic_write_bytes(path, json.dumps(features).encode())
 
 
 # ----------------------------------------------------------------------------------------------- output
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 def write_table(df: pd.DataFrame, out: Path, metadata: dict[str, str]) -> None:
@@ -394,6 +383,21 @@ def errors_path(out: Path) -> Path:
     out = Path(out)
     return out.with_name(out.name[: -len(out.suffix)] + ".errors.csv") if out.suffix else out.with_name(
         out.name + ".errors.csv")
+
+
+def write_outputs(df: pd.DataFrame | None, out: Path, metadata: dict, errors: list, nothing: str
+                  ) -> tuple[Path, int]:
+    """Write the feature table (when there is one) and its ``.errors.csv``; raise ``nothing`` + details when
+    no case could be extracted (the existing table is then left as it was)."""
+    if df is not None:
+        write_table(df, out, metadata)
+    ep = errors_path(out)
+    err_df = pd.DataFrame(errors, columns=["case_id", "status", "reason"])
+    atomic_write_bytes(ep, err_df.to_csv(index=False).encode())
+    n_failed = sum(1 for e in errors if e[1] == "failed")
+    if df is None:
+        raise ExtractionError(f"{nothing} ({n_failed} failed); see {ep}; {out} was not written")
+    return ep, n_failed
 
 
 @dataclass
@@ -523,16 +527,8 @@ def extract_manifest(manifest: str | Path, params=None, out: str | Path = "featu
                 "params_file": str(params_path), "params_yaml": params_path.read_text(),
                 "manifest": str(Path(manifest).resolve()), "n_cases": str(len(unique_cases)),
                 "n_failed": str(sum(1 for e in errors if e[1] == "failed"))}
-    if rows:
-        write_table(df, out, metadata)
-    err_df = pd.DataFrame(errors, columns=["case_id", "status", "reason"])
-    ep = errors_path(out)
-    ep.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(ep, err_df.to_csv(index=False).encode())
-    n_failed = sum(1 for e in errors if e[1] == "failed")
-    if not rows:
-        raise ExtractionError(f"no case of {manifest} could be extracted ({n_failed} failed); "
-                              f"see {ep}; {out} was not written")
+    ep, n_failed = write_outputs(df if rows else None, out, metadata, errors, f"no case of {manifest} could be "
+                                 "extracted")
     return ExtractionResult(out=out, errors_file=ep, n_cases=len(unique_cases) + len(man.row_problems),
                             n_ok=len(rows), n_failed=n_failed, n_cached=n_cached, n_nan_features=n_nan,
                             seconds=time.perf_counter() - t_start,

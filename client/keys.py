@@ -12,45 +12,15 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
-import tempfile
 from pathlib import Path
 
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from fedrad.common.files import write_with_mode
+
 _PRIVATE_MARK = b"-----BEGIN OPENSSH PRIVATE KEY-----"
-
-
-def _write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write ``data`` with exactly ``mode``; the file never exists with wider permissions (see server.certs)."""
-    if overwrite:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it (use overwrite=True / --force)") \
-            from None
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
 
 
 def _check_name(name: str) -> None:
@@ -81,9 +51,9 @@ def make_node_keys(out_dir: str | os.PathLike, name: str = "node", *, overwrite:
     private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
     public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
-    _write_file(private_path, private, 0o600, overwrite)
+    write_with_mode(private_path, private, 0o600, overwrite)
     try:
-        _write_file(public_path, public + b"\n", 0o644, overwrite)
+        write_with_mode(public_path, public + b"\n", 0o644, overwrite)
     except BaseException:
         if not overwrite:
             private_path.unlink(missing_ok=True)

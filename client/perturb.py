@@ -85,17 +85,15 @@ from fedrad.client.extract import (
     CropPlan,
     ExtractionError,
     FeatureCache,
-    _atomic_write_bytes,
     _init_worker,
     case_cache_key,
     crop_plan,
-    errors_path,
     extract_case,
     load_case,
     params_digest,
     resolve_params,
     run_extractor,
-    write_table,
+    write_outputs,
 )
 from fedrad.client.manifest import Case, CheckTolerances, read_manifest
 
@@ -693,16 +691,8 @@ def extract_perturbed(manifest: str | Path, params=None, out: str | Path = "feat
                 "n_failed": str(sum(1 for e in errors if e[1] == "failed")),
                 "perturb_version": PERTURB_VERSION, "perturbation_seed": str(int(seed)),
                 "n_perturbations": str(n_p), "perturbations": json.dumps([asdict(p) for p in plist])}
-    if rows:
-        write_table(df, out, metadata)
-    err_df = pd.DataFrame(errors, columns=["case_id", "status", "reason"])
-    ep = errors_path(out)
-    ep.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write_bytes(ep, err_df.to_csv(index=False).encode())
-    n_failed = sum(1 for e in errors if e[1] == "failed")
-    if not rows:
-        raise ExtractionError(f"no case of {manifest} could be extracted with perturbations ({n_failed} failed); "
-                              f"see {ep}; {out} was not written")
+    ep, n_failed = write_outputs(df if rows else None, out, metadata, errors,
+                                 f"no case of {manifest} could be extracted with perturbations")
     return PerturbationResult(out=out, errors_file=ep, n_cases=len(cases) + len(man.row_problems), n_ok=n_ok,
                               n_failed=n_failed, n_perturbations=n_p, n_cached=n_cached, n_nan_features=n_nan,
                               seconds=time.perf_counter() - t_start, perturbations=plist,

@@ -81,19 +81,14 @@ class Site:
 
     def save_table(self, name: str, df: pd.DataFrame) -> Path:
         """Keep a derived table at the site (atomic write; never sent anywhere)."""
-        import os
-        import tempfile
+        import io
+
+        from fedrad.common.files import atomic_write_bytes
 
         path = self.workdir / "harmonized" / f"{name}.parquet"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            df.to_parquet(tmp, index=False)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        buf = io.BytesIO()
+        df.to_parquet(buf, index=False)
+        atomic_write_bytes(path, buf.getvalue())
         return path
 
     def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict]) -> dict:

@@ -2,12 +2,11 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 
 import pandas as pd
 
 from fedrad.client.site import Site
+from fedrad.common.files import atomic_write_bytes
 from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stats
 
 
@@ -23,8 +22,8 @@ def harmonize_locally(site: Site, rows, reference: dict, output: str) -> dict:
     harmonized, adjustments = apply_combat(rows, ComBatReference.from_dict(reference), site=site.name,
                                            min_cell_size=site.policy.min_cell_size)
     site.save_table(output, harmonized)
-    _atomic_text(json.dumps({str(b): a.to_dict() for b, a in adjustments.items()}),
-                 site.workdir / "harmonized" / f"{output}.batch-parameters.json")
+    atomic_write_bytes(site.workdir / "harmonized" / f"{output}.batch-parameters.json",
+                       json.dumps({str(b): a.to_dict() for b, a in adjustments.items()}).encode())
     return {"n_rows": int(len(harmonized)), "batches": [str(b) for b in adjustments],
             "excluded_locally": {str(b): list(a.excluded_features) for b, a in adjustments.items()}}
 
@@ -33,13 +32,6 @@ def combat_apply(site: Site, payload: dict) -> dict:
     """ComBat round 2: harmonize locally against the global fit; keep the result at the site."""
     return harmonize_locally(site, site.table(payload.get("table")), payload["reference"],
                              str(payload.get("output", "harmonized")))
-
-
-def _atomic_text(text: str, path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 class TooFewRows(ValueError):

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
 from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
+from fedrad.common.messages import to_plain
 
 
 def read_feature_file(path: Path, site: str) -> pd.DataFrame:
@@ -137,22 +137,7 @@ def study_evaluate(site: Site, payload: dict) -> dict:
                     for kind, vs in spec["models"].items()}
         out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
                                       km_grid=payload.get("km_times"))
-    return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": _plain(out)}
-
-
-def _plain(obj):
-    """Metric dicts may hold numpy scalars/arrays and tuples: make them message-friendly."""
-    if isinstance(obj, dict):
-        return {str(k): _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return obj
-    if isinstance(obj, (np.floating, np.integer, np.bool_)):
-        return obj.item()
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    return obj
+    return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": to_plain(out, keep_arrays=True)}
 
 
 STUDY_STEPS = {"study_prepare": study_prepare, "study_harmonize": study_harmonize, "study_select": study_select,

@@ -130,6 +130,26 @@ def _join(obj, arrays: dict):
     return obj
 
 
+def to_plain(obj, keep_arrays: bool = False):
+    """Numbers and containers as plain Python for JSON: numpy scalars -> Python, tuples -> lists, non-finite
+    floats -> None, named tuples -> dicts; numpy arrays -> lists (or kept, for a payload, with ``keep_arrays``)."""
+    import math
+
+    if isinstance(obj, dict):
+        return {str(k): to_plain(v, keep_arrays) for k, v in obj.items()}
+    if hasattr(obj, "_asdict"):
+        return to_plain(obj._asdict(), keep_arrays)
+    if isinstance(obj, (list, tuple)):
+        return [to_plain(v, keep_arrays) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return obj if keep_arrays else to_plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
 def split_payload(payload: dict) -> tuple[str, dict[str, np.ndarray]]:
     """(JSON skeleton, arrays) of a payload: the Flower-free half of the codec, also used by audit logs."""
     arrays: dict[str, np.ndarray] = {}

@@ -484,9 +484,9 @@ def fit(
            "source": str(input)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
-    from fedrad.server.plans import _jsonable
+    from fedrad.common.messages import to_plain
 
-    tmp.write_text(json.dumps(_jsonable(doc), indent=1, allow_nan=False))
+    tmp.write_text(json.dumps(to_plain(doc), indent=1, allow_nan=False))
     tmp.replace(out)
     if info["mode"] == "pooled":
         mode = "pooled"

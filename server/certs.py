@@ -32,7 +32,6 @@ import datetime as _dt
 import ipaddress
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable
 
@@ -40,6 +39,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedrad.common.files import write_with_mode
 
 #: Always in the server certificate's subjectAltName (the SuperLink reaches itself on 127.0.0.1).
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
@@ -105,41 +106,6 @@ def san_names(hosts: Iterable[str] = ()) -> list[x509.GeneralName]:
 
 
 # ----------------------------------------------------------------------------------------------- files
-def _write_file(path: Path, data: bytes, mode: int, overwrite: bool) -> None:
-    """Write ``data`` to ``path`` with exactly ``mode``; the file never exists with wider permissions.
-
-    New files: ``O_CREAT|O_EXCL`` with ``mode``. Overwrite: a temporary file (created 0600 by ``mkstemp``)
-    in the same directory, chmod, fsync, then an atomic ``os.replace``.
-    """
-    if overwrite:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            os.fchmod(fd, mode)
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    except FileExistsError:
-        raise FileExistsError(f"{path} already exists; refusing to overwrite it (use overwrite=True / --force)") \
-            from None
-    try:
-        os.fchmod(fd, mode)  # exact mode whatever the umask
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        path.unlink(missing_ok=True)
-        raise
-
-
 def _check_targets(paths: Iterable[Path], overwrite: bool) -> None:
     if overwrite:
         return
@@ -240,7 +206,7 @@ def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), day
     written: list[Path] = []
     try:
         for name, data, mode in contents:
-            _write_file(paths[name], data, mode, overwrite)
+            write_with_mode(paths[name], data, mode, overwrite)
             written.append(paths[name])
     except BaseException:
         if not overwrite:  # leave no half set behind (it would block the next attempt)

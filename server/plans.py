@@ -7,40 +7,18 @@ global parameters and per-site summaries only — never a per-patient value.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from pathlib import Path
 
+from fedrad.common.files import atomic_write_bytes
+from fedrad.common.messages import to_plain
 from fedrad.server.federation import Federation
 from fedrad.server.harmonize import run_federated_combat
 
 
-def _jsonable(obj):
-    """numpy scalars/arrays -> Python; non-finite floats -> None (results.json is strict JSON)."""
-    import math
-
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
-
-
 def write_json_atomic(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(_jsonable(obj), f, indent=1, allow_nan=False)
-    os.replace(tmp, path)
+    """Strict JSON (numpy values made plain, non-finite numbers as null), written atomically."""
+    atomic_write_bytes(path, json.dumps(to_plain(obj), indent=1, allow_nan=False).encode())
 
 
 def _harmonize(fed: Federation, plan: dict) -> dict:

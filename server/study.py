@@ -34,6 +34,7 @@ import time
 
 from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
+from fedrad.common.messages import to_plain
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
                                     pick_variants, screen_candidates, volume_feature)
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
@@ -309,24 +310,6 @@ def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
             for group in ("high", "low"):
                 tables = [m[kind]["km"][group] for m in per_site.values() if m[kind]["km"].get(group)]
                 if tables:
-                    entry[f"km_{group}"] = _jsonable(metrics.pooled_km(tables))
-        pooled[kind] = _jsonable(entry)
+                    entry[f"km_{group}"] = to_plain(metrics.pooled_km(tables))
+        pooled[kind] = to_plain(entry)
     return pooled
-
-
-def _jsonable(obj):
-    import numpy as np
-
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [_jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, (np.floating, float)):
-        return float(obj) if np.isfinite(obj) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if hasattr(obj, "_asdict"):
-        return _jsonable(obj._asdict())
-    return obj
