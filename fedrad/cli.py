@@ -189,10 +189,7 @@ def coordinator_start(
                            node_auth=tls is not None)
     typer.echo(f"SuperLink pid {proc.popen.pid} on {host}:{port} ({'TLS + node auth' if tls else 'insecure'}); "
                f"log {proc.log}; flwr connection: FLWR_HOME={home / 'cli'} (name fedrad)", err=True)
-    try:
-        raise typer.Exit(proc.popen.wait())
-    except KeyboardInterrupt:
-        proc.stop()
+    _run_foreground(proc)
 
 
 @coordinator_app.command("register-site")
@@ -246,10 +243,24 @@ def site_join(
     proc = start_supernode(workdir / "flower", name, superlink, port, {"site-name": name, **cfg},
                            root_certificates=root_certificates, auth_key=auth_key)
     typer.echo(f"SuperNode pid {proc.popen.pid} for site {name} -> {superlink}; log {proc.log}", err=True)
+    _run_foreground(proc)
+
+
+def _run_foreground(proc) -> None:
+    """Wait for a Flower process started by a wrapper command; Ctrl-C or SIGTERM stops it cleanly (SIGTERM
+    lets a SuperNode unregister at once)."""
+    import signal
+
+    def _stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
     try:
-        raise typer.Exit(proc.popen.wait())
+        code = proc.popen.wait()
     except KeyboardInterrupt:
         proc.stop()
+        code = 0
+    raise typer.Exit(code)
 
 
 def _is_loopback(ipaddress, host: str) -> bool:
