@@ -15,7 +15,7 @@ _ALL_STEPS = {**STEPS, **STUDY_STEPS}
 
 def _handle(msg: Message, context: Context) -> Message:
     request = request_name(msg.metadata.message_type)
-    site = Site.from_node_config(context.node_config)
+    site = Site.from_node_config(context.node_config, context.run_config)
     reply = site.answer(request, from_record(msg.content), _ALL_STEPS[request])
     return Message(to_record(reply), reply_to=msg)
 
@@ -42,7 +42,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
 
     from fedrad.client.steps import fedavg_update
 
-    site = Site.from_node_config(context.node_config)
+    site = Site.from_node_config(context.node_config, context.run_config)
     weights = msg.content["arrays"]["weights"].numpy()
     config = dict(msg.content["config"])
     reply = site.answer("fedavg", {"weights": weights, "config": config}, fedavg_update)

@@ -42,11 +42,14 @@ class Site:
     extract_jobs: int | None = None
 
     @classmethod
-    def from_node_config(cls, cfg: dict) -> "Site":
+    def from_node_config(cls, cfg: dict, run_config: dict | None = None) -> "Site":
+        sim_root = (run_config or {}).get("sim-root")
         if "site-name" in cfg:
             name = str(cfg["site-name"])
-        elif "partition-id" in cfg:  # Flower simulation: virtual sites are numbered
+        elif "partition-id" in cfg:  # Flower simulation: virtual sites are numbered, work under sim-root
             name = f"site{int(cfg['partition-id']) + 1}"
+            if sim_root:
+                cfg = {**cfg, "workdir": str(Path(str(sim_root)) / name)}
         else:
             raise SiteFailure("this SuperNode has no site-name in its --node-config; add site-name=\"NAME\"")
         table = Path(str(cfg["table"])) if cfg.get("table") else None

@@ -517,8 +517,9 @@ def fit(
 def study_run(
     study_file: Path = typer.Argument(..., help="study.toml (see `fedrad.server.study_config` for every key)."),
     runtime: str = typer.Option("deployment", "--runtime",
-                                help="deployment (a running SuperLink and joined sites) or local (every site "
-                                     "in this process; the sites' tables must be on this machine)."),
+                                help="deployment (a running SuperLink and joined sites), simulation (Flower's "
+                                     "simulation engine, one virtual site per [sites] entry) or local (every "
+                                     "site in this process; the sites' tables must be on this machine)."),
     superlink: str = typer.Option("127.0.0.1:9300", "--superlink", help="SuperLink address (deployment)."),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates",
                                                      help="CA certificate of the SuperLink (TLS)."),
@@ -547,6 +548,27 @@ def study_run(
         nodes = [{"site-name": name, "workdir": str(out / "sites" / name)} for name in cfg["sites"]]
         results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
         write_json_atomic(results, out / "results.json")
+    elif runtime == "simulation":
+        from fedrad.server.runtime import RuntimeFailure, SimulationRun
+
+        if not cfg["sites"]:
+            _fail("--runtime simulation needs [sites.NAME] entries with the sites' manifests or tables")
+        names = list(cfg["sites"])
+        cfg["sites"] = {f"site{i + 1}": src for i, src in enumerate(cfg["sites"].values())}
+        for i, name in enumerate(names):
+            if name != f"site{i + 1}":
+                typer.echo(f"simulation: [sites.{name}] runs as virtual site site{i + 1}", err=True)
+        write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
+        try:
+            with SimulationRun(out / ".flower-sim", len(names)) as sim:
+                run_id = sim.submit({"plan": str(out / "plan.json"), "out-dir": str(out),
+                                     "expected-sites": len(names)})
+                typer.echo(f"study submitted as Flower run {run_id} (simulation, {len(names)} virtual sites); "
+                           f"progress: {out / 'progress.log'}", err=True)
+                sim.wait(run_id, timeout, done_file=out / "results.json")
+        except RuntimeFailure as exc:
+            _fail(str(exc))
+        results = json.loads((out / "results.json").read_text())
     elif runtime == "deployment":
         from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
 
@@ -563,7 +585,7 @@ def study_run(
             _fail(str(exc))
         results = json.loads((out / "results.json").read_text())
     else:
-        _fail(f"--runtime {runtime!r}: use deployment or local")
+        _fail(f"--runtime {runtime!r}: use deployment, simulation or local")
     report = write_report(results, out / "report.html")
     for line in headline(results):
         typer.echo(line)

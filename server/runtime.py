@@ -51,6 +51,7 @@ clientapp = "fedrad.client.client_app:app"
 [tool.flwr.app.config]
 plan = ""
 out-dir = ""
+sim-root = ""
 expected-sites = 1
 connect-timeout = 120.0
 round-timeout = 600.0
@@ -132,10 +133,13 @@ def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
 
 
 def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
-                    tls: dict | None = None, node_auth: bool = False) -> Process:
-    """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp)."""
+                    tls: dict | None = None, node_auth: bool = False, simulation: bool = False) -> Process:
+    """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp);
+    with ``simulation`` it runs Flower's simulation engine (Ray) instead of waiting for SuperNodes."""
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
+    if simulation:
+        cmd += ["--simulation"]
     if database is not None:
         cmd += ["--database", str(database)]
     if tls:
@@ -186,11 +190,14 @@ def write_cli_connection(flwr_home: Path, name: str, address: str, root_certific
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
-def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict) -> int:
-    """Submit a run; returns its run id."""
+def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
+             federation_config: dict | None = None) -> int:
+    """Submit a run; returns its run id (``federation_config``: e.g. ``{"num-supernodes": 50}`` in simulation)."""
     cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--format", "json"]
     if run_config:
         cmd += ["--run-config", toml_pairs(run_config)]
+    if federation_config:
+        cmd += ["--federation-config", toml_pairs(federation_config)]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=flower_env(flwr_home), timeout=300)
     try:
         out = json.loads(proc.stdout[proc.stdout.find("{"):])
@@ -293,6 +300,48 @@ class LoopbackDeployment:
         self.processes.clear()
 
     def __enter__(self) -> "LoopbackDeployment":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class SimulationRun:
+    """Flower's simulation engine (Ray) with ``n_sites`` virtual SuperNodes, on a SuperLink this class starts and
+    stops (not the shared ``:local:`` one). Virtual sites are named ``site1..siteN`` from their partition id;
+    their work directories live under ``sim-root`` (run config) and their tables come from the plan."""
+
+    home: Path
+    n_sites: int
+    port: int = 0
+    processes: list[Process] = field(default_factory=list)
+    connection: str = "fedrad-sim"
+
+    def start(self, timeout: float = 90.0) -> "SimulationRun":
+        self.port = self.port or free_port()
+        link = start_superlink(self.home / "superlink", port=self.port, simulation=True)
+        self.processes.append(link)
+        wait_for_port("127.0.0.1", self.port, link, timeout)
+        write_cli_connection(self.home / "cli", self.connection, f"127.0.0.1:{self.port}")
+        return self
+
+    def submit(self, run_config: dict) -> int:
+        app_dir = write_app(self.home / "app")
+        return flwr_run(app_dir, self.home / "cli", self.connection,
+                        {**run_config, "sim-root": str(self.home / "sites")},
+                        federation_config={"num-supernodes": self.n_sites})
+
+    def wait(self, run_id: int, timeout: float = 1800.0, on_poll=None, done_file: Path | None = None) -> dict:
+        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, on_poll=on_poll,
+                            done_file=done_file)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self) -> "SimulationRun":
         return self.start()
 
     def __exit__(self, *exc) -> None:
