@@ -6,6 +6,7 @@ import ipaddress
 import os
 import shutil
 import socket
+import sys
 import ssl
 import stat
 import subprocess
@@ -221,16 +222,21 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.skipif(shutil.which("flower-superlink") is None, reason="flower-superlink not installed")
+SUPERLINK = Path(sys.executable).parent / "flower-superlink"  # the venv's, whether or not it is on PATH
+
+
+@pytest.mark.skipif(not SUPERLINK.exists(), reason="flower-superlink not installed in this environment")
 def test_superlink_serves_our_certificate(certs, tmp_path):
     """flower-superlink starts with these files (EC P-384) and presents a certificate our CA verifies."""
     port, fleet, control = _free_port(), _free_port(), _free_port()
-    cmd = ["flower-superlink", "--ssl-ca-certfile", str(certs["ca_cert"]), "--ssl-certfile",
+    cmd = [str(SUPERLINK), "--ssl-ca-certfile", str(certs["ca_cert"]), "--ssl-certfile",
            str(certs["server_cert"]), "--ssl-keyfile", str(certs["server_key"]),
            "--disable-runtime-dependency-installation", "--host", "127.0.0.1", "--port", str(port),
            "--fleet-api-address", f"127.0.0.1:{fleet}", "--control-api-address", f"127.0.0.1:{control}",
            "--database", str(tmp_path / "state.db")]
-    env = {**os.environ, "FLWR_HOME": str(tmp_path / "home")}
+    from fedrad.server.runtime import flower_env  # the venv's bin first on PATH: Flower spawns its tools by name
+
+    env = flower_env(tmp_path / "home")
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
     try:
         ctx = ssl.create_default_context(cafile=str(certs["ca_cert"]))
