@@ -62,6 +62,7 @@ class Federation:
         self.log = log or (lambda line: None)
         self.rounds = 0
         self.node_of_site: dict[str, int] = {}
+        self.excluded: set[str] = set()  # sites left out (e.g. lost mid-study): never asked again
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -92,7 +93,8 @@ class Federation:
                 raise ValueError(f"no node known for site(s) {', '.join(unknown)}")
             targets = {self.node_of_site[s]: per_site[s] for s in per_site}
         else:
-            targets = {n: payload or {} for n in self.node_ids()}
+            dropped = {self.node_of_site[s] for s in self.excluded if s in self.node_of_site}
+            targets = {n: payload or {} for n in self.node_ids() if n not in dropped}
         if not targets:
             raise SiteError(request, {"federation": "no site is connected"})
         self.rounds += 1

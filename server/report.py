@@ -185,6 +185,8 @@ def write_report(results: dict, path: str | Path) -> Path:
         "patient row left a site.</p>",
         "<div class='headline'><b>Headline</b><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in headline(results))
         + "</ul></div>",
+        "".join(f"<p><b>Missing site {html.escape(str(s))}</b>: {html.escape(str(r))} — the study was run again "
+                "without it.</p>" for s, r in (results.get("missing_sites") or {}).items()),
         f"<figure>{forest_plot(results)}</figure>",
         f"<figure>{curve_plot(results)}</figure>",
         f"<figure>{paired_plot(results)}</figure>",

@@ -39,7 +39,7 @@ from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signatur
                                     pick_variants, screen_candidates, volume_feature)
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
                                      logistic_score_request)
-from fedrad.server.federation import Federation
+from fedrad.server.federation import Federation, SiteError
 from fedrad.server.fitting import FitTask, run_fits
 
 
@@ -270,12 +270,35 @@ class Study:
         self._phase("evaluation", t0, r0)
 
     def run(self) -> dict:
+        """All phases. A site that fails or stops answering is marked missing and the study restarts from the
+        first phase without it (aggregates of different rounds or site sets are never mixed), as long as at least
+        ``[study] min_sites`` sites remain; otherwise it stops with the reason."""
         t0 = time.monotonic()
-        self.prepare()
-        self.harmonize()
-        self.select()
-        self.fit_models()
-        self.evaluate()
+        missing: dict[str, str] = {}
+        min_sites = int(self.cfg["study"]["min_sites"])
+        while True:
+            try:
+                self.prepare()
+                self.harmonize()
+                self.select()
+                self.fit_models()
+                self.evaluate()
+                break
+            except SiteError as exc:
+                missing.update(exc.failures)
+                self.fed.excluded |= set(exc.failures)
+                known = getattr(self, "sites", None)
+                n_left = (len([s for s in known if s not in missing]) if known is not None
+                          else len(self.fed.node_ids()) - len(missing))
+                if n_left < min_sites:
+                    raise SiteError(exc.request, {**missing, "study": f"quorum lost: {n_left} sites left, "
+                                                                       f"[study] min_sites = {min_sites}"}) from exc
+                self.log(f"site(s) {', '.join(exc.failures)} failed during {exc.request}; restarting the study "
+                         f"with the {n_left} remaining sites")
+                for attr in ("scores", "excluded", "sites"):
+                    self.__dict__.pop(attr, None)
+                self.results = {"study": self.results["study"], "endpoint": self.endpoint, "phases": []}
+        self.results["missing_sites"] = missing
         self.results["round_trips"] = self.fed.rounds
         self.results["seconds"] = round(time.monotonic() - t0, 2)
         return self.results

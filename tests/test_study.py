@@ -111,3 +111,29 @@ def test_icc_robustness_filter_inside_the_study(tmp_path):
         assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
         got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
         assert max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
+
+
+def test_a_site_lost_mid_study_is_marked_missing_and_the_rest_continue(tmp_path):
+    """A site that fails during selection: the study restarts without it (no mixing of rounds or site sets),
+    reports it missing, and the other sites' results equal a study run without that site from the start."""
+    from fedrad.client.client_app import app as client_app
+    from fedrad.server.federation import Federation, LocalGrid, SiteError
+    from fedrad.server.study import Study
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=2)
+
+    def flaky(msg, context):
+        if context.node_config["site-name"] == "hosp3" and msg.metadata.message_type == "query.study_select":
+            raise ConnectionError("site hosp3: the hospital's network went down")
+        return client_app(msg, context)
+
+    res = Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
+    assert list(res["missing_sites"]) == ["hosp3"] and "network went down" in res["missing_sites"]["hosp3"]
+    assert sorted(res["external"]) == ["hosp0", "hosp1", "hosp2"]
+    clean = run_study_in_process(cfg, nodes[:3])
+    for site in clean["external"]:
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(clean["external"][site])
+        assert max(abs(got[k] - want[k]) for k in got) < 1e-12
+    cfg["study"]["min_sites"] = 4
+    with pytest.raises(SiteError, match="quorum lost"):
+        Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
