@@ -30,6 +30,7 @@ renamed, so an interrupted run never replaces a good table with a partial one.
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import hashlib
 import json
 import logging
@@ -385,6 +386,41 @@ def errors_path(out: Path) -> Path:
         out.name + ".errors.csv")
 
 
+class _NoBar:
+    def advance(self, failed: bool = False, n: int = 1) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, total: int, done: int, show: bool):
+    """The case progress bar (cases done, failures, ETA) when ``show``; a silent stand-in otherwise."""
+    if not show:
+        yield _NoBar()
+        return
+    from fedrad.client.progress import case_progress
+
+    bar = case_progress(description, total)
+    bar.start()
+    bar.advance(n=done)
+    try:
+        yield bar
+    finally:
+        bar.stop()
+
+
+def map_in_pool(fn, task_args: list[tuple], params_path: Path, jobs: int | None):
+    """Run ``fn(*args)`` for every task in a spawn process pool (one task each, one extractor and one SimpleITK
+    thread per worker); yields the results as they complete."""
+    if not task_args:
+        return
+    n_jobs = max(1, min(jobs or os.cpu_count() or 1, len(task_args)))
+    ctx = multiprocessing.get_context("spawn")
+    with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker,
+                                initargs=(str(params_path),)) as pool:
+        for fut in cf.as_completed([pool.submit(fn, *args) for args in task_args]):
+            yield fut.result()
+
+
 def write_outputs(df: pd.DataFrame | None, out: Path, metadata: dict, errors: list, nothing: str
                   ) -> tuple[Path, int]:
     """Write the feature table (when there is one) and its ``.errors.csv``; raise ``nothing`` + details when
@@ -463,33 +499,15 @@ def extract_manifest(manifest: str | Path, params=None, out: str | Path = "featu
         else:
             todo.append(case)
     n_cached = len(results)
-    bar = None
-    if progress:
-        from fedrad.client.progress import case_progress
-
-        bar = case_progress("extracting", len(unique_cases))
-        bar.start()
-        bar.advance(n=n_cached)
-    try:
-        if todo:
-            n_jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(str(params_path),)) as pool:
-                futures = [pool.submit(_run_case, case) for case in todo]
-                for fut in cf.as_completed(futures):
-                    key, feats, err, _secs = fut.result()
-                    if feats is not None:
-                        results[key] = feats
-                        if keys.get(key):
-                            cache.put(keys[key], feats)
-                    else:
-                        errors.append((key, "failed", err))
-                    if bar is not None:
-                        bar.advance(failed=feats is None)
-    finally:
-        if bar is not None:
-            bar.stop()
+    with progress_bar("extracting", len(unique_cases), n_cached, progress) as bar:
+        for key, feats, err, _secs in map_in_pool(_run_case, [(case,) for case in todo], params_path, jobs):
+            if feats is not None:
+                results[key] = feats
+                if keys.get(key):
+                    cache.put(keys[key], feats)
+            else:
+                errors.append((key, "failed", err))
+            bar.advance(failed=feats is None)
 
     rows = []
     n_nan = 0

@@ -66,12 +66,9 @@ otherwise it is listed in ``<out>.errors.csv``.
 """
 from __future__ import annotations
 
-import concurrent.futures as cf
 import hashlib
 import json
 import math
-import multiprocessing
-import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -85,12 +82,13 @@ from fedrad.client.extract import (
     CropPlan,
     ExtractionError,
     FeatureCache,
-    _init_worker,
     case_cache_key,
     crop_plan,
     extract_case,
     load_case,
+    map_in_pool,
     params_digest,
+    progress_bar,
     resolve_params,
     run_extractor,
     write_outputs,
@@ -617,33 +615,16 @@ def extract_perturbed(manifest: str | Path, params=None, out: str | Path = "feat
             else:
                 todo.append((case, i))
     n_cached = len(results)
-    bar = None
-    if progress:
-        from fedrad.client.progress import case_progress
-
-        bar = case_progress(f"perturbing (x{n_p})", len(cases) * n_p)
-        bar.start()
-        bar.advance(n=n_cached)
-    try:
-        if todo:
-            n_jobs = max(1, min(jobs or os.cpu_count() or 1, len(todo)))
-            ctx = multiprocessing.get_context("spawn")
-            with cf.ProcessPoolExecutor(max_workers=n_jobs, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(str(params_path),)) as pool:
-                futures = [pool.submit(_run_task, case, i, plist[i], seed, tolerances) for case, i in todo]
-                for fut in cf.as_completed(futures):
-                    ckey, i, feats, err, _secs = fut.result()
-                    if feats is not None:
-                        results[(ckey, i)] = feats
-                        if keys.get((ckey, i)):
-                            cache.put(keys[(ckey, i)], feats)
-                    else:
-                        failures.setdefault(ckey, {})[i] = err
-                    if bar is not None:
-                        bar.advance(failed=feats is None)
-    finally:
-        if bar is not None:
-            bar.stop()
+    task_args = [(case, i, plist[i], seed, tolerances) for case, i in todo]
+    with progress_bar(f"perturbing (x{n_p})", len(cases) * n_p, n_cached, progress) as bar:
+        for ckey, i, feats, err, _secs in map_in_pool(_run_task, task_args, params_path, jobs):
+            if feats is not None:
+                results[(ckey, i)] = feats
+                if keys.get((ckey, i)):
+                    cache.put(keys[(ckey, i)], feats)
+            else:
+                failures.setdefault(ckey, {})[i] = err
+            bar.advance(failed=feats is None)
 
     rows = []
     n_nan = 0
