@@ -252,6 +252,31 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
                 break
 
 
+class _FlowerRun:
+    """What a loopback deployment and a simulation share: the processes they started, the ``flwr`` CLI home,
+    waiting for a run, stopping everything (also as a context manager)."""
+
+    home: Path
+    processes: list
+    connection: str
+
+    def wait(self, run_id: int, timeout: float = 1800.0, on_poll=None, poll: float = 10.0,
+             done_file: Path | None = None) -> dict:
+        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, poll=poll, on_poll=on_poll,
+                            done_file=done_file)
+
+    def stop(self) -> None:
+        for proc in reversed(self.processes):
+            proc.stop()
+        self.processes.clear()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
 @dataclass
 class SiteNode:
     """One site's SuperNode on this machine (loopback deployments, tests, ``fedrad demo``)."""
@@ -261,7 +286,7 @@ class SiteNode:
 
 
 @dataclass
-class LoopbackDeployment:
+class LoopbackDeployment(_FlowerRun):
     """A SuperLink and one SuperNode per site on 127.0.0.1, started and stopped together (insecure loopback)."""
 
     home: Path
@@ -289,25 +314,10 @@ class LoopbackDeployment:
         app_dir = write_app(self.home / "app")
         return flwr_run(app_dir, self.home / "cli", self.connection, run_config)
 
-    def wait(self, run_id: int, timeout: float = 900.0, on_poll=None, poll: float = 10.0,
-             done_file: Path | None = None) -> dict:
-        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, poll=poll, on_poll=on_poll,
-                            done_file=done_file)
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
-
-    def __enter__(self) -> "LoopbackDeployment":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
 
 @dataclass
-class SimulationRun:
+class SimulationRun(_FlowerRun):
     """Flower's simulation engine (Ray) with ``n_sites`` virtual SuperNodes, on a SuperLink this class starts and
     stops (not the shared ``:local:`` one). Virtual sites are named ``site1..siteN`` from their partition id;
     their work directories live under ``sim-root`` (run config) and their tables come from the plan."""
@@ -332,17 +342,3 @@ class SimulationRun:
                         {**run_config, "sim-root": str(self.home / "sites")},
                         federation_config={"num-supernodes": self.n_sites})
 
-    def wait(self, run_id: int, timeout: float = 1800.0, on_poll=None, done_file: Path | None = None) -> dict:
-        return wait_for_run(self.home / "cli", self.connection, run_id, timeout, on_poll=on_poll,
-                            done_file=done_file)
-
-    def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
-        self.processes.clear()
-
-    def __enter__(self) -> "SimulationRun":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
