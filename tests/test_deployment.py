@@ -104,3 +104,43 @@ def test_study_on_flower_simulation_engine(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["round_trips"] == 10 and sorted(res["external"]) == ["site1", "site2", "site3", "site4"]
     assert (tmp_path / "flower" / "sites" / "site3" / "audit.jsonl").exists()
+
+
+@pytest.mark.slow
+def test_supernode_stopped_mid_study_is_marked_missing(tmp_path):
+    """Real processes: one of 4 SuperNodes is stopped (SIGTERM) during model fitting; the coordinator notices
+    (no reply within the round timeout), marks the site missing and finishes with the other 3."""
+    import threading
+    import time
+
+    from fedrad.server.plans import write_json_atomic
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path / "hospitals", survival=False, seed=4)
+    cfg["model"]["grid"] = [0.1, 1.0]
+    write_json_atomic({"task": "study", "config": cfg}, tmp_path / "plan.json")
+    out = tmp_path / "results"
+    sites = [SiteNode(n["site-name"], {k: v for k, v in n.items() if k != "site-name"}) for n in nodes]
+    with LoopbackDeployment(tmp_path / "flower", sites) as dep:
+        run_id = dep.submit({"plan": str(tmp_path / "plan.json"), "out-dir": str(out), "expected-sites": 4,
+                             "round-timeout": 60.0})
+        victim = next(p for p in dep.processes if p.name == "supernode hosp3")
+
+        def stop_during_models():
+            deadline = time.monotonic() + 600
+            while time.monotonic() < deadline:
+                log = out / "progress.log"
+                if log.exists() and "(models)" in log.read_text():
+                    victim.stop()
+                    return
+                time.sleep(0.5)
+
+        killer = threading.Thread(target=stop_during_models, daemon=True)
+        killer.start()
+        status = dep.wait(run_id, timeout=1200, done_file=out / "results.json")
+        killer.join(5)
+    assert status["status"] == "finished:completed"
+    res = json.loads((out / "results.json").read_text())
+    assert list(res["missing_sites"]) == ["hosp3"]
+    assert sorted(res["external"]) == ["hosp0", "hosp1", "hosp2"]
+    assert "restarting the study" in (out / "progress.log").read_text()
