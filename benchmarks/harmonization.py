@@ -32,18 +32,8 @@ from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
+from fedrad.common.selection import benjamini_hochberg
 from fedrad.local import harmonize_table
-
-
-def bh_reject(p: np.ndarray, alpha: float = 0.05) -> np.ndarray:
-    """Benjamini-Hochberg step-up: which hypotheses are rejected at FDR alpha."""
-    m = len(p)
-    order = np.argsort(p)
-    passed = p[order] <= alpha * np.arange(1, m + 1) / m
-    k = np.max(np.nonzero(passed)[0]) + 1 if passed.any() else 0
-    reject = np.zeros(m, bool)
-    reject[order[:k]] = True
-    return reject
 
 
 COVARIATES, CATEGORICAL = ["age", "sex", "stage"], ["sex"]
@@ -52,7 +42,7 @@ COVARIATES, CATEGORICAL = ["age", "sex", "stage"], ["sex"]
 def significant_fraction(df: pd.DataFrame, feats: list[str]) -> float:
     groups = [g for _, g in df.groupby("site")]
     p = np.array([kruskal(*[g[f].to_numpy() for g in groups]).pvalue for f in feats])
-    return float(bh_reject(p).mean())
+    return float((benjamini_hochberg(p) <= 0.05).mean())  # BH step-up: rejected iff q <= alpha
 
 
 def site_accuracy(df: pd.DataFrame, feats: list[str], harmonize: bool) -> float:

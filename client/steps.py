@@ -44,12 +44,10 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
     ``cache`` (one per message) keeps tables, row subsets and column arrays: a study round carries hundreds of
     fits over a handful of (table, row subset, feature list) combinations.
     """
-    import json as _json
-
     from fedrad.common.folds import row_mask
 
     name = data.get("table")
-    spec_key = (name, _json.dumps(data.get("rows"), sort_keys=True))
+    spec_key = (name, json.dumps(data.get("rows"), sort_keys=True))
     if spec_key not in cache:
         if name not in cache:
             cache[name] = site.table(name)

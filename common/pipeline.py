@@ -269,10 +269,14 @@ def pick_variants(evaluated: dict, chosen: dict) -> dict:
     return out
 
 
+def outcome_columns(endpoint: dict) -> list[str]:
+    """Response: the 0/1 outcome column; survival: the time and event columns."""
+    return [endpoint["outcome"]] if endpoint["type"] == "response" else [endpoint["time"], endpoint["event"]]
+
+
 def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site: str) -> pd.DataFrame:
     """The rows a study uses: outcome and clinical values present; a ``case_id`` column (made if absent)."""
-    outcome_cols = [endpoint["outcome"]] if endpoint["type"] == "response" else [endpoint["time"], endpoint["event"]]
-    complete = rows.dropna(subset=outcome_cols + list(clinical))
+    complete = rows.dropna(subset=outcome_columns(endpoint) + list(clinical))
     if "case_id" not in complete.columns:
         complete = complete.assign(case_id=[f"{site}-{i}" for i in range(len(complete))])
     return complete.reset_index(drop=True)

@@ -36,7 +36,7 @@ from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
-                                    pick_variants, screen_candidates, volume_feature)
+                                    outcome_columns, pick_variants, screen_candidates, volume_feature)
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
                                      logistic_score_request)
 from fedrad.server.federation import Federation, SiteError
@@ -93,8 +93,7 @@ class Study:
         cfg = self.cfg
         clinical = list(cfg["model"]["clinical"])
         required = clinical + list(cfg["harmonization"]["covariates"] if cfg["harmonization"]["enabled"] else [])
-        required += [self.endpoint["outcome"]] if self.endpoint["type"] == "response" else \
-            [self.endpoint["time"], self.endpoint["event"]]
+        required += outcome_columns(self.endpoint)
         payload = {"sources": cfg["sites"], "endpoint": self.endpoint, "required_columns": required,
                    "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"]}
         replies = self.fed.ask("study_prepare", payload, phase="prepare")
