@@ -5,6 +5,7 @@ import json
 
 import pandas as pd
 
+from fedrad.client.policy import PolicyRefusal
 from fedrad.client.site import Site
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stats
@@ -69,11 +70,25 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
         text = [c for c in features if not pd.api.types.is_numeric_dtype(rows[c])]
         if text:
             raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
+        if site.policy.min_events:
+            _check_events(site, rows, data)
         if data["model"] == "logistic":  # an array in the request's feature order
             cache[key] = (rows[features].to_numpy(dtype=float), rows[data["outcome"]].to_numpy())
         else:
             cache[key] = rows[features + [data["time"], data["event"]]].copy()
     return cache[key]
+
+
+def _check_events(site: Site, rows, data: dict) -> None:
+    """The site's opt-in ``min-events`` rule (fedrad.client.policy): events (survival) or the smaller outcome
+    class (response) among the rows a fit would sum over."""
+    if data["model"] == "logistic":
+        y = pd.to_numeric(rows[data["outcome"]], errors="coerce")
+        n_pos = int((y == 1).sum())
+        site.policy.check_events(min(n_pos, int((y == 0).sum())), "patients in the smaller outcome class")
+    else:
+        site.policy.check_events(int(pd.to_numeric(rows[data["event"]], errors="coerce").fillna(0).astype(bool).sum()),
+                                 "events")
 
 
 def _outcome_columns(data: dict) -> list[str]:
@@ -101,7 +116,7 @@ def fit_round(site: Site, payload: dict) -> dict:
         data = task["data"]
         try:
             rows = _model_rows(site, data, task["request"], cache)
-        except TooFewRows as exc:
+        except (TooFewRows, PolicyRefusal) as exc:
             if not data.get("rows"):
                 raise  # the site's whole table is below its minimum: it refuses to take part
             skipped[task["id"]] = str(exc)  # an inner CV subset: left out consistently in every round

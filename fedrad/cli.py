@@ -214,12 +214,19 @@ def coordinator_register_site(
 
 @site_app.command("join")
 def site_join(
-    name: str = typer.Option(..., "--name", help="This site's name as the coordinator will see it."),
-    table: Path = typer.Option(..., "--table", help="The site's feature table (stays here)."),
     superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
-    workdir: Path = typer.Option(Path("fedrad-site"), "--workdir", help="Audit log and derived tables."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The site's configuration file (site.toml: "
+                                          "[site] name/table/workdir, [policy]; see deploy/site.toml)."),
+    name: Optional[str] = typer.Option(None, "--name", help="This site's name as the coordinator will see it "
+                                       "(overrides [site] name)."),
+    table: Optional[Path] = typer.Option(None, "--table", help="The site's feature table (stays here; "
+                                         "overrides [site] table)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Audit log and derived tables (default "
+                                           "[site] workdir, else ./fedrad-site)."),
     port: int = typer.Option(9094, "--port", help="Local port of this SuperNode's runtime API."),
-    min_cell_size: int = typer.Option(10, "--min-cell-size", min=2, help="Smallest group this site describes."),
+    min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", min=2,
+                                                help="Smallest group this site describes (default 10; with "
+                                                     "--config the stricter of the two)."),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="The coordinator's ca.crt."),
     auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key (`site keys`)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP; refused unless the SuperLink is loopback."),
@@ -228,6 +235,7 @@ def site_join(
     table, under its policy, writing every reply to its audit log."""
     import ipaddress
 
+    from fedrad.client.site import Site, SiteFailure
     from fedrad.server.runtime import start_supernode
 
     host = superlink.rsplit(":", 1)[0].strip("[]")
@@ -236,13 +244,28 @@ def site_join(
         _fail(f"--insecure is refused for SuperLink {superlink}: use --root-certificates and --auth-key")
     if not insecure and (root_certificates is None or auth_key is None):
         _fail("pass --root-certificates and --auth-key (TLS + node authentication), or --insecure on loopback")
-    if not table.is_file():
-        _fail(f"feature table {table} not found")
-    workdir.mkdir(parents=True, exist_ok=True)
-    cfg = {"table": str(table.resolve()), "workdir": str(workdir.resolve()), "min-cell-size": min_cell_size}
-    proc = start_supernode(workdir / "flower", name, superlink, port, {"site-name": name, **cfg},
+    cfg: dict = {"config": str(config.resolve())} if config else {}
+    if name:
+        cfg["site-name"] = name
+    if table:
+        cfg["table"] = str(table.resolve())
+    if workdir or not config:
+        cfg["workdir"] = str((workdir or Path("fedrad-site")).resolve())
+    if min_cell_size is not None:
+        cfg["min-cell-size"] = min_cell_size
+    try:  # the same reading the SuperNode will do on every request: fail here, with the reason, not later
+        site = Site.from_node_config(cfg)
+    except SiteFailure as exc:
+        _fail(str(exc))
+    if site.table_path is None or not site.table_path.is_file():
+        _fail(f"feature table {site.table_path} not found" if site.table_path else
+              "no feature table: pass --table or set [site] table in --config")
+    site.workdir.mkdir(parents=True, exist_ok=True)
+    cfg.setdefault("site-name", site.name)
+    proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
                            root_certificates=root_certificates, auth_key=auth_key)
-    typer.echo(f"SuperNode pid {proc.popen.pid} for site {name} -> {superlink}; log {proc.log}", err=True)
+    typer.echo(f"site {site.name}: policy {site.policy.describe()}", err=True)
+    typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink}; log {proc.log}", err=True)
     _run_foreground(proc)
 
 
