@@ -143,7 +143,51 @@ def fedavg_update(site: Site, payload: dict) -> dict:
     z = (x - np.asarray(cfg["mean"], float)) / np.asarray(cfg["scale"], float)
     w = local_update(z, rows[cfg["outcome"]].to_numpy(dtype=float), payload["weights"], C=float(cfg["C"]),
                      epochs=int(cfg["epochs"]), lr=float(cfg["lr"]), mu=float(cfg.get("proximal-mu", 0.0)))
+    if cfg.get("clipping_norm") is not None:  # central DP (fedrad fit --dp-noise): clip here, so the audit
+        return _clipped_update(w, payload["weights"], float(cfg["clipping_norm"]), n)  # log holds what is sent
     return {"weights": w, "n": n}
+
+
+def _clipped_update(w, reference, clipping_norm: float, n: int) -> dict:
+    """The update clipped to L2 norm ``clipping_norm`` with Flower's FlatClip arithmetic, iterated to a fixed
+    point: Flower's ``fixedclipping_mod`` (client_app) then leaves these exact values unchanged on the wire."""
+    import numpy as np
+
+    from fedrad.common.privacy import clip_update
+
+    sent, norm = clip_update(w, reference, clipping_norm)
+    for _ in range(8):
+        again, _ = clip_update(sent, reference, clipping_norm)
+        if np.array_equal(again, sent):
+            break
+        sent = again
+    return {"weights": sent, "n": n,
+            "dp": {"clipping_norm": clipping_norm, "update_norm": norm, "clipped": bool(norm > clipping_norm),
+                   "note": "update clipped at the site; the coordinator adds Gaussian noise to the average "
+                           "of all sites' clipped updates (central DP, Flower DifferentialPrivacyClientSide"
+                           "FixedClipping)"}}
+
+
+def secure_fit_round(site: Site, payload: dict) -> dict:
+    """One round of the exact logistic fit under SecAgg+ (``fedrad fit --secure-aggregation``): this site's sums,
+    checked against the coordinator's agreed ranges. They leave masked (client_app: ``secaggplus_mod``); the
+    audit log records them in the clear with that note."""
+    from fedrad.common.privacy import encode_digits, layout_size, site_secure_logistic
+
+    request, data = payload["request"], payload["data"]
+    if data.get("model") != "logistic":
+        raise ValueError(f"secure aggregation is available for logistic fits only, not {data.get('model')!r}")
+    rows = _model_rows(site, data, {"features": list(request["features"])}, {})
+    sums = site_secure_logistic(rows, request, site=site.name)
+    encode_digits(sums, request["layout"], request["bits"])  # refuse here (audited) if out of range
+    return {"sums": sums,
+            "secure_aggregation": {
+                "protocol": "SecAgg+ (Flower secaggplus_mod)", "stage": request["stage"],
+                "note": f"left masked by SecAgg+: the coordinator can only unmask the sum over all "
+                        f"{request['n_sites']} sites, never this site's values; sent as "
+                        f"{layout_size(request['layout'])} exact integer digits of {request['bits']} bits "
+                        "(fedrad.common.privacy.encode_digits of these sums with this layout)",
+                "layout": request["layout"], "bits": request["bits"]}}
 
 
 #: request name -> site step

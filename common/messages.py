@@ -55,6 +55,13 @@ REQUESTS: dict[str, RequestType] = {
         "approximate option: FedAvg / FedProx local update (Flower's own strategies) from the global weights",
         "the updated weight vector and the number of rows",
     ),
+    "secure_fit_round": RequestType(
+        "train",
+        "secure option of the exact logistic fit (SecAgg+): one round's sums, masked so that the coordinator "
+        "only learns their total over all sites",
+        "n, class count, feature sums; sums of centred cross-products; log-likelihood, gradient and Hessian at "
+        "the sent coefficients - each as this site's masked share of the all-site total",
+    ),
     "study_prepare": RequestType(
         "query.study_prepare",
         "make the study's table at the site (extract its manifest or take its feature table), check columns",

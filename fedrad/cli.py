@@ -470,6 +470,18 @@ def fit(
     rounds: int = typer.Option(20, "--rounds", help="FedAvg/FedProx rounds."),
     min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", help="Sites refuse with fewer patients "
                                                 "(default 10 with --federated)."),
+    secure_aggregation: bool = typer.Option(False, "--secure-aggregation",
+                                            help="Exact logistic fit whose every round's sums are combined with "
+                                                 "Flower's SecAgg+: the coordinator sees only the total over all "
+                                                 "sites (>= 3 sites; same model; see docs/PRIVACY.md)."),
+    dp_noise: float = typer.Option(0.0, "--dp-noise", min=0.0,
+                                   help="FedAvg/FedProx with central differential privacy: Gaussian noise "
+                                        "multiplier z (noise SD z*clip/sites on each round's average; 0 = off)."),
+    dp_clip: float = typer.Option(1.0, "--dp-clip", help="DP: L2 norm each site's update is clipped to."),
+    dp_delta: float = typer.Option(1e-5, "--dp-delta", help="DP: the delta at which epsilon is reported."),
+    dp_epsilon: Optional[float] = typer.Option(None, "--dp-epsilon",
+                                               help="DP: target epsilon; sets the noise multiplier that spends "
+                                                    "exactly this over --rounds (instead of --dp-noise)."),
 ) -> None:
     """Fit a penalized logistic or site-stratified Cox model (pooled, or federated with identical results)."""
     import json
@@ -496,6 +508,14 @@ def fit(
         _fail(f"--strategy {strategy!r}: use exact, fedavg or fedprox")
     if strategy != "exact" and (model != "logistic" or pen != "l2" or not federated):
         _fail("--strategy fedavg/fedprox is available for --model logistic --penalty l2 --federated only")
+    if secure_aggregation and (model != "logistic" or not federated or strategy != "exact"):
+        _fail("--secure-aggregation is available for the exact federated logistic fit only "
+              "(--model logistic --federated --strategy exact)")
+    private = dp_noise > 0 or dp_epsilon is not None
+    if private and strategy == "exact":
+        _fail("--dp-noise/--dp-epsilon apply to --strategy fedavg or fedprox (the exact fit releases exact sums)")
+    if private and not (dp_clip > 0 and 0 < dp_delta < 1 and (dp_epsilon is None or dp_epsilon > 0)):
+        _fail("DP needs --dp-clip > 0, 0 < --dp-delta < 1 and --dp-epsilon > 0")
     try:
         exclude = {site_col, *(x for x in (outcome, time, event) if x)}
         feats = select_features(df, _csv_list(features), _csv_list(feature_prefix), exclude)
@@ -504,12 +524,14 @@ def fit(
 
             fitted, info = fit_fedavg(df, site_col, feats, outcome, C=c_eff, strategy=strategy, rounds=rounds,
                                       min_cell_size=min_cell_size,
-                                      log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+                                      log=lambda line: typer.echo(f"coordinator: {line}", err=True),
+                                      dp_noise=dp_noise, dp_clip=dp_clip, dp_delta=dp_delta, dp_epsilon=dp_epsilon)
         else:
             fitted, info = fit_table(df, site_col, model, feats, outcome=outcome, time=time, event=event,
                                      penalty=pen, C=c_eff, l1_ratio=l1, federated=federated,
                                      min_cell_size=min_cell_size,
-                                     log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+                                     log=lambda line: typer.echo(f"coordinator: {line}", err=True),
+                                     **({"secure_aggregation": True} if secure_aggregation else {}))
     except (SiteError, ValueError) as exc:
         _fail(str(exc))
     doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
@@ -524,10 +546,17 @@ def fit(
     tmp.replace(out)
     if info["mode"] == "pooled":
         mode = "pooled"
+    elif info["mode"] == "federated" and info.get("secure_aggregation"):
+        mode = (f"federated with SecAgg+, {info['secure_rounds']} secure rounds = {info['round_trips']} "
+                "round trips")
     elif info["mode"] == "federated":
         mode = f"federated, {info['round_trips']} round trips"
     else:
         mode = f"{info['mode']} (approximate), {info['round_trips']} round trips"
+        if info.get("dp"):
+            mode += (f"; central DP: noise multiplier {info['dp']['noise_multiplier']:.4g}, clip "
+                     f"{info['dp']['clipping_norm']:g}, epsilon {info['dp']['epsilon']:.3g} at delta "
+                     f"{info['dp']['delta']:g} (site level)")
     typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
                f"{df[site_col].nunique()} sites, {mode})")
     try:

@@ -140,8 +140,16 @@ def select_features(df: pd.DataFrame, features: list[str] | None, prefixes: list
 def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], *, outcome: str | None = None,
               time: str | None = None, event: str | None = None, penalty: str | None = "l2", C: float = 1.0,
               l1_ratio: float | None = None, federated: bool = False, min_cell_size: int | None = None,
-              log=None) -> tuple[object, dict]:
-    """Fit a logistic or site-stratified Cox model on a table, pooled or federated (each site a site agent)."""
+              log=None, secure_aggregation: bool = False, workdir: Path | None = None) -> tuple[object, dict]:
+    """Fit a logistic or site-stratified Cox model on a table, pooled or federated (each site a site agent).
+
+    ``secure_aggregation`` (federated logistic only, >= 3 sites): every round's sums are combined with Flower's
+    SecAgg+, so the coordinator only learns their total over all sites (fedrad.server.secure; docs/PRIVACY.md).
+    ``workdir`` keeps the sites' folders (tables, audit logs); by default a temporary directory.
+    """
+    if secure_aggregation and (model != "logistic" or not federated):
+        raise ValueError("secure aggregation is available for the federated logistic fit only "
+                         "(--model logistic --federated)")
     if site_col not in df.columns:
         raise ValueError(f"column {site_col!r} not in the table")
     outcome_cols = [outcome] if model == "logistic" else [time, event]
@@ -171,9 +179,18 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
         raise ValueError(f"unknown model {model!r}; use logistic or cox")
     from fedrad.server.fitting import FitTask, run_fits
 
+    if secure_aggregation:
+        from fedrad.common.privacy import digit_bits
+
+        digit_bits(df[site_col].nunique())  # >= 3 sites, before any site is asked
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
-        sites = split_into_sites(df, site_col, Path(tmp), min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+        sites = split_into_sites(df, site_col, Path(workdir or tmp),
+                                 min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
         fed = sites.federation(log=log)
+        if secure_aggregation:
+            from fedrad.server.secure import secure_logistic_fit
+
+            return secure_logistic_fit(fed, features, data, penalty=penalty, C=C, l1_ratio=l1_ratio)
         models = run_fits(fed, {"fit": FitTask(server, data)})
     return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
 
@@ -189,11 +206,18 @@ def run_study_in_process(cfg: dict, node_configs: list[dict], log=None) -> dict:
 
 def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: str, *, C: float = 1.0,
                strategy: str = "fedavg", rounds: int = 20, epochs: int = 20, lr: float = 0.5, mu: float = 0.1,
-               min_cell_size: int | None = None, log=None):
+               min_cell_size: int | None = None, log=None, dp_noise: float = 0.0, dp_clip: float = 1.0,
+               dp_delta: float = 1e-5, dp_epsilon: float | None = None, workdir: Path | None = None):
     """Approximate logistic fit with Flower's own FedAvg / FedProx strategies (see fedrad.common.fedavg).
 
     One exact round gives the global standardization; then ``rounds`` strategy rounds. Returns a
     LogisticModel (L2 penalty ``C``) and info with the round count and the gap to the exact federated fit.
+
+    Differential privacy (docs/PRIVACY.md): ``dp_noise`` > 0 (noise multiplier z), or ``dp_epsilon`` (the z that
+    spends exactly that ε at ``dp_delta`` over ``rounds``), runs Flower's DifferentialPrivacyClientSideFixedClipping:
+    sites clip their update to L2 norm ``dp_clip`` (fixedclipping_mod), sites weigh equally, the coordinator
+    adds N(0, (z·dp_clip/k)²) to the average each round. ``info["dp"]`` reports (ε, δ) of the weight updates.
+    ``workdir`` keeps the sites' folders (tables, audit logs); by default a temporary directory.
     """
     import numpy as np
     from flwr.app import Array, ArrayRecord, ConfigRecord
@@ -204,7 +228,8 @@ def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: st
     if strategy not in ("fedavg", "fedprox"):
         raise ValueError(f"strategy {strategy!r}: use fedavg or fedprox")
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
-        sites = split_into_sites(df, site_col, Path(tmp), min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+        sites = split_into_sites(df, site_col, Path(workdir or tmp),
+                                 min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
         fed = sites.federation(log=log)
         server = LogisticServer(features, penalty="l2", C=C)
         data = {"model": "logistic", "features": features, "outcome": outcome}
@@ -215,13 +240,32 @@ def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: st
         n_sites = len(sites.tables)
         cls = FedProx if strategy == "fedprox" else FedAvg
         kwargs = {"proximal_mu": mu} if strategy == "fedprox" else {}
-        strat = cls(fraction_evaluate=0.0, min_train_nodes=n_sites, min_available_nodes=n_sites, **kwargs)
+        private = bool(dp_noise and dp_noise > 0) or dp_epsilon is not None
+        if private:
+            from fedrad.common.privacy import noise_multiplier_for
+            from fedrad.server.secure import dp_strategy
+
+            if dp_epsilon is not None:
+                dp_noise = noise_multiplier_for(float(dp_epsilon), float(dp_delta), int(rounds))
+            strat = dp_strategy(strategy, n_sites, noise_multiplier=float(dp_noise), clipping_norm=float(dp_clip),
+                                delta=float(dp_delta), mu=mu)
+        else:
+            strat = cls(fraction_evaluate=0.0, min_train_nodes=n_sites, min_available_nodes=n_sites, **kwargs)
         config = ConfigRecord({"features": list(features), "mean": [float(v) for v in mean],
                                "scale": [float(v) for v in scale], "outcome": outcome, "C": float(C),
-                               "epochs": int(epochs), "lr": float(lr), "proximal-mu": float(mu if kwargs else 0.0)})
+                               "epochs": int(epochs), "lr": float(lr), "proximal-mu": float(mu if kwargs else 0.0),
+                               **({"uniform-weight": True} if private else {})})
         init = ArrayRecord({"weights": Array(np.zeros(len(features) + 1))})
         result = strat.start(grid=fed.grid, initial_arrays=init, num_rounds=int(rounds), train_config=config)
         w = result.arrays["weights"].numpy()
+        dp = None
+        if private:
+            spent = strat.privacy_spent()
+            dp = {"noise_multiplier": float(dp_noise), "clipping_norm": float(dp_clip), "epsilon": spent.epsilon,
+                  "delta": spent.delta, "releases": spent.num_releases, "accountant": spent.accounting_method,
+                  "noise_sd": float(dp_noise) * float(dp_clip) / n_sites, "level": "site (add/remove one site)",
+                  "covers": "the FedAvg weight updates; the standardization round (global means and SDs) is "
+                            "exact and not noised"}
     coef = w[1:] / scale
     d = {"kind": "fedrad.glm.logistic_model", "version": 1,
          "params": {"penalty": "l2", "C": float(C), "l1_ratio": None, "tol": 0.0, "max_rounds": int(rounds)},
@@ -231,4 +275,7 @@ def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: st
          "n_per_site": {}, "n_pos_per_site": {}, "converged": False, "n_rounds": int(rounds) + 1,
          "objective": None, "hessian_std": np.zeros((len(w), len(w))).tolist(), "history": [],
          "fit": strategy}
-    return LogisticModel.from_dict(d), {"mode": strategy, "round_trips": int(rounds) + 1, "approximate": True}
+    info = {"mode": strategy, "round_trips": int(rounds) + 1, "approximate": True}
+    if dp is not None:
+        info["dp"] = dp
+    return LogisticModel.from_dict(d), info
