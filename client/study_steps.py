@@ -22,16 +22,14 @@ def read_feature_file(path: Path, site: str) -> pd.DataFrame:
     return pd.read_csv(path, float_precision="round_trip")
 
 
-def _small(count: int, k: int):
-    """A count cell is released only when it is at least the site's minimum cell size."""
-    return int(count) if count >= k else None
-
-
 def study_prepare(site: Site, payload: dict) -> dict:
     """Make the study's raw table at the site: extract its manifest, or take its feature table; check columns.
 
-    Replies with the table's size, outcome counts (each suppressed below the minimum cell size), the candidate
-    feature names and the extraction parameters' hash (to check every site used the same settings).
+    Replies with the table's size, outcome counts (withheld together when either is below the minimum cell
+    size), the candidate feature names, the extraction parameters' hash (to check every site used the same
+    settings), the cohort description of the report (clinical columns: mean and SD, level counts with small
+    cells withheld), per-feature moments of the raw table (site effect before harmonization) and the site's
+    software versions.
     """
     source = (payload.get("sources") or {}).get(site.name) or {}
     params_hash = None
@@ -65,23 +63,55 @@ def study_prepare(site: Site, payload: dict) -> dict:
         bad = sorted(set(y.unique()) - {0, 1})
         if bad:
             raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
-        events = int(y.sum())
-    else:
-        events = int(complete[endpoint["event"]].sum())
-    return {"n": int(len(complete)), "n_dropped_incomplete": int(dropped), "n_events": _small(events, k),
-            "n_nonevents": _small(len(complete) - events, k),
-            "features": candidate_features(complete, payload["feature_prefixes"]),
-            "params_hash": params_hash, "extraction": extraction,
-            "has_robustness": bool(source.get("robustness"))}
+    from fedrad.common.report_stats import cohort_summary, feature_moments
+
+    features = candidate_features(complete, payload["feature_prefixes"])
+    spec = payload.get("cohort") or {}
+    cohort = cohort_summary(complete, endpoint=endpoint, columns=list(spec.get("columns", payload.get("clinical", []))),
+                            categorical=list(spec.get("categorical", [])), k=k)
+    outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
+    return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
+            "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
+            "features": features, "params_hash": params_hash, "extraction": extraction,
+            "has_robustness": bool(source.get("robustness")), "cohort": cohort,
+            "moments": feature_moments(complete, features, k), "versions": software_versions()}
+
+
+def _small_or_zero(count: int, k: int):
+    """A count of excluded patients: released when 0 or at least k."""
+    return int(count) if count == 0 or count >= k else None
+
+
+def software_versions() -> dict:
+    """Versions of the software that computed this site's numbers (provenance in the report)."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name, dist in (("fedrad", "fedrad"), ("pyradiomics", "pyradiomics"), ("flwr", "flwr"),
+                       ("numpy", "numpy"), ("SimpleITK", "SimpleITK")):
+        try:
+            out[name] = version(dist)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
 
 
 def study_harmonize(site: Site, payload: dict) -> dict:
     """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site), then
-    answer the selection's score-test requests on the folds this site trains in."""
+    answer the selection's score-test requests on the folds this site trains in, and send per-feature moments
+    of the fold's harmonized table named in ``payload["moments"]`` (the report's site effect after ComBat)."""
     rows = site.table("raw")
     folds = {fold: harmonize_locally(site, rows, ref, f"h-{fold}") for fold, ref in payload["references"].items()}
     selection = study_select(site, {"folds": payload["selection"]})["folds"] if payload.get("selection") else {}
-    return {"folds": folds, "selection": selection}
+    out = {"folds": folds, "selection": selection}
+    spec = payload.get("moments")
+    if spec and spec["fold"] in folds:  # per-feature moments of one harmonized table (site effect after ComBat)
+        from fedrad.common.report_stats import feature_moments
+
+        out["moments"] = feature_moments(site.table(f"h-{spec['fold']}"), spec["features"],
+                                         site.policy.min_cell_size)
+    return out
 
 
 def study_select(site: Site, payload: dict) -> dict:

@@ -24,6 +24,7 @@ import pandas as pd
 import scipy.special
 
 from fedrad.common import metrics
+from fedrad.common.report_stats import calibration_bins
 
 MODEL_KINDS = ("radiomics", "volume", "clinical", "combined")
 VOLUME_FEATURES = ("original_shape_VoxelVolume", "original_shape_MeshVolume")
@@ -80,7 +81,11 @@ def screen_candidates(score, *, fdr: float, max_features: int, icc=None, icc_thr
         passed = [informative.idxmax()] if len(informative) else []
     ordered = sorted(passed, key=lambda f: (-float(assoc[f]), f))
     candidates = ordered[: CANDIDATES_PER_FEATURE * max_features]
-    return {"candidates": candidates, "association": {f: float(assoc[f]) for f in candidates},
+    icc_values = None
+    if icc is not None:  # ICC(1,1) of the candidates (robustness), for the report
+        table = icc.table["icc"]
+        icc_values = {f: (float(table[f]) if f in table.index else None) for f in candidates}
+    return {"candidates": candidates, "association": {f: float(assoc[f]) for f in candidates}, "icc": icc_values,
             "n_not_robust": len(not_robust), "n_candidates": int(len(q)), "n_passed_fdr": 0 if fallback else len(passed),
             "fallback": bool(fallback), "q_values": {f: float(q[f]) for f in candidates}}
 
@@ -194,13 +199,21 @@ def _model_metrics(endpoint: dict, lp: np.ndarray, outcome: tuple, min_cell_size
     if endpoint["type"] == "response":
         (y,) = outcome
         p = scipy.special.expit(lp)
-        bins = metrics.roc_bins(y, p, ROC_EDGES)
+        bins = metrics.suppress_small_cells(metrics.roc_bins(y, p, ROC_EDGES), min_cell_size)
         return {"auc": metrics.auc_delong(y, lp), "brier": float(metrics.brier(y, p)),
                 "calibration": metrics.calibration(y, np.clip(p, 1e-12, 1 - 1e-12)),
-                "roc_bins": metrics.suppress_small_cells(bins, min_cell_size)}
+                "roc_bins": bins,
+                # observed vs mean predicted in the released ROC bins (each >= min_cell_size patients)
+                "calibration_bins": (calibration_bins(y, p, bins["edges"]) if bins.get("edges") is not None
+                                     else {"n": None, "reason": bins.get("reason")})}
     t, e = outcome
     high = lp > 0.0
-    return {"c_index": metrics.harrell_c(t, e, lp), "risk_split": metrics.risk_group_split(t, e, lp, 0.0),
+    split = metrics.risk_group_split(t, e, lp, 0.0)
+    cells = (split["events_high"], split["n_high"] - split["events_high"], split["events_low"],
+             split["n_low"] - split["events_low"])
+    if min(cells) < min_cell_size:  # a 2 x 2 table (risk group x event) with a small cell: no count released
+        split.update(n_high=None, n_low=None, events_high=None, events_low=None)
+    return {"c_index": metrics.harrell_c(t, e, lp), "risk_split": split,
             "km": {g: (metrics.km_bins(t[m], e[m], grid) if m.sum() >= min_cell_size else None)
                    for g, m in (("high", high), ("low", ~high))}}
 
@@ -227,9 +240,11 @@ def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_
 
     Response: AUC with DeLong 95% CI, Brier score, calibration intercept and slope, probability-binned
     positive/negative counts for the pooled ROC (neighbouring bins merged until each holds ≥ ``min_cell_size``
-    patients), and paired DeLong differences (radiomics − volume, radiomics − clinical, combined − clinical).
+    patients) and, in the same bins, patients, events and mean predicted probability (calibration plot), and
+    paired DeLong differences (radiomics − volume, radiomics − clinical, combined − clinical).
     Survival: Harrell's C with CI, hazard ratio and log-rank p of the high- vs low-risk split at the training
-    mean risk (linear predictor > 0), Kaplan-Meier counts per risk group on ``km_grid``, and paired C-index
+    mean risk (linear predictor > 0; its group and event counts withheld when a cell of the risk group x event
+    table is under ``min_cell_size``), Kaplan-Meier counts per risk group on ``km_grid``, and paired C-index
     differences.
     """
     outcome = _outcomes(endpoint, rows)

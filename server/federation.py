@@ -36,6 +36,15 @@ class SiteError(RuntimeError):
         super().__init__(f"{request}: {len(failures)} site(s) failed: {shown}")
 
 
+#: what the SuperLink itself replies (``src_node_id`` 1, code 5) for a message whose site missed its heartbeats
+SITE_DOWN = ("its SuperNode stopped sending heartbeats (crashed, or cut off from the coordinator) "
+             "[Flower NODE_UNAVAILABLE]")
+
+
+def _error_reason(error) -> str:
+    return SITE_DOWN if error.code == ErrorCode.NODE_UNAVAILABLE else _short_reason(error.reason)
+
+
 def _short_reason(reason: str) -> str:
     """Flower wraps a raised exception as ``"<class 'X'>:<'message'>"``; keep the message."""
     if reason.startswith("<class") and ":<" in reason:
@@ -63,6 +72,8 @@ class Federation:
         self.rounds = 0
         self.node_of_site: dict[str, int] = {}
         self.excluded: set[str] = set()  # sites left out (e.g. lost mid-study): never asked again
+        #: one entry per round trip: round, request, phase, sites asked, answered and failed (with reasons), seconds
+        self.history: list[dict] = []
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -113,8 +124,8 @@ class Federation:
             node = node_by_msg.get(r.metadata.reply_to_message_id, r.metadata.src_node_id)
             answered.add(node)
             name = site_by_node.get(node, f"node {node}")
-            if r.has_error():
-                reason = _short_reason(r.error.reason)
+            if r.has_error():  # a site's refusal, or the SuperLink's reply for a site that is down
+                reason = _error_reason(r.error)
                 named = _SITE_PREFIX.match(reason)  # site agents start their errors with "site NAME: "
                 if named:
                     name, reason = named.group(1), named.group(2)
@@ -127,6 +138,11 @@ class Federation:
             ok[name] = content
         for node in set(targets) - answered:
             failed[site_by_node.get(node, f"node {node}")] = f"no reply within {self.timeout:.0f} s"
+        site_by_node = {v: k for k, v in self.node_of_site.items()}
+        self.history.append({"round": self.rounds, "request": request, "phase": phase,
+                             "asked": sorted(site_by_node.get(n, f"node {n}") for n in targets),
+                             "answered": sorted(ok), "failed": dict(sorted(failed.items())),
+                             "seconds": round(time.monotonic() - t0, 3)})
         self.log(f"round {self.rounds} ({phase or request}): {len(ok)} of {len(targets)} sites answered "
                  f"in {time.monotonic() - t0:.1f} s")
         if failed:

@@ -1,139 +1,121 @@
-"""The study report: one self-contained HTML file (inline SVG figures) from results.json.
+"""The study report: one self-contained HTML file (inline SVG figures, no script, no network) from results.json.
 
-What a reader sees first: the headline (pooled external AUC / C-index of the radiomic signature next to tumour
-volume and clinical baselines), then figures — a forest plot of every held-out site with the random-effects
-pooled estimate per model, the pooled ROC (or Kaplan-Meier by risk group) from binned counts, and the per-site
-paired differences against the baselines — and then tables: sites, signature, penalties, calibration, round
-trips. Every number says what it is.
+Sections, in the order a clinician-statistician reads them:
+
+1. headline (pooled external AUC / C-index of the radiomic signature beside tumour volume and clinical baselines)
+   and any site marked missing, with its reason;
+2. cohort: a "Table 1" per site (patients, events, clinical covariates) with every count under the site's minimum
+   cell size shown as "<k";
+3. harmonization: per-feature site effect (one-way ANOVA from per-site moments, BH-FDR 5%) before and after
+   ComBat, the PCA of the site centroids, per-site mean ± SD of the signature's features;
+4. the signature and the final models: ICC, univariate q-values, coefficients per SD (forest plot);
+5. validation: forest plot of the held-out sites with the random-effects pooled estimate and I², per-site and
+   pooled ROC with calibration (response) or Kaplan-Meier by risk group (survival), paired differences;
+6. TRIPOD checklist and radiomics quality score items, filled from the study;
+7. provenance: software versions, extraction parameter hash, study configuration, which sites answered which
+   round trip.
+
+Everything is computed from results.json (aggregates only). Every number printed says what it is.
 """
 from __future__ import annotations
 
 import html
 import io
+import json
+import math
+import re
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 
 from fedrad.common.pipeline import MODEL_KINDS  # noqa: E402
 
 LABELS = {"radiomics": "radiomic signature", "volume": "tumour volume alone", "clinical": "clinical covariates",
           "combined": "signature + clinical"}
 COLORS = {"radiomics": "#1b6ca8", "volume": "#b5651d", "clinical": "#6a994e", "combined": "#7b2cbf"}
+SITE_COLORS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22",
+               "#17becf"]
+STYLE = {"font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9, "legend.fontsize": 8, "xtick.labelsize": 8,
+         "ytick.labelsize": 8, "axes.spines.top": False, "axes.spines.right": False, "svg.fonttype": "none",
+         "svg.hashsalt": "fedrad-report", "font.family": "DejaVu Sans", "axes.titleweight": "bold"}
+NA = "–"
 
 
-def _svg(fig) -> str:
+# ----------------------------------------------------------------------------------------------
+# small helpers
+# ----------------------------------------------------------------------------------------------
+_FIG_COUNTER = [0]
+
+
+def _svg(fig, label: str) -> str:
+    """The figure as inline SVG; its ids prefixed so that several figures can share one page."""
     buf = io.StringIO()
-    fig.savefig(buf, format="svg", bbox_inches="tight")
+    with plt.rc_context(STYLE):
+        fig.savefig(buf, format="svg", bbox_inches="tight")
     plt.close(fig)
     text = buf.getvalue()
-    return text[text.find("<svg"):]
+    text = text[text.find("<svg"):]
+    _FIG_COUNTER[0] += 1
+    prefix = f"f{_FIG_COUNTER[0]}-"
+    text = re.sub(r'id="([^"]+)"', lambda m: f'id="{prefix}{m.group(1)}"', text)
+    text = re.sub(r'url\(#([^)]+)\)', lambda m: f"url(#{prefix}{m.group(1)})", text)
+    text = re.sub(r'href="#([^"]+)"', lambda m: f'href="#{prefix}{m.group(1)}"', text)
+    return text.replace("<svg ", f'<svg class="plot" role="img" aria-label="{html.escape(label)}" ', 1)
+
+
+def _figure(svg: str, caption: str, fid: str) -> str:
+    if not svg:
+        return ""
+    return f"<figure id='{fid}'>{svg}<figcaption>{caption}</figcaption></figure>"
+
+
+def _e(x) -> str:
+    return html.escape(str(x))
+
+
+def _fmt(x, digits=3) -> str:
+    return NA if x is None else f"{x:.{digits}f}"
+
+
+def _p(p) -> str:
+    if p is None:
+        return NA
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
 def _metric_key(endpoint: dict) -> tuple[str, str, str]:
     return ("auc", "auc", "AUC") if endpoint["type"] == "response" else ("c_index", "c", "C-index")
 
 
-def _fmt(x, digits=3) -> str:
-    return "–" if x is None else f"{x:.{digits}f}"
+def _short(feature: str) -> str:
+    return feature.removeprefix("original_")
 
 
-def forest_plot(results: dict) -> str:
-    key, stat, label = _metric_key(results["endpoint"])
-    ext, pooled = results.get("external", {}), results.get("pooled", {})
-    sites = sorted(ext)
-    kinds = [k for k in MODEL_KINDS if k in pooled]
-    fig, ax = plt.subplots(figsize=(7.5, 0.45 * (len(sites) + 2) * len(kinds) / 1.6 + 1.5))
-    y, ticks, names = 0.0, [], []
-    for kind in kinds:
-        for s in sites:
-            est = ext[s].get(kind, {}).get(key, {})
-            v, lo, hi = est.get(stat), est.get("ci_low"), est.get("ci_high")
-            if v is not None:
-                ax.plot([lo if lo is not None else v, hi if hi is not None else v], [y, y], color=COLORS[kind], lw=1.4)
-                ax.plot(v, y, "s", color=COLORS[kind], ms=5)
-            ticks.append(y)
-            names.append(f"{s}")
-            y -= 1
-        p = pooled[kind]
-        if p.get("pooled") is not None:
-            lo, hi, v = p.get("ci_low", p["pooled"]), p.get("ci_high", p["pooled"]), p["pooled"]
-            ax.fill([lo, v, hi, v], [y, y + 0.35, y, y - 0.35], color=COLORS[kind])
-        ticks.append(y)
-        names.append(f"pooled: {LABELS[kind]}")
-        y -= 1.6
-    ax.axvline(0.5, color="grey", ls=":", lw=1)
-    ax.set_yticks(ticks, names, fontsize=8)
-    ax.set_xlabel(f"external {label} at the held-out site (95% CI); pooled = random effects (DerSimonian-Laird)")
-    ax.set_xlim(0.3, 1.0)
-    ax.set_title(f"Leave-one-site-out validation: {label} by held-out site", fontsize=10)
-    return _svg(fig)
+def _table(rows: list[list], head: list[str], cls: str = "", raw: bool = False) -> str:
+    """An HTML table; cells are escaped unless ``raw`` (then the caller escaped them)."""
+    th = "".join(f"<th>{_e(h)}</th>" for h in head)
+    body = []
+    for r in rows:
+        row_cls = ""
+        if r and isinstance(r[0], dict):  # {"class": ...} as the first cell marks a row class
+            row_cls = f" class='{r[0]['class']}'"
+            r = r[1:]
+        body.append(f"<tr{row_cls}>" + "".join(f"<td>{c if raw else _e(c)}</td>" for c in r) + "</tr>")
+    return f"<table class='{cls}'><thead><tr>{th}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
-def curve_plot(results: dict) -> str:
-    pooled = results.get("pooled", {})
-    kinds = [k for k in MODEL_KINDS if k in pooled]
-    fig, ax = plt.subplots(figsize=(5.2, 4.6))
-    if results["endpoint"]["type"] == "response":
-        for kind in kinds:
-            roc = pooled[kind].get("roc", {})
-            if "fpr" in roc:
-                ax.plot(roc["fpr"], roc["tpr"], color=COLORS[kind],
-                        label=f"{LABELS[kind]} (binned AUC {roc['auc_binned']:.2f})")
-        ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
-        ax.set_xlabel("1 − specificity (pooled over held-out sites)")
-        ax.set_ylabel("sensitivity")
-        ax.set_title("Pooled external ROC from binned counts", fontsize=10)
-    else:
-        kind = "radiomics" if "radiomics" in pooled else (kinds[0] if kinds else None)
-        for group, ls in (("high", "-"), ("low", "--")):
-            km = pooled.get(kind, {}).get(f"km_{group}") if kind else None
-            if km and km.get("time"):
-                ax.step(km["time"], km["survival"], where="post", ls=ls, color=COLORS[kind],
-                        label=f"{group} risk ({LABELS[kind]})")
-        ax.set_xlabel("time (units of the study's time column)")
-        ax.set_ylabel("survival probability (pooled Kaplan-Meier)")
-        ax.set_ylim(0, 1.02)
-        ax.set_title("Pooled external Kaplan-Meier by predicted risk group", fontsize=10)
-    ax.legend(fontsize=7, loc="lower right" if results["endpoint"]["type"] == "response" else "lower left")
-    return _svg(fig)
+def _site_colors(results: dict) -> dict[str, str]:
+    names = sorted(set(results.get("sites", {})) | set(results.get("missing_sites") or {}))
+    return {s: SITE_COLORS[i % len(SITE_COLORS)] for i, s in enumerate(names)}
 
 
-def paired_plot(results: dict) -> str:
-    ext = results.get("external", {})
-    sites = sorted(ext)
-    pairs = sorted({p for s in sites for p in ext[s].get("paired", {})})
-    if not pairs:
-        return ""
-    label = _metric_key(results["endpoint"])[2]
-    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(sites) * len(pairs) + 1.2))
-    y, ticks, names = 0, [], []
-    for pair in pairs:
-        a, b = pair.split("-")
-        for s in sites:
-            d = ext[s]["paired"].get(pair, {})
-            if d.get("diff") is not None:
-                ax.plot([d.get("ci_low", d["diff"]), d.get("ci_high", d["diff"])], [y, y], color=COLORS[a], lw=1.3)
-                ax.plot(d["diff"], y, "o", color=COLORS[a], ms=4)
-            ticks.append(y)
-            names.append(f"{s}: {LABELS[a]} − {LABELS[b]}")
-            y -= 1
-        y -= 0.6
-    ax.axvline(0, color="grey", lw=1)
-    ax.set_yticks(ticks, names, fontsize=7)
-    ax.set_xlabel(f"paired difference in external {label} (95% CI) — right of 0: the first model is better")
-    ax.set_title("Does the signature add to tumour volume and clinical covariates?", fontsize=10)
-    return _svg(fig)
-
-
-def _table(rows: list[list], head: list[str]) -> str:
-    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
-    return f"<table><thead><tr>{th}</tr></thead><tbody>{body}</tbody></table>"
-
-
+# ----------------------------------------------------------------------------------------------
+# headline
+# ----------------------------------------------------------------------------------------------
 def headline(results: dict) -> list[str]:
     """One line per model: pooled external estimate with CI and heterogeneity."""
     key, stat, label = _metric_key(results["endpoint"])
@@ -148,68 +130,1017 @@ def headline(results: dict) -> list[str]:
     return lines
 
 
-def write_report(results: dict, path: str | Path) -> Path:
+# ----------------------------------------------------------------------------------------------
+# 1. cohort
+# ----------------------------------------------------------------------------------------------
+def _level_order(levels) -> list[str]:
+    def key(v):
+        try:
+            return (0, float(v), "")
+        except ValueError:
+            return (2 if v == "missing" else 1, 0.0, v)
+    return sorted(levels, key=key)
+
+
+def _count_cell(v, n, small: bool, k) -> str:
+    if v is None:
+        return f"&lt;{_e(k)}" if small else "withheld<sup>‡</sup>"
+    pct = f" ({100 * v / n:.0f}%)" if n else ""
+    return f"{v}{pct}"
+
+
+def _pooled_count(values: list, total: int) -> str:
+    released = [v for v in values if v is not None]
+    s = sum(released)
+    if len(released) == len(values):
+        return f"{s} ({100 * s / total:.0f}%)" if total else str(s)  # total 0: a plain count
+    return f"≥ {s}<sup>§</sup>"
+
+
+def cohort_table(results: dict) -> str:
+    """Table 1 per site: patients, outcome, clinical covariates; small cells as "<k"."""
+    from fedrad.common.report_stats import combine_moments
+
+    ep = results["endpoint"]
+    info = results.get("sites", {})
+    cohort = results.get("cohort") or {}
+    sites = sorted(info)
+    missing = results.get("missing_sites") or {}
+    head = ["characteristic"] + sites + ["all sites"] + [f"{s} (missing)" for s in missing if s not in info]
+    n_missing_cols = len(head) - 2 - len(sites)
+    blank = [NA] * n_missing_cols
+    ns = [int(info[s].get("n") or 0) for s in sites]
+    total = sum(ns)
+    rows: list[list] = [[{"class": "strong"}, "patients in the study (complete outcome and clinical data), n"]
+                        + [str(n) for n in ns] + [str(total)] + blank]
+    dropped = [info[s].get("n_dropped_incomplete") for s in sites]
+    if any(d != 0 for d in dropped):
+        rows.append(["excluded for missing outcome or clinical values, n"]
+                    + [(str(d) if d is not None else f"&lt;{_e((cohort.get(s) or {}).get('k', 'k'))}")
+                       for s, d in zip(sites, dropped)] + [_pooled_count(dropped, 0)] + blank)
+    extraction = [info[s].get("extraction") for s in sites]
+    if any(extraction):
+        rows.append(["images extracted at the site / cases in its manifest"]
+                    + [f"{x['extracted']} / {x['cases']}" if x else NA for x in extraction] + [NA] + blank)
+    if ep["type"] == "response":
+        names = {"events": f"positive outcome ({ep['outcome']} = 1), n (%)",
+                 "non_events": f"negative outcome ({ep['outcome']} = 0), n (%)"}
+    else:
+        names = {"events": f"events ({ep['event']} = 1), n (%)", "non_events": f"censored ({ep['event']} = 0), n (%)"}
+    for key, label in names.items():
+        vals, cells = [], []
+        for s, n in zip(sites, ns):
+            c = cohort.get(s)
+            if c:
+                v = c["outcome"][key]
+                cells.append(_count_cell(v, n, key in c.get("outcome_under_k", []), c.get("k", "k")))
+            else:  # results.json of an older study: the prepare reply's counts
+                v = info[s].get("n_events" if key == "events" else "n_nonevents")
+                cells.append(_count_cell(v, n, v is None, "k"))
+            vals.append(v)
+        rows.append([label] + cells + [_pooled_count(vals, total)] + blank)
+    if ep["type"] == "survival" and cohort:
+        fu = [(cohort.get(s) or {}).get("follow_up") for s in sites]
+        rows.append([f"observed time ({ep['time']}, events and censored), mean ± SD"]
+                    + [f"{f['mean']:.1f} ± {f['sd']:.1f}" if f and f.get("sd") is not None else NA for f in fu]
+                    + [NA] + blank)
+    columns = list(dict.fromkeys(c for s in sites for c in list((cohort.get(s) or {}).get("continuous", {}))
+                                 + list((cohort.get(s) or {}).get("counts", {}))))
+    for col in columns:
+        counted = all(col in (cohort.get(s) or {}).get("counts", {}) for s in sites)
+        if not counted:  # mean ± SD
+            ms = [(cohort.get(s) or {}).get("continuous", {}).get(col) or {} for s in sites]
+            cells = [f"{m['mean']:.1f} ± {m['sd']:.1f}" if m.get("mean") is not None else
+                     f"&lt;{_e((cohort.get(s) or {}).get('k', 'k'))} values" for s, m in zip(sites, ms)]
+            pooled = NA
+            if all(m.get("mean") is not None for m in ms):
+                N, mean, var = combine_moments(np.array([[m["n"]] for m in ms]), np.array([[m["mean"]] for m in ms]),
+                                               np.array([[m["sd"] ** 2] for m in ms]))
+                pooled = f"{mean[0]:.1f} ± {math.sqrt(var[0]):.1f}"
+            rows.append([f"{_e(col)}, mean ± SD"] + cells + [pooled] + blank)
+            continue
+        rows.append([{"class": "group"}, f"{_e(col)}, n (%)"] + [""] * (len(sites) + 1) + blank)
+        levels = _level_order({lv for s in sites for lv in cohort[s]["counts"][col]})
+        for lv in levels:
+            vals, cells = [], []
+            for s, n in zip(sites, ns):
+                c = cohort[s]
+                v = c["counts"][col].get(lv, 0)
+                vals.append(v)
+                cells.append(_count_cell(v, n, lv in c.get("under_k", {}).get(col, []), c.get("k", "k")))
+            rows.append([f"&nbsp;&nbsp;&nbsp;{_e(lv)}"] + cells + [_pooled_count(vals, total)] + blank)
+    html_table = _table(rows, head, cls="cohort", raw=True)
+    ks = sorted({str((cohort.get(s) or {}).get("k")) for s in sites if cohort.get(s)})
+    notes = [f"&lt;k: fewer than k patients (k = the site's minimum cell size: {', '.join(ks) or 'k'}); the count "
+             "never left the site.",
+             "‡ withheld so that a count under k cannot be derived from the site's total (complementary "
+             "suppression); the count itself is at least k.",
+             "§ sum over the sites that released the cell (withheld cells not included).",
+             "Percentages are of the site's patients. Means and SDs (ddof 1) are computed at each site; the all-sites "
+             "column combines them exactly from (n, mean, SD)."]
+    for s, reason in missing.items():
+        notes.append(f"<b>{_e(s)} (missing)</b>: {_e(reason)}")
+    return html_table + "<p class='note'>" + "<br>".join(notes) + "</p>"
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. harmonization
+# ----------------------------------------------------------------------------------------------
+def site_effect_figure(results: dict) -> str:
+    eff = results.get("site_effect")
+    if not eff:
+        return ""
+    colors = _site_colors(results)
+    with plt.rc_context(STYLE):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.6, 3.9), gridspec_kw={"width_ratios": [1, 1.45]})
+        bars, labels, colors_b = [], [], []
+        for key, lab, col in (("before", "raw features\n(before ComBat)", "#9e9e9e"),
+                              ("after", "harmonized\n(after ComBat)", "#1b6ca8")):
+            e = eff.get(key)
+            if e and e.get("share_significant") is not None:
+                bars.append(100 * e["share_significant"])
+                labels.append(lab)
+                colors_b.append(col)
+        x = np.arange(len(bars))
+        ax1.bar(x, bars, color=colors_b, width=0.6)
+        for xi, key in zip(x, [k for k in ("before", "after") if eff.get(k)]):
+            e = eff[key]
+            ax1.text(xi, 100 * e["share_significant"] + 2, f"{100 * e['share_significant']:.0f}%\n"
+                     f"({e['n_significant']} of {e['n_tested']})", ha="center", va="bottom", fontsize=8)
+        ax1.set_xticks(x, labels)
+        ax1.set_ylim(0, 118)
+        ax1.set_xlim(-0.7, max(len(bars) - 0.3, 0.7))
+        ax1.set_ylabel("features with a site effect (%)")
+        ax1.set_title("Site effect per feature", loc="left")
+        pca = eff.get("pca", {})
+        if pca.get("before"):
+            before, after = np.array(pca["before"]), np.array(pca["after"]) if pca.get("after") else None
+            for i, s in enumerate(pca["sites"]):
+                c = colors.get(s, "#444")
+                ax2.scatter(*before[i], s=70, facecolor="white", edgecolor=c, linewidth=1.8, zorder=3)
+                ax2.annotate(s, before[i], xytext=(6, 5), textcoords="offset points", fontsize=8, color=c)
+                if after is not None:
+                    ax2.annotate("", xy=after[i], xytext=before[i],
+                                 arrowprops={"arrowstyle": "->", "color": c, "lw": 1.0, "alpha": 0.7})
+                    ax2.scatter(*after[i], s=55, color=c, zorder=4)
+            ax2.axhline(0, color="#ddd", lw=0.8, zorder=0)
+            ax2.axvline(0, color="#ddd", lw=0.8, zorder=0)
+            evr = pca.get("explained_variance_ratio", [0, 0])
+            ax2.set_xlabel(f"PC1 of the raw site centroids ({100 * evr[0]:.0f}% of their variance), pooled-SD units")
+            ax2.set_ylabel(f"PC2 ({100 * evr[1]:.0f}%)")
+            ttl = "Site centroids: open = raw"
+            if after is not None:
+                ttl += ", filled = harmonized"
+            ax2.set_title(ttl, loc="left")
+            pts = before if after is None else np.vstack([before, after])
+            span = np.ptp(pts, axis=0).max() or 1.0
+            lo, hi = pts.min(axis=0) - 0.15 * span, pts.max(axis=0) + 0.15 * span
+            ax2.set_xlim(lo[0], hi[0])
+            ax2.set_ylim(min(lo[1], -0.3 * span), max(hi[1], 0.3 * span))
+        else:
+            ax2.text(0.5, 0.5, pca.get("reason", "PCA not available"), ha="center", va="center",
+                     transform=ax2.transAxes, wrap=True)
+            ax2.set_axis_off()
+        fig.tight_layout()
+    return _svg(fig, "site effect before and after ComBat; PCA of site centroids")
+
+
+def feature_moments_figure(results: dict, max_features: int = 4) -> str:
+    fm = results.get("feature_moments")
+    if not fm or not fm.get("before"):
+        return ""
+    feats = fm["features"][:max_features]
+    sites = sorted(fm["before"])
+    colors = _site_colors(results)
+    eff = results.get("site_effect", {})
+    with plt.rc_context(STYLE):
+        ncol = len(feats)
+        fig, axes = plt.subplots(1, ncol, figsize=(2.45 * ncol + 0.6, 3.3), squeeze=False)
+        for j, (f, ax) in enumerate(zip(feats, axes[0])):
+            idx = fm["features"].index(f)
+            for i, s in enumerate(sites):
+                for key, dx, style in (("before", -0.17, "o"), ("after", 0.17, "s")):
+                    m = (fm.get(key) or {}).get(s)
+                    if not m or m["mean"][idx] is None:
+                        continue
+                    c = "#9e9e9e" if key == "before" else colors.get(s, "#444")
+                    ax.errorbar(i + dx, m["mean"][idx], yerr=m["sd"][idx] or 0, fmt=style, color=c, ms=4.5,
+                                capsize=2.5, lw=1.2)
+            ax.set_xticks(range(len(sites)), sites, rotation=45, ha="right")
+            ax.set_xlim(-0.6, len(sites) - 0.4)
+            fs = []
+            for key in ("before", "after"):
+                e = eff.get(key)
+                if e and f in e["features"]:
+                    fs.append(_fmt(e["f"][e["features"].index(f)], 1))
+            title = _short(f)
+            title = title if len(title) <= 28 else title[:26] + "…"
+            ax.set_title(f"{title}\nsite-effect F: {' → '.join(fs)}", fontsize=8, loc="left",
+                         fontweight="normal")
+            if j == 0:
+                ax.set_ylabel("feature value, site mean ± SD")
+        fig.tight_layout()
+    return _svg(fig, "per-site mean and SD of features before and after harmonization")
+
+
+def harmonization_section(results: dict) -> str:
+    eff = results.get("site_effect")
+    cfg = (results.get("provenance") or {}).get("config", {})
+    harm = cfg.get("harmonization", {})
+    if not eff:
+        return "<p>Site-effect statistics are not available in these results (study run with an older fedrad).</p>"
+    b, a = eff["before"], eff.get("after")
+    text = (f"<p><b>Site effect</b> = for each radiomic feature, a one-way ANOVA F test of “all sites have the same "
+            f"mean”, computed from each site's n, mean and variance of the feature (sent with the study's existing "
+            f"round trips: raw table when preparing, harmonized table when harmonizing; final fold, all "
+            f"{len(b['sites'])} sites). "
+            f"Features with a significant site effect (Benjamini-Hochberg FDR {100 * eff['fdr']:.0f}%): "
+            f"<b>{b['n_significant']} of {b['n_tested']} ({100 * b['share_significant']:.0f}%) before ComBat</b>")
+    if a:
+        text += f", <b>{a['n_significant']} of {a['n_tested']} ({100 * a['share_significant']:.0f}%) after</b>."
+    else:
+        text += f"; after: not available ({_e(eff.get('after_reason') or 'no harmonized table')})."
+    untested = b.get("n_untested", 0)
+    if untested:
+        text += f" {untested} feature(s) could not be tested (constant, or withheld by a site)."
+    text += "</p>"
+    if harm and not harm.get("enabled", True):
+        text += "<p>Harmonization is disabled in this study: the models use the raw features.</p>"
+    elif harm:
+        cov = ", ".join(harm.get("covariates", [])) or "none"
+        text += (f"<p>ComBat settings: covariates preserved: {_e(cov)}; "
+                 f"{'parametric' if harm.get('parametric') else 'non-parametric'} empirical Bayes; "
+                 f"{'location only' if harm.get('mean_only') else 'location and scale'}. Site differences that "
+                 "remain after ComBat can reflect case mix in the covariates it preserves.</p>")
+    pca = eff.get("pca", {})
+    if pca.get("spread_before") is not None:
+        text += (f"<p>Spread of the site centroids (root mean square distance from the pooled mean, in pooled-SD "
+                 f"units, over {pca['n_features']} features): {pca['spread_before']:.3f} raw"
+                 + (f", {pca['spread_after']:.3f} harmonized" if pca.get("spread_after") is not None else "")
+                 + ".</p>")
+    fig1 = _figure(site_effect_figure(results),
+                   "Left: share of the features whose site means differ (ANOVA F test, BH-FDR 5%). Right: each "
+                   "site's mean feature vector (standardized with the raw pooled mean and SD), on the first two "
+                   "principal components of the raw centroids; arrows go from the raw to the harmonized centroid "
+                   "(projected on the same axes).", "fig-harmonization")
+    fm = results.get("feature_moments") or {}
+    fig2 = _figure(feature_moments_figure(results),
+                   "Per-site mean ± SD (computed at each site) of the signature's features (first shown) and of the "
+                   "features with the largest raw site effect: grey circles raw, coloured squares harmonized. "
+                   "F = ANOVA F statistic of the site effect, raw and harmonized.", "fig-feature-moments")
+    rows = []
+    for f in fm.get("features", []):
+        cells = [_short(f), "yes" if f in fm.get("signature", []) else ""]
+        for key in ("before", "after"):
+            e = eff.get(key)
+            if e and f in e["features"]:
+                j = e["features"].index(f)
+                cells += [_fmt(e["f"][j], 1), _p(e["p"][j]), _p(e["q"][j])]
+            else:
+                cells += [NA, NA, NA]
+        rows.append(cells)
+    table = _table(rows, ["feature", "in signature", "F raw", "p raw", "q raw (BH)", "F harmonized",
+                          "p harmonized", "q harmonized (BH)"]) if rows else ""
+    return text + fig1 + fig2 + table
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. signature and models
+# ----------------------------------------------------------------------------------------------
+def model_coefficients(endpoint: dict, params: dict) -> tuple[list[tuple], str]:
+    """``[(feature, coefficient per SD, ci_low, ci_high)]`` of a final model and what the numbers are."""
+    if endpoint["type"] == "response":
+        from fedrad.common.glm import LogisticModel
+
+        m = LogisticModel.from_dict(params)
+        kept = np.flatnonzero(np.asarray(m.scale_) > 0)
+        cov = m.covariance_std()
+        out = []
+        for i, j in enumerate(kept):
+            b = float(m.coef_std_[j])
+            se = math.sqrt(max(cov[i + 1, i + 1], 0.0)) if cov is not None else None
+            out.append((m.feature_names_in_[j], b, None if se is None else b - 1.96 * se,
+                        None if se is None else b + 1.96 * se))
+        what = ("log odds ratio per 1 SD of the feature (standardized scale, as the model is fitted); "
+                + ("95% Wald interval from the inverse penalized Hessian (L2: shrunken, approximate)"
+                   if cov is not None else "no interval: not meaningful for an L1 / elastic-net penalty"))
+        return out, what
+    from fedrad.common.cox import CoxModel
+
+    m = CoxModel.from_dict(params)
+    var = np.asarray(m.variance_matrix_, dtype=float)
+    out = []
+    for j, f in enumerate(m.feature_names_):
+        sd = float(m.scale_[j])
+        b = float(m.coef_[j]) * sd
+        v = var[j, j] * sd * sd
+        ok = np.isfinite(v) and v >= 0
+        out.append((f, b, b - 1.96 * math.sqrt(v) if ok else None, b + 1.96 * math.sqrt(v) if ok else None))
+    return out, ("log hazard ratio per 1 SD of the feature (coefficient × pooled SD; site-stratified Cox); 95% Wald "
+                 "interval from the inverse penalized information (approximate)")
+
+
+def coefficient_figure(results: dict) -> tuple[str, str]:
+    fms = results.get("final_models") or {}
+    kinds = [k for k in ("radiomics", "combined") if k in fms]
+    if not kinds:
+        return "", ""
+    ep = results["endpoint"]
+    coefs = {k: model_coefficients(ep, fms[k]["params"]) for k in kinds}
+    feats = list(dict.fromkeys(f for k in kinds for f, *_ in coefs[k][0]))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(8.2, 0.36 * len(feats) + 1.3))
+        for ki, k in enumerate(kinds):
+            off = (ki - (len(kinds) - 1) / 2) * 0.22
+            for f, b, lo, hi in coefs[k][0]:
+                y = -feats.index(f) + off
+                if lo is not None:
+                    ax.plot([lo, hi], [y, y], color=COLORS[k], lw=1.5)
+                ax.plot(b, y, "s", color=COLORS[k], ms=5, label=LABELS[k] if f == coefs[k][0][0][0] else None)
+        ax.axvline(0, color="grey", lw=0.8)
+        ax.set_yticks([-i for i in range(len(feats))], [_short(f) for f in feats])
+        unit = "log odds ratio" if ep["type"] == "response" else "log hazard ratio"
+        ax.set_xlabel(f"{unit} per 1 SD of the feature (95% interval, approximate)")
+        ax.set_title("Final models (all sites): coefficients", loc="left")
+        ax.legend(loc="best", frameon=False)
+        fig.tight_layout()
+    return _svg(fig, "coefficients of the final models"), coefs[kinds[0]][1]
+
+
+def signature_section(results: dict) -> str:
+    sig = results.get("signature", [])
+    sel = results.get("selection", {}).get("final", {})
+    cfg = (results.get("provenance") or {}).get("config", {})
+    icc_threshold = (cfg.get("selection") or {}).get("icc_threshold")
+    icc = sel.get("icc") or {}
+    fms = results.get("final_models") or {}
+    ep = results["endpoint"]
+    coefs = {k: dict((f, (b, lo, hi)) for f, b, lo, hi in model_coefficients(ep, fms[k]["params"])[0])
+             for k in ("radiomics", "combined") if k in fms}
+    text = (f"<p>{len(sig)} features selected from {results.get('n_candidate_features', NA)} candidates "
+            f"(final fold, all sites): {sel.get('n_passed_fdr', 0)} of {sel.get('n_candidates', 0)} passed the "
+            f"univariate score test at Benjamini-Hochberg FDR "
+            f"{100 * float((cfg.get('selection') or {}).get('fdr', 0.05)):.0f}%"
+            f"{' (none did: the most associated feature was kept)' if sel.get('fallback') else ''}; "
+            f"{len(sel.get('dropped_redundant', []))} dropped as redundant (|r| above the threshold).")
+    if icc_threshold is not None:
+        text += (f" Robustness filter: features with ICC(1,1) &lt; {icc_threshold} across image perturbations were "
+                 f"dropped first ({sel.get('n_not_robust', 0)} features).")
+    text += "</p>"
+    rows = []
+    for i, f in enumerate(sig, 1):
+        row = [str(i), _e(_short(f)), _p((sel.get("q_values") or {}).get(f))]
+        if icc_threshold is not None:
+            row.append(_fmt(icc.get(f)))
+        for k in ("radiomics", "combined"):
+            if k in coefs and f in coefs[k]:
+                b, lo, hi = coefs[k][f]
+                row.append(f"{b:+.3f}" + (f" ({lo:+.2f} to {hi:+.2f})" if lo is not None else ""))
+            elif k in coefs:
+                row.append(NA)
+        rows.append(row)
+    unit = "log OR" if ep["type"] == "response" else "log HR"
+    head = ["#", "feature", "univariate q-value (BH)"] + (["ICC(1,1) across perturbations"]
+                                                          if icc_threshold is not None else [])
+    head += [f"{LABELS[k]}: {unit} per SD (95% CI)" for k in ("radiomics", "combined") if k in coefs]
+    table = _table(rows, head, raw=True)
+    note = ("<p class='note'>Robustness (ICC) not available: this study has no robustness filter ([selection] "
+            "icc_threshold unset, no perturbed feature tables at the sites).</p>" if icc_threshold is None else
+            "<p class='note'>ICC(1,1): intraclass correlation of the feature across image and mask perturbations, "
+            "pooled over the sites' perturbed tables (1 = perfectly robust).</p>")
+    svg, what = coefficient_figure(results)
+    clin = [f for f in (fms.get("combined") or {}).get("features", []) if f not in sig]
+    fig = _figure(svg, f"Coefficients: {_e(what)}. The combined model adds the clinical covariates "
+                       f"({_e(', '.join(clin)) or 'none'}).", "fig-coefficients")
+    intercept = ""
+    if ep["type"] == "response" and "radiomics" in fms:
+        p = fms["radiomics"]["params"]
+        intercept = (f"<p class='note'>Radiomic model on the original feature scale (for applying it): intercept "
+                     f"{p['intercept']:+.4f}; coefficients "
+                     + "; ".join(f"{_e(_short(f))} {c:+.4g}" for f, c in zip(p["feature_names"], p["coef"]))
+                     + ". Features are harmonized with the study's ComBat reference first.</p>")
+    elif ep["type"] == "survival":
+        intercept = ("<p class='note'>Site-stratified Cox model: each site keeps its own baseline hazard, so the "
+                     "model gives relative risks (linear predictor); absolute survival probabilities need a site's "
+                     "baseline.</p>")
+    return text + table + note + fig + intercept
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. validation
+# ----------------------------------------------------------------------------------------------
+def _bold_heads(ax, heads: dict[int, str]) -> None:
+    """Group headings among the y tick labels: bold, coloured, no tick mark."""
+    labels, marks = ax.get_yticklabels(), ax.yaxis.get_major_ticks()
+    for i, color in heads.items():
+        labels[i].set_fontweight("bold")
+        labels[i].set_color(color)
+        marks[i].tick1line.set_visible(False)
+
+
+def forest_plot(results: dict) -> str:
+    key, stat, label = _metric_key(results["endpoint"])
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    sites = sorted(ext)
+    kinds = [k for k in MODEL_KINDS if k in pooled]
+    if not kinds:
+        return ""
+    with plt.rc_context(STYLE):
+        n_rows = len(kinds) * (len(sites) + 2.2)
+        fig, ax = plt.subplots(figsize=(9.4, 0.24 * n_rows + 1.0))
+        y, ticks, names = 0.0, [], []
+        heads = {}
+        for kind in kinds:
+            heads[len(ticks)] = COLORS[kind]
+            ticks.append(y)
+            names.append(LABELS[kind])
+            y -= 1
+            for s in sites:
+                est = ext[s].get(kind, {}).get(key, {})
+                v, lo, hi = est.get(stat), est.get("ci_low"), est.get("ci_high")
+                if v is not None:
+                    ax.plot([lo if lo is not None else v, hi if hi is not None else v], [y, y], color=COLORS[kind],
+                            lw=1.3)
+                    ax.plot(v, y, "s", color=COLORS[kind], ms=4.5)
+                    txt = f"{v:.3f} ({_fmt(lo, 2)}–{_fmt(hi, 2)})"
+                else:
+                    txt = f"undefined: {est.get('reason') or 'no estimate'}"[:40]
+                ax.text(1.01, y, txt, transform=ax.get_yaxis_transform(), va="center", fontsize=7.5)
+                n, ev = ext[s].get("n"), ext[s].get("n_events")
+                ticks.append(y)
+                names.append(f"{s} (n={n}, {'events' if key == 'c_index' else 'positives'} "
+                             f"{ev if ev is not None else '<k'})")
+                y -= 1
+            p = pooled[kind]
+            if p.get("pooled") is not None:
+                lo, hi, v = p.get("ci_low", p["pooled"]), p.get("ci_high", p["pooled"]), p["pooled"]
+                ax.fill([lo, v, hi, v], [y, y + 0.38, y, y - 0.38], color=COLORS[kind])
+                if p.get("pi_low") is not None:
+                    ax.plot([p["pi_low"], p["pi_high"]], [y, y], color=COLORS[kind], lw=0.8, ls=(0, (2, 2)))
+                het = (f"; I² {100 * p['i2']:.0f}%, τ² {p['tau2']:.3f}" if p.get("i2") is not None else "")
+                ax.text(1.01, y, f"{v:.3f} ({_fmt(lo, 2)}–{_fmt(hi, 2)}){het}", transform=ax.get_yaxis_transform(),
+                        va="center", fontsize=7.5, fontweight="bold")
+            ticks.append(y)
+            names.append("pooled (random effects)")
+            y -= 1.2
+        ax.axvline(0.5, color="grey", ls=":", lw=1)
+        ax.set_yticks(ticks, names)
+        _bold_heads(ax, heads)
+        ax.set_ylim(y + 0.5, 0.6)
+        ax.set_xlabel(f"external {label} at the held-out site (95% CI); diamond: DerSimonian-Laird pooled estimate "
+                      f"(95% CI), dashed: 95% prediction interval")
+        lows = [ext[s].get(k, {}).get(key, {}).get("ci_low") for s in sites for k in kinds]
+        lows = [v for v in lows if v is not None]
+        ax.set_xlim(min([0.4] + [v - 0.02 for v in lows]), 1.0)
+        ax.set_title(f"Leave-one-site-out validation: {label} by held-out site", loc="left")
+        fig.tight_layout()
+    return _svg(fig, f"forest plot of external {label}")
+
+
+def roc_figure(results: dict) -> str:
+    from fedrad.common import metrics
+
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    if "radiomics" not in pooled:
+        return ""
+    colors = _site_colors(results)
+    with plt.rc_context(STYLE):
+        fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9.4, 4.3))
+        for s in sorted(ext):
+            tab = ext[s].get("radiomics", {}).get("roc_bins") or {}
+            if tab.get("pos_counts") is None:
+                continue
+            try:
+                fpr, tpr, auc = metrics.pooled_roc([tab])
+            except ValueError:
+                continue
+            ax1.plot(fpr, tpr, color=colors.get(s), lw=1.2, marker=".", ms=3,
+                     label=f"{s} (binned AUC {auc:.2f})")
+        roc = pooled["radiomics"].get("roc", {})
+        if "fpr" in roc:
+            ax1.plot(roc["fpr"], roc["tpr"], color="black", lw=2.2,
+                     label=f"pooled (binned AUC {roc['auc_binned']:.2f})")
+        for kind in MODEL_KINDS:
+            r = pooled.get(kind, {}).get("roc", {})
+            if "fpr" in r:
+                ax2.plot(r["fpr"], r["tpr"], color=COLORS[kind], lw=1.8,
+                         label=f"{LABELS[kind]} (binned AUC {r['auc_binned']:.2f})")
+        for ax, title in ((ax1, "Radiomic signature: ROC at each held-out site"),
+                          (ax2, "Pooled external ROC, every model")):
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            ax.set_xlabel("1 − specificity")
+            ax.set_ylabel("sensitivity")
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1.01)
+            ax.set_aspect("equal")
+            ax.set_title(title, loc="left")
+            ax.legend(loc="lower right", frameon=False, fontsize=7)
+        fig.tight_layout()
+    return _svg(fig, "ROC curves per site and pooled")
+
+
+def calibration_figure(results: dict) -> str:
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    kinds = [k for k in ("radiomics", "combined") if k in pooled]
+    if not kinds or not any((ext[s].get(k) or {}).get("calibration_bins") for s in ext for k in kinds):
+        return ""
+    colors = _site_colors(results)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.7 * len(kinds), 4.5), squeeze=False)
+        for kind, ax in zip(kinds, axes[0]):
+            for s in sorted(ext):
+                cb = (ext[s].get(kind) or {}).get("calibration_bins") or {}
+                if cb.get("n") is None:
+                    continue
+                pts = [(m, e / c, c) for c, e, m in zip(cb["n"], cb["events"], cb["mean_predicted"]) if c]
+                if not pts:
+                    continue
+                xs, ys, cs = zip(*pts)
+                ax.plot(xs, ys, color=colors.get(s), lw=0.9, alpha=0.8)
+                ax.scatter(xs, ys, s=[8 + 1.5 * c for c in cs], color=colors.get(s), alpha=0.75, label=s,
+                           edgecolor="white", linewidth=0.5)
+            pc = pooled[kind].get("calibration_bins") or {}
+            if pc.get("n"):
+                ax.plot(pc["mean_predicted"], pc["observed"], color="black", lw=2, marker="D", ms=4,
+                        label="pooled (site bins grouped by tenths)")
+            ax.plot([0, 1], [0, 1], color="grey", ls=":", lw=1)
+            ax.set_xlim(0, 1)
+            ax.set_ylim(0, 1)
+            ax.set_aspect("equal")
+            ax.set_xlabel("mean predicted probability in the bin")
+            ax.set_ylabel("observed proportion positive in the bin")
+            ax.set_title(f"Calibration at held-out sites: {LABELS[kind]}", loc="left", fontsize=9)
+            ax.legend(loc="upper left", frameon=False, fontsize=7)
+        fig.tight_layout()
+    return _svg(fig, "calibration plots")
+
+
+def km_figure(results: dict) -> str:
+    from fedrad.common import metrics
+
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    kind = "radiomics" if "radiomics" in pooled else None
+    if kind is None:
+        return ""
+    sites = sorted(ext)
+    panels = sites + ["pooled"]
+    ncol = min(4, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
+    time_col = results["endpoint"].get("time", "time")
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(nrow, ncol, figsize=(2.5 * ncol + 0.5, 2.45 * nrow + 0.7), squeeze=False,
+                                 sharex=True, sharey=True)
+        for ax in axes.flat[len(panels):]:
+            ax.set_axis_off()
+        for name, ax in zip(panels, axes.flat):
+            for group, color in (("high", "#c0392b"), ("low", "#2471a3")):
+                if name == "pooled":
+                    km = pooled[kind].get(f"km_{group}")
+                    label = None
+                else:
+                    tab = (ext[name].get(kind) or {}).get("km", {}).get(group)
+                    km = metrics.pooled_km([tab]) if tab else None
+                    label = None
+                if km and km.get("time") is not None:
+                    t, surv, risk = (np.asarray(km[c], dtype=float) for c in ("time", "survival", "at_risk"))
+                    keep = risk > 0  # nobody left at risk: the curve ends
+                    ax.step(t[keep], surv[keep], where="post", color=color, lw=1.6,
+                            label=f"{group} predicted risk" if name == panels[0] else label)
+                elif name != "pooled":
+                    ax.text(0.5, 0.1 if group == "low" else 0.2, f"{group}-risk group < k patients: withheld",
+                            transform=ax.transAxes, ha="center", fontsize=6.5, color=color)
+            title = "pooled (held-out sites)" if name == "pooled" else name
+            if name != "pooled":
+                rs = (ext[name].get(kind) or {}).get("risk_split") or {}
+                if rs.get("hr") is not None:
+                    title += f": HR {rs['hr']:.1f}, log-rank p {_p(rs.get('logrank_p'))}"
+            ax.set_title(title, loc="left", fontsize=8)
+            ax.set_ylim(0, 1.02)
+        for ax in axes.flat[:len(panels)]:
+            ax.tick_params(labelbottom=True, labelleft=True)
+            ax.set_xlabel(f"{time_col}", fontsize=7.5)
+        for ax in axes[:, 0]:
+            ax.set_ylabel("survival (Kaplan-Meier)")
+        fig.tight_layout(rect=(0, 0, 1, 0.95))
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="upper right", ncol=2, frameon=False, fontsize=8)
+        fig.suptitle("Radiomic signature: Kaplan-Meier by predicted risk group at each held-out site",
+                     x=0.01, ha="left", fontsize=10, fontweight="bold")
+    return _svg(fig, "Kaplan-Meier curves by predicted risk group")
+
+
+def curve_plot(results: dict) -> str:
+    """Per-site and pooled ROC (response) or Kaplan-Meier by risk group (survival)."""
+    return roc_figure(results) if results["endpoint"]["type"] == "response" else km_figure(results)
+
+
+def paired_plot(results: dict) -> str:
+    ext = results.get("external", {})
+    sites = sorted(ext)
+    from fedrad.common.pipeline import PAIRS
+
+    present = {p for s in sites for p in ext[s].get("paired", {})}
+    pairs = [f"{a}-{b}" for a, b in PAIRS if f"{a}-{b}" in present]
+    if not pairs:
+        return ""
+    label = _metric_key(results["endpoint"])[2]
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(8.6, 0.27 * (len(sites) + 1.5) * len(pairs) + 1.0))
+        y, ticks, names, heads = 0, [], [], {}
+        for pair in pairs:
+            a, b = pair.split("-")
+            heads[len(ticks)] = COLORS[a]
+            ticks.append(y)
+            names.append(f"{LABELS[a]} − {LABELS[b]}")
+            y -= 1
+            for s in sites:
+                d = ext[s]["paired"].get(pair, {})
+                if d.get("diff") is not None:
+                    ax.plot([d.get("ci_low", d["diff"]), d.get("ci_high", d["diff"])], [y, y], color=COLORS[a],
+                            lw=1.3)
+                    ax.plot(d["diff"], y, "o", color=COLORS[a], ms=4)
+                    ax.text(1.01, y, f"{d['diff']:+.3f} (p {_p(d.get('p'))})", transform=ax.get_yaxis_transform(),
+                            va="center", fontsize=7.5)
+                ticks.append(y)
+                names.append(s)
+                y -= 1
+            y -= 0.5
+        ax.axvline(0, color="grey", lw=1)
+        ax.set_yticks(ticks, names)
+        _bold_heads(ax, heads)
+        ax.set_ylim(y + 0.5, 0.6)
+        ax.set_xlabel(f"paired difference in external {label} at the held-out site (95% CI); right of 0: the first "
+                      "model is better")
+        ax.set_title("Does the signature add to tumour volume and clinical covariates?", loc="left")
+        fig.tight_layout()
+    return _svg(fig, "paired differences")
+
+
+def validation_section(results: dict) -> str:
     key, stat, label = _metric_key(results["endpoint"])
     ext = results.get("external", {})
-    site_rows = []
-    for s, info in sorted(results.get("sites", {}).items()):
-        m = ext.get(s, {})
-        cells = [s, info.get("n"), info.get("n_events") if info.get("n_events") is not None else "< k"]
+    response = results["endpoint"]["type"] == "response"
+    parts = []
+    if not ext:
+        return "<p>No leave-one-site-out validation in this study ([validation] loso = false).</p>"
+    pooled = results.get("pooled", {})
+    p = pooled.get("radiomics") or {}
+    if p.get("pooled") is not None:
+        parts.append(f"<p>Each site was held out in turn: harmonization, selection and models were fitted on the "
+                     f"other sites, and the held-out site computed the metrics on its own rows. Pooled external "
+                     f"{label} of the radiomic signature {p['pooled']:.3f} (95% CI {_fmt(p.get('ci_low'))}–"
+                     f"{_fmt(p.get('ci_high'))}); heterogeneity between sites I² "
+                     f"{NA if p.get('i2') is None else format(100 * p['i2'], '.0f') + '%'} (share of the variation "
+                     f"between "
+                     f"sites beyond chance), τ² {_fmt(p.get('tau2'))} (between-site variance, logit scale), "
+                     f"Cochran's Q p {_p(p.get('q_p'))}.</p>")
+    parts.append(_figure(forest_plot(results),
+                         f"External {label} of every model at every held-out site with its 95% CI (DeLong for the AUC, "
+                         f"U-statistic projection for the C-index), and the random-effects pooled estimate "
+                         f"(DerSimonian-Laird on the logit scale) with I² and τ².", "fig-forest"))
+    if response:
+        parts.append(_figure(roc_figure(results),
+                             "ROC curves from the probability-binned counts the held-out sites released (bins merged "
+                             "until each holds at least k patients); pooled curve: counts summed over sites "
+                             "(interpolated within merged bins). Binned AUCs are close to, not equal to, the exact "
+                             "AUCs in the forest plot.", "fig-roc"))
+        parts.append(_figure(calibration_figure(results),
+                             "Calibration: in each released probability bin of a held-out site, the observed share "
+                             "of positives against the mean predicted probability (point area ∝ patients in the "
+                             "bin); black: the sites' bins grouped by tenths of predicted probability. The dotted "
+                             "diagonal is perfect calibration.", "fig-calibration"))
+    else:
+        parts.append(_figure(km_figure(results),
+                             "Kaplan-Meier curves of the high- and low-risk groups (linear predictor above / at or "
+                             "below the training mean) at each held-out site and pooled, from the binned counts the "
+                             "sites released (a group under k patients is withheld). HR: hazard ratio high vs low "
+                             "(Cox, Efron ties).", "fig-km"))
+        parts.append("<p class='note'>Calibration plot not available for a site-stratified Cox model: each site has "
+                     "its own baseline hazard, so the model predicts relative, not absolute, risk.</p>")
+    parts.append(_figure(paired_plot(results),
+                         f"Paired difference in external {label} at each held-out site (same patients, DeLong / "
+                         f"U-statistic covariance).", "fig-paired"))
+    rows = []
+    for s in sorted(ext):
+        m = ext[s]
+        cells = [s, m.get("n"), m.get("n_events") if m.get("n_events") is not None else "<k"]
         for kind in MODEL_KINDS:
-            est = m.get(kind, {}).get(key, {}) if m else {}
+            est = (m.get(kind) or {}).get(key, {})
             cells.append(f"{_fmt(est.get(stat))} ({_fmt(est.get('ci_low'), 2)}–{_fmt(est.get('ci_high'), 2)})"
-                         if est.get(stat) is not None else "–")
-        site_rows.append(cells)
-    calib = []
-    if results["endpoint"]["type"] == "response":
+                         if est.get(stat) is not None else NA)
+        rows.append(cells)
+    parts.append(f"<h3>External {label} by held-out site (95% CI)</h3>")
+    parts.append(_table(rows, ["held-out site", "patients", "positives" if response else "events"]
+                        + [LABELS[k] for k in MODEL_KINDS]))
+    if response:
+        calib = []
         for s in sorted(ext):
             r = ext[s].get("radiomics", {})
             c = r.get("calibration", {})
-            calib.append([s, _fmt(r.get("brier")), _fmt(c.get("intercept")), _fmt(c.get("slope"))])
-    pen_rows = [[f, kind, v["value"]] for f, kinds in sorted(results.get("penalties", {}).items())
+            calib.append([s, _fmt(r.get("brier")), _fmt(c.get("intercept")), _fmt(c.get("slope")),
+                          c.get("reason") or ""])
+        parts.append("<h3>Calibration of the radiomic signature at held-out sites</h3>")
+        parts.append(_table(calib, ["held-out site", "Brier score (0 = perfect)", "calibration-in-the-large "
+                                    "(intercept; 0 = perfect)", "calibration slope (1 = perfect)", "note"]))
+    else:
+        hr = []
+        for s in sorted(ext):
+            rs = (ext[s].get("radiomics") or {}).get("risk_split") or {}
+            ci = rs.get("hr_ci") or [None, None]
+            hr.append([s, _fmt(rs.get("hr"), 2), f"{_fmt(ci[0], 2)}–{_fmt(ci[1], 2)}", _p(rs.get("logrank_p")),
+                       rs.get("reason") or ""])
+        parts.append("<h3>Risk groups of the radiomic signature at held-out sites</h3>")
+        parts.append(_table(hr, ["held-out site", "hazard ratio high vs low risk", "95% CI", "log-rank p", "note"]))
+    pen_rows = [[LABELS.get(kind, kind), v["value"]] for f, kinds in sorted(results.get("penalties", {}).items())
                 for kind, v in kinds.items() if f == "final"]
-    phase_rows = [[p["phase"], p["round_trips"], p["seconds"]] for p in results.get("phases", [])]
-    sig = results.get("signature", [])
-    sel = results.get("selection", {}).get("final", {})
-    title = html.escape(str(results.get("study", "fedrad study")))
-    parts = [
-        "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>{title}</title>",
-        "<style>body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;color:#222}"
-        "table{border-collapse:collapse;margin:1em 0;font-size:0.9em}td,th{border:1px solid #ccc;padding:4px 8px}"
-        "th{background:#f2f2f2}.headline{background:#eef5fb;padding:0.8em 1.2em;border-radius:6px}"
-        "figure{margin:1.5em 0}</style></head><body>",
-        f"<h1>{title}</h1>",
-        "<p>Multi-center validation with fedrad: features were extracted at each hospital, harmonized with "
-        "federated ComBat, selected and modelled inside each validation fold from aggregates only; no image or "
-        "patient row left a site.</p>",
-        "<div class='headline'><b>Headline</b><ul>" + "".join(f"<li>{html.escape(x)}</li>" for x in headline(results))
-        + "</ul></div>",
-        "".join(f"<p><b>Missing site {html.escape(str(s))}</b>: {html.escape(str(r))} — the study was run again "
-                "without it.</p>" for s, r in (results.get("missing_sites") or {}).items()),
-        f"<figure>{forest_plot(results)}</figure>",
-        f"<figure>{curve_plot(results)}</figure>",
-        f"<figure>{paired_plot(results)}</figure>",
-        f"<h2>Sites and external {label} (held out in turn)</h2>",
-        _table(site_rows, ["site", "patients", "events"] + [LABELS[k] for k in MODEL_KINDS]),
-        "<h2>Radiomic signature (final model, all sites)</h2>",
-        f"<p>{len(sig)} features: {html.escape(', '.join(sig))}. "
-        f"{sel.get('n_passed_fdr', 0)} of {sel.get('n_candidates', 0)} candidate features passed the "
-        f"Benjamini-Hochberg FDR{' (none did: the most associated feature was kept)' if sel.get('fallback') else ''}; "
-        f"{len(sel.get('dropped_redundant', []))} dropped as redundant.</p>",
+    if pen_rows:
+        what = "C (inverse L2 strength)" if response else "penalizer"
+        parts.append("<h3>Penalties chosen by federated inner cross-validation (final models)</h3>")
+        parts.append(_table(pen_rows, ["model", f"chosen {what}"]))
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. TRIPOD and RQS
+# ----------------------------------------------------------------------------------------------
+REPORTED, PARTLY, AUTHORS, NOT_APPLICABLE = "reported here", "partly here", "authors to report", "not applicable"
+
+
+def _cfg(results: dict) -> dict:
+    return (results.get("provenance") or {}).get("config") or {}
+
+
+def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
+    """``(item, topic, status, where / what)`` for the TRIPOD 2015 checklist (development and external
+    validation, type 3/4 studies), filled from the study."""
+    cfg = _cfg(results)
+    ep = results["endpoint"]
+    info = results.get("sites", {})
+    n = sum(int(v.get("n") or 0) for v in info.values())
+    events = [v.get("n_events") for v in info.values()]
+    ev_txt = str(sum(events)) if all(e is not None for e in events) else "≥ " + str(sum(e for e in events if e))
+    missing = results.get("missing_sites") or {}
+    loso = bool(results.get("external"))
+    response = ep["type"] == "response"
+    outcome = (f"binary {ep['outcome']} (0/1)" if response else f"time to event: {ep['time']}, event {ep['event']}")
+    model = (cfg.get("model") or {})
+    harm = cfg.get("harmonization") or {}
+    dropped = [v.get("n_dropped_incomplete") for v in info.values()]
+    n_sig = len(results.get("signature", []))
+    what = "positive outcomes" if ep["type"] == "response" else "events"
+    epv = f"; {ev_txt} {what} for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected"
+    return [
+        ("1", "Title", AUTHORS, "identify the study as developing and validating a radiomic prediction model"),
+        ("2", "Abstract", AUTHORS, "the headline of this report gives the pooled estimates"),
+        ("3a", "Background", AUTHORS, ""),
+        ("3b", "Objectives", PARTLY, f"develop a radiomic model of {outcome} and validate it externally "
+                                     "(leave-one-site-out)"),
+        ("4a", "Source of data", PARTLY, f"{len(info)} sites, each keeping its data (federated analysis)"),
+        ("4b", "Study dates", AUTHORS, "recruitment and follow-up dates"),
+        ("5a", "Participants: setting", PARTLY, ", ".join(sorted(info)) + " — see Cohort"),
+        ("5b", "Eligibility", PARTLY, "complete outcome and clinical data; other criteria: authors"),
+        ("5c", "Treatments", AUTHORS, ""),
+        ("6a", "Outcome", REPORTED, outcome),
+        ("6b", "Blinding of outcome assessment", AUTHORS, ""),
+        ("7a", "Predictors", REPORTED, f"{results.get('n_candidate_features', NA)} radiomic features (pyradiomics, "
+                                       f"parameter hash in Provenance); clinical: "
+                                       f"{', '.join(model.get('clinical', [])) or 'none'}"),
+        ("7b", "Blinding of predictor assessment", AUTHORS, "segmentation blinded to outcome?"),
+        ("8", "Sample size", REPORTED, f"{n} patients{epv}"),
+        ("9", "Missing data", REPORTED, "complete-case analysis; excluded per site in Cohort"
+         if any(d != 0 for d in dropped) else "complete-case analysis; no patient excluded"),
+        ("10a", "Handling of predictors", REPORTED,
+         ("ComBat harmonization (covariates " + (", ".join(harm.get("covariates", [])) or "none") + ")"
+          if harm.get("enabled", True) else "no harmonization") + "; features standardized in the model"),
+        ("10b", "Model type, building, internal validation", REPORTED,
+         f"{'penalized logistic regression' if response else 'site-stratified penalized Cox regression'} "
+         f"({model.get('penalty', 'l2')}); selection by score test + BH-FDR, redundancy filter; penalty by "
+         f"{(cfg.get('validation') or {}).get('inner_folds', NA)}-fold federated inner cross-validation"),
+        ("10c", "Predictions in validation", REPORTED if loso else NOT_APPLICABLE,
+         "held-out site harmonized against its fold's reference (unseen-site ComBat), predictions of the fold's "
+         "model" if loso else "no external validation"),
+        ("10d", "Performance measures", REPORTED,
+         "AUC (DeLong CI), Brier score, calibration intercept and slope" if response else
+         "Harrell's C (CI), hazard ratio and log-rank of risk groups, Kaplan-Meier by risk group"),
+        ("10e", "Model updating", NOT_APPLICABLE, "no recalibration or updating"),
+        ("11", "Risk groups", NOT_APPLICABLE if response else REPORTED,
+         "" if response else "high vs low risk at the training mean of the linear predictor (pre-specified)"),
+        ("12", "Development vs validation", REPORTED if loso else NOT_APPLICABLE,
+         "each held-out site differs from the training sites in centre and scanner" if loso else ""),
+        ("13a", "Participant flow", PARTLY,
+         f"{len(info)} sites analysed" + (f"; missing: {', '.join(f'{s} ({r})' for s, r in missing.items())}"
+                                          if missing else "; no site lost")),
+        ("13b", "Participant characteristics", REPORTED, "Cohort table"),
+        ("13c", "Comparison with development data", REPORTED if loso else NOT_APPLICABLE,
+         "per-site columns of the Cohort table; site effect in Harmonization"),
+        ("14a", "Participants and events in each analysis", REPORTED, "per site in Cohort and Validation tables"),
+        ("14b", "Unadjusted associations", PARTLY, f"univariate q-values of the {n_sig} selected features"),
+        ("15a", "Full model", REPORTED if response else PARTLY,
+         "coefficients and intercept (Signature section)" if response else
+         "coefficients; baseline hazards are site-specific (stratified Cox)"),
+        ("15b", "How to use the model", PARTLY, "harmonize with the study's ComBat reference, then apply the "
+                                                "coefficients"),
+        ("16", "Model performance", REPORTED, "per site and pooled, with 95% CIs"),
+        ("17", "Model updating results", NOT_APPLICABLE, ""),
+        ("18", "Limitations", AUTHORS, ""),
+        ("19a", "Interpretation of validation", PARTLY, "paired comparison with volume and clinical baselines"),
+        ("19b", "Interpretation", AUTHORS, ""),
+        ("20", "Implications", AUTHORS, ""),
+        ("21", "Supplementary information", REPORTED, "results.json, study configuration and round-trip log"),
+        ("22", "Funding", AUTHORS, ""),
+    ] + ([("", "(missing sites)", REPORTED, "; ".join(f"{s}: {r}" for s, r in missing.items()))] if missing else [])
+
+
+def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
+    """``(item, points available, points met by this study, how)`` of the radiomics quality score (Lambin et
+    al., Nat Rev Clin Oncol 2017), for what the study itself shows; the rest is for the authors."""
+    cfg = _cfg(results)
+    sel_cfg = cfg.get("selection") or {}
+    response = results["endpoint"]["type"] == "response"
+    clinical = (cfg.get("model") or {}).get("clinical") or []
+    n_ext = len(results.get("external", {}))
+    icc = sel_cfg.get("icc_threshold") is not None
+    calib_met = response and any((m.get("radiomics") or {}).get("calibration", {}).get("slope") is not None
+                                 for m in results.get("external", {}).values())
+    val = (5 if n_ext >= 3 else 4 if n_ext == 2 else 3 if n_ext == 1 else 0)
+    return [
+        ("1. Image protocol quality", "+1 / +2", "authors", "acquisition protocols: not known to fedrad"),
+        ("2. Multiple segmentations / perturbations", "+1", "+1" if icc else "0",
+         f"ICC(1,1) across image and mask perturbations, threshold {sel_cfg.get('icc_threshold')}" if icc
+         else "no robustness filter in this study"),
+        ("3. Phantom study", "+1", "authors", "fedrad's extraction is checked against the IBSI phantoms (software, "
+                                              "not the study's scanners)"),
+        ("4. Imaging at multiple time points", "+1", "authors", ""),
+        ("5. Feature reduction or multiple-testing adjustment", "−3 / +3", "+3",
+         "score tests with Benjamini-Hochberg FDR, redundancy filter, size cap"),
+        ("6. Multivariable analysis with non-radiomic features", "+1", "+1" if clinical else "0",
+         f"combined model with {', '.join(clinical)}" if clinical else "no clinical covariates"),
+        ("7. Biological correlates", "+1", "authors", ""),
+        ("8. Cut-off analyses", "+1", "0" if response else "+1",
+         "" if response else "risk groups at the pre-specified training mean"),
+        ("9. Discrimination statistics and resampling", "+1 / +2", "+2",
+         "AUC / C-index with CIs; penalty by inner cross-validation"),
+        ("10. Calibration statistics and resampling", "+1 / +2", "+1" if calib_met else "0",
+         "calibration intercept and slope at held-out sites" if calib_met else
+         "no calibration for a site-stratified Cox model" if not response else "calibration undefined"),
+        ("11. Prospective study registered", "+7", "authors", ""),
+        ("12. Validation", "−5 … +5", f"+{val}" if val else "−5",
+         f"leave-one-site-out on {n_ext} distinct institutes" if n_ext else "no validation"),
+        ("13. Comparison to 'gold standard'", "+2", "+2" if clinical else "0",
+         "paired comparison with the clinical and tumour-volume models" if clinical else
+         "paired comparison with tumour volume only"),
+        ("14. Potential clinical utility", "+2", "0", "no decision-curve analysis"),
+        ("15. Cost-effectiveness analysis", "+1", "0", ""),
+        ("16. Open science and data", "+1 … +4", "authors", "fedrad is open source (Apache-2.0); data sharing: "
+                                                            "authors"),
     ]
-    if calib:
-        parts += ["<h2>Calibration of the signature at held-out sites</h2>",
-                  _table(calib, ["site", "Brier score", "calibration-in-the-large (intercept)", "calibration slope"])]
-    parts += ["<h2>Penalties chosen by federated inner cross-validation (final models)</h2>",
-              _table(pen_rows, ["fold", "model", "penalty value"]),
-              "<h2>Protocol cost</h2>",
-              _table(phase_rows, ["phase", "round trips", "seconds"]),
-              f"<p>{results.get('round_trips')} round trips in {results.get('seconds')} s.</p>",
-              "</body></html>"]
+
+
+def _rqs_total(items) -> int:
+    total = 0
+    for _, _, met, _ in items:
+        m = re.fullmatch(r"([+−-])(\d+)", met)
+        if m:
+            total += int(m.group(2)) * (-1 if m.group(1) in "−-" else 1)
+    return total
+
+
+def checklist_section(results: dict) -> str:
+    rows = []
+    for item, topic, status, what in tripod_items(results):
+        cls = {REPORTED: "ok", PARTLY: "part", AUTHORS: "todo", NOT_APPLICABLE: "na"}[status]
+        rows.append([item, _e(topic), f"<span class='tag {cls}'>{_e(status)}</span>", _e(what)])
+    tripod = ("<h3 id='tripod'>TRIPOD checklist (Collins et al. 2015), prediction model development and "
+              "validation</h3>" + _table(rows, ["item", "topic", "status", "from this study"], cls="checklist",
+                                         raw=True))
+    items = rqs_items(results)
+    def tag(met: str) -> str:
+        return "ok" if met.startswith("+") else "todo" if met == "authors" else "na"
+
+    rq_rows = [[_e(i), _e(av), f"<span class='tag {tag(met)}'>{_e(met)}</span>", _e(how)] for i, av, met, how in items]
+    total = _rqs_total(items)
+    rqs = ("<h3 id='rqs'>Radiomics quality score (Lambin et al. 2017)</h3>"
+           f"<p>Points this study shows by itself: <b>{total} of 36</b> (items marked “authors” depend on the "
+           "study's documentation and can add to it).</p>"
+           + _table(rq_rows, ["RQS item", "points available", "met here", "how"], cls="checklist", raw=True))
+    return tripod + rqs
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. provenance
+# ----------------------------------------------------------------------------------------------
+def provenance_section(results: dict) -> str:
+    prov = results.get("provenance") or {}
+    parts = []
+    coord = prov.get("coordinator") or {}
+    sites = prov.get("sites") or {}
+    names = ["fedrad", "pyradiomics", "flwr", "numpy", "python"]
+    if coord or sites:
+        rows = [[n, coord.get(n) or NA] + [(sites[s] or {}).get(n) or NA for s in sorted(sites)] for n in names]
+        parts.append(_table(rows, ["software", "coordinator"] + sorted(sites)))
+    parts.append(f"<p>Extraction parameter hash (identical at every site, checked): "
+                 f"<code>{_e(prov.get('params_hash') or 'none: the sites supplied feature tables')}</code>. "
+                 f"Report of the run finished {_e(prov.get('finished_utc', NA))}.</p>")
+    history = results.get("rounds") or []
+    if history:
+        rows = []
+        for r in history:
+            failed = "; ".join(f"{s}: {why}" for s, why in r.get("failed", {}).items())
+            phase = r.get("phase") or ""
+            if r["request"] == "study_prepare" and r["round"] > 1:
+                phase += " (restart)"
+            row = [r["round"], phase, r["request"], f"{len(r['answered'])} of {len(r['asked'])}: "
+                   + ", ".join(r["answered"]), failed or "", _fmt(r.get("seconds"), 2)]
+            rows.append(([{"class": "fail"}] if failed else []) + row)
+        parts.append("<h3>Round trips: which sites answered</h3>")
+        parts.append(_table(rows, ["round trip", "phase", "request", "sites answered", "sites failed (reason)",
+                                   "seconds"], cls="rounds"))
+    phase_rows = [[p["phase"], p["round_trips"], p["seconds"]] for p in results.get("phases", [])]
+    parts.append("<h3>Protocol cost (the final, complete run)</h3>")
+    parts.append(_table(phase_rows, ["phase", "round trips", "seconds"]))
+    parts.append(f"<p>{results.get('round_trips')} round trips in total (including any run restarted after a site "
+                 f"was lost), {results.get('seconds')} s.</p>")
+    if prov.get("config"):
+        parts.append("<details><summary>Study configuration (study.toml as validated)</summary><pre>"
+                     + _e(json.dumps(prov["config"], indent=1)) + "</pre></details>")
+    return "".join(parts)
+
+
+# ----------------------------------------------------------------------------------------------
+# the page
+# ----------------------------------------------------------------------------------------------
+CSS = """
+body{font-family:"Segoe UI",system-ui,-apple-system,"DejaVu Sans",sans-serif;max-width:1060px;margin:0 auto;
+padding:1.5em 2em 4em;color:#1f2933;line-height:1.45;background:#fff}
+h1{font-size:1.7em;margin:0.2em 0 0.1em}h2{font-size:1.3em;margin-top:2.2em;border-bottom:2px solid #1b6ca8;
+padding-bottom:0.2em}h3{font-size:1.05em;margin-top:1.6em}
+.sub{color:#52606d;margin:0 0 1em}
+nav{font-size:0.9em;margin:0.8em 0 1.2em;color:#52606d}nav a{margin-right:1em;color:#1b6ca8;text-decoration:none}
+table{border-collapse:collapse;margin:0.8em 0;font-size:0.86em;font-variant-numeric:tabular-nums}
+td,th{border-bottom:1px solid #e4e7eb;padding:4px 9px;text-align:left;vertical-align:top}
+th{background:#f5f7fa;border-bottom:2px solid #cbd2d9;font-weight:600}
+tbody tr:nth-child(even){background:#fafbfc}
+table.cohort td:not(:first-child),table.cohort th:not(:first-child){text-align:right;white-space:nowrap}
+tr.strong td{font-weight:600}tr.group td{font-weight:600;background:#f5f7fa}
+tr.fail td{background:#fdecea}
+.headline{background:#eef5fb;border-left:4px solid #1b6ca8;padding:0.7em 1.2em;border-radius:4px}
+.headline ul{margin:0.3em 0;padding-left:1.2em}
+.alert{background:#fff4e5;border-left:4px solid #e67e22;padding:0.6em 1.2em;border-radius:4px;margin:1em 0}
+figure{margin:1.4em 0;padding:0}figure svg.plot{max-width:100%;height:auto;display:block}
+figcaption{font-size:0.85em;color:#52606d;margin-top:0.3em;max-width:60em}
+.note{font-size:0.82em;color:#52606d}
+.tag{display:inline-block;padding:0 6px;border-radius:3px;font-size:0.85em;white-space:nowrap}
+.tag.ok{background:#e3f4e8;color:#1e6b34}.tag.part{background:#fff4d6;color:#7a5b00}
+.tag.todo{background:#eef0f3;color:#52606d}.tag.na{background:#f5f5f5;color:#9aa5b1}
+pre{background:#f5f7fa;padding:0.8em;font-size:0.8em;overflow-x:auto}
+code{font-size:0.9em}
+@media print{body{max-width:none}h2{page-break-after:avoid}figure{page-break-inside:avoid}}
+"""
+
+
+def write_report(results: dict, path: str | Path) -> Path:
+    """Write report.html (self-contained: inline SVG figures and CSS, no script, nothing fetched)."""
+    ep = results["endpoint"]
+    title = _e(results.get("study", "fedrad study"))
+    info = results.get("sites", {})
+    n = sum(int(v.get("n") or 0) for v in info.values())
+    outcome = (f"binary response (column {ep['outcome']})" if ep["type"] == "response"
+               else f"time to event (columns {ep['time']}, {ep['event']})")
+    prov = results.get("provenance") or {}
+    version = (prov.get("coordinator") or {}).get("fedrad")
+    missing = results.get("missing_sites") or {}
+    alert = ""
+    if missing:
+        alert = ("<div class='alert'><b>Site(s) marked missing</b> — the study was run again without them:<ul>"
+                 + "".join(f"<li><b>{_e(s)}</b>: {_e(r)}</li>" for s, r in missing.items()) + "</ul></div>")
+    sections = [
+        ("cohort", "1. Cohort", cohort_table(results)),
+        ("harmonization", "2. Harmonization across sites", harmonization_section(results)),
+        ("signature", "3. Radiomic signature and final models", signature_section(results)),
+        ("validation", "4. External validation (leave one site out)", validation_section(results)),
+        ("checklists", "5. Reporting checklists", checklist_section(results)),
+        ("provenance", "6. Provenance", provenance_section(results)),
+    ]
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>{title}</title><style>{CSS}</style></head><body>",
+        f"<h1>{title}</h1>",
+        f"<p class='sub'>Multi-center radiomics study, endpoint {_e(outcome)}: {len(info)} sites, {n} patients. "
+        f"Features were extracted at each hospital, harmonized with federated ComBat, selected and modelled inside "
+        f"each validation fold from aggregates only; no image or patient row left a site. "
+        f"fedrad {_e(version or '')}.</p>",
+        "<nav>" + "".join(f"<a href='#{sid}'>{_e(name)}</a>" for sid, name, _ in sections) + "</nav>",
+        "<div class='headline'><b>Headline</b><ul>" + "".join(f"<li>{_e(x)}</li>" for x in headline(results))
+        + "</ul></div>",
+        alert,
+    ]
+    for sid, name, body in sections:
+        parts.append(f"<section id='{sid}'><h2>{_e(name)}</h2>{body}</section>")
+    parts.append("</body></html>")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts))
+    tmp.write_text("\n".join(parts), encoding="utf-8")
     tmp.replace(path)
     return path

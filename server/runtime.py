@@ -11,7 +11,13 @@ fedrad does not implement a server or an RPC layer: the coordinator runs ``flowe
 * ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` on SuperNodes (stock latency recipe; 0.01 starves 2 cores).
 * ``flwr run --stream`` exits 0 even when the run fails: :func:`wait_for_run` polls ``flwr ls``.
 * Results are written by the ServerApp itself (no ``flwr pull`` in open-source Flower).
-* A SuperNode stopped with SIGTERM unregisters at once; SIGKILL is only noticed after ~50 s.
+* A SuperNode stopped with SIGTERM unregisters at once. A crashed one (SIGKILL, host down) is noticed by its
+  missing heartbeats: Flower 1.42 SuperNodes send one every 17.5-22.5 s (hard-coded 30 s interval) and the
+  SuperLink marks a node offline 2 x 30 s after its last one, so within 37.5-60 s of the crash every message
+  still waiting for that node gets a NODE_UNAVAILABLE error reply (code 5), which ``Federation.ask`` reports as
+  that site's failure. A round timeout above 60 s therefore never fires first for a crashed site.
+* With ``--database FILE`` the SuperLink keeps runs and registered nodes across its own restarts; SuperNodes keep
+  retrying and come back online without a restart of their own.
 """
 from __future__ import annotations
 
@@ -117,6 +123,18 @@ class Process:
                 self.popen.kill()
                 self.popen.wait(5)
 
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started (its own session): a crash, nothing cleans up."""
+        if self.alive():
+            try:
+                os.killpg(self.popen.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            self.popen.wait(15)
+        except subprocess.TimeoutExpired:
+            raise RuntimeFailure(f"{self.name} (pid {self.popen.pid}) survived SIGKILL")
+
     def tail(self, n: int = 15) -> str:
         try:
             return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
@@ -218,6 +236,16 @@ def run_status(flwr_home: Path, connection: str, run_id: int) -> dict:
         raise RuntimeFailure(f"flwr ls failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
 
 
+def list_runs(flwr_home: Path, connection: str) -> list[dict]:
+    """Every run the SuperLink knows (``flwr ls``): what survives a SuperLink restart with ``--database``."""
+    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], capture_output=True,
+                          text=True, env=flower_env(flwr_home), timeout=120)
+    try:
+        return list(json.loads(proc.stdout[proc.stdout.find("{"):])["runs"])
+    except (ValueError, KeyError):
+        raise RuntimeFailure(f"flwr ls failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
+
+
 def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
     proc = subprocess.run([str(BIN / "flwr"), "log", str(run_id), connection, "--show"], capture_output=True,
                           text=True, env=flower_env(flwr_home), timeout=120)
@@ -287,13 +315,18 @@ class SiteNode:
 
 @dataclass
 class LoopbackDeployment(_FlowerRun):
-    """A SuperLink and one SuperNode per site on 127.0.0.1, started and stopped together (insecure loopback)."""
+    """A SuperLink and one SuperNode per site on 127.0.0.1, started and stopped together (insecure loopback).
+
+    With ``database`` the SuperLink keeps its state in ``home/superlink/state.db`` (as ``fedrad coordinator
+    start`` does), so :meth:`restart_superlink` keeps the run history. :meth:`kill_site` and
+    :meth:`restart_site` crash and restart one site's SuperNode (fault-tolerance tests)."""
 
     home: Path
     sites: list[SiteNode]
     port: int = 0
     processes: list[Process] = field(default_factory=list)
     connection: str = "fedrad-local"
+    database: bool = False
 
     @property
     def address(self) -> str:
@@ -301,19 +334,68 @@ class LoopbackDeployment(_FlowerRun):
 
     def start(self, timeout: float = 90.0) -> "LoopbackDeployment":
         self.port = self.port or free_port()
-        link = start_superlink(self.home / "superlink", port=self.port)
-        self.processes.append(link)
-        wait_for_port("127.0.0.1", self.port, link, timeout)
+        self._start_superlink(timeout)
         for site in self.sites:
-            self.processes.append(start_supernode(self.home / "sites" / site.name, site.name, self.address,
-                                                  free_port(), {"site-name": site.name, **site.node_config}))
+            self._start_site(site)
         write_cli_connection(self.home / "cli", self.connection, self.address)
         return self
+
+    def _start_superlink(self, timeout: float) -> Process:
+        db = self.home / "superlink" / "state.db" if self.database else None
+        link = start_superlink(self.home / "superlink", port=self.port, database=db)
+        self.processes.insert(0, link)
+        wait_for_port("127.0.0.1", self.port, link, timeout)
+        return link
+
+    def _start_site(self, site: SiteNode) -> Process:
+        proc = start_supernode(self.home / "sites" / site.name, site.name, self.address, free_port(),
+                               {"site-name": site.name, **site.node_config})
+        self.processes.append(proc)
+        return proc
+
+    def process(self, name: str) -> Process:
+        """The live process of ``"superlink"`` or of a site's SuperNode."""
+        wanted = name if name == "superlink" else f"supernode {name}"
+        for proc in self.processes:
+            if proc.name == wanted and proc.alive():
+                return proc
+        raise KeyError(f"no running process for {name!r}")
+
+    def kill_site(self, name: str) -> float:
+        """Crash a site's SuperNode (SIGKILL: no unregistration); returns the monotonic time of the kill."""
+        proc = self.process(name)
+        proc.kill()
+        self.processes.remove(proc)
+        return time.monotonic()
+
+    def stop_site(self, name: str) -> None:
+        """Stop a site's SuperNode cleanly (SIGTERM: it unregisters from the SuperLink at once)."""
+        proc = self.process(name)
+        proc.stop()
+        self.processes.remove(proc)
+
+    def restart_site(self, name: str) -> Process:
+        """Start a site's SuperNode again with its node config and Flower home (a site rejoining)."""
+        site = next(s for s in self.sites if s.name == name)
+        return self._start_site(site)
+
+    def restart_superlink(self, crash: bool = True, timeout: float = 90.0) -> Process:
+        """Restart the coordinator's SuperLink on the same port (``crash``: SIGKILL, else SIGTERM). Only with
+        ``database`` does the new SuperLink know the earlier runs and nodes."""
+        old = self.process("superlink")
+        if crash:
+            old.kill()
+        else:
+            old.stop()
+        self.processes.remove(old)
+        return self._start_superlink(timeout)
+
+    def runs(self) -> list[dict]:
+        return list_runs(self.home / "cli", self.connection)
 
     def submit(self, run_config: dict) -> int:
         app_dir = write_app(self.home / "app")
         return flwr_run(app_dir, self.home / "cli", self.connection, run_config)
-
 
 
 @dataclass

@@ -7,10 +7,12 @@ trips, so the number of round trips does not grow with the number of sites:
 ==========================  ==========================================================================  ======
 phase                       what happens                                                                rounds
 ==========================  ==========================================================================  ======
-prepare                     each site extracts its manifest (or takes its table), checks columns        1
+prepare                     each site extracts its manifest (or takes its table), checks columns;       1
+                            sends its cohort description and per-feature moments of the raw table
 harmonization               ComBat statistics once per site; the server fits one reference per fold     2
                             from its training sites; each site harmonizes itself against every fold's
-                            reference (a held-out site uses the unseen-site path) and keeps the tables
+                            reference (a held-out site uses the unseen-site path), keeps the tables and
+                            sends per-feature moments of the final fold's harmonized table
 selection                   per fold, training sites send score-test and correlation aggregates; the    1
                             server applies BH-FDR, the redundancy filter and the size cap
 models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~5-8
@@ -27,6 +29,11 @@ models). Inner CV for the penalty reuses the fold's selected features (a documen
 penalty choice, not the external validation, sees the selection's optimism). Pooled estimates: random-effects
 meta-analysis (DerSimonian-Laird) of the held-out sites' AUC / C-index on the logit scale, and pooled ROC /
 Kaplan-Meier curves from binned counts.
+
+For the report (:mod:`fedrad.server.report`) the results also hold, from aggregates only and without extra round
+trips: each site's cohort description (small cells withheld), the per-feature site effect before / after ComBat
+and the PCA of the site centroids (:mod:`fedrad.common.report_stats`), the sites' and coordinator's software
+versions, and every round trip with the sites that answered or failed (``results["rounds"]``).
 """
 from __future__ import annotations
 
@@ -94,8 +101,11 @@ class Study:
         clinical = list(cfg["model"]["clinical"])
         required = clinical + list(cfg["harmonization"]["covariates"] if cfg["harmonization"]["enabled"] else [])
         required += outcome_columns(self.endpoint)
+        harm = cfg["harmonization"]
+        cohort_columns = list(dict.fromkeys(clinical + list(harm["covariates"])))
         payload = {"sources": cfg["sites"], "endpoint": self.endpoint, "required_columns": required,
-                   "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"]}
+                   "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"],
+                   "cohort": {"columns": cohort_columns, "categorical": list(harm["categorical"])}}
         replies = self.fed.ask("study_prepare", payload, phase="prepare")
         min_sites = int(cfg["study"]["min_sites"])
         if len(replies) < min_sites:
@@ -113,6 +123,10 @@ class Study:
                                                                      "n_dropped_incomplete", "extraction")}
                                  for s in self.sites}
         self.results["n_candidate_features"] = len(self.candidates)
+        self.results["cohort"] = {s: replies[s].get("cohort") for s in self.sites}
+        self.raw_moments = {s: replies[s]["moments"] for s in self.sites}
+        self.results["provenance"] = {"params_hash": next(iter(hashes)) if hashes else None,
+                                      "sites": {s: replies[s].get("versions") for s in self.sites}}
         if cfg["selection"]["icc_threshold"] is not None:
             lacking = [s for s in self.sites if not replies[s].get("has_robustness")]
             if lacking:
@@ -125,6 +139,7 @@ class Study:
         harm = self.cfg["harmonization"]
         if not harm["enabled"]:
             self.tables = {f: "raw" for f in self.folds}
+            self._site_effect(None, "harmonization is disabled in study.toml: no harmonized table")
             return
         t0, r0 = time.monotonic(), self.fed.rounds
         request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
@@ -136,12 +151,48 @@ class Study:
         self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
         self.tables = {f: f"h-{f}" for f in self.folds}
         # the sites compute the selection's score tests on the tables they just harmonized (same round trip)
-        replies = self.fed.ask("study_harmonize", {"references": refs, "selection": self._score_specs()},
+        replies = self.fed.ask("study_harmonize", {"references": refs, "selection": self._score_specs(),
+                                                   "moments": {"fold": "final", "features": self.candidates}},
                                phase="harmonization")
         self.scores = {s: r["selection"] for s, r in replies.items()}
+        self._site_effect({s: r["moments"] for s, r in replies.items()}, None)
         self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},
                                              "batch_sizes": refs[f].get("batch_sizes")} for f in refs}
         self._phase("harmonization", t0, r0)
+
+    def _site_effect(self, after: dict | None, reason: str | None) -> None:
+        """Site effect per feature before / after ComBat (final fold: every site) from the sites' moments."""
+        from fedrad.common.report_stats import harmonization_summary
+
+        self.harmonized_moments = after
+        summary = harmonization_summary(self.raw_moments, after, self.candidates, fdr=0.05)
+        summary["after_reason"] = reason
+        self.results["site_effect"] = summary
+
+    def _keep_feature_moments(self, n_top: int = 6) -> None:
+        """Per-site moments (n, mean, SD) of the final signature and the ``n_top`` features with the largest site
+        effect before harmonization, for the report's per-site plots (aggregates only)."""
+        eff = self.results["site_effect"]["before"]
+        ranked = [f for f, v in sorted(((f, v) for f, v in zip(eff["features"], eff["f"]) if v is not None),
+                                       key=lambda fv: -fv[1])]
+        feats = list(dict.fromkeys(list(self.signatures["final"]) + ranked[:n_top]))
+
+        def subset(moments: dict | None) -> dict | None:
+            if moments is None:
+                return None
+            out = {}
+            for s, m in moments.items():
+                pos = {f: j for j, f in enumerate(m["features"])}
+                out[s] = {"n": [m["n"][pos[f]] if f in pos else 0 for f in feats],
+                          "mean": [m["mean"][pos[f]] if f in pos else None for f in feats],
+                          "sd": [(m["var"][pos[f]] ** 0.5 if f in pos and m["var"][pos[f]] is not None else None)
+                                 for f in feats]}
+            return out
+
+        self.results["feature_moments"] = {"features": feats, "signature": list(self.signatures["final"]),
+                                           "largest_site_effect": ranked[:n_top],
+                                           "before": subset(self.raw_moments),
+                                           "after": subset(getattr(self, "harmonized_moments", None))}
 
     def _score_specs(self) -> dict:
         """Per fold: the univariate score-test request over the fold's candidate features."""
@@ -184,6 +235,7 @@ class Study:
             self.signatures[fold] = chosen["selected"]
             report[fold] = chosen
         self.results["selection"] = report
+        self._keep_feature_moments()
         self._phase("selection", t0, r0)
 
     def fit_models(self) -> None:
@@ -300,7 +352,25 @@ class Study:
         self.results["missing_sites"] = missing
         self.results["round_trips"] = self.fed.rounds
         self.results["seconds"] = round(time.monotonic() - t0, 2)
+        self.results["rounds"] = [dict(r) for r in self.fed.history]  # which sites answered each round trip
+        self.results.setdefault("provenance", {}).update(coordinator_provenance(self.cfg))
         return self.results
+
+
+def coordinator_provenance(cfg: dict) -> dict:
+    """The coordinator's software versions, the study configuration and the finishing time (UTC)."""
+    import datetime
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("fedrad", "flwr", "pyradiomics", "numpy", "scipy"):
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            versions[name] = None
+    return {"coordinator": versions, "config": to_plain(cfg),
+            "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 
 def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
@@ -328,6 +398,10 @@ def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
                                 "auc_binned": float(roc.auc)}
             except (ValueError, TypeError) as exc:
                 entry["roc"] = {"reason": str(exc)}
+            from fedrad.common.report_stats import pool_calibration_bins
+
+            entry["calibration_bins"] = pool_calibration_bins([m[kind].get("calibration_bins")
+                                                               for m in per_site.values()])
         else:
             for group in ("high", "low"):
                 tables = [m[kind]["km"][group] for m in per_site.values() if m[kind]["km"].get(group)]

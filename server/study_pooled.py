@@ -4,7 +4,9 @@ For a held-out site it runs the same pipeline on the *pooled* rows of the other 
 estimators (``ComBat.fit``, pooled score tests and correlations, pooled logistic / stratified Cox fits, pooled
 inner-CV losses), then harmonizes the held-out site with the unseen-site path and evaluates it. Decisions come
 from :mod:`fedrad.common.pipeline`, exactly as in the federated study, so equal metrics mean the federated
-aggregation is exact. It needs every site's rows in one place: a test tool, never part of a real study.
+aggregation is exact. :func:`pooled_site_effect` is the twin of the report's site-effect statistics (ANOVA per
+feature and PCA of the site centroids from rows, before and after ComBat). It needs every site's rows in one
+place: a test tool, never part of a real study.
 """
 from __future__ import annotations
 
@@ -16,15 +18,14 @@ from fedrad.common.folds import row_mask
 from fedrad.common.pipeline import (MODEL_KINDS, candidate_features, choose_penalty, complete_rows, evaluate_site,
                                     finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
                                     volume_feature)
+from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
 from fedrad.common.selection import (correlation_request, cox_score_request, icc_request, logistic_score_request,
                                      pooled_correlation, pooled_cox_score, pooled_icc, pooled_logistic_score)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
 
 
-def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, min_cell_size: int = 10,
-                robustness: dict[str, pd.DataFrame] | None = None) -> dict:
-    """Metrics of the held-out site when everything is fit on the pooled rows of the other sites
-    (``robustness``: each site's perturbed feature table, when the study filters by ICC)."""
+def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], list[str]]:
+    """Each site's complete rows and the candidate features every site has (as the study's prepare phase)."""
     endpoint = endpoint_of(cfg)
     clinical = list(cfg["model"]["clinical"])
     tables = {s: complete_rows(t, endpoint, clinical, s) for s, t in site_tables.items()}
@@ -32,20 +33,55 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     sites = sorted(tables)
     first = candidate_features(tables[sites[0]], prefixes)
     common = set.intersection(*(set(candidate_features(t, prefixes)) for t in tables.values()))
-    candidates = [f for f in first if f in common]
-    train_sites = [s for s in sites if s != held_out]
+    return tables, [f for f in first if f in common]
+
+
+def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: list[str], candidates: list[str],
+                      min_cell_size: int) -> tuple[set, dict[str, pd.DataFrame]]:
+    """ComBat fit on the pooled rows of ``train_sites``; every site harmonized against it (unseen-site path for
+    the others). Returns the excluded features and the harmonized tables (the raw tables when disabled)."""
     harm = cfg["harmonization"]
-    if harm["enabled"]:
-        pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
-        combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
-                        parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
-        combat.fit(pooled[candidates], pooled["site"], pooled[list(harm["covariates"])] if harm["covariates"]
-                   else None)
-        ref = combat.reference_
-        excluded = set(ref.excluded_features or {})
-        harmonized = {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in sites}
-    else:
-        excluded, harmonized = set(), tables
+    if not harm["enabled"]:
+        return set(), tables
+    pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
+    combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
+                    parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+    combat.fit(pooled[candidates], pooled["site"], pooled[list(harm["covariates"])] if harm["covariates"] else None)
+    ref = combat.reference_
+    return (set(ref.excluded_features or {}),
+            {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in tables})
+
+
+def pooled_site_effect(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size: int = 10) -> dict:
+    """Pooled twin of the study's ``results["site_effect"]``: one-way ANOVA per feature on the pooled rows of
+    the raw tables and of the final fold's harmonized tables (ComBat fit on every site's pooled rows), and the
+    PCA of the site centroids (raw axes; harmonized centroids projected on them), all from rows."""
+    tables, candidates = _study_tables(cfg, site_tables)
+    sites = sorted(tables)
+    _, harmonized = _harmonize_pooled(cfg, tables, sites, candidates, min_cell_size)
+    raw = pd.concat([tables[s].assign(__site__=s) for s in sites], ignore_index=True)
+    out = {"before": site_effect_rows(raw, "__site__", candidates)}
+    pca = centroid_pca_rows(raw, "__site__", candidates)
+    out["pca"] = {"sites": sites, "before": pca["scores"],
+                  "explained_variance_ratio": pca["explained_variance_ratio"]}
+    if cfg["harmonization"]["enabled"]:
+        after = pd.concat([harmonized[s].assign(__site__=s) for s in sites], ignore_index=True)
+        out["after"] = site_effect_rows(after, "__site__", candidates)
+        means = after[candidates].astype(float).groupby(after["__site__"].to_numpy()).mean().sort_index()
+        out["pca"]["after"] = project_centroids(pca, means.to_numpy())
+    return out
+
+
+def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, min_cell_size: int = 10,
+                robustness: dict[str, pd.DataFrame] | None = None) -> dict:
+    """Metrics of the held-out site when everything is fit on the pooled rows of the other sites
+    (``robustness``: each site's perturbed feature table, when the study filters by ICC)."""
+    endpoint = endpoint_of(cfg)
+    tables, candidates = _study_tables(cfg, site_tables)
+    sites = sorted(tables)
+    train_sites = [s for s in sites if s != held_out]
+    excluded, harmonized = _harmonize_pooled(cfg, tables, train_sites, candidates, min_cell_size)
+    clinical = list(cfg["model"]["clinical"])
     feats = [f for f in candidates if f not in excluded]
     train = pd.concat([harmonized[s].assign(site=s) for s in train_sites], ignore_index=True)
     sel = cfg["selection"]

@@ -1,0 +1,47 @@
+"""How the coordinator sees a site that is down: Flower's SuperLink answers a message whose destination SuperNode
+missed its heartbeats with an error reply of its own (code NODE_UNAVAILABLE, source node 1, not the site's node).
+Federation.ask must blame the right site (by the message the reply answers), with a reason a reader understands.
+Study.run going on without a failed site: tests/test_study.py; on real processes with SIGKILLed SuperNodes:
+tests/test_deployment.py."""
+from __future__ import annotations
+
+import pytest
+from flwr.app import Error, Message
+from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
+
+from fedrad.client.client_app import app as client_app
+from fedrad.server.federation import SITE_DOWN, Federation, LocalGrid, SiteError
+
+
+class CrashingGrid(LocalGrid):
+    """LocalGrid where the sites in ``down`` no longer answer: the "SuperLink" replies NODE_UNAVAILABLE for them."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.down: set[str] = set()
+
+    def _deliver(self, msg):
+        node = msg.metadata.dst_node_id
+        if self._contexts[node].node_config["site-name"] not in self.down:
+            return super()._deliver(msg)
+        reply = Message(Error(code=ErrorCode.NODE_UNAVAILABLE, reason="Error: Node Unavailable - no heartbeat"),
+                        reply_to=msg)
+        reply.metadata.__dict__["_src_node_id"] = SUPERLINK_NODE_ID
+        return reply
+
+
+def test_node_unavailable_reply_blames_the_site_whose_message_it_answers(tmp_path):
+    from tests.test_study import make_sites
+
+    _, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
+    grid = CrashingGrid(client_app, nodes)
+    fed = Federation(grid)
+    endpoint = {"type": "response", "outcome": "response"}
+    payload = {"sources": {}, "endpoint": endpoint, "required_columns": ["response"], "clinical": [],
+               "feature_prefixes": ["original_"]}
+    assert sorted(fed.ask("study_prepare", payload)) == ["hosp0", "hosp1", "hosp2", "hosp3"]
+    grid.down = {"hosp2"}
+    with pytest.raises(SiteError) as err:
+        fed.ask("study_prepare", payload)
+    assert err.value.failures == {"hosp2": SITE_DOWN}  # not "node 1" (the reply's source is the SuperLink)
+    assert "hosp2: its SuperNode stopped sending heartbeats" in str(err.value)
