@@ -168,6 +168,7 @@ __all__ = [
     "c_paired",
     "risk_group_split",
     "km_bins",
+    "merge_km_bins",
     "pooled_km",
     "dersimonian_laird",
     "pool_proportion_like",
@@ -1039,6 +1040,58 @@ def km_bins(time: Any, event: Any, grid: Any) -> dict:
     ce_from = len(ce_sorted) - np.searchsorted(ce_sorted, g, side="left")       # censorings with t >= g_k
     at_risk = (ev_after + ce_from).astype(np.int64)
     return {"at_risk": at_risk, "events": events, "censored": censored, "grid": g, "reason": None}
+
+
+def merge_km_bins(bins: Mapping, k: int) -> dict | None:
+    r"""Small-cell rule for :func:`km_bins`: merge neighbouring intervals until no released count is under ``k``.
+
+    A released block's ``events`` and ``censored`` counts are each either 0 or at least ``k``. A block of grid
+    indices :math:`a..b` is treated as one interval with :func:`km_bins`' convention: its events (times in
+    :math:`(g_{a-1}, g_b]`) are dated up to :math:`g_b`, its censorings (times in :math:`[g_a, g_{b+1})`)
+    down to :math:`g_a`, zeros in between. The table stays on the coordinator's grid, so sites' tables still
+    add up (:func:`pooled_km`), and the curve is the Kaplan-Meier estimator of the data grouped that way
+    (conservative as the grid itself: censorings leave the risk set at the start of their block). Blocks are
+    closed greedily from the start; a remainder that cannot satisfy the rule joins the last block.
+
+    Returns ``None`` (nothing released) when the table as a whole has fewer than ``k`` events or fewer than
+    ``k`` patients; the ``merged`` key lists the kept grid points' indices.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    ev, ce = _counts(bins, "events"), _counts(bins, "censored")
+    at_risk = _counts(bins, "at_risk")
+    K1 = len(ev)
+    if ev.sum() < k or at_risk[0] < k:
+        return None
+    ok = lambda c: c == 0 or c >= k  # noqa: E731
+    # interval j of the table = (g_{j-1}, g_j] for events and [g_j, g_{j+1}) for censorings; a merged block
+    # [a, b] gets its events at b and its censorings at a.
+    blocks, start, e_acc, c_acc = [], 0, 0, 0
+    for j in range(K1):
+        e_acc += int(ev[j])
+        c_acc += int(ce[j])
+        if ok(e_acc) and ok(c_acc):
+            blocks.append([start, j, e_acc, c_acc])
+            start, e_acc, c_acc = j + 1, 0, 0
+    if start < K1:  # a remainder that cannot stand alone joins the last block
+        if blocks:
+            blocks[-1][1] = K1 - 1
+            blocks[-1][2] += e_acc
+            blocks[-1][3] += c_acc
+        else:
+            return None
+    events, censored = np.zeros(K1, np.int64), np.zeros(K1, np.int64)
+    for a, b, e_sum, c_sum in blocks:
+        events[b] += e_sum   # events of (g_{a-1}, g_b] rounded up to g_b
+        censored[a] += c_sum  # censorings of [g_a, g_{b+1}) rounded down to g_a
+    risk = np.empty(K1, np.int64)
+    risk[0] = at_risk[0]
+    for j in range(K1 - 1):
+        risk[j + 1] = risk[j] - events[j] - censored[j]
+    out = dict(bins)
+    out.update(at_risk=risk, events=events, censored=censored, merged=[int(b[1]) for b in blocks],
+               reason=f"intervals merged so that every released count is 0 or >= {k}")
+    return out
 
 
 def pooled_km(bin_counts: Sequence[Mapping], *, level: float = 0.95) -> dict:

@@ -214,7 +214,9 @@ def _model_metrics(endpoint: dict, lp: np.ndarray, outcome: tuple, min_cell_size
     if min(cells) < min_cell_size:  # a 2 x 2 table (risk group x event) with a small cell: no count released
         split.update(n_high=None, n_low=None, events_high=None, events_low=None)
     return {"c_index": metrics.harrell_c(t, e, lp), "risk_split": split,
-            "km": {g: (metrics.km_bins(t[m], e[m], grid) if m.sum() >= min_cell_size else None)
+            # Kaplan-Meier counts per risk group, intervals merged until no released count is under k
+            "km": {g: (metrics.merge_km_bins(metrics.km_bins(t[m], e[m], grid), min_cell_size)
+                       if m.sum() >= min_cell_size else None)
                    for g, m in (("high", high), ("low", ~high))}}
 
 

@@ -756,3 +756,54 @@ def test_pooled_roc_interpolated_equals_exact_with_shared_edges_and_is_close_aft
     after = pooled_roc_interpolated(merged)
     truth = roc_auc_score(np.concatenate(ys), np.concatenate(ps))
     assert len(after.fpr) > 5 and abs(after.auc - truth) < 0.03, (after.auc, truth)
+
+
+# ----------------------------------------------------------------------------------------------
+# small-cell rule for Kaplan-Meier tables
+# ----------------------------------------------------------------------------------------------
+def test_merge_km_bins_releases_no_small_count_and_equals_km_of_grouped_rows():
+    from lifelines import KaplanMeierFitter
+
+    from fedrad.common.metrics import merge_km_bins
+
+    rng = np.random.default_rng(5)
+    t = rng.exponential(20, 300).round(1) + 0.1
+    e = (rng.random(300) < 0.6).astype(int)
+    grid = np.arange(0, 61, 3.0)
+    raw = km_bins(t, e, grid)
+    assert (np.asarray(raw["events"])[(raw["events"] > 0)] < 10).any()  # the raw table has small cells
+    merged = merge_km_bins(raw, 10)
+    for key in ("events", "censored"):
+        c = np.asarray(merged[key])
+        assert ((c == 0) | (c >= 10)).all()
+        assert c.sum() == np.asarray(raw[key]).sum()
+    assert merged["at_risk"][0] == raw["at_risk"][0] and len(merged["merged"]) >= 4
+    # independent reference: date each row as the merged blocks do, then lifelines' Kaplan-Meier
+    ends = merged["merged"]
+    starts = [0] + [b + 1 for b in ends[:-1]]
+    ev_idx = np.searchsorted(grid, t, side="left")          # event interval (g_{j-1}, g_j]
+    ce_idx = np.searchsorted(grid, t, side="right") - 1     # censoring interval [g_j, g_{j+1})
+    late = (e == 1) & (ev_idx >= len(grid))  # events after the last grid point: still at risk there
+    block_end = {j: b for a, b in zip(starts, ends) for j in range(a, b + 1)}
+    block_start = {j: a for a, b in zip(starts, ends) for j in range(a, b + 1)}
+    tt = np.where(e == 1, [grid[block_end[min(j, len(grid) - 1)]] for j in ev_idx],
+                  [grid[block_start[max(j, 0)]] for j in ce_idx])
+    tt, ee = np.where(late, grid[-1] + 1, tt), np.where(late, 0, e)
+    assert late.any() and (ce_idx >= 0).all()
+    kmf = KaplanMeierFitter().fit(tt, ee)
+    ours = pooled_km([merged])
+    want = kmf.survival_function_at_times(grid[ends]).to_numpy()
+    assert np.allclose(np.asarray(ours["survival"])[ends], want, atol=1e-12)
+    # sites' merged tables still add up on the common grid
+    other = merge_km_bins(km_bins(t[:50] * 1.3, e[:50], grid), 10)
+    assert pooled_km([merged, other])["at_risk"][0] == 300 + other["at_risk"][0]
+
+
+def test_merge_km_bins_withholds_tables_with_too_few_events():
+    from fedrad.common.metrics import merge_km_bins
+
+    t, e = np.arange(1, 31, dtype=float), np.r_[np.ones(6), np.zeros(24)].astype(int)
+    assert merge_km_bins(km_bins(t, e, np.arange(0, 31, 5.0)), 10) is None     # 6 events < k
+    same = merge_km_bins(km_bins(t, e, np.arange(0, 31, 5.0)), 1)                 # k = 1: nothing to merge
+    raw = km_bins(t, e, np.arange(0, 31, 5.0))
+    assert all(np.array_equal(same[k], raw[k]) for k in ("events", "censored", "at_risk"))
