@@ -1057,6 +1057,12 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
         _check_covariates(sub, continuous, categorical, where)
         levels = {c: _sorted_levels(sub[c], f"covariate {c!r}") for c in categorical}
         counts = {c: [int((sub[c] == lvl).sum()) for lvl in levels[c]] for c in categorical}
+        for c in categorical:  # a level's regression sums describe its patients: the same minimum applies
+            for lvl, cnt in zip(levels[c], counts[c]):
+                if cnt < min_n:
+                    raise SmallBatchError(f"categorical covariate {c!r} level {_py(lvl)!r} has {cnt} patients {where}, "
+                                          f"fewer than min_cell_size={min_n}: its sums would describe them; merge "
+                                          f"rare levels or leave the covariate out")
         local = _local_columns(levels, continuous)
         x = np.column_stack([(sub[c] == lvl).to_numpy(dtype=np.float64) if lvl is not None
                              else sub[c].to_numpy(dtype=np.float64) for c, lvl in local]) \

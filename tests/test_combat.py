@@ -400,7 +400,14 @@ def test_guard_small_batch(cohort):
     with pytest.raises(SmallBatchError, match=r"batch 'A' has 40 samples at site 'A', fewer than min_cell_size=50"):
         fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": 50})
     with pytest.raises(SmallBatchError, match=r"batch 'C' has 30 samples at site 'C'.*min_cell_size=31"):
-        fit_federated(tables, names, CONT, CAT, min_cell_size=31)
+        fit_federated({s: tables[s] for s in "CD"}, names, CONT, CAT, min_cell_size=31)
+    # a categorical covariate's level is a group too: its regression sums describe its patients
+    smallest = min((int(n), c, lvl) for c in CAT for lvl, n in tables["A"][c].value_counts().items())
+    n, c, lvl = smallest
+    with pytest.raises(SmallBatchError, match=rf"covariate '{c}' level {lvl!r} has {n} patients at site 'A', "
+                                              rf"fewer than min_cell_size={n + 1}: .*merge rare levels"):
+        fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": n + 1})
+    fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": n})  # at the minimum: answered
     tiny = tables["D"].iloc[:1]
     fed = fit_federated({s: tables[s] for s in "ABC"}, names, CONT, CAT)
     with pytest.raises(SmallBatchError, match="batch 'D' has 1 samples at site 'D'"):
