@@ -66,12 +66,14 @@ REQUESTS: dict[str, RequestType] = {
         "query.study_prepare",
         "make the study's table at the site (extract its manifest or take its feature table), check columns",
         "row count, outcome counts (each withheld below the minimum cell size), candidate feature names, "
-        "extraction parameter hash",
+        "extraction parameter hash, cohort summary (counts under k withheld, with their complements), "
+        "per-feature n / mean / variance of the raw table, software versions",
     ),
     "study_harmonize": RequestType(
         "query.study_harmonize",
         "harmonize the site's table against every validation fold's ComBat fit; tables stay at the site",
-        "per fold: row count and locally excluded features",
+        "per fold: row count and locally excluded features; per-feature n / mean / variance of the final "
+        "fold's harmonized table; the selection's score-test sums",
     ),
     "study_select": RequestType(
         "query.study_select",
