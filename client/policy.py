@@ -12,9 +12,10 @@ What "cell" means (the documented choice):
 * **Sums** — gradients, Hessians, cross-products, score statistics — are answered when the rows they sum over
   number at least ``min_cell_size``, *even if they involve fewer events*: a site with 3 events among 40
   patients (TCGA-BRCA region 5) still takes part in a Cox fit, because a 40-patient sum does not describe
-  any 3 patients. A site that wants the stricter rule sets ``min_events``: it then refuses model fits
-  (gradients and Hessians) over rows with fewer events (survival) or fewer patients in the smaller outcome
-  class (response) than that.
+  any 3 patients. The same holds for ComBat's regression sums when a categorical covariate level is small.
+  A site that wants the stricter rule sets ``min_events``: it then refuses model fits (gradients and
+  Hessians) over rows with fewer events (survival) or fewer patients in the smaller outcome class (response)
+  than that, and ComBat statistics where a categorical covariate level has fewer patients than that.
 
 A site's policy comes from its configuration file (``[policy]`` of ``site.toml``, see
 :mod:`fedrad.client.site`) and its SuperNode's ``--node-config``; when both set a rule, the stricter wins.
@@ -30,8 +31,9 @@ DEFAULT_MIN_CELL_SIZE = 10
 #: keys of the [policy] table / node config, with what they mean (for error messages and docs)
 POLICY_KEYS = {
     "min-cell-size": "smallest group the site describes (integer >= 2; default 10)",
-    "min-events": "smallest number of events / smaller-class patients a model fit's sums may involve "
-                  "(integer >= 0; default 0: sums over >= min-cell-size patients are answered)",
+    "min-events": "smallest number of events / smaller-class patients a model fit's sums, or patients of a "
+                  "categorical covariate level ComBat's sums, may involve (integer >= 0; default 0: sums over "
+                  ">= min-cell-size patients are answered)",
     "allowed-requests": "request types the site answers (list, or comma-separated string; default: all)",
 }
 

@@ -15,7 +15,8 @@ def combat_stats(site: Site, payload: dict) -> dict:
     """ComBat round 1: the site's regression statistics (aggregates only)."""
     request = payload["request"]
     return {"stats": site_combat_stats(site.table(payload.get("table")), request, site=site.name,
-                                       min_cell_size=site.policy.min_cell_size)}
+                                       min_cell_size=site.policy.min_cell_size,
+                                       min_level_size=site.policy.min_events)}
 
 
 def harmonize_locally(site: Site, rows, reference: dict, output: str) -> dict:

@@ -1015,7 +1015,7 @@ def _sqrt_regression(xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.nda
 
 
 def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None, batch: Any = None,
-                      min_cell_size: int | None = None) -> dict:
+                      min_cell_size: int | None = None, min_level_size: int = 0) -> dict:
     r"""Message 2 (site → server): the site's sufficient statistics, per batch at the site.
 
     Parameters
@@ -1031,6 +1031,11 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
     min_cell_size : int, optional
         The site's own privacy policy; the effective minimum is the larger of this and the
         request's.
+    min_level_size : int, default 0
+        The site's opt-in stricter rule (its policy's ``min-events``): refuse when a categorical
+        covariate level has fewer patients than this at a batch. By default (0) the statistics
+        are sums over the batch's >= ``min_cell_size`` patients and are answered whatever the
+        level sizes, as model sums are answered whatever the event count.
 
     Returns
     -------
@@ -1057,12 +1062,12 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
         _check_covariates(sub, continuous, categorical, where)
         levels = {c: _sorted_levels(sub[c], f"covariate {c!r}") for c in categorical}
         counts = {c: [int((sub[c] == lvl).sum()) for lvl in levels[c]] for c in categorical}
-        for c in categorical:  # a level's regression sums describe its patients: the same minimum applies
+        for c in categorical:  # opt-in: a small level's share of the sums is refused (the site's min-events)
             for lvl, cnt in zip(levels[c], counts[c]):
-                if cnt < min_n:
+                if cnt < min_level_size:
                     raise SmallBatchError(f"categorical covariate {c!r} level {_py(lvl)!r} has {cnt} patients {where}, "
-                                          f"fewer than min_cell_size={min_n}: its sums would describe them; merge "
-                                          f"rare levels or leave the covariate out")
+                                          f"fewer than the site's min-events {min_level_size}: merge rare levels or "
+                                          f"leave the covariate out")
         local = _local_columns(levels, continuous)
         x = np.column_stack([(sub[c] == lvl).to_numpy(dtype=np.float64) if lvl is not None
                              else sub[c].to_numpy(dtype=np.float64) for c, lvl in local]) \

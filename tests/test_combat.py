@@ -401,13 +401,14 @@ def test_guard_small_batch(cohort):
         fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": 50})
     with pytest.raises(SmallBatchError, match=r"batch 'C' has 30 samples at site 'C'.*min_cell_size=31"):
         fit_federated({s: tables[s] for s in "CD"}, names, CONT, CAT, min_cell_size=31)
-    # a categorical covariate's level is a group too: its regression sums describe its patients
+    # opt-in stricter rule (a site's min-events): a categorical covariate level smaller than it is refused
     smallest = min((int(n), c, lvl) for c in CAT for lvl, n in tables["A"][c].value_counts().items())
     n, c, lvl = smallest
+    request = make_request(names, CONT, CAT)
     with pytest.raises(SmallBatchError, match=rf"covariate '{c}' level {lvl!r} has {n} patients at site 'A', "
-                                              rf"fewer than min_cell_size={n + 1}: .*merge rare levels"):
-        fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": n + 1})
-    fit_federated(tables, names, CONT, CAT, site_min_cell_size={"A": n})  # at the minimum: answered
+                                              rf"fewer than the site's min-events {n + 1}: merge rare levels"):
+        site_combat_stats(tables["A"], request, site="A", min_level_size=n + 1)
+    assert site_combat_stats(tables["A"], request, site="A", min_level_size=n)["batches"][0]["n"] == 40
     tiny = tables["D"].iloc[:1]
     fed = fit_federated({s: tables[s] for s in "ABC"}, names, CONT, CAT)
     with pytest.raises(SmallBatchError, match="batch 'D' has 1 samples at site 'D'"):

@@ -156,3 +156,21 @@ def test_site_join_reads_the_config_file_and_fails_early(tmp_path):
     write(cfg, '[site]\nname = "a"\n[policy]\nmin-cell-size = "x"\n')
     res = runner.invoke(app, ["site", "join", "--config", str(cfg), "--superlink", "127.0.0.1:9092", "--insecure"])
     assert res.exit_code == 2 and "site a:" in res.output and "must be integers" in res.output
+
+
+def test_min_events_also_refuses_small_covariate_levels_in_combat(tmp_path):
+    from fedrad.client.steps import combat_stats
+    from fedrad.common.combat import make_request
+
+    rng = np.random.default_rng(1)
+    df = pd.DataFrame({"f1": rng.normal(size=40), "f2": rng.normal(size=40), "age": rng.normal(60, 8, 40),
+                       "sex": ["F"] * 7 + ["M"] * 33})
+    df.to_parquet(tmp_path / "t.parquet")
+    request = {"request": make_request(["f1", "f2"], ["age"], ["sex"])}
+    base = {"site-name": "h1", "table": str(tmp_path / "t.parquet"), "workdir": str(tmp_path / "w")}
+    stats = Site.from_node_config(base).answer("combat_stats", request, combat_stats)  # default: answered
+    assert stats["stats"]["batches"][0]["level_counts"] == {"sex": [7, 33]}
+    strict = Site.from_node_config({**base, "min-events": 8})
+    with pytest.raises(SiteFailure, match=r"^site h1: categorical covariate 'sex' level 'F' has 7 patients at "
+                                          r"site 'h1', fewer than the site's min-events 8"):
+        strict.answer("combat_stats", request, combat_stats)
