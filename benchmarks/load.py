@@ -9,6 +9,12 @@ the same study in-process (Flower's message layer, no processes): its wall time 
 
     python -m benchmarks.load                 # 20 sites
     python -m benchmarks.load --sites 5       # a smaller check
+
+One machine hosts every site here, so the coordinator asks at most ``--max-concurrent`` sites at a time within
+each round trip (run config ``max-concurrent-sites``; default 2 per core). Without it, 20 ``flwr-clientapp``
+processes start together on 2 cores; Flower 1.42 gives each 30 s from claiming its message to activating its
+task token, they miss it, the SuperNodes start new ones, and the machine spirals (seen here: 85 clientapp
+processes and no reply after 6 minutes). Hospitals each run their own machine and need no limit.
 """
 from __future__ import annotations
 
@@ -104,7 +110,7 @@ class TreeSampler(threading.Thread):
 ROUND_LINE = re.compile(r"round (\d+) \(([^)]*)\): (\d+) of (\d+) sites answered in ([\d.]+) s")
 
 
-def run_deployment(cfg: dict, nodes: list[dict], root: Path) -> dict:
+def run_deployment(cfg: dict, nodes: list[dict], root: Path, max_concurrent: int) -> dict:
     from fedrad.server.plans import write_json_atomic
     from fedrad.server.runtime import LoopbackDeployment, SiteNode
 
@@ -117,7 +123,8 @@ def run_deployment(cfg: dict, nodes: list[dict], root: Path) -> dict:
         with LoopbackDeployment(root / "flower", sites) as dep:
             t_up = time.perf_counter() - t0
             run_id = dep.submit({"plan": str(root / "plan.json"), "out-dir": str(root / "out"),
-                                 "expected-sites": len(nodes), "round-timeout": 1200.0})
+                                 "expected-sites": len(nodes), "round-timeout": 1200.0,
+                                 "max-concurrent-sites": max_concurrent})
             status = dep.wait(run_id, timeout=4 * 3600, done_file=root / "out" / "results.json")
     finally:
         sampler.stop()
@@ -141,6 +148,8 @@ def run_local(cfg: dict, nodes: list[dict]) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=20)
+    ap.add_argument("--max-concurrent", type=int, default=2 * (os.cpu_count() or 1),
+                    help="sites asked at once within a round trip (0: all); default 2 per core")
     args = ap.parse_args()
     k = args.sites
     with tempfile.TemporaryDirectory(prefix=f"fedrad-load-{k}-") as tmp:
@@ -149,9 +158,10 @@ def main() -> None:
         local_res, local_secs = run_local(cfg, nodes)
         local_peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         cfg, nodes = make_sites(root / "deployment", k)
-        dep = run_deployment(cfg, nodes, root / "deployment")
+        dep = run_deployment(cfg, nodes, root / "deployment", args.max_concurrent)
     res, rounds, s = dep["results"], dep["rounds"], dep["sampler"]
-    print(f"load check: {k} SuperNodes + SuperLink on loopback, {os.cpu_count()} cores")
+    print(f"load check: {k} SuperNodes + SuperLink on loopback, {os.cpu_count()} cores, at most "
+          f"{args.max_concurrent or k} sites asked at once")
     print(f"study completed: {res['round_trips']} round trips, {len(res.get('missing_sites') or {})} sites missing, "
           f"wall time {dep['wall']:.0f} s (processes up in {dep['startup']:.0f} s)")
     for r, phase, got, of, secs in rounds:

@@ -63,11 +63,19 @@ class Federation:
         Seconds to wait for all replies of one round trip.
     log : callable, optional
         Receives one progress line per round trip (phase, round, sites answered).
+    max_concurrent : int, default 0
+        At most this many sites are asked at once within a round trip (0: all at once). Only for many
+        SuperNodes sharing one small machine (loopback load checks): Flower 1.42 gives a SuperNode's
+        ``flwr-clientapp`` process 30 s from claiming a message to activating its task token; 20 of them
+        starting together on 2 cores miss it, are restarted, and the machine spirals. Hospitals each run
+        their own machine and need no limit.
     """
 
-    def __init__(self, grid, timeout: float = 600.0, log: Callable[[str], None] | None = None):
+    def __init__(self, grid, timeout: float = 600.0, log: Callable[[str], None] | None = None,
+                 max_concurrent: int = 0):
         self.grid = grid
         self.timeout = timeout
+        self.max_concurrent = max(0, int(max_concurrent))
         self.log = log or (lambda line: None)
         self.rounds = 0
         self.node_of_site: dict[str, int] = {}
@@ -114,7 +122,10 @@ class Federation:
                 for n, p in targets.items()]
         t0 = time.monotonic()
         self.log(f"round {self.rounds} ({phase or request}): asking {len(msgs)} sites")
-        replies = list(self.grid.send_and_receive(msgs, timeout=self.timeout))
+        w = self.max_concurrent or len(msgs)
+        replies = []
+        for i in range(0, len(msgs), w):  # waves only with max_concurrent (see the class docstring)
+            replies.extend(self.grid.send_and_receive(msgs[i:i + w], timeout=self.timeout))
         node_by_msg = {m.metadata.message_id: m.metadata.dst_node_id for m in msgs}
         site_by_node = {v: k for k, v in self.node_of_site.items()}
         ok: dict[str, dict] = {}

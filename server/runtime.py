@@ -62,6 +62,7 @@ expected-sites = 1
 connect-timeout = 120.0
 round-timeout = 600.0
 poll-interval = 0.05
+max-concurrent-sites = 0
 """
 
 

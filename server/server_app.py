@@ -30,7 +30,8 @@ def main(grid: Grid, context: Context) -> None:
             f.write(line + "\n")
 
     fed = Federation(FastGrid(grid, float(cfg.get("poll-interval", 0.05))),
-                     timeout=float(cfg.get("round-timeout", 600.0)), log=log)
+                     timeout=float(cfg.get("round-timeout", 600.0)), log=log,
+                     max_concurrent=int(cfg.get("max-concurrent-sites", 0)))
     n = int(cfg.get("expected-sites", 1))
     log(f"coordinator: waiting for {n} sites to connect")
     fed.wait_for_sites(n, timeout=float(cfg.get("connect-timeout", 120.0)))

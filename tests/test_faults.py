@@ -45,3 +45,31 @@ def test_node_unavailable_reply_blames_the_site_whose_message_it_answers(tmp_pat
         fed.ask("study_prepare", payload)
     assert err.value.failures == {"hosp2": SITE_DOWN}  # not "node 1" (the reply's source is the SuperLink)
     assert "hosp2: its SuperNode stopped sending heartbeats" in str(err.value)
+
+
+class CountingGrid(LocalGrid):
+    """LocalGrid recording how many messages each send_and_receive call carried."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.waves: list[int] = []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        messages = list(messages)
+        self.waves.append(len(messages))
+        return super().send_and_receive(messages, timeout=timeout)
+
+
+def test_max_concurrent_sites_sends_a_round_trip_in_waves_with_the_same_replies(tmp_path):
+    from tests.test_study import make_sites
+
+    _, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
+    payload = {"sources": {}, "endpoint": {"type": "response", "outcome": "response"},
+               "required_columns": ["response"], "clinical": [], "feature_prefixes": ["original_"]}
+    all_at_once, waves = CountingGrid(client_app, nodes), CountingGrid(client_app, nodes)
+    a = Federation(all_at_once).ask("study_prepare", payload)
+    fed = Federation(waves, max_concurrent=3)
+    b = fed.ask("study_prepare", payload)
+    assert all_at_once.waves == [4] and waves.waves == [3, 1]
+    assert fed.rounds == 1 and fed.history[0]["answered"] == sorted(b)
+    assert {s: r["n"] for s, r in a.items()} == {s: r["n"] for s, r in b.items()}
