@@ -43,5 +43,13 @@ def run_plan(fed: Federation, plan_path: str, out_dir: str) -> dict:
     t0 = time.monotonic()
     result = TASKS[task](fed, plan)
     result.update({"task": task, "round_trips": fed.rounds, "seconds": round(time.monotonic() - t0, 3)})
+    if task == "study":  # the coordinator writes the report for every study, whoever submitted it
+        from fedrad.server.report import write_report
+
+        try:
+            fed.log(f"coordinator: report written to {write_report(result, Path(out_dir) / 'report.html')}")
+        except Exception as exc:  # results.json below still lands; `fedrad study report` can retry
+            fed.log(f"coordinator: report.html NOT written ({type(exc).__name__}: {exc}); "
+                    f"run `fedrad study report {Path(out_dir) / 'results.json'}`")
     write_json_atomic(result, Path(out_dir) / "results.json")
     return result

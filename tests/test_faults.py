@@ -73,3 +73,24 @@ def test_max_concurrent_sites_sends_a_round_trip_in_waves_with_the_same_replies(
     assert all_at_once.waves == [4] and waves.waves == [3, 1]
     assert fed.rounds == 1 and fed.history[0]["answered"] == sorted(b)
     assert {s: r["n"] for s, r in a.items()} == {s: r["n"] for s, r in b.items()}
+
+
+def test_the_coordinators_plan_runner_writes_the_report_before_the_results(tmp_path):
+    """Every study the ServerApp runs leaves report.html beside results.json (whoever submitted it), and
+    report.html is in place by the time results.json (what waiting clients watch for) appears."""
+    from fedrad.server.plans import run_plan, write_json_atomic
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path / "sites", survival=False, seed=3)
+    cfg["validation"]["loso"] = False
+    cfg["model"]["grid"] = [1.0]
+    write_json_atomic({"task": "study", "config": cfg}, tmp_path / "plan.json")
+    seen = []
+
+    def log(line):
+        seen.append(((tmp_path / "out" / "report.html").exists(), (tmp_path / "out" / "results.json").exists(), line))
+
+    run_plan(Federation(LocalGrid(client_app, nodes), log=log), str(tmp_path / "plan.json"), str(tmp_path / "out"))
+    assert seen[-1][0] and not seen[-1][1] and "report written to" in seen[-1][2]
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "1. Cohort" in html and "hosp0" in html and (tmp_path / "out" / "results.json").exists()
