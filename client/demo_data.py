@@ -74,6 +74,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from scipy import ndimage
 from scipy.special import expit
 
+from fedrad.common.files import atomic_write_bytes
+
 __all__ = ["MANIFEST_COLUMNS", "simulate_demo_table", "write_demo_cohort"]
 
 MANIFEST_COLUMNS = ("case_id", "image", "mask", "mask_label", "age", "sex", "stage",
@@ -375,9 +377,7 @@ def _check_out_dir(out: Path, sites: list[_SiteProfile]) -> None:
 
 def _write_text(path: Path, text: str) -> None:
     """Write a text file atomically (temporary name in the same directory, then rename)."""
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
+    atomic_write_bytes(path, text.encode("utf-8"))
 
 
 def _readme(sites: list[_SiteProfile], n_patients: int, seed: int) -> str:

@@ -13,6 +13,9 @@ from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
 from fedrad.common.messages import to_plain
 
+#: software whose versions a site reports with its numbers (provenance in the report)
+SITE_SOFTWARE = ("fedrad", "pyradiomics", "flwr", "numpy", "SimpleITK")
+
 
 def read_feature_file(path: Path, site: str) -> pd.DataFrame:
     if not path.is_file():
@@ -63,7 +66,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
         bad = sorted(set(y.unique()) - {0, 1})
         if bad:
             raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
-    from fedrad.common.report_stats import cohort_summary, feature_moments
+    from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
     features = candidate_features(complete, payload["feature_prefixes"])
     spec = payload.get("cohort") or {}
@@ -74,27 +77,12 @@ def study_prepare(site: Site, payload: dict) -> dict:
             "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
             "features": features, "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
-            "moments": feature_moments(complete, features, k), "versions": software_versions()}
+            "moments": feature_moments(complete, features, k), "versions": software_versions(SITE_SOFTWARE)}
 
 
 def _small_or_zero(count: int, k: int):
     """A count of excluded patients: released when 0 or at least k."""
     return int(count) if count == 0 or count >= k else None
-
-
-def software_versions() -> dict:
-    """Versions of the software that computed this site's numbers (provenance in the report)."""
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name, dist in (("fedrad", "fedrad"), ("pyradiomics", "pyradiomics"), ("flwr", "flwr"),
-                       ("numpy", "numpy"), ("SimpleITK", "SimpleITK")):
-        try:
-            out[name] = version(dist)
-        except PackageNotFoundError:
-            out[name] = None
-    return out
 
 
 def study_harmonize(site: Site, payload: dict) -> dict:

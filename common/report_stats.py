@@ -396,3 +396,17 @@ def pool_calibration_bins(tables: Sequence[Mapping], grid: Sequence[float] = tup
     keep = n > 0
     return {"n": n[keep].astype(int).tolist(), "events": ev[keep].astype(int).tolist(),
             "mean_predicted": (ps[keep] / n[keep]).tolist(), "observed": (ev[keep] / n[keep]).tolist()}
+
+
+def software_versions(packages: Sequence[str]) -> dict:
+    """Python's and ``packages``' installed versions (None when absent): provenance of the numbers in the report."""
+    import platform
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in packages:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out

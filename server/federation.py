@@ -86,6 +86,11 @@ class Federation:
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
 
+    def active_node_ids(self) -> list[int]:
+        """Connected nodes, without those of sites left out (``excluded``): whom a round trip asks."""
+        dropped = {self.node_of_site[s] for s in self.excluded if s in self.node_of_site}
+        return [n for n in self.node_ids() if n not in dropped]
+
     def wait_for_sites(self, n: int, timeout: float = 120.0) -> list[int]:
         deadline = time.monotonic() + timeout
         while True:
@@ -112,8 +117,7 @@ class Federation:
                 raise ValueError(f"no node known for site(s) {', '.join(unknown)}")
             targets = {self.node_of_site[s]: per_site[s] for s in per_site}
         else:
-            dropped = {self.node_of_site[s] for s in self.excluded if s in self.node_of_site}
-            targets = {n: payload or {} for n in self.node_ids() if n not in dropped}
+            targets = {n: payload or {} for n in self.active_node_ids()}
         if not targets:
             raise SiteError(request, {"federation": "no site is connected"})
         self.rounds += 1

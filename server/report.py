@@ -32,6 +32,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from fedrad.common.files import atomic_write_bytes  # noqa: E402
 from fedrad.common.pipeline import MODEL_KINDS  # noqa: E402
 
 LABELS = {"radiomics": "radiomic signature", "volume": "tumour volume alone", "clinical": "clinical covariates",
@@ -1139,8 +1140,5 @@ def write_report(results: dict, path: str | Path) -> Path:
         parts.append(f"<section id='{sid}'><h2>{_e(name)}</h2>{body}</section>")
     parts.append("</body></html>")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("\n".join(parts), encoding="utf-8")
-    tmp.replace(path)
+    atomic_write_bytes(path, "\n".join(parts).encode("utf-8"))
     return path

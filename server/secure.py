@@ -125,11 +125,6 @@ class SecureRound:
     seconds: float = 0.0
 
 
-def _targets(fed: Federation) -> list[int]:
-    dropped = {fed.node_of_site[s] for s in fed.excluded if s in fed.node_of_site}
-    return [n for n in fed.node_ids() if n not in dropped]
-
-
 def secure_sum(fed: Federation, request: dict, data: dict, *, phase: str = "secure") -> SecureRound:
     """One SecAgg+ run: every site encodes its sums for ``request`` and the coordinator gets their integer sum.
 
@@ -146,7 +141,7 @@ def secure_sum(fed: Federation, request: dict, data: dict, *, phase: str = "secu
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
 
-    nodes = _targets(fed)
+    nodes = fed.active_node_ids()
     k = len(nodes)
     if k != int(request["n_sites"]):
         raise SiteError(SECURE_REQUEST, {"federation": f"{k} sites connected, the secure fit was set up for "
@@ -208,7 +203,7 @@ def secure_logistic_fit(fed: Federation, features: list[str], data: dict, *, pen
     ``data`` is the site-side data spec of a fit task (``model``, ``features``, ``outcome``, optional
     ``table``/``rows``). ``keep``, if given, receives each round's :class:`SecureRound` (tests).
     """
-    nodes = _targets(fed)
+    nodes = fed.active_node_ids()
     server = SecureLogisticServer(features, len(nodes), penalty=penalty, C=C, l1_ratio=l1_ratio, tol=tol,
                                   max_rounds=max_rounds)
     request = server.start()

@@ -44,6 +44,7 @@ from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
                                     outcome_columns, pick_variants, screen_candidates, volume_feature)
+from fedrad.common.report_stats import harmonization_summary, pool_calibration_bins, software_versions
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
                                      logistic_score_request)
 from fedrad.server.federation import Federation, SiteError
@@ -162,8 +163,6 @@ class Study:
 
     def _site_effect(self, after: dict | None, reason: str | None) -> None:
         """Site effect per feature before / after ComBat (final fold: every site) from the sites' moments."""
-        from fedrad.common.report_stats import harmonization_summary
-
         self.harmonized_moments = after
         summary = harmonization_summary(self.raw_moments, after, self.candidates, fdr=0.05)
         summary["after_reason"] = reason
@@ -360,16 +359,9 @@ class Study:
 def coordinator_provenance(cfg: dict) -> dict:
     """The coordinator's software versions, the study configuration and the finishing time (UTC)."""
     import datetime
-    import platform
-    from importlib.metadata import PackageNotFoundError, version
 
-    versions = {"python": platform.python_version()}
-    for name in ("fedrad", "flwr", "pyradiomics", "numpy", "scipy"):
-        try:
-            versions[name] = version(name)
-        except PackageNotFoundError:
-            versions[name] = None
-    return {"coordinator": versions, "config": to_plain(cfg),
+    return {"coordinator": software_versions(("fedrad", "flwr", "pyradiomics", "numpy", "scipy")),
+            "config": to_plain(cfg),
             "finished_utc": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")}
 
 
@@ -398,8 +390,6 @@ def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
                                 "auc_binned": float(roc.auc)}
             except (ValueError, TypeError) as exc:
                 entry["roc"] = {"reason": str(exc)}
-            from fedrad.common.report_stats import pool_calibration_bins
-
             entry["calibration_bins"] = pool_calibration_bins([m[kind].get("calibration_bins")
                                                                for m in per_site.values()])
         else:
