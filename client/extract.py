@@ -448,9 +448,13 @@ class ExtractionResult:
     seconds: float
     errors: list[tuple[str, str]]
 
+    def headline(self) -> str:
+        return (f"features: {self.out} ({self.n_ok} of {self.n_cases} cases extracted, "
+                f"{self.n_cached} from cache, {self.n_failed} failed, {self.seconds:.1f} s wall time)")
+
     def summary(self) -> str:
-        lines = [f"features: {self.out} ({self.n_ok} of {self.n_cases} cases extracted, "
-                 f"{self.n_cached} from cache, {self.n_failed} failed, {self.seconds:.1f} s wall time)"]
+        """The headline, and where the problems are listed when there were any."""
+        lines = [self.headline()]
         if self.n_failed or self.n_nan_features:
             lines.append(f"problems: {self.errors_file} ({self.n_failed} failed cases, "
                          f"{self.n_nan_features} cases with NaN feature values)")

@@ -81,6 +81,7 @@ from fedrad.client import extract as _extract
 from fedrad.client.extract import (
     CropPlan,
     ExtractionError,
+    ExtractionResult,
     FeatureCache,
     case_cache_key,
     crop_plan,
@@ -545,27 +546,16 @@ def _perturbed_cache_key(case: Case, index: int, p: Perturbation, seed: int, pha
 
 
 @dataclass
-class PerturbationResult:
-    out: Path
-    errors_file: Path
-    n_cases: int
-    n_ok: int
-    n_failed: int
-    n_perturbations: int
-    n_cached: int  # (case, perturbation) pairs read from the cache
-    n_nan_features: int
-    seconds: float
-    perturbations: list[Perturbation]
-    errors: list[tuple[str, str]]
+class PerturbationResult(ExtractionResult):
+    """An :class:`ExtractionResult` of perturbed images; ``n_cached`` counts (case, perturbation) pairs."""
 
-    def summary(self) -> str:
-        lines = [f"perturbed features: {self.out} ({self.n_ok} of {self.n_cases} cases x {self.n_perturbations} "
-                 f"perturbations, {self.n_cached} extractions from cache, {self.n_failed} cases failed, "
-                 f"{self.seconds:.1f} s wall time)"]
-        if self.n_failed or self.n_nan_features:
-            lines.append(f"problems: {self.errors_file} ({self.n_failed} failed cases, "
-                         f"{self.n_nan_features} cases with NaN feature values)")
-        return "\n".join(lines)
+    n_perturbations: int
+    perturbations: list[Perturbation]
+
+    def headline(self) -> str:
+        return (f"perturbed features: {self.out} ({self.n_ok} of {self.n_cases} cases x {self.n_perturbations} "
+                f"perturbations, {self.n_cached} extractions from cache, {self.n_failed} cases failed, "
+                f"{self.seconds:.1f} s wall time)")
 
 
 def extract_perturbed(manifest: str | Path, params=None, out: str | Path = "features_perturbed.parquet",

@@ -36,17 +36,21 @@ def _fit(tmp_path, df, *args):
     return RUNNER.invoke(app, ["fit", str(src), "--site-col", "site", *args])
 
 
+def _fit_pooled_and_federated(tmp_path, df, base):
+    """The same `fedrad fit` pooled (pooled.json) and --federated (fed.json); both must succeed."""
+    r1 = _fit(tmp_path, df, *base, "--out", str(tmp_path / "pooled.json"))
+    r2 = _fit(tmp_path, df, *base, "--federated", "--out", str(tmp_path / "fed.json"))
+    assert r1.exit_code == 0, r1.output
+    assert r2.exit_code == 0, r2.output
+    return json.loads((tmp_path / "pooled.json").read_text()), json.loads((tmp_path / "fed.json").read_text())
+
+
 @pytest.mark.parametrize("penalty", [["--penalty", "l2", "--C", "0.5"], ["--penalty", "l1", "--C", "0.2"],
                                      ["--penalty", "elasticnet", "--l1-ratio", "0.5", "--C", "0.3"]])
 def test_logistic_federated_equals_pooled_equals_sklearn(tmp_path, penalty):
     df = _table()
     base = ["--model", "logistic", "--outcome", "response", *penalty]
-    r1 = _fit(tmp_path, df, *base, "--out", str(tmp_path / "pooled.json"))
-    r2 = _fit(tmp_path, df, *base, "--federated", "--out", str(tmp_path / "fed.json"))
-    assert r1.exit_code == 0, r1.output
-    assert r2.exit_code == 0, r2.output
-    pooled = json.loads((tmp_path / "pooled.json").read_text())
-    fed = json.loads((tmp_path / "fed.json").read_text())
+    pooled, fed = _fit_pooled_and_federated(tmp_path, df, base)
     assert fed["fit"]["mode"] == "federated" and fed["fit"]["round_trips"] <= 8
     np.testing.assert_allclose(fed["params"]["coef"], pooled["params"]["coef"], atol=1e-10)
     feats = pooled["features"]
@@ -121,12 +125,7 @@ def test_cox_federated_equals_pooled_equals_lifelines(tmp_path):
 
     df = _survival_table()
     base = ["--model", "cox", "--time", "os_time", "--event", "os_event", "--C", "0.05"]
-    r1 = _fit(tmp_path, df, *base, "--out", str(tmp_path / "pooled.json"))
-    r2 = _fit(tmp_path, df, *base, "--federated", "--out", str(tmp_path / "fed.json"))
-    assert r1.exit_code == 0, r1.output
-    assert r2.exit_code == 0, r2.output
-    pooled = json.loads((tmp_path / "pooled.json").read_text())
-    fed = json.loads((tmp_path / "fed.json").read_text())
+    pooled, fed = _fit_pooled_and_federated(tmp_path, df, base)
     assert fed["fit"]["round_trips"] <= 10
     np.testing.assert_allclose(fed["params"]["coef_"], pooled["params"]["coef_"], atol=1e-10)
     feats = fed["features"]
