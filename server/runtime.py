@@ -227,24 +227,24 @@ def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
     return int(out["run-id"])
 
 
-def run_status(flwr_home: Path, connection: str, run_id: int) -> dict:
-    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--run-id", str(run_id), "--format", "json"],
-                          capture_output=True, text=True, env=flower_env(flwr_home), timeout=120)
+def _flwr_ls(flwr_home: Path, connection: str, *args: str, one: bool = False) -> list[dict]:
+    """``flwr ls CONNECTION ARGS --format json`` as a list of runs (``one``: exactly the first is required)."""
+    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, *args, "--format", "json"], capture_output=True,
+                          text=True, env=flower_env(flwr_home), timeout=120)
     try:
-        data = json.loads(proc.stdout[proc.stdout.find("{"):])
-        return data["runs"][0]
+        runs = list(json.loads(proc.stdout[proc.stdout.find("{"):])["runs"])
+        return [runs[0]] if one else runs
     except (ValueError, KeyError, IndexError):
         raise RuntimeFailure(f"flwr ls failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
 
 
+def run_status(flwr_home: Path, connection: str, run_id: int) -> dict:
+    return _flwr_ls(flwr_home, connection, "--run-id", str(run_id), one=True)[0]
+
+
 def list_runs(flwr_home: Path, connection: str) -> list[dict]:
     """Every run the SuperLink knows (``flwr ls``): what survives a SuperLink restart with ``--database``."""
-    proc = subprocess.run([str(BIN / "flwr"), "ls", connection, "--format", "json"], capture_output=True,
-                          text=True, env=flower_env(flwr_home), timeout=120)
-    try:
-        return list(json.loads(proc.stdout[proc.stdout.find("{"):])["runs"])
-    except (ValueError, KeyError):
-        raise RuntimeFailure(f"flwr ls failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-800:]}")
+    return _flwr_ls(flwr_home, connection)
 
 
 def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
