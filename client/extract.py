@@ -37,6 +37,7 @@ import logging
 import math
 import multiprocessing
 import os
+import stat
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -249,7 +250,24 @@ def load_case(case: Case, tol: CheckTolerances = CheckTolerances()):
     if mask.GetPixelID() not in (sitk.sitkUInt8, sitk.sitkUInt16, sitk.sitkUInt32, sitk.sitkInt8, sitk.sitkInt16,
                                  sitk.sitkInt32):
         mask = sitk.Cast(mask, sitk.sitkUInt32)
+    inside = sitk.GetArrayViewFromImage(mask) == case.label
+    bad = non_finite_count(image, inside)
+    if bad:
+        raise ExtractionError(f"{case.image}: {bad} NaN/inf voxel(s) inside mask label {case.label}; features would "
+                              "be wrong: fix or re-export the image")
     return image, mask
+
+
+def non_finite_count(image, where: np.ndarray | None = None) -> int:
+    """Number of NaN/inf voxels of ``image`` (only where ``where`` is True, when given); 0 for integer images."""
+    import SimpleITK as sitk
+
+    values = sitk.GetArrayViewFromImage(image)
+    if not np.issubdtype(values.dtype, np.inexact):
+        return 0
+    if where is not None:
+        values = values[where]
+    return int(values.size - np.count_nonzero(np.isfinite(values)))
 
 
 def run_extractor(image, mask, label: int, worker: _Worker, pad_distance: int) -> dict[str, float]:
@@ -276,10 +294,19 @@ def extract_case(case: Case, worker: _Worker, tol: CheckTolerances = CheckTolera
 
     image, mask = load_case(case, tol)
     ex = worker.extractor
+    plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
+    if worker.normalize or plan.margin is None:  # normalization statistics / filters use the whole image
+        bad = non_finite_count(image)
+        region = "the image (normalization or a filter uses all of it)"
     if worker.normalize:
         image = imageoperations.normalizeImage(image, **worker.normalize)
-    plan = crop_plan(ex.enabledImagetypes, ex.settings, image.GetSpacing())
     image, mask = crop_to_margin(image, mask, case.label, plan)
+    if not (worker.normalize or plan.margin is None):
+        bad = non_finite_count(image)
+        region = "the block pyradiomics uses (mask bounding box plus the filters' margin)"
+    if bad:
+        raise ExtractionError(f"{case.image}: {bad} NaN/inf voxel(s) in {region}; every voxel there must be "
+                              "finite: replace them (e.g. with the background value) or re-export the image")
     return run_extractor(image, mask, case.label, worker, plan.pad_distance)
 
 
@@ -298,25 +325,53 @@ def _run_case(case: Case) -> tuple[str, dict | None, str | None, float]:
 # ----------------------------------------------------------------------------------------------- cache
 
 
-def _hash_path(h, path: Path) -> None:
+class _HashBudget:
+    """Bytes left to hash for one input (image or mask): a file growing while hashed cannot stream forever."""
+
+    def __init__(self, limit: int):
+        self.left = limit
+
+    def take(self, n: int, path: Path) -> None:
+        self.left -= n
+        if self.left < 0:
+            raise OSError(f"{path}: more bytes than the input size limit")
+
+
+def _hash_path(h, path: Path, budget: _HashBudget) -> None:
+    """Hash a file, or a directory's regular files (sorted, with their relative names).
+
+    Files are opened non-blocking and checked to be regular before a byte is read, so a FIFO or a device
+    (``/dev/zero``) raises :class:`OSError` at once instead of blocking or streaming forever.
+    """
     if path.is_dir():
         for sub in sorted(p for p in path.rglob("*") if p.is_file()):
             h.update(str(sub.relative_to(path)).encode())
-            _hash_path(h, sub)
+            _hash_path(h, sub, budget)
         return
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    with open(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(f"{path}: not a regular file")
         for chunk in iter(lambda: f.read(1 << 20), b""):
+            budget.take(len(chunk), path)
             h.update(chunk)
 
 
 def case_cache_key(case: Case, params_hash: str) -> str | None:
-    """Content address of a case: image bytes, mask bytes, label, ROI and parameters (None if unreadable)."""
+    """Content address of a case: image bytes, mask bytes, label, ROI and parameters.
+
+    None when the inputs cannot be hashed (missing, not a regular file or directory, over the size limit): the
+    case is then extracted without the cache and fails there with a one-line reason.
+    """
+    from fedrad.client.imaging import ImagingError, check_input, max_input_bytes
+
     h = hashlib.sha256()
     try:
-        for part in (case.image, case.mask):
+        for part, what in ((case.image, "image"), (case.mask, "mask")):
+            check_input(part, what)
             h.update(b"\0file\0")
-            _hash_path(h, part)
-    except OSError:
+            _hash_path(h, part, _HashBudget(max_input_bytes()))
+    except (OSError, ImagingError):
         return None
     h.update(f"\0label={case.label}\0roi={case.roi}\0params={params_hash}".encode())
     return h.hexdigest()

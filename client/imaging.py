@@ -9,8 +9,15 @@ reported as a one-line :class:`ImagingError` naming the offending path.
 
 from __future__ import annotations
 
+import gzip
+import math
+import os
+import stat
+import struct
+import zlib
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import highdicom as hd
@@ -20,7 +27,8 @@ import SimpleITK as sitk
 from pydicom.errors import InvalidDicomError
 from pydicom.uid import RTStructureSetStorage, SegmentationStorage
 
-__all__ = ["FRAME_OF_REFERENCE_KEY", "ImagingError", "mask_kind", "read_image", "read_mask"]
+__all__ = ["FRAME_OF_REFERENCE_KEY", "ImagingError", "MAX_INPUT_GB_ENV", "check_input", "mask_kind",
+           "max_input_bytes", "read_image", "read_mask"]
 
 #: DICOM Frame of Reference UID, as SimpleITK names it in image metadata.
 FRAME_OF_REFERENCE_KEY = "0020|0052"
@@ -101,6 +109,365 @@ def _existing(path: str | Path) -> Path:
     return path
 
 
+#: Environment variable holding the largest image or mask accepted, in GiB (default
+#: :data:`DEFAULT_MAX_INPUT_GB`): a file, the decompressed content of a gzip file, or
+#: the regular files of a DICOM directory together.
+MAX_INPUT_GB_ENV = "FEDRAD_MAX_INPUT_GB"
+DEFAULT_MAX_INPUT_GB = 4.0
+_GZIP_MAGIC = b"\x1f\x8b"
+_FILE_KINDS = (
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def max_input_bytes() -> int:
+    """The size limit for one image or mask, from :data:`MAX_INPUT_GB_ENV`.
+
+    Returns
+    -------
+    int
+        Limit in bytes.
+
+    Raises
+    ------
+    ImagingError
+        If the environment variable is set to something else than a positive number.
+    """
+    text = os.environ.get(MAX_INPUT_GB_ENV, "").strip()
+    if not text:
+        return int(DEFAULT_MAX_INPUT_GB * 2**30)
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise ImagingError(f"{MAX_INPUT_GB_ENV}={text!r} is not a positive number of GiB; unset it or write e.g. "
+                           f"{MAX_INPUT_GB_ENV}=8")
+    return int(value * 2**30)
+
+
+def _too_big(path: Path, size: int, limit: int, what: str) -> ImagingError:
+    return ImagingError(
+        f"{path}: {what} holds {size / 2**30:.2f} GiB, more than the {limit / 2**30:.2f} GiB limit; "
+        f"set {MAX_INPUT_GB_ENV} to a larger number of GiB if this is really the {what}"
+    )
+
+
+def _not_regular(path: Path, mode: int, what: str) -> ImagingError:
+    kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+    return ImagingError(
+        f"{path}: {what} path is {kind}, not a regular file; point it to an image file or a DICOM directory"
+    )
+
+
+def check_input(path: str | Path, what: str = "image") -> Path:
+    """Refuse anything but a regular file, or a directory of regular files, within the size limit.
+
+    Nothing is opened, so a FIFO or a device (``/dev/zero``) is refused at once
+    instead of hanging or streaming forever. Symbolic links are followed. In a
+    directory, entries directly inside (what GDCM scans) must be regular files or
+    directories; the size limit counts every regular file below it.
+
+    Parameters
+    ----------
+    path : str or Path
+        Image or mask path from the manifest.
+    what : str
+        ``"image"`` or ``"mask"``, for the message.
+
+    Returns
+    -------
+    Path
+        The same path.
+
+    Raises
+    ------
+    ImagingError
+        If the path is missing, not a regular file or directory, holds a
+        non-regular entry, or exceeds :func:`max_input_bytes`.
+    """
+    path = _existing(path)
+    limit = max_input_bytes()
+    try:
+        mode = os.stat(path).st_mode
+        if stat.S_ISREG(mode):
+            size = os.stat(path).st_size
+            if size > limit:
+                raise _too_big(path, size, limit, what)
+            return path
+        if not stat.S_ISDIR(mode):
+            raise _not_regular(path, mode, what)
+        for entry in sorted(path.iterdir()):
+            entry_mode = os.stat(entry).st_mode
+            if not (stat.S_ISREG(entry_mode) or stat.S_ISDIR(entry_mode)):
+                raise _not_regular(entry, entry_mode, f"{what} directory entry")
+        total = 0
+        for root, _dirs, names in os.walk(path):
+            for name in names:
+                info = os.stat(os.path.join(root, name), follow_symlinks=False)
+                if stat.S_ISREG(info.st_mode):
+                    total += info.st_size
+            if total > limit:
+                raise _too_big(path, total, limit, f"{what} directory")
+    except OSError as exc:
+        raise ImagingError(f"{path}: cannot inspect {what} ({exc.strerror or exc}); fix the path or its "
+                           "permissions") from exc
+    return path
+
+
+def _content(path: Path, what: str, keep: int | None = 540) -> tuple[bytes, int]:
+    """Leading bytes (all of them when ``keep`` is None) and total size of a file's content, decompressing
+    gzip to its end.
+
+    Parameters
+    ----------
+    path : Path
+        A regular file.
+    what : str
+        ``"image"`` or ``"mask"``, for the message.
+    keep : int or None
+        How many leading bytes of the content to return; None for all.
+
+    Returns
+    -------
+    tuple of (bytes, int)
+        The leading bytes and the content size in bytes.
+
+    Raises
+    ------
+    ImagingError
+        If a gzip stream ends early, fails its CRC/length check, or
+        decompresses beyond :func:`max_input_bytes`.
+    """
+    with open(path, "rb") as f:
+        head = f.read(2 if keep is None else max(keep, 2))
+        if head[:2] != _GZIP_MAGIC:
+            if keep is None:
+                head += f.read()
+                return head, len(head)
+            return head[:keep], os.fstat(f.fileno()).st_size
+    limit = max_input_bytes()
+    size, parts, kept = 0, [], 0
+    try:
+        with gzip.open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                if keep is None or kept < keep:
+                    part = chunk if keep is None else chunk[: keep - kept]
+                    parts.append(part)
+                    kept += len(part)
+                size += len(chunk)
+                if size > limit:
+                    raise _too_big(path, size, limit, f"decompressed {what}")
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        raise ImagingError(f"{path}: {what} file is truncated or corrupt (gzip: {reason}); copy it again from "
+                           "its source") from exc
+    return b"".join(parts), size
+
+
+@dataclass(frozen=True)
+class _NiftiSpan:
+    """Where a NIfTI header says its voxel data lie, and how they are stored."""
+
+    offset: int
+    nbytes: int
+    single: bool
+    endian: str
+    datatype: int
+    dims: tuple[int, ...]
+
+
+#: NIfTI datatype codes of real floating-point voxels (FLOAT32, FLOAT64).
+_NIFTI_FLOATS = {16: "f4", 64: "f8"}
+
+
+def _nifti_span(header: bytes) -> _NiftiSpan | None:
+    """Where a NIfTI-1/2 header says its voxel data lie.
+
+    Parameters
+    ----------
+    header : bytes
+        The first 540 bytes (or fewer) of the decompressed file.
+
+    Returns
+    -------
+    _NiftiSpan or None
+        Offset and byte count of the voxel data, whether they are in this
+        file (``n+1``/``n+2``) rather than a ``.img`` beside it, byte order,
+        datatype code and dimensions; None when the
+        bytes are not a NIfTI header this check understands (SimpleITK then
+        judges the file).
+    """
+    for endian in "<>":
+        if len(header) >= 348 and struct.unpack(endian + "i", header[:4])[0] == 348:
+            magic = header[344:348]
+            if magic not in (b"n+1\0", b"ni1\0"):
+                return None
+            dim = struct.unpack(endian + "8h", header[40:56])
+            datatype = struct.unpack(endian + "h", header[70:72])[0]
+            bitpix = struct.unpack(endian + "h", header[72:74])[0]
+            vox_offset = struct.unpack(endian + "f", header[108:112])[0]
+            single = magic == b"n+1\0"
+            break
+        if len(header) >= 540 and struct.unpack(endian + "i", header[:4])[0] == 540:
+            magic = header[4:8]
+            if magic not in (b"n+2\0", b"ni2\0"):
+                return None
+            datatype = struct.unpack(endian + "h", header[12:14])[0]
+            bitpix = struct.unpack(endian + "h", header[14:16])[0]
+            dim = struct.unpack(endian + "8q", header[16:80])
+            vox_offset = struct.unpack(endian + "q", header[168:176])[0]
+            single = magic == b"n+2\0"
+            break
+    else:
+        return None
+    ndim = dim[0]
+    if not 1 <= ndim <= 7 or bitpix <= 0 or any(d <= 0 for d in dim[1 : ndim + 1]):
+        return None
+    if not math.isfinite(vox_offset) or vox_offset < 0:
+        return None
+    nbytes = (math.prod(dim[1 : ndim + 1]) * bitpix + 7) // 8
+    return _NiftiSpan((int(vox_offset) if single else 0), nbytes, single, endian, datatype,
+                      tuple(dim[1 : ndim + 1]))
+
+
+def _check_complete(path: Path, what: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """Raise if a file's voxel data are shorter than declared (SimpleITK's NIfTI reader zero-fills them);
+    return the NaN/inf voxels of a float NIfTI (its reader silently turns them into 0).
+
+    Every gzip file is decompressed to its end (CRC and length checked). For
+    NIfTI, the content must hold the voxel data its header declares (for a
+    ``.hdr``/``.img`` pair, the ``.img`` beside it). Other formats are left to
+    SimpleITK, whose NRRD and MetaImage readers raise on short data and keep
+    NaN/inf as they are.
+
+    Parameters
+    ----------
+    path : Path
+        A regular file.
+    what : str
+        ``"image"`` or ``"mask"``, for the message.
+
+    Returns
+    -------
+    tuple of (ndarray, ndarray) or None
+        Flat (x fastest) indices and values of the non-finite voxels of a
+        float NIfTI that has some; None otherwise.
+
+    Raises
+    ------
+    ImagingError
+        If the file is truncated or corrupt.
+    """
+    try:
+        header, size = _content(path, what)
+        span = _nifti_span(header)
+        if span is None:
+            return None
+        data = path
+        if not span.single:
+            stem = path.name.removesuffix(".gz").removesuffix(".hdr")
+            found = [path.with_name(stem + ext) for ext in (".img", ".img.gz") if path.with_name(stem + ext).exists()]
+            if not found:
+                return None  # SimpleITK reports the missing .img
+            data = check_input(found[0], what)
+            size = _content(data, what, keep=0)[1]
+        if size < span.offset + span.nbytes:
+            raise ImagingError(
+                f"{data}: {what} file is truncated: its NIfTI header declares {span.offset + span.nbytes} bytes of "
+                f"header and voxel data but it holds {size}; copy it again from its source"
+            )
+        if span.datatype not in _NIFTI_FLOATS:
+            return None
+        content = _content(data, what, keep=None)[0]
+    except OSError as exc:
+        raise ImagingError(f"{path}: cannot read {what} ({exc.strerror or exc}); fix the path or its "
+                           "permissions") from exc
+    dtype = np.dtype(span.endian + _NIFTI_FLOATS[span.datatype])
+    values = np.frombuffer(content, dtype=dtype, count=span.nbytes // dtype.itemsize, offset=span.offset)
+    bad = np.flatnonzero(~np.isfinite(values))
+    return (bad, values[bad].astype(np.float64)) if bad.size else None
+
+
+def _restore_non_finite(image: sitk.Image, bad: tuple[np.ndarray, np.ndarray], path: Path, what: str) -> sitk.Image:
+    """Put back the NaN/inf voxels the NIfTI reader replaced by 0, so later checks see them."""
+    if image.GetNumberOfComponentsPerPixel() != 1 or image.GetPixelID() not in (sitk.sitkFloat32, sitk.sitkFloat64):
+        raise ImagingError(f"{path}: {what} has {bad[0].size} NaN/inf voxel(s); replace them with finite values")
+    array = sitk.GetArrayFromImage(image)
+    if bad[0].max() >= array.size:
+        raise ImagingError(f"{path}: {what} has {bad[0].size} NaN/inf voxel(s); replace them with finite values")
+    array.reshape(-1)[bad[0]] = bad[1]
+    restored = sitk.GetImageFromArray(array)
+    restored.CopyInformation(image)
+    for key in image.GetMetaDataKeys():
+        restored.SetMetaData(key, image.GetMetaData(key))
+    return restored
+
+
+def _dicom_pixel_bytes(dataset: pydicom.Dataset) -> int | None:
+    """Bytes of native (uncompressed) pixel data a DICOM header declares; None if compressed or unknown."""
+    syntax = getattr(getattr(dataset, "file_meta", None), "TransferSyntaxUID", None)
+    if syntax is None or syntax.is_compressed:
+        return None
+    try:
+        rows, columns, bits = int(dataset.Rows), int(dataset.Columns), int(dataset.BitsAllocated)
+        samples = int(dataset.get("SamplesPerPixel", 1) or 1)
+        frames = int(dataset.get("NumberOfFrames", 1) or 1)
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return (rows * columns * samples * frames * bits + 7) // 8
+
+
+def _check_dicom_series(path: Path, uid: str, files: tuple[str, ...] | list[str], what: str = "image") -> None:
+    """Raise if a file of the DICOM series is truncated, or was silently left out by GDCM.
+
+    GDCM skips a file it cannot parse (the volume then misses a slice) and
+    pydicom reads short pixel data without complaint; this reads every file of
+    the directory with pydicom and compares native pixel data with the length
+    its header declares.
+
+    Parameters
+    ----------
+    path : Path
+        The series directory.
+    uid : str
+        Series Instance UID being read.
+    files : sequence of str
+        The files GDCM ordered for that series.
+    what : str
+        ``"image"`` or ``"mask"``, for the message.
+
+    Raises
+    ------
+    ImagingError
+        Naming the first incomplete file.
+    """
+    listed = {os.path.realpath(f) for f in files}
+    for entry in sorted(path.iterdir()):
+        if not entry.is_file():
+            continue
+        try:
+            dataset = pydicom.dcmread(entry)
+        except (InvalidDicomError, OSError, EOFError, ValueError, struct.error):
+            if os.path.realpath(entry) in listed:
+                raise ImagingError(f"{entry}: DICOM file of the {what} series is truncated or corrupt; copy it "
+                                   "again from its source") from None
+            continue  # not DICOM, or not readable: not part of any series GDCM read
+        if str(dataset.get("SeriesInstanceUID", "")) != uid:
+            continue
+        if os.path.realpath(entry) not in listed:
+            raise ImagingError(f"{entry}: DICOM file of the {what} series was skipped by the reader (truncated or "
+                               "corrupt); copy it again from its source or remove it")
+        expected = _dicom_pixel_bytes(dataset)
+        actual = len(dataset.get("PixelData") or b"")
+        if expected is not None and "PixelData" in dataset and actual < expected:
+            raise ImagingError(f"{entry}: DICOM file of the {what} series is truncated (pixel data {actual} of "
+                               f"{expected} bytes); copy it again from its source")
+
+
 def read_image(path: str | Path) -> sitk.Image:
     """Read an image file or a DICOM series directory.
 
@@ -122,23 +489,36 @@ def read_image(path: str | Path) -> sitk.Image:
     Raises
     ------
     ImagingError
-        If the path is missing, unreadable, or a directory without a DICOM series.
+        If the path is missing, not a regular file or directory, larger than
+        :func:`max_input_bytes`, truncated (NIfTI voxel data shorter than its
+        header declares, a gzip stream cut short or failing its CRC, a DICOM
+        file of the series with short pixel data or skipped by GDCM),
+        unreadable, or a directory without a DICOM series.
     """
-    path = _existing(path)
+    return _read_volume(path, "image")
+
+
+def _read_volume(path: str | Path, what: str) -> sitk.Image:
+    """:func:`read_image` for an image or a label map; ``what`` (``"image"`` or ``"mask"``) names it in messages."""
+    path = check_input(path, what)
     if not path.is_dir():
-        with _reading(path, "image"):
-            return sitk.ReadImage(str(path))
+        bad = _check_complete(path, what)
+        with _reading(path, what):
+            image = sitk.ReadImage(str(path))
+        return image if bad is None else _restore_non_finite(image, bad, path, what)
     with _reading(path, "DICOM series"):
-        series = [
-            sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)
+        series = {
+            uid: sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), uid)
             for uid in sitk.ImageSeriesReader.GetGDCMSeriesIDs(str(path))
-        ]
+        }
         if not series:
             raise ImagingError(
                 f"{path}: no DICOM series directly in this directory; point to the folder holding the image files"
             )
+        uid = max(series, key=lambda key: len(series[key]))
+        _check_dicom_series(path, uid, series[uid], what)
         reader = sitk.ImageSeriesReader()
-        reader.SetFileNames(max(series, key=len))
+        reader.SetFileNames(series[uid])
         reader.MetaDataDictionaryArrayUpdateOn()
         image = reader.Execute()
     if reader.HasMetaDataKey(0, FRAME_OF_REFERENCE_KEY):
@@ -192,7 +572,7 @@ def _locate_mask(path: str | Path) -> tuple[Path, str]:
     ImagingError
         If the path is missing or the directory holds several RTSTRUCT/SEG files.
     """
-    path = _existing(path)
+    path = check_input(path, "mask")
     if not path.is_dir():
         return path, _dicom_kind(path)
     files = [file for file in sorted(path.iterdir()) if file.is_file() and not file.name.startswith(".")]
@@ -306,7 +686,7 @@ def _read_labelmap(path: Path) -> sitk.Image:
     ImagingError
         If unreadable, multi-component, or holding non-integer values.
     """
-    image = read_image(path)
+    image = _read_volume(path, "mask")
     if image.GetNumberOfComponentsPerPixel() != 1:
         raise ImagingError(f"{path}: label map has vector pixels; save one label per voxel")
     if image.GetPixelID() in _INTEGER_PIXEL_IDS:

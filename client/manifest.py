@@ -185,7 +185,7 @@ def check_case(case: Case, tol: CheckTolerances) -> list[Problem]:
     """Read one case's image and mask and return every problem found (empty list: usable)."""
     import SimpleITK as sitk
 
-    from fedrad.client.imaging import ImagingError, read_image, read_mask
+    from fedrad.client.imaging import ImagingError, mask_kind, read_image, read_mask
 
     def err(column: str, message: str, severity: str = "error") -> Problem:
         return Problem(case.row, case.key, column, severity, message)
@@ -197,12 +197,12 @@ def check_case(case: Case, tol: CheckTolerances) -> list[Problem]:
         problems.append(err("image", str(exc)))
         image = None
     if image is None:
-        # the mask can still be checked for readability on its own when it is a label map
+        # the mask can still be checked on its own (path, file type, size, integrity) when it is a label map
         try:
-            if case.roi is None:
-                sitk.ReadImage(str(case.mask))
-        except RuntimeError:
-            problems.append(err("mask", f"mask {case.mask} is not readable"))
+            if mask_kind(case.mask) == "labelmap":
+                read_image(case.mask)
+        except ImagingError as exc:
+            problems.append(err("mask", str(exc).replace("cannot read image", "cannot read mask")))
         return problems
     try:
         mask = read_mask(case.mask, image, roi=case.roi)
@@ -225,6 +225,19 @@ def check_case(case: Case, tol: CheckTolerances) -> list[Problem]:
     elif n_label == 1:
         problems.append(err("mask", f"mask label {case.label} covers a single voxel; "
                                     "texture and shape features are undefined for it"))
+    values = sitk.GetArrayViewFromImage(image)
+    if np.issubdtype(values.dtype, np.inexact):
+        finite = np.isfinite(values)
+        inside = int(np.count_nonzero(~finite[arr == case.label]))
+        outside = int(finite.size - np.count_nonzero(finite)) - inside
+        if inside:
+            problems.append(err("image", f"{case.image}: {inside} NaN/inf voxel(s) inside mask label {case.label}; "
+                                         "features would be wrong: fix or re-export the image"))
+        if outside:
+            problems.append(err("image", f"{case.image}: {outside} NaN/inf voxel(s) outside the mask; extraction "
+                                         "fails if any lies in the block pyradiomics uses (mask bounding box plus "
+                                         "the filters' margin, or the whole image with normalization): replace "
+                                         "them with the background value", severity="warning"))
     return problems
 
 

@@ -17,6 +17,13 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     params = "ct"
     # table = "site1/features.parquet"  # ... or use a feature table the site already has
 
+    [sites.site2]
+    table = "site2/features.parquet"    # a feature table the site already has
+
+    [sites.site3]
+    manifest = "site3/manifest.csv"
+    params = "ct"
+
     [harmonization]
     enabled = true
     covariates = ["age", "sex"]         # biological covariates ComBat preserves
@@ -48,9 +55,14 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
 """
 from __future__ import annotations
 
+import json
+import math
+import numbers
 import tomllib
 from copy import deepcopy
 from pathlib import Path
+
+import numpy as np
 
 DEFAULTS = {
     "study": {"name": "study", "output": "results", "min_sites": 2},
@@ -89,44 +101,143 @@ def _merge(user: dict) -> dict:
     return cfg
 
 
+def _toml(value) -> str:
+    """``value`` as it would be written in TOML (for error messages)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml(v) for v in value) + "]"
+    return repr(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, (bool, np.bool_))
+
+
+def _is_number(value) -> bool:
+    return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+            and math.isfinite(float(value)))
+
+
+def _example(section: str, key: str):
+    default = DEFAULTS[section][key]
+    return default if default is not None else 0.9
+
+
+def _bad(section: str, key: str, value, what: str) -> StudyConfigError:
+    return StudyConfigError(f"[{section}] {key} = {_toml(value)}: {what}, e.g. {key} = "
+                            f"{_toml(_example(section, key))}")
+
+
+def _boolean(cfg: dict, section: str, key: str) -> None:
+    value = cfg[section][key]
+    if not isinstance(value, bool):
+        raise StudyConfigError(f"[{section}] {key} = {_toml(value)}: write {key} = true or {key} = false "
+                               "(a TOML boolean, no quotes)")
+
+
+def _integer(cfg: dict, section: str, key: str, minimum: int | None, why: str = "") -> None:
+    value = cfg[section][key]
+    if not _is_int(value):
+        raise _bad(section, key, value, "write a whole number without quotes or decimals")
+    if minimum is not None and value < minimum:
+        raise _bad(section, key, value, f"must be at least {minimum}" + (f" ({why})" if why else ""))
+
+
+def _number(cfg: dict, section: str, key: str, low: float, high: float, shown: str, low_open: bool = True) -> None:
+    value = cfg[section][key]
+    if not _is_number(value):
+        raise _bad(section, key, value, f"write a finite number in {shown} without quotes")
+    if not ((low < value if low_open else low <= value) and value <= high):
+        raise _bad(section, key, value, f"must be in {shown}")
+
+
+def _text(cfg: dict, section: str, key: str) -> None:
+    value = cfg[section][key]
+    if not isinstance(value, str) or not value.strip():
+        raise _bad(section, key, value, "write a non-empty string in double quotes")
+
+
+def _choice(cfg: dict, section: str, key: str, choices: tuple[str, ...]) -> None:
+    value = cfg[section][key]
+    if not isinstance(value, str) or value not in choices:
+        options = ", ".join(json.dumps(c) for c in choices[:-1]) + f" or {json.dumps(choices[-1])}"
+        raise StudyConfigError(f"[{section}] {key} = {_toml(value)}: use {options}")
+
+
+def _strings(cfg: dict, section: str, key: str, non_empty: bool = False) -> None:
+    value = cfg[section][key]
+    if not isinstance(value, list) or any(not isinstance(v, str) or not v.strip() for v in value):
+        raise _bad(section, key, value, "write a list of non-empty strings in double quotes")
+    if non_empty and not value:
+        raise _bad(section, key, value, "list at least one")
+
+
+def _numbers(cfg: dict, section: str, key: str, positive: bool) -> None:
+    value = cfg[section][key]
+    sign = "positive" if positive else "non-negative"
+    if (not isinstance(value, list) or not value or any(not _is_number(v) for v in value)
+            or any((v <= 0) if positive else (v < 0) for v in value)):
+        raise _bad(section, key, value, f"write a non-empty list of {sign} numbers")
+
+
 def validate(cfg: dict) -> dict:
-    """Check types and consistency; fill derived defaults (model type from the endpoint)."""
+    """Check types and consistency; fill derived defaults (model type from the endpoint).
+
+    Every key of :data:`DEFAULTS` outside ``[sites]`` is checked strictly: booleans must be TOML booleans,
+    integers TOML integers (``true`` is not 1, ``2.9`` is not 2), numbers finite and in range, lists lists of
+    strings (or numbers). Each error is one line naming the key and what to write.
+    """
+    study = cfg["study"]
+    _text(cfg, "study", "name")
+    _text(cfg, "study", "output")
+    _integer(cfg, "study", "min_sites", 2, "a federation needs two sites")
     ep = cfg["endpoint"]
-    if ep["type"] not in ("response", "survival"):
-        raise StudyConfigError(f"[endpoint] type = {ep['type']!r}: use \"response\" or \"survival\"")
+    _choice(cfg, "endpoint", "type", ("response", "survival"))
+    for key in ("outcome", "time", "event"):
+        _text(cfg, "endpoint", key)
+    if ep["type"] == "survival" and ep["time"] == ep["event"]:
+        raise StudyConfigError(f"[endpoint] time and event are both {ep['time']!r}: name the time column and the "
+                               "event column")
+    harm = cfg["harmonization"]
+    for key in ("enabled", "parametric", "mean_only"):
+        _boolean(cfg, "harmonization", key)
+    for key in ("covariates", "categorical"):
+        _strings(cfg, "harmonization", key)
+    sel = cfg["selection"]
+    _strings(cfg, "selection", "feature_prefixes", non_empty=True)
+    _number(cfg, "selection", "fdr", 0.0, 1.0, "(0, 1]")
+    _number(cfg, "selection", "redundancy", 0.0, 1.0, "(0, 1]")
+    _integer(cfg, "selection", "max_features", 1)
+    if sel["icc_threshold"] is not None:
+        _number(cfg, "selection", "icc_threshold", 0.0, 1.0, "(0, 1]")
     model = cfg["model"]
+    if model["type"] is not None:
+        _choice(cfg, "model", "type", ("logistic", "cox"))
     if model["type"] is None:
         model["type"] = "logistic" if ep["type"] == "response" else "cox"
     wanted = "logistic" if ep["type"] == "response" else "cox"
     if model["type"] != wanted:
         raise StudyConfigError(f"[model] type = {model['type']!r} does not fit a {ep['type']} endpoint; "
                                f"use \"{wanted}\"")
-    if model["penalty"] not in ("l2", "l1", "elasticnet"):
-        raise StudyConfigError(f"[model] penalty = {model['penalty']!r}: use \"l2\", \"l1\" or \"elasticnet\"")
-    if not (0.0 <= float(model["l1_ratio"]) <= 1.0):
-        raise StudyConfigError("[model] l1_ratio must be between 0 and 1")
-    grid = model["grid"]
-    if not isinstance(grid, list) or not grid or any(not isinstance(g, (int, float)) or g <= 0 for g in grid):
-        raise StudyConfigError("[model] grid must be a non-empty list of positive numbers")
-    sel = cfg["selection"]
-    if not (0 < float(sel["fdr"]) <= 1):
-        raise StudyConfigError("[selection] fdr must be in (0, 1]")
-    if not (0 < float(sel["redundancy"]) <= 1):
-        raise StudyConfigError("[selection] redundancy must be in (0, 1]")
-    if sel["icc_threshold"] is not None and not (0 < float(sel["icc_threshold"]) <= 1):
-        raise StudyConfigError("[selection] icc_threshold must be in (0, 1]")
-    if int(sel["max_features"]) < 1:
-        raise StudyConfigError("[selection] max_features must be at least 1")
-    harm = cfg["harmonization"]
+    _choice(cfg, "model", "penalty", ("l2", "l1", "elasticnet"))
+    _number(cfg, "model", "l1_ratio", 0.0, 1.0, "[0, 1]", low_open=False)
+    _numbers(cfg, "model", "grid", positive=True)
+    _strings(cfg, "model", "clinical")
+    val = cfg["validation"]
+    _boolean(cfg, "validation", "loso")
+    _integer(cfg, "validation", "inner_folds", 2)
+    _integer(cfg, "validation", "seed", None)
+    _numbers(cfg, "validation", "km_times", positive=False)
+    times = val["km_times"]
+    if any(b <= a for a, b in zip(times, times[1:])):
+        raise StudyConfigError(f"[validation] km_times = {_toml(times)} is not increasing: list the times in "
+                               "increasing order, each once, e.g. km_times = [0, 6, 12, 24]")
     missing = set(harm["categorical"]) - set(harm["covariates"])
     if missing:
         harm["covariates"] = list(harm["covariates"]) + sorted(missing)
-    val = cfg["validation"]
-    if int(val["inner_folds"]) < 2:
-        raise StudyConfigError("[validation] inner_folds must be at least 2")
-    study = cfg["study"]
-    if int(study["min_sites"]) < 2:
-        raise StudyConfigError("[study] min_sites must be at least 2 (a federation needs two sites)")
     for name, site in cfg["sites"].items():
         if not isinstance(site, dict) or ("manifest" in site) == ("table" in site):
             raise StudyConfigError(f"[sites.{name}] needs exactly one of manifest = \"...\" or table = \"...\"")

@@ -1,0 +1,111 @@
+"""study.toml validation: every key of DEFAULTS (outside [sites]) refuses wrong types and out-of-range values with
+a one-line error naming the key, and the shipped and documented studies still validate."""
+from __future__ import annotations
+
+import textwrap
+import tomllib
+
+import pytest
+
+import fedrad.server.study_config as sc
+from fedrad.server.study_config import DEFAULTS, StudyConfigError, _merge, load_study, validate
+
+BAD = [
+    ("study", "name", "3"), ("study", "name", '""'), ("study", "output", "[\"a\"]"),
+    ("study", "min_sites", "1"), ("study", "min_sites", "true"), ("study", "min_sites", "2.0"),
+    ("study", "min_sites", '"3"'),
+    ("endpoint", "type", '"binary"'), ("endpoint", "type", "1"), ("endpoint", "outcome", "1"),
+    ("endpoint", "time", '["os_time"]'), ("endpoint", "event", '""'),
+    ("harmonization", "enabled", '"yes"'), ("harmonization", "enabled", "1"),
+    ("harmonization", "parametric", '"true"'), ("harmonization", "mean_only", '"false"'),
+    ("harmonization", "covariates", '"age"'), ("harmonization", "categorical", "[1]"),
+    ("selection", "feature_prefixes", '"original_"'), ("selection", "feature_prefixes", "[]"),
+    ("selection", "feature_prefixes", '["original_", 2]'),
+    ("selection", "fdr", '"0.05"'), ("selection", "fdr", "0"), ("selection", "fdr", "1.5"),
+    ("selection", "fdr", "nan"), ("selection", "fdr", "true"),
+    ("selection", "redundancy", "1.1"), ("selection", "redundancy", '"0.9"'),
+    ("selection", "max_features", "0"), ("selection", "max_features", "2.5"), ("selection", "max_features", "true"),
+    ("selection", "icc_threshold", "0"), ("selection", "icc_threshold", '"0.9"'), ("selection", "icc_threshold", "inf"),
+    ("model", "type", '"cox"'), ("model", "type", '"svm"'), ("model", "penalty", '"l3"'),
+    ("model", "l1_ratio", "2"), ("model", "l1_ratio", '"0.5"'), ("model", "l1_ratio", "-0.1"),
+    ("model", "grid", "[true]"), ("model", "grid", "[]"), ("model", "grid", "[0.1, -1]"),
+    ("model", "grid", '["0.1"]'), ("model", "grid", "0.1"), ("model", "grid", "[0.1, inf]"),
+    ("model", "clinical", '"age"'),
+    ("validation", "loso", '"no"'), ("validation", "loso", "0"),
+    ("validation", "inner_folds", "2.9"), ("validation", "inner_folds", "1"), ("validation", "inner_folds", "true"),
+    ("validation", "seed", "1.5"), ("validation", "seed", '"0"'), ("validation", "seed", "false"),
+    ("validation", "km_times", "[-1, 3, 6]"), ("validation", "km_times", "[0, 6, 3]"),
+    ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
+    ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
+]
+
+
+def test_every_key_of_defaults_has_bad_values_tested():
+    tested = {(section, key) for section, key, _ in BAD}
+    every = {(section, key) for section, values in DEFAULTS.items() if section != "sites" for key in values}
+    assert every - tested == set()
+
+
+@pytest.mark.parametrize(("section", "key", "value"), BAD, ids=[f"{s}.{k}={v}" for s, k, v in BAD])
+def test_bad_value_is_refused_naming_the_key(section, key, value):
+    user = tomllib.loads(f"[{section}]\n{key} = {value}\n")
+    with pytest.raises(StudyConfigError) as error:
+        validate(_merge(user))
+    message = str(error.value)
+    assert message.startswith(f"[{section}] {key}"), message
+    assert "\n" not in message
+    print(message)
+
+
+def test_a_bad_value_from_a_file_names_the_key(tmp_path):
+    study = tmp_path / "study.toml"
+    study.write_text('[study]\nname = "x"\n[selection]\nfdr = "0.05"\n')
+    with pytest.raises(StudyConfigError, match=r'^\[selection\] fdr = "0.05": write a finite number in \(0, 1\] '
+                                               r"without quotes, e\.g\. fdr = 0\.05$"):
+        load_study(study)
+    study.write_text('[validation]\nloso = "no"\n')
+    with pytest.raises(StudyConfigError, match=r'^\[validation\] loso = "no": write loso = true or loso = false'):
+        load_study(study)
+
+
+def test_docstring_example_validates(tmp_path):
+    block = textwrap.dedent(sc.__doc__.split("::\n", 1)[1])
+    (tmp_path / "study.toml").write_text(block)
+    cfg = load_study(tmp_path / "study.toml")
+    assert cfg["validation"]["km_times"] == [0, 3, 6, 12, 24, 36, 60]
+    assert cfg["model"]["type"] == "logistic" and len(cfg["sites"]) == 3
+    assert cfg["harmonization"]["covariates"] == ["age", "sex"]
+
+
+def test_defaults_and_derived_values():
+    cfg = validate(_merge({}))
+    assert cfg["model"]["type"] == "logistic"
+    cfg = validate(_merge({"endpoint": {"type": "survival"}, "selection": {"icc_threshold": 0.9},
+                           "harmonization": {"categorical": ["sex"]}, "model": {"l1_ratio": 0, "grid": [1, 2.5]},
+                           "validation": {"seed": -3, "km_times": [0.5, 1, 2.25]}}))
+    assert cfg["model"]["type"] == "cox" and cfg["harmonization"]["covariates"] == ["sex"]
+
+
+@pytest.mark.parametrize("endpoint", ["response", "survival"])
+def test_demo_study_validates(tmp_path, endpoint):
+    from fedrad.demo import study_config
+
+    manifests = {f"site{i}": tmp_path / f"site{i}" / "manifest.csv" for i in range(3)}
+    cfg = study_config(manifests, endpoint, "ct-original", tmp_path / "results")
+    assert cfg["model"]["type"] == ("logistic" if endpoint == "response" else "cox")
+
+
+def test_test_and_benchmark_studies_validate(tmp_path):
+    from tests.test_report import study_cfg
+    from tests.test_study import make_sites
+
+    for survival in (False, True):
+        cfg, _, _ = make_sites(tmp_path / str(survival), survival)
+        assert cfg["study"]["min_sites"] == 3
+    study_cfg({"type": "response", "outcome": "response"}, [0.01, 0.1, 1.0])
+    study_cfg({"type": "survival", "time": "os_time", "event": "os_event"}, [0.01, 0.1, 1.0])
+    # benchmarks/rounds.py's study
+    validate(_merge({"study": {"name": "rounds K=3", "min_sites": 3},
+                     "endpoint": {"type": "response", "outcome": "response"},
+                     "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
+                     "model": {"clinical": ["age", "stage"], "grid": [0.1, 1.0]}}))
