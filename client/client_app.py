@@ -44,7 +44,7 @@ def fedavg_train(msg: Message, context: Context) -> Message:
     site = Site.from_node_config(context.node_config, context.run_config)
     weights = msg.content["arrays"]["weights"].numpy()
     config = dict(msg.content["config"])
-    reply = site.answer("fedavg", {"weights": weights, "config": config}, fedavg_update)
+    reply = site.answer("fedavg", {"weights": weights, "config": config, "plan": config.get("plan")}, fedavg_update)
     metrics = {"num-examples": int(reply["n"])}
     if config.get("uniform-weight"):  # DP: every site weighs the same (the noise calibration assumes it)
         metrics["site-weight"] = 1

@@ -35,11 +35,17 @@ POLICY_KEYS = {
                   "categorical covariate level ComBat's sums, may involve (integer >= 0; default 0: sums over "
                   ">= min-cell-size patients are answered)",
     "allowed-requests": "request types the site answers (list, or comma-separated string; default: all)",
+    "approved-plans": "plan ids the site answers (list; default: every plan approved with fedrad site approve)",
 }
 
 
 class PolicyRefusal(PermissionError):
-    """The site refuses a request under its policy (the message names the site and the rule)."""
+    """The site refuses a request under its policy. ``code`` names the rule in the reply; the message (which
+    may hold counts) goes to the site's local log only."""
+
+    def __init__(self, message: str, code: str = "policy"):
+        super().__init__(message)
+        self.code = code
 
 
 @dataclass(frozen=True)
@@ -61,13 +67,13 @@ class SitePolicy:
     def check_allowed(self, site: str, request: str) -> None:
         """Raise for a request type outside the allow-list (:meth:`Site.answer` prefixes the site's name)."""
         if request not in self.allowed_requests:
-            raise PolicyRefusal(f"refuses {request!r} requests (not in its allow-list)")
+            raise PolicyRefusal(f"refuses {request!r} requests (not in its allow-list)", code="not-allowed")
 
     def check_events(self, n_events: int, what: str) -> None:
         """Refuse a model / selection sum over rows with fewer than ``min_events`` events (opt-in rule)."""
         if n_events < self.min_events:
             raise PolicyRefusal(f"{n_events} {what}, fewer than the site's min-events {self.min_events} "
-                                f"(its policy refuses model sums over so few events)")
+                                f"(its policy refuses model sums over so few events)", code="min-events")
 
     def stricter(self, other: "SitePolicy") -> "SitePolicy":
         """The policy that obeys both: larger minimums, the intersection of the allow-lists."""

@@ -14,7 +14,16 @@ min-cell-size      smallest group the site describes (default 10; only stricter 
 min-events         opt-in: refuse model sums over fewer events (default 0; see fedrad.client.policy)
 allowed-requests   request types the site answers (default: all; comma-separated in the node config)
 extract-jobs       worker processes for feature extraction at the site (default: all cores)
+manifest, params   the site's default data source as a manifest to extract (instead of ``table``)
+robustness         the default source's perturbed feature table (``fedrad site robustness``) for ICC
+approved-plans     plan ids the site answers (comma-separated; default: every plan approved in workdir)
 =================  ==================================================================================
+
+Data sources are the site's own: ``[sources.ALIAS]`` tables in the file (``table`` or ``manifest`` +
+``params``, optional ``robustness``) and the default source (``[site]`` / node-config ``table`` or
+``manifest``). A study plan names a source by alias (``[sites.NAME] source = "ALIAS"``); no request ever
+carries a path. ``[columns]`` (``outcome``, ``clinical``, ``categorical``) is the site's allow-list of named
+columns: a plan that uses others is not approved (:mod:`fedrad.client.approval`).
 
 The file has a ``[site]`` table (name, table, workdir, extract-jobs; relative paths are relative to the file)
 and a ``[policy]`` table (min-cell-size, min-events, allowed-requests). Node-config values override the
@@ -28,7 +37,8 @@ reply the coordinator reports.
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
@@ -38,7 +48,37 @@ from fedrad.client.policy import SitePolicy
 
 
 class SiteFailure(RuntimeError):
-    """A request failed or was refused at a site; the message starts with the site's name."""
+    """A request failed or was refused at a site; the message starts with the site's name and carries only a
+    code and a generic text (the details stay in the site's local log, ``<workdir>/site.log``)."""
+
+
+#: error code -> the only text a reply carries (no value, count, column list or path ever leaves in an error)
+PUBLIC_ERRORS = {
+    "plan-not-approved": "refused: the request does not belong to a study plan this site approved",
+    "outside-plan": "refused: the request goes beyond the study plan this site approved",
+    "min-cell-size": "refused: the rows involved are fewer than the site's minimum cell size",
+    "min-events": "refused under the site's min-events rule",
+    "not-allowed": "refused: the site does not answer this request type",
+    "policy": "refused under the site's privacy policy",
+    "data": "could not compute its reply from its data; its operator sees the reason in the site's local log",
+    "config": "is misconfigured; its operator sees the reason in the site's local log",
+}
+
+
+def error_code(exc: BaseException) -> str:
+    from fedrad.client.approval import ApprovalError
+    from fedrad.client.guard import PlanViolation
+    from fedrad.client.policy import PolicyRefusal
+
+    if isinstance(exc, ApprovalError):
+        return "plan-not-approved"
+    if isinstance(exc, PlanViolation):
+        return "outside-plan"
+    if isinstance(exc, PolicyRefusal):
+        return getattr(exc, "code", "policy")
+    if exc.__class__.__name__ == "TooFewRows":
+        return "min-cell-size"
+    return "data"
 
 
 @dataclass(frozen=True)
@@ -48,21 +88,32 @@ class Site:
     workdir: Path
     policy: SitePolicy
     extract_jobs: int | None = None
+    #: alias -> {"table" | "manifest", "params", "robustness"} (absolute paths); "default" from [site]/node config
+    sources: dict = field(default_factory=dict)
+    #: plan ids the site's configuration pins (None: any plan approved in its workdir)
+    approved_plans: frozenset | None = None
+    #: the [columns] allow-list (None: not set)
+    columns: dict | None = None
 
     @classmethod
     def from_node_config(cls, cfg: dict, run_config: dict | None = None) -> "Site":
         cfg = dict(cfg)
         sim_root = (run_config or {}).get("sim-root")
-        file_policy = None
+        file_policy, file_extra = None, {}
+        if "partition-id" in cfg and "site-name" not in cfg and sim_root:
+            # Flower simulation: virtual sites are numbered; each has the site.toml its operator (the person
+            # rehearsing on one machine) wrote under sim-root -- never anything from the run's requests
+            name = f"site{int(cfg['partition-id']) + 1}"
+            cfg = {**cfg, "site-name": name, "workdir": str(Path(str(sim_root)) / name)}
+            if (Path(str(sim_root)) / name / "site.toml").is_file():
+                cfg.setdefault("config", str(Path(str(sim_root)) / name / "site.toml"))
         if cfg.get("config"):
-            file_site, file_policy = read_site_config(Path(str(cfg["config"])))
+            file_site, file_policy, file_extra = read_site_config(Path(str(cfg["config"])), extra=True)
             cfg = {**file_site, **cfg}
         if "site-name" in cfg:
             name = str(cfg["site-name"])
-        elif "partition-id" in cfg:  # Flower simulation: virtual sites are numbered, work under sim-root
+        elif "partition-id" in cfg:
             name = f"site{int(cfg['partition-id']) + 1}"
-            if sim_root:
-                cfg = {**cfg, "workdir": str(Path(str(sim_root)) / name)}
         else:
             raise SiteFailure("this SuperNode has no site-name in its --node-config or [site] name in its "
                               "config file; add site-name=\"NAME\"")
@@ -76,11 +127,31 @@ class Site:
                 policy = policy.stricter(SitePolicy.from_mapping(file_policy, where=str(cfg["config"])))
         except ValueError as exc:
             raise SiteFailure(f"site {name}: {exc}") from None
-        return cls(name=name, table_path=table, workdir=workdir, policy=policy, extract_jobs=jobs)
+        sources = dict(file_extra.get("sources", {}))
+        default = {k: str(cfg[k]) for k in ("table", "manifest", "params", "robustness") if cfg.get(k)}
+        if default:
+            sources["default"] = default
+        pins = [_as_list(v) for v in ((file_policy or {}).get("approved-plans"), cfg.get("approved-plans"))
+                if v is not None]
+        approved = frozenset.intersection(*(frozenset(p) for p in pins)) if pins else None
+        return cls(name=name, table_path=table, workdir=workdir, policy=policy, extract_jobs=jobs,
+                   sources=sources, approved_plans=approved, columns=file_extra.get("columns"))
 
     @property
     def audit(self) -> AuditLog:
         return AuditLog(self.workdir / "audit.jsonl")
+
+    def source(self, alias: str | None) -> dict:
+        """The data source a plan names (``None``: the site's default), from the site's own configuration."""
+        key = alias or "default"
+        if key not in self.sources:
+            from fedrad.client.guard import PlanViolation
+
+            self.log_local("config", f"the plan names data source {key!r}, which is not configured here "
+                                     f"(configured: {', '.join(sorted(self.sources)) or 'none'}); add "
+                                     f"[sources.{key}] to site.toml")
+            raise PlanViolation("the plan's data source is not configured at this site")
+        return self.sources[key]
 
     def rows(self) -> pd.DataFrame:
         """The site's own feature table (never leaves the site)."""
@@ -92,13 +163,24 @@ class Site:
             return pd.read_parquet(self.table_path)
         return pd.read_csv(self.table_path, float_precision="round_trip")
 
+    def _table_path(self, name: str) -> Path:
+        from fedrad.client.approval import ApprovalError
+
+        if not isinstance(name, str) or not _TABLE_NAME.match(name):
+            raise ApprovalError("a table name that is not of the form [A-Za-z0-9_:.-]+")
+        base = (self.workdir / "harmonized").resolve()
+        path = (base / f"{name}.parquet").resolve()
+        if path.parent != base:
+            raise ApprovalError("a table name outside the site's work directory")
+        return path
+
     def table(self, name: str | None = None) -> pd.DataFrame:
         """The configured feature table (``name`` None) or a table this site derived earlier (``name``)."""
         if name is None:
             return self.rows()
-        path = self.workdir / "harmonized" / f"{name}.parquet"
+        path = self._table_path(name)
         if not path.is_file():
-            raise SiteFailure(f"site {self.name}: table {name!r} not found (an earlier phase did not run here)")
+            raise ValueError(f"table {name!r} not found (an earlier phase did not run here)")
         return pd.read_parquet(path)
 
     def save_table(self, name: str, df: pd.DataFrame) -> Path:
@@ -107,37 +189,77 @@ class Site:
 
         from fedrad.common.files import atomic_write_bytes
 
-        path = self.workdir / "harmonized" / f"{name}.parquet"
+        path = self._table_path(name)
         buf = io.BytesIO()
         df.to_parquet(buf, index=False)
         atomic_write_bytes(path, buf.getvalue())
         return path
 
+    def log_local(self, code: str, text: str, request: str = "") -> None:
+        """A line in the site's local log (0600; never sent): the full reason behind a generic error reply."""
+        import datetime
+        import os
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        path = self.workdir / "site.log"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+            os.write(fd, f"{stamp} {request or '-'} [{code}] {' '.join(text.split())}\n".encode())
+        finally:
+            os.close(fd)
+
     def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict]) -> dict:
-        """Policy check, compute, audit, return the reply payload (``site`` key added)."""
+        """Plan and policy checks, compute, audit, return the reply payload (``site`` key added).
+
+        The request must belong to a plan the site approved (:func:`fedrad.client.guard.check_request`, which
+        also derives every privacy-relevant parameter from the site's copy of that plan). An error or refusal
+        is audited and answered with a code and a generic text only; its details go to the local log.
+        """
         try:
             self.policy.check_allowed(self.name, request)
-            reply = compute(self, payload)
-        except SiteFailure:
-            raise
+            from fedrad.client.guard import check_request
+
+            record, clean = check_request(self, request, payload)
+            reply = compute(self, {**clean, "plan": record["plan_id"], "_plan": record["plan"]})
         except Exception as exc:  # one line naming the site, whatever went wrong locally
-            text = " ".join(str(exc).split()) or exc.__class__.__name__
-            self.audit.record(self.name, request, {"refused": text}, status="refused")
-            raise SiteFailure(f"site {self.name}: {text}") from exc
+            code = error_code(exc)
+            detail = " ".join(str(exc).split()) or exc.__class__.__name__
+            self.log_local(code, detail, request)
+            text = PUBLIC_ERRORS.get(code, PUBLIC_ERRORS["data"])
+            self.audit.record(self.name, request, {"error": code, "message": text}, status="refused")
+            raise SiteFailure(f"site {self.name}: {text} [{code}]") from exc
         reply = {"site": self.name, **reply}
         self.audit.record(self.name, request, reply)
         return reply
 
 
-_SITE_KEYS = {"name": "site-name", "table": "table", "workdir": "workdir", "extract-jobs": "extract-jobs"}
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_:.-]{0,100}$")
+_SITE_KEYS = {"name": "site-name", "table": "table", "workdir": "workdir", "extract-jobs": "extract-jobs",
+              "manifest": "manifest", "params": "params", "robustness": "robustness"}
+_SOURCE_KEYS = {"table", "manifest", "params", "robustness"}
+_COLUMN_KEYS = {"outcome", "clinical", "categorical"}
 
 
-def read_site_config(path: Path) -> tuple[dict, dict]:
-    """``(site keys as node-config keys, [policy] table)`` of a site configuration file; relative paths are
-    taken relative to the file. Unknown tables or keys are errors (a typo must not loosen a policy)."""
+def _as_list(value) -> list[str]:
+    items = value if isinstance(value, (list, tuple)) else str(value).split(",")
+    return [str(v).strip() for v in items if str(v).strip()]
+
+
+def _resolve(base: Path, key: str, value) -> str:
+    if key == "params" and str(value) in ("ct", "mr", "ct-original"):
+        return str(value)
+    return str((base / str(value)).resolve())
+
+
+def read_site_config(path: Path, extra: bool = False):
+    """``(site keys as node-config keys, [policy] table)`` of a site configuration file (and, with ``extra``,
+    ``{"sources": {alias: source}, "columns": allow-list or None}``); relative paths are taken relative to the
+    file. Unknown tables or keys are errors (a typo must not loosen a policy)."""
     import tomllib
 
     from fedrad.client.policy import POLICY_KEYS
+    from fedrad.common.plan import NAME
 
     if not path.is_file():
         raise SiteFailure(f"site configuration file {path} not found; fix config= in --node-config")
@@ -145,15 +267,30 @@ def read_site_config(path: Path) -> tuple[dict, dict]:
         doc = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise SiteFailure(f"site configuration file {path} is not valid TOML: {exc}") from None
-    extra = set(doc) - {"site", "policy"}
-    bad = sorted(f"[{t}]" for t in extra) + sorted(f"[site] {k}" for k in set(doc.get("site", {})) - set(_SITE_KEYS))
+    extra_tables = set(doc) - {"site", "policy", "sources", "columns"}
+    bad = sorted(f"[{t}]" for t in extra_tables) + sorted(f"[site] {k}" for k in set(doc.get("site", {})) - set(_SITE_KEYS))
     bad += sorted(f"[policy] {k}" for k in set(doc.get("policy", {})) - set(POLICY_KEYS))
+    bad += sorted(f"[columns] {k}" for k in set(doc.get("columns", {})) - _COLUMN_KEYS)
+    for alias, src in (doc.get("sources") or {}).items():
+        if not NAME.match(alias) or not isinstance(src, dict):
+            bad.append(f"[sources.{alias}] (alias must match [A-Za-z0-9_-]+ and be a table)")
+            continue
+        bad += sorted(f"[sources.{alias}] {k}" for k in set(src) - _SOURCE_KEYS)
+        if ("table" in src) == ("manifest" in src):
+            bad.append(f"[sources.{alias}] needs exactly one of table or manifest")
     if bad:
         raise SiteFailure(f"site configuration file {path}: unknown {', '.join(bad)}; known: [site] "
-                          f"{', '.join(_SITE_KEYS)}; [policy] {', '.join(POLICY_KEYS)}")
+                          f"{', '.join(_SITE_KEYS)}; [policy] {', '.join(POLICY_KEYS)}; [sources.ALIAS] "
+                          f"{', '.join(sorted(_SOURCE_KEYS))}; [columns] {', '.join(sorted(_COLUMN_KEYS))}")
     site = {}
     for key, value in doc.get("site", {}).items():
-        if key in ("table", "workdir"):
-            value = str((path.parent / str(value)).resolve())
+        if key in ("table", "workdir", "manifest", "robustness", "params"):
+            value = _resolve(path.parent, key, value)
         site[_SITE_KEYS[key]] = value
-    return site, dict(doc.get("policy", {}))
+    policy = dict(doc.get("policy", {}))
+    if not extra:
+        return site, policy
+    sources = {alias: {k: _resolve(path.parent, k, v) for k, v in src.items()}
+               for alias, src in (doc.get("sources") or {}).items()}
+    columns = ({k: _as_list(v) for k, v in doc["columns"].items()} if "columns" in doc else None)
+    return site, policy, {"sources": sources, "columns": columns}

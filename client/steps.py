@@ -11,11 +11,27 @@ from fedrad.common.files import atomic_write_bytes
 from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stats
 
 
+def check_levels(rows, categorical, k: int) -> None:
+    """Every level of every categorical covariate, and its complement within the site, covers >= k patients
+    (a level of one patient would let the regression sums describe that patient: one indicator per patient
+    rebuilds every row)."""
+    n = len(rows)
+    for col in categorical:
+        if col not in rows.columns:
+            continue  # reported by the ComBat step as a missing column
+        counts = rows[col].value_counts(dropna=True)
+        small = [lvl for lvl, c in counts.items() if c < k or n - c < k]
+        if small:
+            raise PolicyRefusal(f"categorical covariate {col!r}: {len(small)} level(s) with fewer than {k} patients "
+                                f"(or fewer than {k} outside the level) at this site", code="min-cell-size")
+
+
 def combat_stats(site: Site, payload: dict) -> dict:
     """ComBat round 1: the site's regression statistics (aggregates only)."""
     request = payload["request"]
-    return {"stats": site_combat_stats(site.table(payload.get("table")), request, site=site.name,
-                                       min_cell_size=site.policy.min_cell_size,
+    rows = site.table(payload.get("table"))
+    check_levels(rows, list(request.get("categorical", [])), site.policy.min_cell_size)
+    return {"stats": site_combat_stats(rows, request, site=site.name, min_cell_size=site.policy.min_cell_size,
                                        min_level_size=site.policy.min_events)}
 
 
@@ -47,21 +63,31 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
     fits over a handful of (table, row subset, feature list) combinations.
     """
     from fedrad.common.folds import row_mask
+    from fedrad.common.plan import inner_fold_usable
 
     name = data.get("table")
     spec_key = (name, json.dumps(data.get("rows"), sort_keys=True))
+    k_min = site.policy.min_cell_size
     if spec_key not in cache:
         if name not in cache:
             cache[name] = site.table(name)
         rows = cache[name]
         if data.get("rows"):
             ids = rows["case_id"] if "case_id" in rows.columns else rows.index.astype(str)
-            rows = rows[row_mask(list(ids), data["rows"])]
-        cache[spec_key] = rows
+            mask = row_mask(list(ids), data["rows"])
+            if not inner_fold_usable(int(mask.sum()), int((~mask).sum()), k_min):
+                cache[spec_key] = TooFewRows(f"an inner fold with {int(mask.sum())} training and {int((~mask).sum())} "
+                                             f"left-out patients (both must reach the minimum cell size {k_min})")
+            else:
+                cache[spec_key] = rows[mask]
+        else:
+            cache[spec_key] = rows
     rows = cache[spec_key]
+    if isinstance(rows, TooFewRows):
+        raise rows
     n = len(rows)
-    if n < site.policy.min_cell_size:
-        raise TooFewRows(f"{n} patients, fewer than the site's minimum cell size {site.policy.min_cell_size}")
+    if n < k_min:
+        raise TooFewRows(f"{n} patients, fewer than the site's minimum cell size {k_min}")
     features = list(request["features"])
     key = (spec_key, tuple(features), data["model"])
     if key not in cache:
@@ -120,7 +146,8 @@ def fit_round(site: Site, payload: dict) -> dict:
         except (TooFewRows, PolicyRefusal) as exc:
             if not data.get("rows"):
                 raise  # the site's whole table is below its minimum: it refuses to take part
-            skipped[task["id"]] = str(exc)  # an inner CV subset: left out consistently in every round
+            # an inner CV subset: left out consistently in every round; the reason is a code, never a count
+            skipped[task["id"]] = getattr(exc, "code", "min-cell-size")
             continue
         results[task["id"]] = _site_function(data["model"])(rows, task["request"], site=site.name)
     return {"results": results, "skipped": skipped}
@@ -179,8 +206,16 @@ def secure_fit_round(site: Site, payload: dict) -> dict:
     if data.get("model") != "logistic":
         raise ValueError(f"secure aggregation is available for logistic fits only, not {data.get('model')!r}")
     rows = _model_rows(site, data, {"features": list(request["features"])}, {})
+    from fedrad.common.messages import to_plain
+
+    if json.dumps(to_plain(request["layout"]), sort_keys=True) != json.dumps(
+            to_plain(_secure_layout(request, len(rows[1]))), sort_keys=True):
+        raise PolicyRefusal("the request's secure-aggregation ranges are not the protocol's", code="outside-plan")
     sums = site_secure_logistic(rows, request, site=site.name)
-    encode_digits(sums, request["layout"], request["bits"])  # refuse here (audited) if out of range
+    try:  # refuse here (audited, generic reply: never the value) if out of range
+        encode_digits(sums, request["layout"], request["bits"])
+    except Exception as exc:
+        raise PolicyRefusal(f"secure aggregation: {exc}", code="policy") from None
     return {"sums": sums,
             "secure_aggregation": {
                 "protocol": "SecAgg+ (Flower secaggplus_mod)", "stage": request["stage"],
@@ -189,6 +224,27 @@ def secure_fit_round(site: Site, payload: dict) -> dict:
                         f"{layout_size(request['layout'])} exact integer digits of {request['bits']} bits "
                         "(fedrad.common.privacy.encode_digits of these sums with this layout)",
                 "layout": request["layout"], "bits": request["bits"]}}
+
+
+def _secure_layout(request: dict, n_site: int) -> list:
+    """The layout the protocol prescribes for this stage, derived at the site (fedrad.common.privacy): counts and
+    centred stages from the number of features; Newton from the coefficients and the total row count, which
+    cannot be below this site's own."""
+    import numpy as np
+
+    from fedrad.common.privacy import centred_layout, counts_layout, newton_layout
+
+    p = len(request["features"])
+    stage = request["stage"]
+    if stage == "counts":
+        return counts_layout(p)
+    if stage == "centred":
+        return centred_layout(p)
+    n_total = int(request.get("n_total", 0))
+    if n_total < n_site:
+        raise PolicyRefusal("the request's total row count is below this site's", code="outside-plan")
+    beta = np.asarray(request["inner"]["beta"], dtype=float)
+    return newton_layout(len(beta), n_total, beta)
 
 
 #: request name -> site step

@@ -34,7 +34,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
     cells withheld), per-feature moments of the raw table (site effect before harmonization) and the site's
     software versions.
     """
-    source = (payload.get("sources") or {}).get(site.name) or {}
+    source = site.source(payload.get("source"))  # the site's own configuration, never a path from the request
     params_hash = None
     if "manifest" in source:
         from fedrad.client.extract import extract_manifest, read_provenance
@@ -46,20 +46,20 @@ def study_prepare(site: Site, payload: dict) -> dict:
         params_hash = read_provenance(out).get("params_hash")
         extraction = {"cases": result.n_cases, "extracted": result.n_ok, "failed": result.n_failed}
     else:
-        rows = read_feature_file(Path(source["table"]), site.name) if source.get("table") else site.rows()
+        rows = read_feature_file(Path(source["table"]), site.name)
         extraction = None
     endpoint = payload["endpoint"]
     required = list(dict.fromkeys(payload.get("required_columns", [])))
     missing = [c for c in required if c not in rows.columns]
     if missing:
         raise ValueError(f"the feature table lacks column(s) {', '.join(missing)} the study needs")
-    from fedrad.common.pipeline import candidate_features, complete_rows
+    from fedrad.common.pipeline import complete_rows
 
     k = site.policy.min_cell_size
     complete = complete_rows(rows, endpoint, list(payload.get("clinical", [])), site.name)
     dropped = len(rows) - len(complete)
     site.save_table("raw", complete)
-    if source.get("robustness"):  # perturbed features for ICC (fedrad site robustness), kept at the site
+    if source.get("robustness") and payload.get("robustness_needed"):  # perturbed features for ICC, kept here
         site.save_table("robustness", read_feature_file(Path(source["robustness"]), site.name))
     if endpoint["type"] == "response":
         y = complete[endpoint["outcome"]]
@@ -68,7 +68,9 @@ def study_prepare(site: Site, payload: dict) -> dict:
             raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
     from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
-    features = candidate_features(complete, payload["feature_prefixes"])
+    from fedrad.common.plan import candidate_features
+
+    features = candidate_features(complete, payload["_plan"]["study"])
     spec = payload.get("cohort") or {}
     cohort = cohort_summary(complete, endpoint=endpoint, columns=list(spec.get("columns", payload.get("clinical", []))),
                             categorical=list(spec.get("categorical", [])), k=k)
@@ -122,6 +124,7 @@ def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
     from fedrad.common.folds import row_mask
     from fedrad.common.pipeline import heldout_loss, model_from_dict
+    from fedrad.common.plan import inner_fold_usable
 
     tables: dict[str, pd.DataFrame] = {}
     losses = {}
@@ -133,7 +136,7 @@ def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
             tables[name] = site.table(name)
         rows = tables[name]
         train = row_mask(list(rows["case_id"]), {**item["rows"], "keep": "train"})
-        if (~train).sum() < site.policy.min_cell_size:
+        if not inner_fold_usable(int(train.sum()), int((~train).sum()), site.policy.min_cell_size):
             losses[item["id"]] = None
             continue
         losses[item["id"]] = heldout_loss(endpoint, model_from_dict(endpoint, item["model"]), rows, train)

@@ -390,7 +390,7 @@ class SecureLogisticServer:
             self._request = None
             return None
         return self._wrap("newton", newton_layout(len(nxt["beta"]), n, nxt["beta"]),
-                          features=list(nxt["features"]), inner=nxt)
+                          features=list(nxt["features"]), inner=nxt, n_total=n)
 
     @property
     def done(self) -> bool:

@@ -41,13 +41,57 @@ class LocalSites:
         return [{"site-name": s, "table": str(p), "workdir": str(self.workdir / s),
                  "min-cell-size": self.min_cell_size} for s, p in self.tables.items()]
 
-    def federation(self, log=None) -> Federation:
+    def federation(self, log=None, plan: dict | None = None) -> Federation:
+        """The sites behind Flower's in-process message layer; with ``plan``, each site's operator (the user of
+        this one machine) approves it first and every request carries its id."""
         from fedrad.client.client_app import app as client_app
 
-        return Federation(LocalGrid(client_app, self.node_configs()), log=log)
+        fed = Federation(LocalGrid(client_app, self.node_configs()), log=log)
+        if plan is not None:
+            fed.plan_id = approve_at_sites(plan, self.node_configs())
+        return fed
 
     def harmonized(self, name: str = "harmonized") -> dict[str, pd.DataFrame]:
         return {s: pd.read_parquet(self.workdir / s / "harmonized" / f"{name}.parquet") for s in self.tables}
+
+
+def approve_at_sites(plan: dict, node_configs: list[dict]) -> str:
+    """Approve ``plan`` at every site of ``node_configs`` (what each site's operator does with ``fedrad site
+    approve``; on one machine the same person runs every site). Returns the plan id."""
+    from fedrad.client.approval import approve_plan
+    from fedrad.client.site import Site
+
+    pid = None
+    for cfg in node_configs:
+        site = Site.from_node_config(cfg)
+        pid = approve_plan(site.workdir, plan, allowed_columns=site.columns)
+    return pid
+
+
+def with_local_reasons(node_configs: list[dict], run):
+    """Run ``run()``; a :class:`SiteError` gets each failing site's detailed reason from its local log appended.
+    Only for single-machine runs, where the person running every site also reads every site's log; over the
+    network a site's reply carries its error code and a generic text only (fedrad.client.site)."""
+    from fedrad.client.site import Site
+    from fedrad.server.federation import SiteError
+
+    try:
+        return run()
+    except SiteError as exc:
+        workdirs = {}
+        for cfg in node_configs:
+            try:
+                site = Site.from_node_config(cfg)
+                workdirs[site.name] = site.workdir
+            except Exception:
+                continue
+        failures = {}
+        for name, reason in exc.failures.items():
+            log = workdirs.get(name, Path("/nonexistent")) / "site.log"
+            last = log.read_text().strip().splitlines()[-1] if log.is_file() and log.stat().st_size else ""
+            detail = last.split("] ", 1)[1] if "] " in last else ""
+            failures[name] = f"{reason} -- site log: {detail}" if detail else reason
+        raise SiteError(exc.request, failures) from exc
 
 
 def split_into_sites(df: pd.DataFrame, site_col: str, workdir: Path | None = None,
@@ -108,8 +152,9 @@ def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
         sites = split_into_sites(df, batch_col, Path(tmp) if workdir is None else Path(workdir),
                                  min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
-        fed = sites.federation(log=log)
-        reference, summaries = run_federated_combat(fed, request)
+        from fedrad.common.plan import harmonize_plan
+        fed = sites.federation(log=log, plan=harmonize_plan(request, "harmonized"))
+        reference, summaries = with_local_reasons(sites.node_configs(), lambda: run_federated_combat(fed, request))
         parts = pd.concat(list(sites.harmonized().values()), ignore_index=True).sort_values(ROW_COL)
     result = df.copy()
     result[features] = parts[features].to_numpy(dtype=float)
@@ -186,12 +231,14 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
         sites = split_into_sites(df, site_col, Path(workdir or tmp),
                                  min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
-        fed = sites.federation(log=log)
+        from fedrad.common.plan import fit_plan
+        fed = sites.federation(log=log, plan=fit_plan(data, rounds=200, secure=secure_aggregation))
         if secure_aggregation:
             from fedrad.server.secure import secure_logistic_fit
 
-            return secure_logistic_fit(fed, features, data, penalty=penalty, C=C, l1_ratio=l1_ratio)
-        models = run_fits(fed, {"fit": FitTask(server, data)})
+            return with_local_reasons(sites.node_configs(), lambda: secure_logistic_fit(
+                fed, features, data, penalty=penalty, C=C, l1_ratio=l1_ratio))
+        models = with_local_reasons(sites.node_configs(), lambda: run_fits(fed, {"fit": FitTask(server, data)}))
     return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
 
 
@@ -200,8 +247,10 @@ def run_study_in_process(cfg: dict, node_configs: list[dict], log=None) -> dict:
     from fedrad.client.client_app import app as client_app
     from fedrad.server.study import Study
 
+    from fedrad.common.plan import study_plan
+    approve_at_sites(study_plan(cfg), node_configs)
     fed = Federation(LocalGrid(client_app, node_configs), log=log)
-    return Study(fed, cfg).run()
+    return with_local_reasons(node_configs, lambda: Study(fed, cfg).run())
 
 
 def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: str, *, C: float = 1.0,
@@ -230,9 +279,11 @@ def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: st
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
         sites = split_into_sites(df, site_col, Path(workdir or tmp),
                                  min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
-        fed = sites.federation(log=log)
-        server = LogisticServer(features, penalty="l2", C=C)
         data = {"model": "logistic", "features": features, "outcome": outcome}
+        from fedrad.common.plan import fit_plan
+        plan = fit_plan(data, rounds=2, fedavg_rounds=int(rounds))
+        fed = sites.federation(log=log, plan=plan)
+        server = LogisticServer(features, penalty="l2", C=C)
         replies = fed.ask("fit_round", {"tasks": [{"id": "stats", "request": server.start(), "data": data,
                                                   "sites": None}]}, phase="standardization")
         stats = combine_logistic_stats([r["results"]["stats"] for r in replies.values()], features)
@@ -254,6 +305,7 @@ def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: st
         config = ConfigRecord({"features": list(features), "mean": [float(v) for v in mean],
                                "scale": [float(v) for v in scale], "outcome": outcome, "C": float(C),
                                "epochs": int(epochs), "lr": float(lr), "proximal-mu": float(mu if kwargs else 0.0),
+                               "plan": fed.plan_id,
                                **({"uniform-weight": True} if private else {})})
         init = ArrayRecord({"weights": Array(np.zeros(len(features) + 1))})
         result = strat.start(grid=fed.grid, initial_arrays=init, num_rounds=int(rounds), train_config=config)

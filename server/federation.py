@@ -82,6 +82,8 @@ class Federation:
         self.excluded: set[str] = set()  # sites left out (e.g. lost mid-study): never asked again
         #: one entry per round trip: round, request, phase, sites asked, answered and failed (with reasons), seconds
         self.history: list[dict] = []
+        #: id of the study plan every request belongs to (fedrad.common.plan); sites answer only approved plans
+        self.plan_id: str | None = None
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -111,6 +113,9 @@ class Federation:
         failed, refused or did not answer in time.
         """
         mtype = message_type(request)
+        if self.plan_id is not None:
+            payload = {**(payload or {}), "plan": self.plan_id}
+            per_site = None if per_site is None else {s: {**p, "plan": self.plan_id} for s, p in per_site.items()}
         if per_site is not None:
             unknown = [s for s in per_site if s not in self.node_of_site]
             if unknown:

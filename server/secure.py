@@ -147,7 +147,7 @@ def secure_sum(fed: Federation, request: dict, data: dict, *, phase: str = "secu
         raise SiteError(SECURE_REQUEST, {"federation": f"{k} sites connected, the secure fit was set up for "
                                                        f"{request['n_sites']}"})
     bits = int(request["bits"])
-    meta = to_record({"request": request, "data": data})["meta"]
+    meta = to_record({"request": request, "data": data, "plan": fed.plan_id})["meta"]
     strategy = _secure_strategy_class()(dict(meta))
     watch = _WatchGrid(fed.grid)
     manager = SimpleClientManager()

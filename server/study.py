@@ -85,10 +85,15 @@ class Study:
     """Runs the phases; every decision comes from :mod:`fedrad.common.pipeline` (shared with the pooled twin)."""
 
     def __init__(self, fed: Federation, cfg: dict, log=None):
+        from fedrad.common.plan import plan_id, study_plan
+
         self.fed, self.cfg = fed, cfg
         self.endpoint = endpoint_of(cfg)
         self.log = log or fed.log
-        self.results: dict = {"study": cfg["study"]["name"], "endpoint": self.endpoint, "phases": []}
+        #: the study id: hash of the plan the sites approved; every request carries it
+        self.plan_id = fed.plan_id = plan_id(study_plan(cfg))
+        self.results: dict = {"study": cfg["study"]["name"], "endpoint": self.endpoint, "phases": [],
+                              "plan_id": self.plan_id}
 
     # -- phases ------------------------------------------------------------------------------------------
     def _phase(self, name: str, t0: float, rounds0: int) -> None:
@@ -104,7 +109,8 @@ class Study:
         required += outcome_columns(self.endpoint)
         harm = cfg["harmonization"]
         cohort_columns = list(dict.fromkeys(clinical + list(harm["covariates"])))
-        payload = {"sources": cfg["sites"], "endpoint": self.endpoint, "required_columns": required,
+        # the sites derive all of this from their approved copy of the plan; sent for old sites' sake only
+        payload = {"endpoint": self.endpoint, "required_columns": required,
                    "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"],
                    "cohort": {"columns": cohort_columns, "categorical": list(harm["categorical"])}}
         replies = self.fed.ask("study_prepare", payload, phase="prepare")
@@ -347,7 +353,8 @@ class Study:
                          f"with the {n_left} remaining sites")
                 for attr in ("scores", "excluded", "sites"):
                     self.__dict__.pop(attr, None)
-                self.results = {"study": self.results["study"], "endpoint": self.endpoint, "phases": []}
+                self.results = {"study": self.results["study"], "endpoint": self.endpoint, "phases": [],
+                                "plan_id": self.plan_id}
         self.results["missing_sites"] = missing
         self.results["round_trips"] = self.fed.rounds
         self.results["seconds"] = round(time.monotonic() - t0, 2)

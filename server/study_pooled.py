@@ -15,7 +15,8 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.pipeline import (MODEL_KINDS, candidate_features, choose_penalty, complete_rows, evaluate_site,
+from fedrad.common.plan import candidate_features, inner_fold_usable, study_plan
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site,
                                     finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
                                     volume_feature)
 from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
@@ -29,10 +30,10 @@ def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame]) -> tuple[dict
     endpoint = endpoint_of(cfg)
     clinical = list(cfg["model"]["clinical"])
     tables = {s: complete_rows(t, endpoint, clinical, s) for s, t in site_tables.items()}
-    prefixes = cfg["selection"]["feature_prefixes"]
+    study = study_plan(cfg)["study"]
     sites = sorted(tables)
-    first = candidate_features(tables[sites[0]], prefixes)
-    common = set.intersection(*(set(candidate_features(t, prefixes)) for t in tables.values()))
+    first = candidate_features(tables[sites[0]], study)
+    common = set.intersection(*(set(candidate_features(t, study)) for t in tables.values()))
     return tables, [f for f in first if f in common]
 
 
@@ -112,18 +113,20 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
             total = 0.0
             for inner in range(k):
                 spec = {"k": k, "seed": seed, "fold": inner, "keep": "train"}
-                parts = []
-                for s in train_sites:  # a site whose inner training subset is below the minimum sits out
-                    rows = harmonized[s][row_mask(list(harmonized[s]["case_id"]), spec)]
-                    if len(rows) >= min_cell_size:
-                        parts.append(rows.assign(site=s))
+                parts, usable = [], {}
+                for s in train_sites:  # the fold rule: a site uses an inner fold only when its training and
+                    mask = row_mask(list(harmonized[s]["case_id"]), spec)  # left-out rows both reach k
+                    usable[s] = inner_fold_usable(int(mask.sum()), int((~mask).sum()), min_cell_size)
+                    if usable[s]:
+                        parts.append(harmonized[s][mask].assign(site=s))
+                if not parts:
+                    continue
                 model = fit_pooled(endpoint, pd.concat(parts, ignore_index=True), mf, mcfg["penalty"], g,
                                    float(mcfg["l1_ratio"]))
                 for s in train_sites:
-                    rows = harmonized[s]
-                    mask = row_mask(list(rows["case_id"]), spec)
-                    if (~mask).sum() >= min_cell_size:
-                        total += heldout_loss(endpoint, model, rows, mask)
+                    if usable[s]:
+                        rows = harmonized[s]
+                        total += heldout_loss(endpoint, model, rows, row_mask(list(rows["case_id"]), spec))
             losses[gi] = total
         gi = choose_penalty(losses)
         chosen[kind] = fit_pooled(endpoint, train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))

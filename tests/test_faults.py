@@ -6,10 +6,13 @@ tests/test_deployment.py."""
 from __future__ import annotations
 
 import pytest
+
 from flwr.app import Error, Message
 from flwr.common.constant import SUPERLINK_NODE_ID, ErrorCode
 
 from fedrad.client.client_app import app as client_app
+from fedrad.common.plan import study_plan
+from fedrad.local import approve_at_sites
 from fedrad.server.federation import SITE_DOWN, Federation, LocalGrid, SiteError
 
 
@@ -33,9 +36,10 @@ class CrashingGrid(LocalGrid):
 def test_node_unavailable_reply_blames_the_site_whose_message_it_answers(tmp_path):
     from tests.test_study import make_sites
 
-    _, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
     grid = CrashingGrid(client_app, nodes)
     fed = Federation(grid)
+    fed.plan_id = approve_at_sites(study_plan(cfg), nodes)
     endpoint = {"type": "response", "outcome": "response"}
     payload = {"sources": {}, "endpoint": endpoint, "required_columns": ["response"], "clinical": [],
                "feature_prefixes": ["original_"]}
@@ -63,8 +67,8 @@ class CountingGrid(LocalGrid):
 def test_max_concurrent_sites_sends_a_round_trip_in_waves_with_the_same_replies(tmp_path):
     from tests.test_study import make_sites
 
-    _, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
-    payload = {"sources": {}, "endpoint": {"type": "response", "outcome": "response"},
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=1)
+    payload = {"plan": approve_at_sites(study_plan(cfg), nodes), "endpoint": {"type": "response", "outcome": "response"},
                "required_columns": ["response"], "clinical": [], "feature_prefixes": ["original_"]}
     all_at_once, waves = CountingGrid(client_app, nodes), CountingGrid(client_app, nodes)
     a = Federation(all_at_once).ask("study_prepare", payload)
@@ -85,6 +89,7 @@ def test_the_coordinators_plan_runner_writes_the_report_before_the_results(tmp_p
     cfg["validation"]["loso"] = False
     cfg["model"]["grid"] = [1.0]
     write_json_atomic({"task": "study", "config": cfg}, tmp_path / "plan.json")
+    approve_at_sites(study_plan(cfg), nodes)
     seen = []
 
     def log(line):

@@ -109,7 +109,11 @@ def test_harmonize_cli_pooled_and_federated(tmp_path):
     df.to_csv(src, index=False, float_format="%.17g")
     base = ["harmonize", str(src), "--batch-col", "site", "--covariates", "age,sex", "--categorical", "sex"]
     r1 = RUNNER.invoke(app, base + ["--out", str(tmp_path / "pooled.csv")])
-    r2 = RUNNER.invoke(app, base + ["--federated", "--out", str(tmp_path / "fed.parquet")])
+    # hospA / hospB have fewer than 10 patients of one sex: refused at the default k (a categorical level and its
+    # complement must both reach k); the sites' operators allow k = 5 here
+    r0 = RUNNER.invoke(app, base + ["--federated", "--out", str(tmp_path / "fed.parquet")])
+    assert r0.exit_code == 2 and "[min-cell-size]" in r0.output and not (tmp_path / "fed.parquet").exists()
+    r2 = RUNNER.invoke(app, base + ["--federated", "--min-cell-size", "5", "--out", str(tmp_path / "fed.parquet")])
     assert r1.exit_code == 0, r1.output
     assert r2.exit_code == 0, r2.output
     assert "federated, 2 round trips" in r2.output and "6 features x 140 rows, 4 batches" in r2.output

@@ -96,10 +96,12 @@ def test_shipped_example_config_is_valid(tmp_path):
 
 def test_refusal_is_audited_and_names_the_site(tmp_path):
     site = Site.from_node_config({"site-name": "h1", "workdir": str(tmp_path), "allowed-requests": "combat_stats"})
-    with pytest.raises(SiteFailure, match=r"^site h1: refuses 'fit_round' requests \(not in its allow-list\)$"):
+    with pytest.raises(SiteFailure, match=r"^site h1: refused: the site does not answer this request type "
+                                          r"\[not-allowed\]$"):
         site.answer("fit_round", {}, lambda s, p: {"x": 1})
     last = site.audit.entries()[-1]
     assert (last["request"], last["status"]) == ("fit_round", "refused") and site.audit.verify().ok
+    assert "refuses 'fit_round' requests (not in its allow-list)" in (tmp_path / "site.log").read_text()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -123,9 +125,13 @@ def _cox_fit(df, tmp_path, extra: dict):
     feats = [c for c in df.columns if c not in ("T", "E", "region")]
     sites = split_into_sites(df, "region", tmp_path)
     configs = [{**c, **extra.get(c["site-name"], {})} for c in sites.node_configs()]
+    from fedrad.common.plan import fit_plan
+    from fedrad.local import approve_at_sites
+
     fed = Federation(LocalGrid(client_app, configs))
     server = CoxFit(feats, duration_col="T", event_col="E", penalizer=0.1)
     data = {"model": "cox", "features": feats, "time": "T", "event": "E"}
+    fed.plan_id = approve_at_sites(fit_plan(data, rounds=200), configs)
     return run_fits(fed, {"fit": FitTask(server, data)})["fit"], feats
 
 
@@ -140,8 +146,10 @@ def test_site_with_three_events_takes_part_by_default(tcga, tmp_path):
 
 
 def test_stricter_min_events_refuses_and_names_the_site(tcga, tmp_path):
-    with pytest.raises(SiteError, match=r"region5.*3 events, fewer than the site's min-events 5"):
+    with pytest.raises(SiteError, match=r"region5: refused under the site's min-events rule \[min-events\]") as info:
         _cox_fit(tcga, tmp_path, {"region5": {"min-events": 5}})
+    assert "3 events" not in str(info.value)  # the count stays in the site's local log
+    assert "3 events, fewer than the site's min-events 5" in (tmp_path / "region5" / "site.log").read_text()
 
 
 def test_site_join_reads_the_config_file_and_fails_early(tmp_path):
@@ -158,19 +166,29 @@ def test_site_join_reads_the_config_file_and_fails_early(tmp_path):
     assert res.exit_code == 2 and "site a:" in res.output and "must be integers" in res.output
 
 
-def test_min_events_also_refuses_small_covariate_levels_in_combat(tmp_path):
+def test_small_covariate_levels_in_combat_are_refused(tmp_path):
+    """A categorical level (or its complement) under the minimum cell size is refused by default (issue 11:
+    one indicator per patient would rebuild every row); min-events refuses levels under its own threshold."""
     from fedrad.client.steps import combat_stats
     from fedrad.common.combat import make_request
+    from fedrad.common.plan import harmonize_plan, plan_id
+    from fedrad.local import approve_at_sites
 
     rng = np.random.default_rng(1)
     df = pd.DataFrame({"f1": rng.normal(size=40), "f2": rng.normal(size=40), "age": rng.normal(60, 8, 40),
                        "sex": ["F"] * 7 + ["M"] * 33})
     df.to_parquet(tmp_path / "t.parquet")
-    request = {"request": make_request(["f1", "f2"], ["age"], ["sex"])}
+    req = make_request(["f1", "f2"], ["age"], ["sex"])
     base = {"site-name": "h1", "table": str(tmp_path / "t.parquet"), "workdir": str(tmp_path / "w")}
-    stats = Site.from_node_config(base).answer("combat_stats", request, combat_stats)  # default: answered
+    approve_at_sites(harmonize_plan(req), [base])
+    request = {"request": req, "plan": plan_id(harmonize_plan(req))}
+    with pytest.raises(SiteFailure, match=r"^site h1: refused: the rows involved are fewer than the site's minimum "
+                                          r"cell size \[min-cell-size\]$"):
+        Site.from_node_config(base).answer("combat_stats", request, combat_stats)
+    loose = {**base, "min-cell-size": 5}
+    stats = Site.from_node_config(loose).answer("combat_stats", request, combat_stats)
     assert stats["stats"]["batches"][0]["level_counts"] == {"sex": [7, 33]}
-    strict = Site.from_node_config({**base, "min-events": 8})
-    with pytest.raises(SiteFailure, match=r"^site h1: categorical covariate 'sex' level 'F' has 7 patients at "
-                                          r"site 'h1', fewer than the site's min-events 8"):
+    strict = Site.from_node_config({**loose, "min-events": 8})
+    with pytest.raises(SiteFailure, match=r"^site h1: .*\[data\]$"):
         strict.answer("combat_stats", request, combat_stats)
+    assert "level 'F' has 7 patients" in (tmp_path / "w" / "site.log").read_text()

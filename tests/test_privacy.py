@@ -134,6 +134,7 @@ def _masked_vectors(messages):
 
 
 def test_secure_fit_over_flower_sums_only(tmp_path):
+    from fedrad.common.plan import fit_plan
     from fedrad.client.audit import AuditLog
     from fedrad.local import split_into_sites
     from fedrad.server.secure import secure_logistic_fit
@@ -141,7 +142,7 @@ def test_secure_fit_over_flower_sums_only(tmp_path):
     df = _table()
     C = 0.5
     sites = split_into_sites(df, "site", tmp_path)
-    fed = sites.federation()
+    fed = sites.federation(plan=fit_plan({"model": "logistic", "features": FEATS, "outcome": "y"}, secure=True))
     keep = []
     model, info = secure_logistic_fit(fed, FEATS, {"model": "logistic", "features": FEATS, "outcome": "y"},
                                       C=C, keep=keep)
@@ -183,6 +184,7 @@ def test_secure_fit_over_flower_sums_only(tmp_path):
 
 
 def test_secure_refusal_names_the_site_and_nothing_is_unmasked(tmp_path):
+    from fedrad.common.plan import fit_plan
     from fedrad.client.audit import AuditLog
     from fedrad.local import split_into_sites
     from fedrad.server.federation import SiteError
@@ -191,7 +193,7 @@ def test_secure_refusal_names_the_site_and_nothing_is_unmasked(tmp_path):
     df = _table()
     df.loc[df.site == "s1", "f2"] *= 1e37  # sum beyond ±2**128: would be clipped
     sites = split_into_sites(df, "site", tmp_path)
-    fed = sites.federation()
+    fed = sites.federation(plan=fit_plan({"model": "logistic", "features": FEATS, "outcome": "y"}, secure=True))
     stages = []
     inner = fed.grid.send_and_receive
 
@@ -206,7 +208,10 @@ def test_secure_refusal_names_the_site_and_nothing_is_unmasked(tmp_path):
     with pytest.raises(SiteError) as err:
         secure_logistic_fit(fed, FEATS, {"model": "logistic", "features": FEATS, "outcome": "y"})
     assert list(err.value.failures) == ["s1"]
-    assert "sum_x[2]" in err.value.failures["s1"] and "outside the agreed range ±2^128" in err.value.failures["s1"]
+    # the reply names the site and the rule, never the value; the site's local log has the details
+    assert err.value.failures["s1"].endswith("[policy]") and "e+" not in err.value.failures["s1"]
+    log = (tmp_path / "s1" / "site.log").read_text()
+    assert "sum_x[2]" in log and "outside the agreed range ±2^128" in log
     assert "unmask" not in stages and stages.count("collect_masked_vectors") == 3
     refused = [r for r in AuditLog(tmp_path / "s1" / "audit.jsonl").entries() if r["status"] == "refused"]
     assert len(refused) == 1 and refused[0]["request"] == "secure_fit_round"
@@ -319,8 +324,8 @@ def test_dp_fedavg_clips_at_site_audits_what_is_sent_and_adds_calibrated_noise(t
     recorders = []
     original = LocalSites.federation
 
-    def federation(self, log=None):
-        fed = original(self, log)
+    def federation(self, log=None, plan=None):
+        fed = original(self, log, plan)
         recorders.append(_Recorder(fed.grid))
         return fed
 

@@ -227,6 +227,10 @@ def response_study(tmp_path_factory):
             raise ConnectionError(f"site {LOST}: {LOST_REASON}")
         return client_app(msg, context)
 
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+
+    approve_at_sites(study_plan(cfg), nodes)
     res = Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
     write_json_atomic(res, tmp / "results.json")
     res = json.loads((tmp / "results.json").read_text())  # the report is made from results.json

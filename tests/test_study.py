@@ -87,7 +87,7 @@ def test_icc_robustness_filter_inside_the_study(tmp_path):
     the signature, and the held-out metrics still equal the pooled twin's (which pools the perturbed rows)."""
     cfg, nodes, tables = make_sites(tmp_path, survival=False, seed=5)
     rng = np.random.default_rng(9)
-    robustness, sources = {}, {}
+    robustness = {}
     for node in nodes:
         name, d = node["site-name"], tables[node["site-name"]]
         feats = [c for c in d.columns if c.startswith("original_")]
@@ -100,8 +100,7 @@ def test_icc_robustness_filter_inside_the_study(tmp_path):
         robustness[name] = pd.concat(parts, ignore_index=True)
         path = tmp_path / name / "perturbed.parquet"
         robustness[name].to_parquet(path)
-        sources[name] = {"table": node["table"], "robustness": str(path)}
-    cfg["sites"] = sources
+        node["robustness"] = str(path)  # the site's own configuration names its perturbed table
     cfg["selection"]["icc_threshold"] = 0.9
     res = run_study_in_process(cfg, nodes)
     assert "original_glcm_F0" in res["signature"] and "original_glcm_F1" not in res["signature"]
@@ -127,6 +126,10 @@ def test_a_site_lost_mid_study_is_marked_missing_and_the_rest_continue(tmp_path)
             raise ConnectionError("site hosp3: the hospital's network went down")
         return client_app(msg, context)
 
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+
+    approve_at_sites(study_plan(cfg), nodes)
     res = Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
     assert list(res["missing_sites"]) == ["hosp3"] and "network went down" in res["missing_sites"]["hosp3"]
     assert sorted(res["external"]) == ["hosp0", "hosp1", "hosp2"]

@@ -1,0 +1,448 @@
+"""The site checks every request against the plan its operator approved (issue 11: the site trusts no parameter).
+
+:func:`check_request` runs before any site step. It loads the approved copy of the request's plan
+(:mod:`fedrad.client.approval`) and, per request kind, either *derives* the parameters from that copy (so the
+request's own values are ignored) or *checks* them against it, refusing with a :class:`PlanViolation`:
+
+=================  ================================================================================================
+request            what the site derives or checks
+=================  ================================================================================================
+study_prepare      everything derived from the plan (endpoint, columns, feature prefixes, cohort columns); the data
+                   source is the site's own (``[sources.<alias>]`` named by the plan, else its default table)
+combat_stats       table ``raw``; covariates, categorical covariates and options equal the plan's; features are
+                   the site's own candidate features; every categorical level has >= k patients (ComBat step)
+study_harmonize    folds are ``final`` / ``loso:<site>`` of the plan; selection requests as study_select
+study_select       tables ``h-<fold>`` (or ``raw``); score tests on the plan's outcome, features among the site's
+                   candidates; ICC only when the plan filters by ICC; correlation requests of at most
+                   5 x max_features candidates; never for the site's own held-out fold
+fit_round          task ids ``<fold>|<kind>|<penalty index>|<all or inner fold>`` of the plan; model, outcome,
+                   features of each kind, table and rows (inner folds from the plan's k and seed) as the plan
+                   implies; one signature per fold; at most ``MAX_TASK_ROUNDS`` evaluations per task; every
+                   coefficient vector sent is recorded in the plan's ledger
+study_evaluate     once per study attempt; only the folds the site validates (``final`` and its own ``loso``);
+                   every model (and every inner-CV model) must be one whose fit the site took part in: its task id
+                   is in the ledger, its features are the task's, its penalty is the plan's grid value and its
+                   coefficients are within ``STEP_TOL`` (standardized) of a coefficient vector the site was sent
+                   for that task (a Newton fit ends one step below 1e-3 after the last point it evaluated);
+                   km_times and endpoint from the plan
+=================  ================================================================================================
+
+Harmonize and fit plans (``fedrad harmonize/fit --federated``) fix the request, the features and outcome, the
+output name and the number of rounds in the same way. The ledger (``<workdir>/ledger/<plan id>.json``) is
+reset by each ``study_prepare`` (a study attempt; the study restarts from prepare when a site drops out), at
+most ``MAX_ATTEMPTS`` times per approval.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from fedrad.client.approval import ApprovalError, load_approved
+from fedrad.common.files import atomic_write_bytes
+from fedrad.common.plan import FOLD, candidate_features, endpoint, outcome_columns, prepare_spec
+
+MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
+MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
+MAX_FOLDS_UNLISTED = 65   # validation folds when the plan does not list its sites
+STEP_TOL = 2e-3           # standardized distance between an evaluated model and a point the site was sent
+CANDIDATES_PER_FEATURE = 5
+
+
+class PlanViolation(PermissionError):
+    """A request does not belong to, or goes beyond, the site's approved plan."""
+
+
+# --- ledger ------------------------------------------------------------------------------------------------------
+class Ledger:
+    def __init__(self, workdir: Path, pid: str):
+        self.path = Path(workdir) / "ledger" / f"{pid}.json"
+        self.data = json.loads(self.path.read_text()) if self.path.is_file() else {
+            "attempts": 0, "tasks": {}, "signatures": {}, "evaluated": False, "folds": []}
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        atomic_write_bytes(self.path, json.dumps(self.data).encode())
+        os.chmod(self.path, 0o600)
+
+    def new_attempt(self) -> None:
+        if self.data["attempts"] >= MAX_ATTEMPTS:
+            raise PlanViolation(f"the plan has run {MAX_ATTEMPTS} times under this approval; the operator must "
+                                "approve it again")
+        self.data = {"attempts": self.data["attempts"] + 1, "tasks": {}, "signatures": {}, "evaluated": False,
+                     "folds": []}
+
+
+# --- helpers ------------------------------------------------------------------------------------------------------
+def _require(cond: bool, what: str) -> None:
+    if not cond:
+        raise PlanViolation(what)
+
+
+def plan_folds(study: dict) -> list[str] | None:
+    """The plan's validation folds when it lists its sites, else None (checked by pattern and count)."""
+    sites = sorted(study.get("sites") or {})
+    if not sites:
+        return None
+    return ["final"] + ([f"loso:{s}" for s in sites] if study["validation"]["loso"] else [])
+
+
+def check_fold(study: dict, fold, ledger: Ledger | None = None) -> str:
+    _require(isinstance(fold, str) and bool(FOLD.match(fold)), "a validation fold outside the plan")
+    listed = plan_folds(study)
+    if listed is not None:
+        _require(fold in listed, "a validation fold outside the plan")
+    else:
+        _require(fold == "final" or bool(study["validation"]["loso"]), "a validation fold outside the plan")
+        if ledger is not None and fold not in ledger.data["folds"]:
+            _require(len(ledger.data["folds"]) < MAX_FOLDS_UNLISTED, "more validation folds than the plan allows")
+            ledger.data["folds"].append(fold)
+    return fold
+
+
+def fold_table(study: dict, fold: str) -> str:
+    return f"h-{fold}" if study["harmonization"]["enabled"] else "raw"
+
+
+def check_table(study: dict, fold: str, table) -> None:
+    _require(table == fold_table(study, fold), "a table outside the plan")
+
+
+def penalty_grid(study: dict) -> list[float]:
+    """The penalty grid from the strongest penalty (logistic: small C; Cox: large penalizer)."""
+    grid = [float(g) for g in study["model"]["grid"]]
+    return sorted(grid) if study["endpoint"]["type"] == "response" else sorted(grid, reverse=True)
+
+
+def _subset(names, allowed, what: str, max_len: int | None = None) -> list[str]:
+    _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names), f"{what}: not a list")
+    _require(len(set(names)) == len(names), f"{what}: repeated names")
+    _require(set(names) <= set(allowed), f"{what}: columns outside the plan")
+    if max_len is not None:
+        _require(len(names) <= max_len, f"{what}: more columns than the plan allows")
+    return list(names)
+
+
+# --- request kinds: study plan ------------------------------------------------------------------------------------
+def _study_prepare(site, record, payload, ledger):
+    ledger.new_attempt()
+    study = record["plan"]["study"]
+    alias = (study.get("sites") or {}).get(site.name, {}).get("source")
+    return {**prepare_spec(study), "source": alias, "robustness_needed": study["selection"]["icc_threshold"] is not None}
+
+
+def _site_candidates(site, study, cache: dict):
+    if "candidates" not in cache:
+        cache["candidates"] = candidate_features(site.table("raw"), study)
+    return cache["candidates"]
+
+
+def _combat_stats(site, record, payload, ledger, cache):
+    from fedrad.common.combat import make_request
+
+    study = record["plan"]["study"]
+    harm = study["harmonization"]
+    _require(harm["enabled"], "harmonization is not in the plan")
+    _require(payload.get("table") == "raw", "a table outside the plan")
+    req = payload["request"]
+    feats = _subset(req.get("features"), _site_candidates(site, study, cache), "ComBat features")
+    want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]),
+                        parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+    return {"request": want, "table": "raw"}
+
+
+def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
+    from fedrad.common.selection import correlation_request, cox_score_request, icc_request, logistic_score_request
+
+    ep = endpoint(study)
+    cand = _site_candidates(site, study, cache)
+    max_corr = CANDIDATES_PER_FEATURE * int(study["selection"]["max_features"])
+    out = {}
+    for fold, spec in folds.items():
+        check_fold(study, fold, ledger)
+        check_table(study, fold, spec.get("table"))
+        if fold == f"loso:{site.name}":
+            continue  # held out: never sends training statistics for its own fold
+        train = spec.get("train_sites")
+        if train is not None and site.name not in train:
+            continue
+        reqs = {}
+        for kind, r in (spec.get("requests") or {}).items():
+            if kind == "score":
+                feats = _subset(r.get("features"), cand, "score-test features")
+                reqs[kind] = (logistic_score_request(feats, ep["outcome"]) if ep["type"] == "response"
+                              else cox_score_request(feats, ep["time"], ep["event"]))
+            elif kind == "icc":
+                _require(study["selection"]["icc_threshold"] is not None, "ICC is not in the plan")
+                reqs[kind] = icc_request(_subset(r.get("features"), cand, "ICC features"))
+            elif kind == "corr":
+                reqs[kind] = correlation_request(_subset(r.get("features"), cand, "correlation features", max_corr))
+            else:
+                raise PlanViolation("a selection request outside the plan")
+        out[fold] = {"train_sites": [site.name], "table": spec["table"], "requests": reqs}
+    return out
+
+
+def _study_select(site, record, payload, ledger, cache):
+    return {"folds": _selection_specs(site, record["plan"]["study"], payload.get("folds") or {}, ledger, cache)}
+
+
+def _study_harmonize(site, record, payload, ledger, cache):
+    study = record["plan"]["study"]
+    _require(study["harmonization"]["enabled"], "harmonization is not in the plan")
+    refs = payload.get("references") or {}
+    for fold in refs:
+        check_fold(study, fold, ledger)
+    out = {"references": refs,
+           "selection": _selection_specs(site, study, payload.get("selection") or {}, ledger, cache)}
+    mom = payload.get("moments")
+    if mom:
+        _require(mom.get("fold") == "final", "moments of a fold outside the plan")
+        out["moments"] = {"fold": "final", "features": _subset(mom.get("features"), _site_candidates(site, study, cache),
+                                                               "moment features")}
+    return out
+
+
+def _kind_features(study, kind, feats, cand, ledger, fold) -> None:
+    from fedrad.common.pipeline import VOLUME_FEATURES
+
+    clinical = list(study["model"]["clinical"])
+    max_f = int(study["selection"]["max_features"])
+    sigs = ledger.data["signatures"]
+    if kind == "volume":
+        _require(len(feats) == 1 and feats[0] in VOLUME_FEATURES and feats[0] in cand, "volume model features")
+    elif kind == "clinical":
+        _require(list(feats) == clinical and bool(clinical), "clinical model features")
+    elif kind in ("radiomics", "combined"):
+        sig = list(feats) if kind == "radiomics" else [f for f in feats if f not in clinical]
+        if kind == "combined":
+            _require(bool(clinical) and list(feats) == sig + [c for c in clinical if c not in sig],
+                     "combined model features")
+        _subset(sig, cand, "signature", max_f)
+        _require(len(sig) >= 1, "signature")
+        known = sigs.setdefault(fold, sig)
+        _require(known == sig, "a second signature for one fold")
+    else:
+        raise PlanViolation("a model kind outside the plan")
+
+
+def _parse_task_id(study, tid):
+    _require(isinstance(tid, str) and tid.count("|") == 3, "a fit task outside the plan")
+    fold, kind, gi, inner = tid.split("|")
+    k = int(study["validation"]["inner_folds"])
+    grid = penalty_grid(study)
+    _require(gi.isdigit() and int(gi) < len(grid), "a penalty outside the plan")
+    _require(inner == "all" or (inner.isdigit() and int(inner) < k), "an inner fold outside the plan")
+    return fold, kind, int(gi), (None if inner == "all" else int(inner))
+
+
+def _point(request: dict) -> dict | None:
+    """The coefficient point of a Newton request, standardized where the request is (logistic), or on the
+    original scale (Cox: the ledger standardizes with the model's scale when comparing)."""
+    beta = request.get("beta")
+    if beta is None:
+        return None
+    beta = [float(b) for b in np.asarray(beta, dtype=float).ravel()]
+    feats = [str(f) for f in request.get("features", [])]
+    if str(request.get("kind", "")).startswith("fedrad.cox"):
+        _require(len(beta) == len(feats), "a malformed Newton request")
+        return dict(zip(feats, beta))
+    _require(len(beta) == len(feats) + 1, "a malformed Newton request")
+    return {"(intercept)": beta[0], **dict(zip(feats, beta[1:]))}
+
+
+def _record_task(ledger, tid, data, request) -> None:
+    entry = ledger.data["tasks"].setdefault(tid, {"n": 0, "features": list(data["features"]), "points": []})
+    _require(entry["features"] == list(data["features"]), "a fit task whose features changed")
+    _require(entry["n"] < MAX_TASK_ROUNDS, "more rounds of one fit than the plan allows")
+    entry["n"] += 1
+    pt = _point(request)
+    if pt is not None:
+        _require(set(pt) - {"(intercept)"} <= set(entry["features"]), "a Newton request outside its task")
+        entry["points"].append(pt)
+
+
+def _fit_round_study(site, record, payload, ledger, cache):
+    study = record["plan"]["study"]
+    ep = endpoint(study)
+    model = "logistic" if ep["type"] == "response" else "cox"
+    cand = _site_candidates(site, study, cache)
+    k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
+    tasks = []
+    for task in payload.get("tasks") or []:
+        tid = task.get("id")
+        fold, kind, gi, inner = _parse_task_id(study, tid)
+        check_fold(study, fold, ledger)
+        data = task.get("data") or {}
+        _require(data.get("model") == model, "a model outside the plan")
+        _require(all(data.get(key) == val for key, val in
+                     (({"outcome": ep["outcome"]} if model == "logistic" else {"time": ep["time"], "event": ep["event"]})
+                      .items())), "an outcome outside the plan")
+        check_table(study, fold, data.get("table"))
+        want_rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
+        _require(data.get("rows") == want_rows, "rows outside the plan's folds")
+        feats = data.get("features") or []
+        _kind_features(study, kind, feats, cand, ledger, fold)
+        request = task.get("request") or {}
+        _require(set(request.get("features", [])) <= set(feats), "a fit request outside its task")
+        _record_task(ledger, tid, data, request)
+        sites = task.get("sites")
+        contributes = fold != f"loso:{site.name}" and (sites is None or site.name in sites)
+        clean = {"model": model, "features": list(feats), "table": data["table"], "rows": want_rows,
+                 **({"outcome": ep["outcome"]} if model == "logistic" else {"time": ep["time"], "event": ep["event"]})}
+        tasks.append({"id": tid, "request": request, "data": clean, "sites": [site.name] if contributes else []})
+    return {"tasks": tasks, "min_test_rows": True}
+
+
+def _model_point(model: dict, request_feats: list[str]) -> tuple[dict, dict]:
+    """(point, scale) of a fitted model dict: logistic standardized (scale 1), Cox original scale with its SDs."""
+    if model.get("kind") == "fedrad.cox.model":
+        names = list(model["feature_names_"])
+        coef, scale = dict(zip(names, model["coef_"])), dict(zip(names, model["scale_"]))
+        return coef, scale
+    names = list(model["feature_names"])
+    pt = {"(intercept)": float(model["intercept_std"]), **dict(zip(names, model["coef_std"]))}
+    return pt, {n: 1.0 for n in pt}
+
+
+def check_model(study, ledger, tid: str, model: dict) -> None:
+    """Refuse a model the site did not take part in fitting (see the module docstring)."""
+    fold, kind, gi, inner = _parse_task_id(study, tid)
+    entry = ledger.data["tasks"].get(tid)
+    _require(entry is not None and bool(entry["points"]), "a model whose fit this site never saw")
+    _require(isinstance(model, dict), "a malformed model")
+    cox = model.get("kind") == "fedrad.cox.model"
+    value = float(model["penalizer"]) if cox else model.get("params", {}).get("C")
+    _require(value is not None and abs(float(value) - penalty_grid(study)[gi]) <= 1e-12 * max(1.0, abs(float(value))),
+             "a model whose penalty is not the plan's")
+    names = list(model["feature_names_"] if cox else model["feature_names"])
+    _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
+    pt, scale = _model_point(model, entry["features"])
+    try:
+        vals = {n: float(v) for n, v in pt.items()}
+    except (TypeError, ValueError):
+        raise PlanViolation("a malformed model") from None
+    best = np.inf
+    for seen in entry["points"]:
+        keys = set(vals) | set(seen)
+        d = max(abs(vals.get(n, 0.0) - seen.get(n, 0.0)) * float(scale.get(n, 1.0)) for n in keys)
+        best = min(best, d)
+    _require(best <= STEP_TOL, "a model whose fit this site never saw")
+
+
+def _study_evaluate(site, record, payload, ledger, cache):
+    study = record["plan"]["study"]
+    _require(not ledger.data["evaluated"], "a second evaluation in one study attempt")
+    ledger.data["evaluated"] = True
+    k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
+    n_grid = len(penalty_grid(study))
+    items = []
+    for item in payload.get("items") or []:
+        tid = item.get("id")
+        fold, kind, gi, inner = _parse_task_id(study, tid)
+        _require(inner is not None, "an inner-CV loss of a final model")
+        check_fold(study, fold, None)
+        if fold == f"loso:{site.name}" or site.name not in (item.get("sites") or []):
+            continue
+        check_table(study, fold, item.get("table"))
+        _require(item.get("rows") == {"k": k, "seed": seed, "fold": inner}, "rows outside the plan's folds")
+        check_model(study, ledger, tid, item.get("model"))
+        items.append({**item, "sites": [site.name]})
+    folds = {}
+    for fold, spec in (payload.get("folds") or {}).items():
+        check_fold(study, fold, None)
+        if fold not in ("final", f"loso:{site.name}"):
+            continue  # a site validates the final models and its own held-out fold only
+        check_table(study, fold, spec.get("table"))
+        models = spec.get("models") or {}
+        for kind, variants in models.items():
+            _require(len(variants) <= n_grid, "more model variants than the plan's penalty grid")
+            for gi, m in variants.items():
+                check_model(study, ledger, f"{fold}|{kind}|{gi}|all", m)
+        folds[fold] = {"models": models, "table": spec["table"], "eval_sites": [site.name]}
+    return {"endpoint": endpoint(study), "items": items, "folds": folds,
+            "km_times": list(study["validation"]["km_times"])}
+
+
+# --- harmonize and fit plans ------------------------------------------------------------------------------------
+def _harmonize_plan(site, record, request, payload, ledger, cache):
+    plan = record["plan"]
+    if request == "combat_stats":
+        _require(payload.get("table") is None, "a table outside the plan")
+        ledger.new_attempt()
+        return {"request": plan["request"], "table": None}
+    if request == "combat_apply":
+        _require(payload.get("table") is None, "a table outside the plan")
+        return {"reference": payload["reference"], "output": plan["output"], "table": None}
+    raise PlanViolation("a request outside the plan")
+
+
+def _fit_plan(site, record, request, payload, ledger, cache):
+    plan = record["plan"]
+    data = plan["data"]
+    if request == "fit_round":
+        tasks = []
+        for task in payload.get("tasks") or []:
+            tid = task.get("id")
+            _require(tid in ("fit", "stats"), "a fit task outside the plan")
+            td = task.get("data") or {}
+            _require({k: td.get(k) for k in data} == data and not td.get("rows") and not td.get("table"),
+                     "a fit outside the plan")
+            req = task.get("request") or {}
+            _require(set(req.get("features", [])) <= set(data["features"]), "a fit request outside the plan")
+            entry = ledger.data["tasks"].setdefault(tid, {"n": 0})
+            _require(entry["n"] < int(plan["rounds"]), "more rounds than the plan allows")
+            entry["n"] += 1
+            tasks.append({"id": tid, "request": req, "data": dict(data), "sites": None})
+        return {"tasks": tasks}
+    if request == "fedavg":
+        cfg = payload["config"]
+        _require(list(cfg.get("features", [])) == list(data["features"]) and cfg.get("outcome") == data.get("outcome")
+                 and not cfg.get("table"), "a FedAvg round outside the plan")
+        entry = ledger.data["tasks"].setdefault("fedavg", {"n": 0})
+        _require(entry["n"] < int(plan.get("fedavg_rounds", 0)), "more FedAvg rounds than the plan allows")
+        entry["n"] += 1
+        return payload
+    if request == "secure_fit_round":
+        _require(bool(plan.get("secure")), "secure aggregation is not in the plan")
+        td = payload["data"]
+        _require({k: td.get(k) for k in data} == data and not td.get("rows") and not td.get("table"),
+                 "a fit outside the plan")
+        _require(list(payload["request"].get("features", [])) == list(data["features"]), "a fit outside the plan")
+        entry = ledger.data["tasks"].setdefault("secure", {"n": 0})
+        _require(entry["n"] < 4 * int(plan["rounds"]), "more rounds than the plan allows")
+        entry["n"] += 1
+        return {**payload, "data": dict(data)}
+    raise PlanViolation("a request outside the plan")
+
+
+_STUDY = {"study_select": _study_select, "study_harmonize": _study_harmonize, "combat_stats": _combat_stats,
+          "fit_round": _fit_round_study, "study_evaluate": _study_evaluate}
+
+
+def check_request(site, request: str, payload: dict) -> tuple[dict, dict]:
+    """``(approved plan record, payload the step may use)``; raises :class:`PlanViolation` /
+    :class:`~fedrad.client.approval.ApprovalError` for anything outside the site's approved plan."""
+    record = load_approved(site.workdir, payload.get("plan"), site.approved_plans)
+    ledger = Ledger(site.workdir, record["plan_id"])
+    task = record["plan"]["task"]
+    cache: dict = {}
+    if task == "study":
+        if request == "study_prepare":
+            clean = _study_prepare(site, record, payload, ledger)
+        elif request in _STUDY:
+            clean = _STUDY[request](site, record, payload, ledger, cache)
+        else:
+            raise PlanViolation("a request outside the plan")
+    elif task == "harmonize":
+        clean = _harmonize_plan(site, record, request, payload, ledger, cache)
+    else:
+        clean = _fit_plan(site, record, request, payload, ledger, cache)
+    ledger.save()
+    return record, clean
+
+
+__all__ = ["ApprovalError", "PlanViolation", "check_request", "check_model", "candidate_features", "penalty_grid",
+           "plan_folds", "outcome_columns"]

@@ -1,0 +1,148 @@
+"""Study plans: what a coordinator asks the sites to compute, fixed before any request is sent.
+
+A *plan* is a plain JSON document that describes one federated job completely — a multi-center validation
+study (``task = "study"``: the validated ``study.toml``), a federated ComBat (``"harmonize"``) or a model fit
+(``"fit"``) — together with the protocol version. Its SHA-256 over canonical JSON is the *plan id*. The
+coordinator publishes the plan; each site's operator reads it and approves it (``fedrad site approve PLAN``),
+which stores the plan at the site. Every request then carries only the plan id: the site answers only
+requests of a plan it approved, and takes every parameter that matters for privacy (columns, folds, penalty
+grid, model kinds, number of rounds) from *its own copy* of the plan, never from the request
+(:mod:`fedrad.client.guard`).
+
+Everything here is pure (no Flower, no files); the coordinator and the site both call these functions, so
+they agree on the id and on the derived request specifications.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from copy import deepcopy
+
+import numpy as np
+
+PROTOCOL = "fedrad-plan/1"
+#: names a request may use for tables, folds, sources and outputs at a site (never a path)
+NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+#: a validation fold: ``final`` or ``loso:<site>``
+FOLD = re.compile(r"^(final|loso:[A-Za-z0-9_.-]{1,64})$")
+#: columns that identify a patient or a file: never a feature, covariate or outcome
+IDENTIFYING_COLUMNS = frozenset({"case_id", "timepoint", "image", "mask", "mask_label", "mask_roi", "patient_id",
+                                 "__fedrad_row__"})
+#: keys of study.toml that are local to the coordinator's machine (not part of what sites approve)
+_LOCAL_STUDY_KEYS = ("output", "file")
+
+
+class PlanError(ValueError):
+    """A plan is malformed (the message names the key)."""
+
+
+def _plain(obj):
+    if isinstance(obj, dict):
+        return {str(k): _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_plain(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return _plain(obj.tolist())
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def canonical(plan: dict) -> bytes:
+    return json.dumps(_plain(plan), sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def plan_id(plan: dict) -> str:
+    """SHA-256 (hex) of the plan's canonical JSON: the study id every request carries."""
+    return hashlib.sha256(canonical(plan)).hexdigest()
+
+
+def study_plan(cfg: dict) -> dict:
+    """The plan of a validated study configuration (``server.study_config.validate`` output)."""
+    study = deepcopy(_plain(cfg))
+    for key in _LOCAL_STUDY_KEYS:
+        study.get("study", {}).pop(key, None)
+    # rehearsal-only paths of [sites] (local / simulation runtimes) are not part of what a site approves
+    study["sites"] = {name: ({"source": s["source"]} if isinstance(s, dict) and "source" in s else {})
+                      for name, s in (study.get("sites") or {}).items()}
+    return {"protocol": PROTOCOL, "task": "study", "study": study}
+
+
+def harmonize_plan(request: dict, output: str = "harmonized") -> dict:
+    """The plan of a federated ComBat (``fedrad harmonize --federated``): the request itself and its output name."""
+    if not NAME.match(str(output)):
+        raise PlanError(f"output name {output!r} must match {NAME.pattern}")
+    return {"protocol": PROTOCOL, "task": "harmonize", "request": _plain(request), "output": str(output)}
+
+
+def fit_plan(data: dict, *, rounds: int = 40, secure: bool = False, fedavg_rounds: int = 0) -> dict:
+    """The plan of a federated model fit (``fedrad fit --federated``): model, features and outcome columns, and
+    how many evaluation rounds a site answers for it (Newton steps; FedAvg rounds)."""
+    keep = {k: data[k] for k in ("model", "features", "outcome", "time", "event") if k in data}
+    return {"protocol": PROTOCOL, "task": "fit", "data": _plain(keep), "rounds": int(rounds),
+            "secure": bool(secure), "fedavg_rounds": int(fedavg_rounds)}
+
+
+# --- what a study plan implies (shared by the coordinator's Study and the site's guard) ---------------------------
+def endpoint(study: dict) -> dict:
+    ep = study["endpoint"]
+    if ep["type"] == "response":
+        return {"type": "response", "outcome": ep["outcome"]}
+    return {"type": "survival", "time": ep["time"], "event": ep["event"]}
+
+
+def outcome_columns(ep: dict) -> list[str]:
+    return [ep["outcome"]] if ep["type"] == "response" else [ep["time"], ep["event"]]
+
+
+def prepare_spec(study: dict) -> dict:
+    """What ``study_prepare`` needs, from the plan: endpoint, required and clinical columns, feature prefixes and
+    the cohort table's columns."""
+    ep = endpoint(study)
+    harm, model = study["harmonization"], study["model"]
+    clinical = list(model["clinical"])
+    covariates = list(harm["covariates"]) if harm["enabled"] else []
+    required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep)))
+    return {"endpoint": ep, "required_columns": required, "clinical": clinical,
+            "feature_prefixes": list(study["selection"]["feature_prefixes"]),
+            "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]))),
+                       "categorical": list(harm["categorical"])}}
+
+
+def candidate_features(rows, study: dict) -> list[str]:
+    """A site's candidate features under a study plan: numeric columns with one of the plan's feature prefixes
+    that are not identifying, outcome, clinical or covariate columns."""
+    import pandas as pd
+
+    spec = prepare_spec(study)
+    named = set(spec["required_columns"]) | set(spec["clinical"]) | set(spec["cohort"]["columns"])
+    return [c for c in rows.columns
+            if any(str(c).startswith(p) for p in spec["feature_prefixes"]) and c not in named
+            and c not in IDENTIFYING_COLUMNS and pd.api.types.is_numeric_dtype(rows[c])]
+
+
+def plan_columns(plan: dict) -> dict[str, list[str]]:
+    """The named (non-feature) columns a plan uses, by role: what a site operator approves."""
+    task = plan["task"]
+    if task == "study":
+        study = plan["study"]
+        ep = endpoint(study)
+        harm = study["harmonization"]
+        return {"outcome": outcome_columns(ep), "clinical": list(study["model"]["clinical"]),
+                "covariates": list(harm["covariates"]) if harm["enabled"] else [],
+                "categorical": list(harm["categorical"]) if harm["enabled"] else []}
+    if task == "harmonize":
+        req = plan["request"]
+        return {"outcome": [], "clinical": [], "covariates": list(req["continuous"]) + list(req["categorical"]),
+                "categorical": list(req["categorical"]), "features": list(req["features"])}
+    data = plan["data"]
+    out = [data["outcome"]] if data["model"] == "logistic" else [data["time"], data["event"]]
+    return {"outcome": out, "clinical": [], "covariates": [], "categorical": [], "features": list(data["features"])}
+
+
+def inner_fold_usable(n_train: int, n_test: int, min_cell_size: int) -> bool:
+    """The fold rule: an inner cross-validation fold is used at a site only when both the rows it trains on and
+    the rows it leaves out number at least the site's minimum cell size (so neither a sum over the training
+    subset nor its difference from the all-rows sum describes fewer than k patients)."""
+    return n_train >= min_cell_size and n_test >= min_cell_size

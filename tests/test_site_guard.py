@@ -1,0 +1,271 @@
+"""Issue 11's attacks, each run through the real site agent (``Site.answer``: plan check, policy, step, audit):
+a curious coordinator that chooses request parameters must be refused, with no value released, and the refusal
+must be in the site's audit log. The honest study's equality with its pooled twin is tests/test_study.py."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from fedrad.client.approval import ApprovalError, approve_plan
+from fedrad.client.audit import AuditLog
+from fedrad.client.client_app import _ALL_STEPS
+from fedrad.client.site import Site, SiteFailure
+from fedrad.common.plan import fit_plan, harmonize_plan, plan_id, study_plan
+from fedrad.local import approve_at_sites
+from fedrad.server.federation import Federation, LocalGrid
+from fedrad.server.study import Study
+from tests.test_study import make_sites
+
+
+def ask(node: dict, request: str, payload: dict) -> dict:
+    from fedrad.client.steps import secure_fit_round
+
+    site = Site.from_node_config(node)
+    return site.answer(request, payload, {**_ALL_STEPS, "secure_fit_round": secure_fit_round}[request])
+
+
+def last_audit(node: dict) -> dict:
+    return AuditLog(Site.from_node_config(node).workdir / "audit.jsonl").entries()[-1]
+
+
+def refused(node: dict, request: str, payload: dict, code: str, secrets=()) -> str:
+    """The request is refused with ``code``; the reply text and the audit record hold none of ``secrets``."""
+    with pytest.raises(SiteFailure) as info:
+        ask(node, request, payload)
+    text = str(info.value)
+    assert f"[{code}]" in text, text
+    rec = last_audit(node)
+    assert rec["request"] == request and rec["status"] == "refused"
+    dumped = json.dumps(rec)
+    for secret in secrets:
+        assert str(secret) not in text and str(secret) not in dumped, secret
+    return text
+
+
+@pytest.fixture
+def study(tmp_path):
+    """An honest response study prepared, harmonized, selected and fitted through the real site agents."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    from fedrad.client.client_app import app
+
+    approve_at_sites(study_plan(cfg), nodes)
+    st = Study(Federation(LocalGrid(app, nodes)), cfg)
+    st.prepare()
+    st.harmonize()
+    st.select()
+    st.fit_models()
+    return cfg, nodes, tables, st
+
+
+def test_a_request_without_an_approved_plan_is_refused_and_audited(tmp_path):
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    refused(node, "study_prepare", {}, "plan-not-approved")
+    refused(node, "study_prepare", {"plan": "0" * 64}, "plan-not-approved")
+    pid = plan_id(study_plan(cfg))
+    refused(node, "study_prepare", {"plan": pid}, "plan-not-approved")
+    approve_at_sites(study_plan(cfg), [node])
+    assert ask(node, "study_prepare", {"plan": pid})["n"] == 91
+    # a site that pins its plans answers only those, even when another plan was approved in its workdir
+    other = study_plan({**cfg, "validation": {**cfg["validation"], "seed": 7}})
+    approve_at_sites(other, [node])
+    refused({**node, "approved-plans": pid}, "study_prepare", {"plan": plan_id(other)}, "plan-not-approved")
+
+
+def test_identifying_columns_and_columns_outside_the_allow_list_are_never_approved(tmp_path):
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    bad = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["case_id"],
+                                    "covariates": ["age", "case_id"]}}
+    with pytest.raises(ApprovalError, match="identifying column"):
+        approve_plan(tmp_path / "w", study_plan(bad))
+    with pytest.raises(ApprovalError, match="stage"):
+        approve_plan(tmp_path / "w", study_plan(cfg), allowed_columns={"outcome": ["response"],
+                                                                       "clinical": ["age", "sex"],
+                                                                       "categorical": ["sex"]})
+
+
+def test_attack2_combat_with_a_patient_level_categorical_is_refused(tmp_path):
+    """Attack 2: one indicator level per patient would rebuild every row. A coordinator asking for it under a
+    plan that names other covariates gets the plan's request computed; a plan naming such a column is refused at
+    the site because a level (or its complement) has fewer than k patients."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    approve_at_sites(study_plan(cfg), [node])
+    pid = plan_id(study_plan(cfg))
+    ask(node, "study_prepare", {"plan": pid})
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    evil = {"kind": "fedrad.combat.request", "version": 1, "features": feats, "continuous": ["age"],
+            "categorical": ["sex", "case_id"], "batch_col": None, "ref_batch": None, "eb": True,
+            "parametric": True, "mean_only": False, "min_cell_size": 2, "conv": 1e-4}
+    reply = ask(node, "combat_stats", {"plan": pid, "request": evil, "table": "raw"})
+    text = json.dumps(reply, default=lambda a: np.asarray(a).tolist())
+    assert "s0-" not in text  # no case id among the released levels: the plan's request was computed
+    # a plan whose categorical covariate has a level per patient (a column the site did not forbid)
+    table = tables["hosp0"].assign(mrn=[f"M{i:04d}" for i in range(91)])
+    path = tmp_path / "hosp0" / "features.parquet"
+    table.to_parquet(path)
+    planned = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["mrn"],
+                                        "covariates": ["age", "mrn"]}}
+    approve_at_sites(study_plan(planned), [node])
+    pid2 = plan_id(study_plan(planned))
+    ask(node, "study_prepare", {"plan": pid2})
+    refused(node, "combat_stats", {"plan": pid2, "request": evil, "table": "raw"}, "min-cell-size",
+            secrets=["M0001", "M0090"])
+
+
+def test_attack3_differencing_with_coordinator_chosen_folds_is_refused(study):
+    """Attack 3: 200 inner folds (all-rows sum minus all-but-one-fold sums) -- folds come from the plan only, and a
+    fold whose left-out rows are fewer than k is skipped (code only, no count)."""
+    cfg, nodes, tables, st = study
+    node = nodes[3]  # 64 patients
+    feats = st.model_features["final"]["volume"]
+    from fedrad.common.glm import make_stats_request
+
+    def task(rows, tid):
+        return {"id": tid, "request": make_stats_request(feats),
+                "data": {"model": "logistic", "features": feats, "outcome": "response", "table": "h-final",
+                         "rows": rows}, "sites": None}
+
+    refused(node, "fit_round", {"plan": st.plan_id, "tasks": [task({"k": 200, "seed": 0, "fold": 5, "keep": "train"},
+                                                                  "final|volume|0|5")]}, "outside-plan")
+    refused(node, "fit_round", {"plan": st.plan_id, "tasks": [task({"k": 3, "seed": 1, "fold": 0, "keep": "train"},
+                                                                  "final|volume|0|0")]}, "outside-plan")
+    refused(node, "fit_round", {"plan": st.plan_id, "tasks": [task({"k": 3, "seed": 0, "fold": 0, "keep": "test"},
+                                                                  "final|volume|0|0")]}, "outside-plan")
+    # the plan's own folds with a larger minimum cell size: every left-out group of ~21 patients is < 25
+    strict = {**node, "min-cell-size": 25}
+    reply = ask(strict, "fit_round", {"plan": st.plan_id, "tasks": [
+        task({"k": 3, "seed": 0, "fold": j, "keep": "train"}, f"final|volume|0|{j}") for j in range(3)]})
+    assert reply["results"] == {} and set(reply["skipped"].values()) == {"min-cell-size"}
+
+
+def test_the_pooled_twin_and_the_site_share_the_fold_rule():
+    from fedrad.common.plan import inner_fold_usable
+
+    assert inner_fold_usable(20, 10, 10) and not inner_fold_usable(21, 9, 10) and not inner_fold_usable(9, 21, 10)
+
+
+def test_attack4_invented_models_are_not_evaluated(study):
+    """Attack 4: step-shaped models invented by the coordinator, or hundreds of variants, are refused; the honest
+    models of the fits the site took part in are evaluated, once per study attempt."""
+    cfg, nodes, tables, st = study
+    node = nodes[1]
+    site = "hosp1"
+    honest = st.fits[f"loso:{site}|volume|0|all"].to_dict()
+    invented = json.loads(json.dumps(honest))
+    invented["coef_std"] = [25.0]
+    invented["intercept_std"] = -3.0
+    base = {"plan": st.plan_id, "endpoint": st.endpoint, "items": [], "km_times": cfg["validation"]["km_times"]}
+
+    def evaluate(models):
+        return {**base, "folds": {f"loso:{site}": {"models": {"volume": models}, "table": f"h-loso:{site}",
+                                                    "eval_sites": [site]}}}
+
+    refused(node, "study_evaluate", evaluate({"0": invented}), "outside-plan")
+    many = {str(i): honest for i in range(652)}
+    refused(node, "study_evaluate", evaluate(many), "outside-plan")
+    wrong_penalty = {"1": honest}  # the C = 0.01 fit presented as the C = 0.1 variant
+    refused(node, "study_evaluate", evaluate(wrong_penalty), "outside-plan")
+
+
+def test_attack4_evaluation_of_honest_models_once_per_attempt(study):
+    cfg, nodes, tables, st = study
+    node, site = nodes[1], "hosp1"
+    honest = {str(gi): st.fits[f"loso:{site}|volume|{gi}|all"].to_dict() for gi in range(3)}
+    payload = {"plan": st.plan_id, "endpoint": st.endpoint, "items": [], "km_times": cfg["validation"]["km_times"],
+               "folds": {f"loso:{site}": {"models": {"volume": honest}, "table": f"h-loso:{site}",
+                                          "eval_sites": [site]}}}
+    reply = ask(node, "study_evaluate", payload)
+    assert 0.3 < reply["folds"][f"loso:{site}"]["models"]["volume"]["0"]["auc"]["auc"] < 0.8
+    refused(node, "study_evaluate", payload, "outside-plan")  # a second evaluation in the same attempt
+
+
+def test_attack5_paths_never_come_from_the_coordinator(tmp_path, study):
+    cfg, nodes, tables, st = study
+    node = nodes[0]
+    secret = tmp_path / "other-project.parquet"
+    pd.DataFrame({"original_glcm_F0": np.arange(20.0), "response": [0, 1] * 10}).to_parquet(secret)
+    # sources in the request are ignored: the site uses its own table
+    reply = ask(node, "study_prepare", {"plan": st.plan_id, "sources": {"hosp0": {"table": str(secret)}},
+                                        "source": "../../other-project"})
+    assert reply["n"] == 91
+    for table in ("../../other-project", "/etc/passwd", "h-../../x"):
+        refused(node, "study_select", {"plan": st.plan_id, "folds": {"final": {
+            "train_sites": ["hosp0"], "table": table, "requests": {}}}}, "outside-plan")
+    # a harmonize plan fixes the output name; a coordinator's output path is ignored
+    from fedrad.common.combat import make_request
+
+    req = make_request([f"original_glcm_F{i}" for i in range(9)], ["age"])
+    plan = harmonize_plan(req, "harmonized")
+    approve_at_sites(plan, [node])
+    pid = plan_id(plan)
+    stats = ask(node, "combat_stats", {"plan": pid, "request": req})
+    from fedrad.common.combat import combine_combat_stats
+
+    others = [ask(n, "combat_stats", {"plan": pid, "request": req}) for n in nodes[1:] if approve_at_sites(plan, [n])]
+    ref = combine_combat_stats([stats["stats"]] + [o["stats"] for o in others], req).to_dict()
+    target = tmp_path / "evil"
+    ask(node, "combat_apply", {"plan": pid, "reference": ref, "output": f"../../../{target}"})
+    assert not target.with_suffix(".parquet").exists() and not (tmp_path / "evil.parquet").exists()
+    assert (Site.from_node_config(node).workdir / "harmonized" / "harmonized.parquet").is_file()
+    with pytest.raises(ValueError):
+        harmonize_plan(req, "../x")
+
+
+def test_attack6_error_replies_carry_no_values(tmp_path):
+    """Attack 6: an error computed from data (bad outcome values, too few rows) is answered with a code and a
+    generic text; the details are in the site's local log only."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    t = tables["hosp0"].copy()
+    t["response"] = t["response"].astype(float)
+    t.loc[:3, "response"] = [35.0, 38.0, 41.5, 2.0]
+    t.to_parquet(node["table"])
+    approve_at_sites(study_plan(cfg), [node])
+    text = refused(node, "study_prepare", {"plan": plan_id(study_plan(cfg))}, "data", secrets=["35.0", "38.0", "41.5"])
+    assert "site hosp0" in text
+    log = (Site.from_node_config(node).workdir / "site.log").read_text()
+    assert "35.0" in log  # the operator sees why
+    assert oct((Site.from_node_config(node).workdir / "site.log").stat().st_mode & 0o777) == "0o600"
+
+
+def test_attack6_secure_aggregation_ranges_come_from_the_protocol(tmp_path):
+    """SecAgg+: a coordinator-chosen (too small) range is refused without stating the value."""
+    from fedrad.common.glm import make_stats_request  # noqa: F401
+    from fedrad.common.privacy import SecureLogisticServer
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    feats = ["original_glcm_F0", "original_glcm_F1"]
+    data = {"model": "logistic", "features": feats, "outcome": "response"}
+    plan = fit_plan(data, rounds=200, secure=True)
+    approve_at_sites(plan, [node])
+    server = SecureLogisticServer(feats, 3, penalty="l2", C=1.0)
+    request = server.start()
+    total = float(tables["hosp0"][feats[0]].sum())
+    small = json.loads(json.dumps(request))
+    small["layout"][2]["exp"] = 1  # sum_x within +-2: far below the site's sums
+    refused(node, "secure_fit_round", {"plan": plan_id(plan), "request": small, "data": data}, "outside-plan",
+            secrets=[f"{total:.6g}"])
+    assert ask(node, "secure_fit_round", {"plan": plan_id(plan), "request": request, "data": data})["sums"]
+
+
+def test_a_fit_plan_fixes_features_outcome_and_rounds(tmp_path):
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    from fedrad.common.glm import make_stats_request
+
+    data = {"model": "logistic", "features": ["original_glcm_F0"], "outcome": "response"}
+    plan = fit_plan(data, rounds=3)
+    approve_at_sites(plan, [node])
+    pid = plan_id(plan)
+    task = {"id": "fit", "request": make_stats_request(["original_glcm_F0"]), "data": data, "sites": None}
+    other = {**task, "data": {**data, "features": ["original_glcm_F0", "age"]},
+             "request": make_stats_request(["original_glcm_F0", "age"])}
+    refused(node, "fit_round", {"plan": pid, "tasks": [other]}, "outside-plan")
+    for _ in range(3):
+        ask(node, "fit_round", {"plan": pid, "tasks": [task]})
+    refused(node, "fit_round", {"plan": pid, "tasks": [task]}, "outside-plan")  # more rounds than planned
