@@ -1,15 +1,19 @@
-"""The site's hash-chained audit log (client/audit.py): verification, tampering, concurrent appends, summary."""
+"""The site's hash-chained, MAC'd audit log (client/audit.py): verification, tampering, anchor, key, file modes,
+concurrent appends, summary, `fedrad site audit`."""
 from __future__ import annotations
 
 import json
 import multiprocessing as mp
+import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
 
-from fedrad.client.audit import (GENESIS, AuditLog, AuditLogError, canonical_json, find_audit_log, payload_digest,
-                                 record_digest, summarize_audit, verify_audit)
+from fedrad.client.audit import (GENESIS, AuditLog, AuditLogError, anchor_mac, anchor_path, canonical_json,
+                                 find_audit_log, load_key, payload_digest, read_anchor, record_digest, record_mac,
+                                 summarize_audit, verify_audit)
 
 
 def _write_five(path):
@@ -29,8 +33,11 @@ def _lines(path):
 
 
 def _copy(src, tmp_path, name):
+    """Copy a log and its anchor (the key, audit.key next to both, is shared)."""
     dst = tmp_path / name
     shutil.copy(src, dst)
+    if anchor_path(src).exists():
+        shutil.copy(anchor_path(src), anchor_path(dst))
     return dst
 
 
@@ -111,7 +118,9 @@ def test_edit_with_recomputed_hash_breaks_next_link(log5, tmp_path):
     lines[1] = json.dumps(rec) + "\n"
     path.write_text("".join(lines))
     report = _only_problem(path, "record 2 (line 3): prev does not match")
-    assert len(report.problems) == 1
+    # before MACs this was the only problem; now the rewritten record itself fails its MAC (no key to recompute it)
+    assert len(report.problems) == 2
+    assert report.problems[0].startswith("record 1 (line 2): MAC mismatch"), report.problems
 
 
 def test_delete_a_record(log5, tmp_path):
@@ -146,7 +155,10 @@ def test_truncated_mid_line(log5, tmp_path):
     data = path.read_bytes()
     path.write_bytes(data[: len(data) - 40])
     report = _only_problem(path, "line 5: truncated last line")
-    assert report.n_records == 4 and len(report.problems) == 1
+    # the anchor (last record #4) now also shows that record 4 is gone
+    assert report.n_records == 4 and len(report.problems) == 2
+    assert report.problems[1].startswith("truncated: the log ends at record 3 but its anchor says the last record "
+                                          "is #4"), report.problems
     # appending to a damaged log is refused (nothing would be sent)
     with pytest.raises(AuditLogError, match="incomplete"):
         AuditLog(path).record("hospA", "combat_stats", {"n": 1})
@@ -278,3 +290,235 @@ def test_summary_counts_numeric_lists_in_payload(tmp_path):
     text = summarize_audit(path)
     assert "largest array: stats/batches/0/Z 2x3 (6 values)" in text
     assert "numbers released: 9" in text
+
+
+# ------------------------------------------------------------------------------------------- MAC, anchor, key
+def _key_and_anchor(log):
+    return log.parent / "audit.key", log.parent / "audit.anchor"
+
+
+def test_records_carry_macs_and_anchor(log5):
+    key_file, anchor_file = _key_and_anchor(log5)
+    key = load_key(key_file)
+    assert isinstance(key, bytes) and len(key) == 32 and key != bytes(32)
+    entries = AuditLog(log5).entries()
+    for e in entries:
+        assert e["mac"] == record_mac(e, key)
+        assert e["mac"] != record_mac(e, bytes(32))  # keyed: another key gives another MAC
+        assert e["mac"] != e["hash"]
+    anchor = read_anchor(anchor_file)
+    assert (anchor["seq"], anchor["hash"], anchor["mac_from"]) == (4, entries[-1]["hash"], 0)
+    assert anchor["mac"] == anchor_mac(anchor, key)
+    report = verify_audit(log5)
+    assert report.ok and report.macs_checked and report.last_seq == 4 and report.notes == []
+    assert "MACs checked" in str(report)
+
+
+def test_file_modes_0600(tmp_path):
+    work = tmp_path / "new" / "work"
+    log = work / "audit.jsonl"
+    AuditLog(log).record("s", "combat_stats", {"n": 12})
+    for p in (log, work / "audit.key", work / "audit.anchor"):
+        assert stat.S_IMODE(os.stat(p).st_mode) == 0o600, p
+    assert stat.S_IMODE(os.stat(work).st_mode) == 0o700
+    AuditLog(log).record("s", "combat_stats", {"n": 13})  # the anchor is rewritten: still 0600
+    assert stat.S_IMODE(os.stat(work / "audit.anchor").st_mode) == 0o600
+    assert not [p.name for p in work.iterdir() if p.name.endswith(".tmp")]  # no temp files left behind
+    # a log (or key) left 0644 by older versions is tightened on the next append
+    os.chmod(log, 0o644)
+    os.chmod(work / "audit.key", 0o644)
+    AuditLog(log).record("s", "combat_stats", {"n": 14})
+    assert stat.S_IMODE(os.stat(log).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(work / "audit.key").st_mode) == 0o600
+    assert verify_audit(log).ok and verify_audit(log).n_records == 3
+
+
+def test_truncated_tail_detected(log5, tmp_path):
+    path = _copy(log5, tmp_path, "cut.jsonl")
+    path.write_text("".join(_lines(path)[:3]))  # records 3 and 4 cut off: a valid shorter chain
+    report = _only_problem(path, "truncated: the log ends at record 2 but its anchor says the last record is #4")
+    assert "record(s) 3-4 cut off the end" in report.problems[0] and len(report.problems) == 1
+    # the plain chain alone (no key) still sees the unauthenticated anchor
+    assert not verify_audit(path, check_mac=False).ok
+    with pytest.raises(AuditLogError, match="cut off the end"):
+        AuditLog(path).record("hospA", "combat_stats", {"n": 1})
+    assert len(_lines(path)) == 3  # nothing appended
+    emptied = _copy(log5, tmp_path, "emptied.jsonl")
+    emptied.write_text("")
+    _only_problem(emptied, "truncated: the log has no records but its anchor says the last record is #4")
+    with pytest.raises(AuditLogError, match="emptied"):
+        AuditLog(emptied).record("hospA", "combat_stats", {"n": 1})
+
+
+def test_deleted_log_detected_and_refused(log5):
+    head = verify_audit(log5).head
+    log5.unlink()  # key and anchor remain
+    report = _only_problem(log5, "log missing")
+    assert f"records up to #4 sha256 {head}" in report.problems[0]
+    assert find_audit_log(log5.parent) == log5  # reported as deleted, not "not found"
+    with pytest.raises(AuditLogError, match="missing but its anchor"):
+        AuditLog(log5).record("hospA", "combat_stats", {"n": 1})
+    assert not log5.exists()  # no new chain started at record 0
+    # log and anchor deleted, the key next to them remains
+    (log5.parent / "audit.anchor").unlink()
+    _only_problem(log5, "log missing")
+    with pytest.raises(AuditLogError, match="key"):
+        AuditLog(log5).record("hospA", "combat_stats", {"n": 1})
+    assert not log5.exists()
+
+
+def _rewrite_plain(path, edit):
+    """What someone without the key can do: edit records, then recompute every payload_sha256/hash/prev."""
+    prev = GENESIS
+    out = []
+    for line in _lines(path):
+        rec = json.loads(line)
+        edit(rec)
+        rec["payload_sha256"] = payload_digest(rec["payload"], rec["arrays"])
+        rec["prev"] = prev
+        rec["hash"] = record_digest(rec)
+        prev = rec["hash"]
+        out.append(json.dumps(rec) + "\n")
+    path.write_text("".join(out))
+
+
+def _more_patients(rec):
+    if rec["payload"].get("n") == 40:
+        rec["payload"]["n"] = 400
+
+
+def _forge_anchor(path):
+    """Point the anchor at the rewritten log's new head (its MAC cannot be recomputed without the key)."""
+    forged = read_anchor(anchor_path(path))
+    forged["hash"] = AuditLog(path).entries()[-1]["hash"]
+    anchor_path(path).write_text(json.dumps(forged))
+
+
+def test_rewrite_with_recomputed_hashes_fails(log5, tmp_path):
+    path = _copy(log5, tmp_path, "rewritten.jsonl")
+    _rewrite_plain(path, _more_patients)
+    report = verify_audit(path)
+    assert not report.ok and report.macs_checked
+    assert [p.split(":")[0] for p in report.problems] == [f"record {i} (line {i + 1})" for i in range(5)] + [
+        "anchor mismatch"]
+    assert all("MAC mismatch" in p for p in report.problems[:5])
+    # even without the key the (unauthenticated) anchor still names the old head
+    assert not verify_audit(path, check_mac=False).ok
+    # forging the anchor too: the plain chain alone is then consistent, the MACs are not
+    _forge_anchor(path)
+    plain = verify_audit(path, check_mac=False)
+    assert plain.ok and not plain.macs_checked and "MACs NOT checked" in str(plain)
+    report = verify_audit(path)
+    assert not report.ok and sum("MAC mismatch" in p for p in report.problems) == 5
+    assert report.problems[-1].startswith("anchor: rewritten.anchor's MAC does not verify"), report.problems
+    with pytest.raises(AuditLogError, match="MAC does not verify"):
+        AuditLog(path).record("hospA", "combat_stats", {"n": 1})
+    # dropping the mac fields instead does not help
+    stripped = _copy(log5, tmp_path, "stripped.jsonl")
+    _rewrite_plain(stripped, lambda rec: (_more_patients(rec), rec.pop("mac")))
+    _only_problem(stripped, "record 0 (line 1): no MAC")
+
+
+def test_missing_or_wrong_key(log5, tmp_path):
+    key_file = log5.parent / "audit.key"
+    moved = tmp_path / "elsewhere" / "site.key"
+    moved.parent.mkdir()
+    key_file.rename(moved)
+    _only_problem(log5, "key missing")
+    with pytest.raises(AuditLogError, match="key .* is missing"):
+        AuditLog(log5).record("hospA", "combat_stats", {"n": 1})
+    assert verify_audit(log5, moved).ok  # an explicit key path
+    assert AuditLog(log5, key_path=moved).record("hospA", "combat_stats", {"n": 1})["seq"] == 5
+    assert verify_audit(log5, moved).ok and verify_audit(log5, moved).n_records == 6
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    report = verify_audit(log5, other)
+    assert not report.ok and sum("MAC mismatch" in p for p in report.problems) == 6
+    assert any("anchor" in p and "MAC does not verify" in p for p in report.problems)
+
+
+def test_anchor_deleted(log5):
+    (log5.parent / "audit.anchor").unlink()
+    _only_problem(log5, "anchor missing")
+    with pytest.raises(AuditLogError, match="anchor .* is missing"):
+        AuditLog(log5).record("hospA", "combat_stats", {"n": 1})
+
+
+def test_crash_between_log_and_anchor_write(log5):
+    anchor_file = log5.parent / "audit.anchor"
+    before = anchor_file.read_bytes()
+    AuditLog(log5).record("hospA", "combat_stats", {"n": 42})
+    anchor_file.write_bytes(before)  # as if the process died after the log's fsync, before the anchor rename
+    report = verify_audit(log5)
+    assert report.ok and any("record 5 was written after the anchor's last update" in n for n in report.notes)
+    assert AuditLog(log5).record("hospA", "combat_stats", {"n": 43})["seq"] == 6
+    assert read_anchor(anchor_file)["seq"] == 6 and verify_audit(log5).ok and verify_audit(log5).notes == []
+
+
+def test_pre_mac_log_is_adopted(log5, tmp_path):
+    """A log written before MACs (no mac fields, no key, no anchor) gets a key and an anchor on the next append;
+    its old records are then pinned by the first MAC'd record's prev."""
+    work = tmp_path / "old"
+    work.mkdir()
+    path = work / "audit.jsonl"
+    path.write_text("".join(json.dumps({k: v for k, v in json.loads(line).items() if k != "mac"}) + "\n"
+                            for line in _lines(log5)))
+    report = verify_audit(path)
+    assert report.ok and not report.macs_checked and report.notes
+    assert AuditLog(path).record("hospA", "combat_stats", {"n": 1})["seq"] == 5
+    assert read_anchor(work / "audit.anchor")["mac_from"] == 5
+    report = verify_audit(path)
+    assert report.ok and report.macs_checked and any("record(s) 0-4 predate the audit key" in n for n in report.notes)
+    _rewrite_plain(path, _more_patients)
+    _only_problem(path, "record 5 (line 6): MAC mismatch")
+
+
+# ------------------------------------------------------------------------------------------- CLI
+def _cli(*args):
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app
+
+    return CliRunner().invoke(app, ["site", "audit", *map(str, args)])
+
+
+def test_cli_last_hash_and_exit_codes(log5, tmp_path):
+    head = AuditLog(log5).entries()[-1]["hash"]
+    ok = _cli(log5)
+    assert ok.exit_code == 0, ok.output
+    assert f"last record: #4 sha256 {head}" in ok.output
+    assert "Chain: VERIFIED (5 records" in ok.output and "MACs: checked with key" in ok.output
+
+    cut = _copy(log5, tmp_path, "cut.jsonl")
+    cut.write_text("".join(_lines(cut)[:4]))
+    res = _cli(cut)
+    assert res.exit_code == 1 and "truncated: the log ends at record 3" in res.output
+    assert f"last record: #3 sha256 {AuditLog(cut).entries()[-1]['hash']}" in res.output
+
+    rewritten = _copy(log5, tmp_path, "rewritten.jsonl")
+    _rewrite_plain(rewritten, _more_patients)
+    _forge_anchor(rewritten)
+    res = _cli(rewritten)
+    assert res.exit_code == 1 and "MAC mismatch" in res.output and "MAC does not verify" in res.output
+    res = _cli(rewritten, "--no-key")  # the plain chain verifies, and the output says what was not checked
+    assert res.exit_code == 0, res.output
+    assert "MACs: NOT checked (verified without the key)" in res.output
+    assert "a log rewritten with recomputed hashes would pass this check" in res.output
+    assert f"last record: #4 sha256 {AuditLog(rewritten).entries()[-1]['hash']}" in res.output
+    assert head not in res.output  # the operator's external copy of the head shows the rewrite
+
+    edited = _copy(log5, tmp_path, "edited.jsonl")
+    lines = _lines(edited)
+    lines[1] = lines[1].replace('"n": 40', '"n": 41')
+    edited.write_text("".join(lines))
+    res = _cli(edited)
+    assert res.exit_code == 1 and "record 1 (line 2): edited" in res.output
+
+    other = tmp_path / "other.key"
+    other.write_bytes(os.urandom(32))
+    res = _cli(log5, "--key", other)
+    assert res.exit_code == 1 and "MAC mismatch" in res.output
+
+    log5.unlink()  # deleted: key and anchor remain
+    res = _cli(log5.parent)
+    assert res.exit_code == 1 and "log missing" in res.output and "last record: none" in res.output
