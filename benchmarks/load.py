@@ -116,6 +116,9 @@ def run_deployment(cfg: dict, nodes: list[dict], root: Path, max_concurrent: int
 
     write_json_atomic({"task": "study", "config": cfg}, root / "plan.json")
     sites = [SiteNode(n["site-name"], {k: v for k, v in n.items() if k != "site-name"}) for n in nodes]
+    from fedrad.local import approve_plan_file_at_sites
+
+    approve_plan_file_at_sites(root / "plan.json", nodes)  # each site's operator approves the published plan
     sampler = TreeSampler()
     sampler.start()
     t0 = time.perf_counter()

@@ -61,6 +61,9 @@ def run_deployment(cfg, nodes, root: Path) -> tuple[int, float]:
 
     write_json_atomic({"task": "study", "config": cfg}, root / "plan.json")
     sites = [SiteNode(n["site-name"], {k: v for k, v in n.items() if k != "site-name"}) for n in nodes]
+    from fedrad.local import approve_plan_file_at_sites
+
+    approve_plan_file_at_sites(root / "plan.json", nodes)  # each site's operator approves the published plan
     t0 = time.perf_counter()
     with LoopbackDeployment(root / "flower", sites) as dep:
         run_id = dep.submit({"plan": str(root / "plan.json"), "out-dir": str(root / "out"),

@@ -1,7 +1,7 @@
 """A whole study with many virtual sites on Flower's simulation engine (Ray): ``--sites 50`` by default.
 
 Each virtual SuperNode is a site (``site1..siteN`` from its partition id) with its own synthetic feature table
-(the plan names each site's table; work directories under the run's ``sim-root``). The same ServerApp and
+(each virtual site's site.toml names its table; work directories under the run's ``sim-root``). The same ServerApp and
 ClientApp as the deployment runtime run the same protocol; only the runtime differs. Prints the round trips,
 the wall time and the headline metrics.
 
@@ -34,6 +34,9 @@ def main() -> None:
     write_json_atomic({"task": "study", "config": cfg}, root / "plan.json")
     out = root / "results"
     t0 = time.perf_counter()
+    from fedrad.local import write_simulation_sites
+
+    write_simulation_sites(cfg, root / "flower" / "sites")
     with SimulationRun(root / "flower", args.sites) as sim:
         run_id = sim.submit({"plan": str(root / "plan.json"), "out-dir": str(out), "expected-sites": args.sites,
                              "round-timeout": 3600.0})

@@ -106,12 +106,13 @@ def read_plan_file(path: Path) -> dict:
         doc = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApprovalError(f"{path} is neither study.toml nor plan JSON: {exc}") from None
-    if isinstance(doc, dict) and doc.get("protocol") == PROTOCOL:
-        return doc
-    if isinstance(doc, dict) and doc.get("task") == "study" and "config" in doc:
-        from fedrad.common.plan import study_plan
+    if isinstance(doc, dict):
+        from fedrad.common.plan import plan_of_document
 
-        return study_plan(doc["config"])
+        try:
+            return plan_of_document(doc)
+        except (PlanError, KeyError):
+            pass
     raise ApprovalError(f"{path} is not a fedrad plan")
 
 

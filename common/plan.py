@@ -84,6 +84,18 @@ def fit_plan(data: dict, *, rounds: int = 40, secure: bool = False, fedavg_round
             "secure": bool(secure), "fedavg_rounds": int(fedavg_rounds)}
 
 
+def plan_of_document(doc: dict) -> dict:
+    """The plan of a coordinator's plan file (``{"task": "study", "config": ...}`` / ``{"task": "harmonize",
+    "request": ..., "output": ...}``) or a plan itself."""
+    if doc.get("protocol") == PROTOCOL:
+        return doc
+    if doc.get("task") == "study":
+        return study_plan(doc["config"])
+    if doc.get("task") == "harmonize":
+        return harmonize_plan(doc["request"], doc.get("output", "harmonized"))
+    raise PlanError(f"not a fedrad plan (task {doc.get('task')!r})")
+
+
 # --- what a study plan implies (shared by the coordinator's Study and the site's guard) ---------------------------
 def endpoint(study: dict) -> dict:
     ep = study["endpoint"]

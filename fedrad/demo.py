@@ -31,7 +31,7 @@ def study_config(manifests: dict[str, Path], endpoint: str, params: str, out: Pa
         user["endpoint"] = {"type": "survival", "time": "os_time", "event": "os_event"}
         user["model"]["grid"] = [0.01, 0.1, 1.0]
     user["study"]["output"] = str(out)
-    user["sites"] = {name: {"manifest": str(m), "params": params} for name, m in manifests.items()}
+    user["sites"] = {name: {} for name in manifests}  # each site's manifest is in its own configuration
     return validate(_merge(user))
 
 
@@ -53,8 +53,15 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
     import os
 
     jobs = max(1, (os.cpu_count() or 1) // sites)  # every site shares this machine's cores
-    nodes = [SiteNode(name, {"workdir": str(out / "sites" / name), "min-cell-size": 10, "extract-jobs": jobs})
-             for name in manifests]
+    nodes = [SiteNode(name, {"workdir": str(out / "sites" / name), "min-cell-size": 10, "extract-jobs": jobs,
+                             "manifest": str(m), "params": params})
+             for name, m in manifests.items()]
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+
+    # each hospital's operator approves the published plan (`fedrad site approve`); here one person runs them all
+    pid = approve_at_sites(study_plan(cfg), [{"site-name": n.name, **n.node_config} for n in nodes])
+    log(f"demo: every site approved study plan {pid[:12]}")
     log(f"demo: starting a SuperLink and {sites} SuperNodes on loopback (real Flower processes)")
     with LoopbackDeployment(out / "flower", nodes) as dep:
         run_id = dep.submit({"plan": str(plan_path), "out-dir": str(out / "results"), "expected-sites": sites,

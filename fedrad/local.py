@@ -68,6 +68,16 @@ def approve_at_sites(plan: dict, node_configs: list[dict]) -> str:
     return pid
 
 
+def approve_plan_file_at_sites(plan_path: Path, node_configs: list[dict]) -> str:
+    """Approve a coordinator plan file (what ``flwr run`` will submit) at every local site: loopback rehearsals,
+    the demo and tests, where one person is every site's operator (``fedrad site approve`` elsewhere)."""
+    import json as _json
+
+    from fedrad.common.plan import plan_of_document
+
+    return approve_at_sites(plan_of_document(_json.loads(Path(plan_path).read_text())), node_configs)
+
+
 def with_local_reasons(node_configs: list[dict], run):
     """Run ``run()``; a :class:`SiteError` gets each failing site's detailed reason from its local log appended.
     Only for single-machine runs, where the person running every site also reads every site's log; over the
@@ -92,6 +102,40 @@ def with_local_reasons(node_configs: list[dict], run):
             detail = last.split("] ", 1)[1] if "] " in last else ""
             failures[name] = f"{reason} -- site log: {detail}" if detail else reason
         raise SiteError(exc.request, failures) from exc
+
+
+REHEARSAL_KEYS = ("table", "manifest", "params", "robustness")
+
+
+def rehearsal_nodes(cfg: dict, root: Path) -> list[dict]:
+    """Node configs of a single-machine rehearsal from study.toml's ``[sites]`` (each entry's data on this machine:
+    table or manifest + params, robustness), with work directories under ``root``. Sites read these from their
+    own configuration, never from a request; the plan they approve does not contain them."""
+    nodes = []
+    for name, src in cfg["sites"].items():
+        node = {"site-name": name, "workdir": str(Path(root) / name)}
+        node.update({k: str(src[k]) for k in REHEARSAL_KEYS if src.get(k)})
+        nodes.append(node)
+    return nodes
+
+
+def write_simulation_sites(cfg: dict, sim_root: Path) -> None:
+    """For Flower's simulation engine (virtual sites ``site1..siteN`` under ``sim_root``): each virtual site's
+    ``site.toml`` with its data from ``[sites]`` (in order), and the study plan approved in its work directory."""
+    import json as _json
+
+    from fedrad.common.plan import study_plan
+
+    nodes = []
+    for i, src in enumerate(cfg["sites"].values()):
+        name = f"site{i + 1}"
+        d = Path(sim_root) / name
+        d.mkdir(parents=True, exist_ok=True)
+        lines = ["[site]", f"name = {_json.dumps(name)}"]
+        lines += [f"{k} = {_json.dumps(str(src[k]))}" for k in REHEARSAL_KEYS if src.get(k)]
+        (d / "site.toml").write_text("\n".join(lines) + "\n")
+        nodes.append({"site-name": name, "workdir": str(d), "config": str(d / "site.toml")})
+    approve_at_sites(study_plan(cfg), nodes)
 
 
 def split_into_sites(df: pd.DataFrame, site_col: str, workdir: Path | None = None,

@@ -22,6 +22,9 @@ def write_json_atomic(obj, path: Path) -> None:
 
 
 def _harmonize(fed: Federation, plan: dict) -> dict:
+    from fedrad.common.plan import plan_id, plan_of_document
+
+    fed.plan_id = plan_id(plan_of_document(plan))  # the sites answer only if they approved this plan
     reference, summaries = run_federated_combat(fed, plan["request"], output=plan.get("output", "harmonized"))
     return {"reference": reference.to_dict(), "sites": summaries}
 

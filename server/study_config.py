@@ -12,17 +12,17 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     outcome = "response"                # response: 0/1 column
     # time = "os_time"; event = "os_event"   # survival
 
-    [sites.site1]                       # one table per site; paths are resolved AT THE SITE
-    manifest = "site1/manifest.csv"     # extract at the site with `params` ...
-    params = "ct"
-    # table = "site1/features.parquet"  # ... or use a feature table the site already has
-
+    [sites.site1]                       # the sites taking part (folds: final + one held out per site)
+    source = "ct-cohort"                # a data source the SITE configured ([sources.ct-cohort] in its
+                                        # site.toml); omit to use the site's default table or manifest.
+                                        # No path ever goes to a site: each site's data comes from its own
+                                        # configuration (fedrad.client.site).
     [sites.site2]
-    table = "site2/features.parquet"    # a feature table the site already has
-
     [sites.site3]
-    manifest = "site3/manifest.csv"
-    params = "ct"
+    # For single-machine rehearsals (`study run --runtime local|simulation`) an entry may also give the
+    # site's data on this machine: table = "site3/features.parquet", or manifest = "..." with params =
+    # "ct", and robustness = "perturbed.parquet". They configure the rehearsal's sites, are not part of the
+    # plan the sites approve, and a deployment ignores them.
 
     [harmonization]
     enabled = true
@@ -238,12 +238,24 @@ def validate(cfg: dict) -> dict:
     missing = set(harm["categorical"]) - set(harm["covariates"])
     if missing:
         harm["covariates"] = list(harm["covariates"]) + sorted(missing)
+    from fedrad.common.plan import NAME
+
     for name, site in cfg["sites"].items():
-        if not isinstance(site, dict) or ("manifest" in site) == ("table" in site):
-            raise StudyConfigError(f"[sites.{name}] needs exactly one of manifest = \"...\" or table = \"...\"")
-        unknown = set(site) - {"manifest", "table", "params", "robustness"}
+        if not NAME.match(str(name)):
+            raise StudyConfigError(f"[sites.{name}]: a site name is letters, digits, '_' and '-' only")
+        if not isinstance(site, dict) or ("manifest" in site and "table" in site):
+            raise StudyConfigError(f"[sites.{name}] takes at most one of manifest = \"...\" or table = \"...\"")
+        unknown = set(site) - {"source", "manifest", "table", "params", "robustness"}
         if unknown:
-            raise StudyConfigError(f"[sites.{name}] has unknown key(s) {', '.join(sorted(unknown))}")
+            raise StudyConfigError(f"[sites.{name}] has unknown key(s) {', '.join(sorted(unknown))}; known: source "
+                                   "(a data source the site configured), and for rehearsals on one machine "
+                                   "manifest, table, params, robustness")
+        if "source" in site and not (isinstance(site["source"], str) and NAME.match(site["source"])):
+            raise StudyConfigError(f"[sites.{name}] source = {site['source']!r}: the name of a data source the "
+                                   "site configured ([sources.NAME] in its site.toml), letters, digits, '_', '-'")
+        for key in ("manifest", "table", "params", "robustness"):
+            if key in site and not isinstance(site[key], str):
+                raise StudyConfigError(f"[sites.{name}] {key} must be a string")
     if cfg["sites"] and len(cfg["sites"]) < int(study["min_sites"]):
         raise StudyConfigError(f"[sites] lists {len(cfg['sites'])} sites but [study] min_sites = "
                                f"{study['min_sites']}")

@@ -12,7 +12,13 @@ import pandas as pd
 from fedrad.client.audit import AuditLog
 from fedrad.common.combat import ComBat, make_request
 from fedrad.server.runtime import LoopbackDeployment, SiteNode
+from fedrad.local import approve_plan_file_at_sites
 from tests.test_harmonize_flower import _table
+
+
+def nodes_of(sites):
+    """Node configs of loopback SiteNodes (to approve a plan at each site, as its operator would)."""
+    return [{"site-name": s.name, **s.node_config} for s in sites]
 
 
 @pytest.mark.slow
@@ -26,9 +32,10 @@ def test_federated_combat_on_real_superlink_and_supernodes(tmp_path):
         d.mkdir(parents=True)
         part.to_parquet(d / "features.parquet", index=False)
         sites.append(SiteNode(name, {"table": str(d / "features.parquet"), "workdir": str(d / "work"),
-                                     "min-cell-size": 10}))
+                                     "min-cell-size": 5}))  # hospB has 9 women: its operator allows k = 5
     plan = {"task": "harmonize", "request": make_request(feats, ["age", "sex"], ["sex"], min_cell_size=10)}
     (tmp_path / "plan.json").write_text(json.dumps(plan))
+    approve_plan_file_at_sites(tmp_path / "plan.json", nodes_of(sites))
     out = tmp_path / "results"
     with LoopbackDeployment(tmp_path / "flower", sites) as dep:
         run_id = dep.submit({"plan": str(tmp_path / "plan.json"), "out-dir": str(out), "expected-sites": 3,
@@ -93,6 +100,7 @@ def test_study_survives_crashed_and_refusing_sites_coordinator_restart_and_rejoi
     t_start = time.monotonic()
     cfg, sites, tables = _fault_sites(tmp_path)
     write_json_atomic({"task": "study", "config": cfg}, tmp_path / "plan.json")
+    approve_plan_file_at_sites(tmp_path / "plan.json", nodes_of(sites))
     out = tmp_path / "results"
     progress = out / "progress.log"
     events: dict[str, float] = {}
@@ -187,6 +195,7 @@ def test_study_survives_crashed_and_refusing_sites_coordinator_restart_and_rejoi
         write_json_atomic({"task": "harmonize", "request": make_request(feats, ["age", "sex"], ["sex"],
                                                                           min_cell_size=10)},
                           tmp_path / "plan2.json")
+        approve_plan_file_at_sites(tmp_path / "plan2.json", nodes_of(sites))
         out2 = tmp_path / "results2"
         run2 = dep.submit({"plan": str(tmp_path / "plan2.json"), "out-dir": str(out2), "expected-sites": 3,
                            "round-timeout": 180.0})
@@ -211,7 +220,7 @@ def test_study_survives_crashed_and_refusing_sites_coordinator_restart_and_rejoi
 @pytest.mark.slow
 def test_study_on_flower_simulation_engine(tmp_path):
     """The same ServerApp/ClientApp on Flower's simulation engine (Ray): virtual sites named from their
-    partition id, tables named in the plan; same number of round trips as the other runtimes."""
+    partition id, tables named in their own site.toml; same number of round trips as the other runtimes."""
     from benchmarks.rounds import make_sites
     from fedrad.server.plans import write_json_atomic
     from fedrad.server.runtime import SimulationRun
@@ -219,6 +228,9 @@ def test_study_on_flower_simulation_engine(tmp_path):
     cfg, nodes = make_sites(tmp_path / "tables", 4, n=60)
     cfg["sites"] = {f"site{i + 1}": {"table": n["table"]} for i, n in enumerate(nodes)}
     write_json_atomic({"task": "study", "config": cfg}, tmp_path / "plan.json")
+    from fedrad.local import write_simulation_sites
+
+    write_simulation_sites(cfg, tmp_path / "flower" / "sites")  # each virtual site's site.toml and approval
     out = tmp_path / "results"
     with SimulationRun(tmp_path / "flower", 4) as sim:
         run_id = sim.submit({"plan": str(tmp_path / "plan.json"), "out-dir": str(out), "expected-sites": 4})
