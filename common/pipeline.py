@@ -297,9 +297,3 @@ def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site:
     if "case_id" not in complete.columns:
         complete = complete.assign(case_id=[f"{site}-{i}" for i in range(len(complete))])
     return complete.reset_index(drop=True)
-
-
-def candidate_features(rows: pd.DataFrame, prefixes: list[str]) -> list[str]:
-    """Numeric columns whose names start with one of ``prefixes``."""
-    return [c for c in rows.columns if any(str(c).startswith(p) for p in prefixes)
-            and pd.api.types.is_numeric_dtype(rows[c])]

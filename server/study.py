@@ -104,15 +104,9 @@ class Study:
     def prepare(self) -> None:
         t0, r0 = time.monotonic(), self.fed.rounds
         cfg = self.cfg
-        clinical = list(cfg["model"]["clinical"])
-        required = clinical + list(cfg["harmonization"]["covariates"] if cfg["harmonization"]["enabled"] else [])
-        required += outcome_columns(self.endpoint)
-        harm = cfg["harmonization"]
-        cohort_columns = list(dict.fromkeys(clinical + list(harm["covariates"])))
-        # the sites derive all of this from their approved copy of the plan; sent for old sites' sake only
-        payload = {"endpoint": self.endpoint, "required_columns": required,
-                   "clinical": clinical, "feature_prefixes": cfg["selection"]["feature_prefixes"],
-                   "cohort": {"columns": cohort_columns, "categorical": list(harm["categorical"])}}
+        # the sites derive what to prepare (columns, feature prefixes, their data source) from their approved copy
+        # of the plan (fedrad.client.guard); the request carries only the plan id
+        payload: dict = {}
         replies = self.fed.ask("study_prepare", payload, phase="prepare")
         min_sites = int(cfg["study"]["min_sites"])
         if len(replies) < min_sites:

@@ -269,3 +269,45 @@ def test_a_fit_plan_fixes_features_outcome_and_rounds(tmp_path):
     for _ in range(3):
         ask(node, "fit_round", {"plan": pid, "tasks": [task]})
     refused(node, "fit_round", {"plan": pid, "tasks": [task]}, "outside-plan")  # more rounds than planned
+
+
+def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
+    """A site configured by its file: data source aliases the plan names, the [columns] allow-list that
+    `fedrad site approve` checks, and pinned plan ids."""
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app
+    from fedrad.server.study_config import _merge, validate
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    other = tmp_path / "hosp0" / "other.parquet"
+    tables["hosp0"].iloc[:50].to_parquet(other)
+    (tmp_path / "site.toml").write_text(
+        '[site]\nname = "hosp0"\ntable = "hosp0/features.parquet"\nworkdir = "w"\n'
+        '[sources.first-50]\ntable = "hosp0/other.parquet"\n'
+        '[columns]\noutcome = ["response"]\nclinical = ["age", "stage", "sex"]\ncategorical = ["sex"]\n')
+    study = tmp_path / "study.toml"
+    study.write_text('[study]\nname = "t"\nmin_sites = 2\n[endpoint]\ntype = "response"\noutcome = "response"\n'
+                     '[sites.hosp0]\nsource = "first-50"\n[sites.hosp1]\n'
+                     '[harmonization]\ncovariates = ["age", "sex"]\ncategorical = ["sex"]\n'
+                     '[model]\nclinical = ["age", "stage"]\n')
+    runner = CliRunner()
+    shown = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--show"])
+    assert shown.exit_code == 0 and "outcome columns: response" in shown.output and "not approved" in shown.output
+    res = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml")])
+    assert res.exit_code == 0, res.output
+    from fedrad.server.study_config import load_study
+
+    pid = plan_id(study_plan(load_study(study)))
+    assert pid in res.output
+    node = {"config": str(tmp_path / "site.toml")}
+    assert ask(node, "study_prepare", {"plan": pid})["n"] == 50  # the source the plan names, from the site's file
+    # a plan with a column outside [columns] is not approved
+    study.write_text(study.read_text().replace('clinical = ["age", "stage"]', 'clinical = ["age", "weight"]'))
+    bad = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml")])
+    assert bad.exit_code != 0 and "weight" in bad.output and "Traceback" not in bad.output
+    # pinned plans: another approved plan is refused
+    (tmp_path / "site.toml").write_text((tmp_path / "site.toml").read_text().replace(
+        "[sources", f'[policy]\napproved-plans = ["{"a" * 64}"]\n[sources', 1))
+    refused(node, "study_prepare", {"plan": pid}, "plan-not-approved")
+    assert validate(_merge({"sites": {"a": {"source": "x"}, "b": {}}}))["sites"]["a"] == {"source": "x"}
