@@ -140,21 +140,26 @@ def site_extract(
 
 @coordinator_app.command("certs")
 def coordinator_certs(
-    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, ca.key, server.pem, server.key."),
+    out: Path = typer.Option(..., "--out", help="Directory for ca.crt, server.pem, server.key and ca/ca.key."),
     host: list[str] = typer.Option([], "--host", help="Name or IP sites use to reach the SuperLink (repeatable); "
                                    "localhost, 127.0.0.1 and ::1 are always included."),
-    days: int = typer.Option(825, "--days", min=1, help="Validity in days."),
+    days: int = typer.Option(825, "--days", min=1, max=825, help="Validity of the server certificate in days "
+                             "(at most 825)."),
+    ca_days: Optional[int] = typer.Option(None, "--ca-days", min=1, max=3650,
+                                          help="Validity of the CA in days (default --days; at most 3650)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files."),
 ) -> None:
     """Create the coordinator's CA and the SuperLink TLS certificate (EC P-384, keys readable by owner only)."""
     from fedrad.server.certs import describe_certificate, make_certificates
 
     try:
-        paths = make_certificates(out, hosts=host, days=days, overwrite=force)
+        paths = make_certificates(out, hosts=host, days=days, ca_days=ca_days, overwrite=force)
     except (FileExistsError, ValueError) as exc:
         _fail(str(exc))
     typer.echo(describe_certificate(paths["server_cert"]))
     typer.echo(f"give every site: {paths['ca_cert']}   keep private (never copy): {paths['ca_key']}")
+    typer.echo(f"the SuperLink needs only ca.crt, server.pem and server.key: move {paths['ca_key'].parent} "
+               "off the SuperLink host (offline) once the certificates are issued")
 
 
 @coordinator_app.command("start")
@@ -185,6 +190,16 @@ def coordinator_start(
     home.mkdir(parents=True, exist_ok=True)
     address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
     write_cli_connection(home / "cli", "fedrad", address, tls["ca"] if tls else None)
+    if certs is not None:
+        for key in (certs / "ca.key", certs / "ca" / "ca.key"):
+            if key.exists():
+                typer.echo(f"warning: the CA private key {key} is on the SuperLink host; the SuperLink does not "
+                           "need it: move it offline", err=True)
+    if not loopback:  # Flower 1.42 serves the Control API on this same port (no separate address exists)
+        typer.echo(f"note: port {port} also serves Flower's unauthenticated Control API (flwr run/ls/stop): "
+                   "anyone who can reach it can submit runs. Sites joined with `fedrad site join` run only "
+                   "fedrad's app; restrict the port to the sites' and operators' addresses (deploy/README.md).",
+                   err=True)
     proc = start_superlink(home / "superlink", host, port, database=home / "superlink.db", tls=tls,
                            node_auth=tls is not None)
     typer.echo(f"SuperLink pid {proc.popen.pid} on {host}:{port} ({'TLS + node auth' if tls else 'insecure'}); "
@@ -236,7 +251,7 @@ def site_join(
     import ipaddress
 
     from fedrad.client.site import Site, SiteFailure
-    from fedrad.server.runtime import start_supernode
+    from fedrad.server.runtime import APP_ID, RuntimeFailure, app_version, start_supernode
 
     host = superlink.rsplit(":", 1)[0].strip("[]")
     loopback = host == "localhost" or _is_loopback(ipaddress, host)
@@ -262,8 +277,17 @@ def site_join(
               "no feature table: pass --table or set [site] table in --config")
     site.workdir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("site-name", site.name)
-    proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
-                           root_certificates=root_certificates, auth_key=auth_key)
+    try:  # app pinning is always on: off loopback the node does not start without it
+        proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
+                               root_certificates=root_certificates, auth_key=auth_key)
+    except RuntimeFailure as exc:
+        _fail(str(exc))
+    from fedrad.client.app_trust import flower_supported
+
+    typer.echo(f"site {site.name}: runs only fedrad's app {APP_ID} {app_version()} (app pinning; refusals in "
+               f"{site.workdir / 'flower' / 'refused-apps.log'})" if flower_supported() else
+               f"site {site.name}: WARNING: loopback SuperLink and a Flower version app pinning does not support: "
+               "any app submitted to the SuperLink runs here", err=True)
     typer.echo(f"site {site.name}: policy {site.policy.describe()}", err=True)
     typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink}; log {proc.log}", err=True)
     _run_foreground(proc)
@@ -625,6 +649,14 @@ def study_run(
         from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
 
         n = expected_sites or len(cfg["sites"]) or int(cfg["study"]["min_sites"])
+    if runtime == "deployment":  # before anything is written: a study's plan and results are not sent in clear
+        from fedrad.server.runtime import is_loopback_address
+
+        if root_certificates is None and not is_loopback_address(superlink):
+            _fail(f"--superlink {superlink} is not loopback: pass --root-certificates (the coordinator's ca.crt); "
+                  "plain HTTP is allowed on loopback only")
+        if root_certificates is not None and not root_certificates.is_file():
+            _fail(f"--root-certificates {root_certificates} not found")
         write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
         home = out / ".flwr"
         write_cli_connection(home, "fedrad", superlink, root_certificates)

@@ -4,10 +4,15 @@
 
 ``ca.crt``      the CA certificate: give it to every site (``--root-certificates``) and to ``flwr``
                 (``root-certificates`` in the connection config). It is the sites' only trust anchor.
-``ca.key``      the CA private key: needed only to issue certificates; keep it offline / out of the SuperLink host.
+``ca/ca.key``   the CA private key, in its own ``ca/`` folder (0700): needed only to issue certificates, never by
+                the SuperLink; move the ``ca/`` folder offline / off the SuperLink host after issuing.
 ``server.pem``  the SuperLink certificate (``--ssl-certfile``), signed by the CA.
 ``server.key``  its private key (``--ssl-keyfile``).
-(``flower-superlink`` also takes ``--ssl-ca-certfile ca.crt``.)
+(``flower-superlink`` also takes ``--ssl-ca-certfile ca.crt``.) A ``ca.key`` beside the others (the layout
+before the ``ca/`` folder) counts as an existing file: refused, or deleted with ``overwrite=True``.
+
+Validity: the server certificate at most :data:`MAX_SERVER_DAYS` (825) days, the CA at most
+:data:`MAX_CA_DAYS` (3650) days and never shorter than the server certificate.
 
 Key type: EC P-384 (ECDSA with SHA-384) by default for both CA and server. It gives ~192-bit security (the
 CNSA/"Suite B" top level, stronger than RSA-3072 and on par with RSA-7680), generates in milliseconds
@@ -45,7 +50,10 @@ from fedrad.common.files import write_with_mode
 #: Always in the server certificate's subjectAltName (the SuperLink reaches itself on 127.0.0.1).
 DEFAULT_HOSTS = ("localhost", "127.0.0.1", "::1")
 KEY_TYPES = ("ec-p384", "rsa4096")
-FILES = {"ca_cert": "ca.crt", "ca_key": "ca.key", "server_cert": "server.pem", "server_key": "server.key"}
+FILES = {"ca_cert": "ca.crt", "ca_key": "ca/ca.key", "server_cert": "server.pem", "server_key": "server.key"}
+LEGACY_CA_KEY = "ca.key"  # where the CA key lived before the ca/ folder
+MAX_SERVER_DAYS = 825  # the longest server-certificate lifetime browsers accept (CA/Browser Forum, 2018)
+MAX_CA_DAYS = 3650
 
 _LABEL = re.compile(r"^[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?$")
 _CLOCK_SKEW = _dt.timedelta(minutes=5)
@@ -134,20 +142,31 @@ def _key_pem(key) -> bytes:
 
 
 # ----------------------------------------------------------------------------------------------- API
-def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), days: int = 825, *,
-                      overwrite: bool = False, key_type: str = "ec-p384",
+def _check_days(value, name: str, cap: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    if value > cap:
+        raise ValueError(f"{name}={value} exceeds the maximum of {cap} days")
+
+
+def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), days: int = MAX_SERVER_DAYS, *,
+                      ca_days: int | None = None, overwrite: bool = False, key_type: str = "ec-p384",
                       ca_name: str = "fedrad coordinator CA") -> dict[str, Path]:
     """Create a CA and a SuperLink server certificate signed by it in ``out_dir``.
 
-    Returns ``{"ca_cert": .../ca.crt, "ca_key": .../ca.key, "server_cert": .../server.pem,
+    Returns ``{"ca_cert": .../ca.crt, "ca_key": .../ca/ca.key, "server_cert": .../server.pem,
     "server_key": .../server.key}``. ``hosts``: names/IPs the sites use to reach the SuperLink (``localhost``,
-    ``127.0.0.1`` and ``::1`` are always added). ``days``: validity of both certificates (825 = the longest
-    lifetime browsers accept for a server certificate; sites only need the CA to stay the same).
+    ``127.0.0.1`` and ``::1`` are always added). ``days``: validity of the server certificate (at most 825, the
+    longest lifetime browsers accept); ``ca_days``: of the CA (default ``days``; at least ``days``, at most
+    3650; sites only need the CA to stay the same, so a server certificate can be renewed under it).
     Raises ``ValueError`` for a bad host, days or key type, ``FileExistsError`` naming existing files unless
     ``overwrite``.
     """
-    if isinstance(days, bool) or not isinstance(days, int) or days < 1:
-        raise ValueError(f"days must be a positive integer, got {days!r}")
+    _check_days(days, "days", MAX_SERVER_DAYS)
+    ca_days = days if ca_days is None else ca_days
+    _check_days(ca_days, "ca_days", MAX_CA_DAYS)
+    if ca_days < days:
+        raise ValueError(f"ca_days={ca_days} is shorter than the server certificate's days={days}")
     if key_type not in KEY_TYPES:
         raise ValueError(f"unknown key_type {key_type!r}; choose one of {', '.join(KEY_TYPES)}")
     names = san_names(hosts)
@@ -155,11 +174,16 @@ def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), day
     paths = {k: out / v for k, v in FILES.items()}
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} exists and is not a directory")
-    _check_targets(paths.values(), overwrite)
+    legacy = out / LEGACY_CA_KEY
+    _check_targets([*paths.values(), legacy], overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    ca_dir = paths["ca_key"].parent
+    ca_dir.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(ca_dir, 0o700)
 
     now = _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0)
     not_before, not_after = now - _CLOCK_SKEW, now + _dt.timedelta(days=days)
+    ca_not_after = now + _dt.timedelta(days=ca_days)
 
     ca_key = _new_key(key_type)
     ca_subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedrad"),
@@ -170,7 +194,7 @@ def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), day
         .subject_name(ca_subject).issuer_name(ca_subject)
         .public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(not_before).not_valid_after(not_after)
+        .not_valid_before(not_before).not_valid_after(ca_not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
         .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False, key_encipherment=False,
                                      data_encipherment=False, key_agreement=False, key_cert_sign=True,
@@ -213,6 +237,7 @@ def make_certificates(out_dir: str | os.PathLike, hosts: Iterable[str] = (), day
             for p in written:
                 p.unlink(missing_ok=True)
         raise
+    legacy.unlink(missing_ok=True)  # overwrite=True: no CA key left beside the SuperLink's files
     return paths
 
 

@@ -16,6 +16,8 @@ fedrad does not implement a server or an RPC layer: the coordinator runs ``flowe
   SuperLink marks a node offline 2 x 30 s after its last one, so within 37.5-60 s of the crash every message
   still waiting for that node gets a NODE_UNAVAILABLE error reply (code 5), which ``Federation.ask`` reports as
   that site's failure. A round timeout above 60 s therefore never fires first for a crashed site.
+* App pinning (:mod:`fedrad.client.app_trust`, on by default in :func:`start_supernode`): a SuperNode started
+  here runs only this module's thin app; any other FAB submitted to the SuperLink is refused before it is unpacked.
 * With ``--database FILE`` the SuperLink keeps runs and registered nodes across its own restarts; SuperNodes keep
   retrying and come back online without a restart of their own.
 """
@@ -99,11 +101,41 @@ def flower_env(home: Path, **extra: str) -> dict:
     return env
 
 
+#: the FAB id (``publisher/name``) of :data:`APP_PYPROJECT`: the only app a fedrad SuperNode runs
+APP_ID = "fedrad/fedrad-study"
+APP_COMPONENTS = {"serverapp": "fedrad.server.server_app:app", "clientapp": "fedrad.client.client_app:app"}
+
+
+def app_version() -> str:
+    return fedrad.__version__.split("+")[0]
+
+
+def app_pyproject() -> str:
+    """The thin app's pyproject.toml for the installed fedrad version (sites pin exactly this app)."""
+    return APP_PYPROJECT.format(version=app_version())
+
+
 def write_app(directory: Path) -> Path:
     """The thin Flower app directory (only a pyproject.toml) that ``flwr run`` packages into a FAB."""
     directory.mkdir(parents=True, exist_ok=True)
-    (directory / "pyproject.toml").write_text(APP_PYPROJECT.format(version=fedrad.__version__.split("+")[0]))
+    (directory / "pyproject.toml").write_text(app_pyproject())
     return directory
+
+
+def is_loopback_address(address: str) -> bool:
+    """``HOST:PORT`` (or a bare host) names this machine: ``localhost``, 127.0.0.0/8 or ``::1``."""
+    import ipaddress
+
+    host = address.strip()
+    if host.count(":") == 1 or (host.startswith("[") and "]:" in host):
+        host = host.rsplit(":", 1)[0]
+    host = host.strip("[]")
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass
@@ -173,10 +205,31 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
 
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
                     root_certificates: Path | None = None, auth_key: Path | None = None,
-                    poll_interval: float = 0.1) -> Process:
-    """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``."""
+                    poll_interval: float = 0.1, pin_app: bool = True) -> Process:
+    """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``.
+
+    ``pin_app`` (the default, always on for ``fedrad site join``): the SuperNode runs only fedrad's own thin app.
+    Its ClientApp processes are started through :mod:`fedrad.client.app_trust`, which checks every run's FAB
+    before Flower installs or imports anything from it and answers any other app with an error reply. Raises
+    :class:`RuntimeFailure` when the pin cannot be enabled (a Flower version other than 1.42.x) unless the
+    SuperLink is on loopback, where the node then starts unpinned with a warning in its log. ``pin_app=False``
+    is refused off loopback."""
+    from fedrad.client import app_trust
+
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
            "--node-config", toml_pairs(node_config)]
+    loopback = is_loopback_address(superlink)
+    if not pin_app and not loopback:
+        raise RuntimeFailure(f"site {name}: app pinning can only be turned off for a loopback SuperLink, "
+                             f"not {superlink}")
+    warning = None
+    if pin_app and not app_trust.flower_supported():
+        warning = (f"site {name}: app pinning needs Flower {app_trust.FLOWER_SERIES}.x, found Flower "
+                   f"{app_trust.flower_version()}")
+        if not loopback:
+            raise RuntimeFailure(f"{warning}: refusing to join {superlink} (a SuperNode without the pin would "
+                                 "install and run any app submitted to the SuperLink)")
+        pin_app = False
     if root_certificates:
         cmd += ["--root-certificates", str(root_certificates)]
         if auth_key:
@@ -184,7 +237,17 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
     else:
         cmd += ["--insecure"]
     env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(poll_interval))
-    return _spawn(f"supernode {name}", cmd, env, home / "supernode.log")
+    if pin_app:
+        try:
+            env = app_trust.pinned_env(env, app_trust.install_launchers(home / "fedrad-bin"))
+        except (OSError, app_trust.UntrustedApp) as exc:
+            raise RuntimeFailure(f"site {name}: cannot enable app pinning: {exc}") from exc
+    log = home / "supernode.log"
+    if warning:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with open(log, "a") as f:
+            f.write(f"WARNING fedrad: {warning}; loopback SuperLink: starting WITHOUT app pinning\n")
+    return _spawn(f"supernode {name}", cmd, env, log)
 
 
 def wait_for_port(host: str, port: int, proc: Process, timeout: float = 60.0) -> None:

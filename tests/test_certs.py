@@ -47,6 +47,10 @@ def other_ca(tmp_path_factory):
 # ----------------------------------------------------------------------------------------- contents
 def test_files_and_modes(certs):
     assert {p.name for p in certs.values()} == {"ca.crt", "ca.key", "server.pem", "server.key"}
+    out = certs["ca_cert"].parent
+    assert certs["ca_key"] == out / "ca" / "ca.key"  # apart from what the SuperLink needs
+    assert sorted(p.name for p in out.iterdir()) == ["ca", "ca.crt", "server.key", "server.pem"]
+    assert _mode(out / "ca") == 0o700 and [p.name for p in (out / "ca").iterdir()] == ["ca.key"]
     assert _mode(certs["ca_key"]) == 0o600
     assert _mode(certs["server_key"]) == 0o600
     assert _mode(certs["ca_cert"]) == 0o644
@@ -126,6 +130,26 @@ def test_refuses_overwrite_then_overwrites(tmp_path):
     assert again["server_cert"].read_bytes() != before
     assert _mode(again["server_key"]) == 0o600 and _mode(again["server_cert"]) == 0o644
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_validity_caps(tmp_path):
+    for kwargs in ({"days": 826}, {"days": 0}, {"days": 30, "ca_days": 3651}, {"days": 800, "ca_days": 799},
+                   {"days": True}):
+        with pytest.raises(ValueError):
+            make_certificates(tmp_path, **kwargs)
+    assert not list(tmp_path.iterdir())  # refused before anything is written
+    paths = make_certificates(tmp_path, days=825, ca_days=3650)
+    now = dt.datetime.now(dt.timezone.utc)
+    assert abs(_load(paths["server_cert"]).not_valid_after_utc - now - dt.timedelta(days=825)) < dt.timedelta(minutes=5)
+    assert abs(_load(paths["ca_cert"]).not_valid_after_utc - now - dt.timedelta(days=3650)) < dt.timedelta(minutes=5)
+
+
+def test_legacy_ca_key_is_refused_then_removed(tmp_path):
+    (tmp_path / "ca.key").write_text("old layout")
+    with pytest.raises(FileExistsError, match="ca.key"):
+        make_certificates(tmp_path, days=2)
+    paths = make_certificates(tmp_path, days=2, overwrite=True)
+    assert not (tmp_path / "ca.key").exists() and paths["ca_key"].is_file()
 
 
 @pytest.mark.parametrize("host", ["", " ", "https://x.org", "x.org:9092", "bad_name.org", "-a.org", "a..b",
