@@ -610,6 +610,14 @@ def study_run(
     from fedrad.server.report import headline, write_report
     from fedrad.server.study_config import StudyConfigError, load_study
 
+    if runtime == "deployment":  # before anything is written: a study's plan and results are not sent in clear
+        from fedrad.server.runtime import is_loopback_address
+
+        if root_certificates is None and not is_loopback_address(superlink):
+            _fail(f"--superlink {superlink} is not loopback: pass --root-certificates (the coordinator's ca.crt); "
+                  "plain HTTP is allowed on loopback only")
+        if root_certificates is not None and not root_certificates.is_file():
+            _fail(f"--root-certificates {root_certificates} not found")
     try:
         cfg = load_study(study_file)
     except StudyConfigError as exc:
@@ -649,14 +657,6 @@ def study_run(
         from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
 
         n = expected_sites or len(cfg["sites"]) or int(cfg["study"]["min_sites"])
-    if runtime == "deployment":  # before anything is written: a study's plan and results are not sent in clear
-        from fedrad.server.runtime import is_loopback_address
-
-        if root_certificates is None and not is_loopback_address(superlink):
-            _fail(f"--superlink {superlink} is not loopback: pass --root-certificates (the coordinator's ca.crt); "
-                  "plain HTTP is allowed on loopback only")
-        if root_certificates is not None and not root_certificates.is_file():
-            _fail(f"--root-certificates {root_certificates} not found")
         write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
         home = out / ".flwr"
         write_cli_connection(home, "fedrad", superlink, root_certificates)
