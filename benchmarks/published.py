@@ -6,7 +6,8 @@ Splits as the benchmark made them (../shared/data/multisite-tabular/SOURCE.md):
   Switzerland has one negative case, which stratification cannot split, so its split is plain).
   fedrad: exact federated logistic regression (L2, C chosen from [0.01, 0.1, 1] by federated 3-fold CV on the
   training rows). Metric: accuracy at 0.5 on each hospital's test set.
-* TCGA-BRCA, 6 regions: the split file's ``fold`` (train/test), region from ``fold2``. fedrad: exact federated Cox
+* TCGA-BRCA, 6 regions: the split file's ``fold`` (train/test), region from ``fold2``, all 1088 rows as in FLamby
+  (12 censored at T = 0 included). fedrad: exact federated Cox
   stratified by region (penalizer from [0.01, 0.1, 1] by federated 3-fold cross-validated partial likelihood).
   Metric: Harrell's C-index on each region's test set.
 No setting is chosen by looking at test data. Published numbers: mean over FLamby's 5 seeds per method.
@@ -64,7 +65,8 @@ def tcga_splits() -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
     split = pd.read_csv(base / "tcga_brca_train_test_split.csv")
     df = df.merge(split, on="pid")
     df["site"] = "client_" + df["fold2"].str.split("_").str[1]
-    df = df[df["T"] > 0]  # 12 censored-at-0 rows are in no risk set; fedrad's Cox refuses T <= 0
+    # all 1088 rows, as FLamby's FedTcgaBrca (it keeps every pid of the split file): 12 are censored at T = 0
+    # (8 train, 4 test; regions 4 and 5), taken as lifelines' CoxPHFitter takes them (common/cox.py)
     feats = [c for c in df.columns if c not in ("pid", "fold", "fold2", "site", "E", "T")]
     train, test = df[df["fold"] == "train"].copy(), df[df["fold"] == "test"].copy()
     train["case_id"] = train["pid"]

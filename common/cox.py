@@ -63,6 +63,16 @@ with no :math:`n\times p\times p` tensor.  This is exactly lifelines' ``_get_efr
 (unit weights); a stratum without events contributes :math:`\ell = 0`, :math:`\nabla\ell = 0`,
 :math:`\nabla^2\ell = 0` (its partial likelihood is the empty product).
 
+Durations may be 0, as in lifelines' ``CoxPHFitter`` (0.30), which checks durations only for NaN /
+inf (``SemiParametricPHFitter._check_values_pre_fitting``: ``utils.check_nans_or_infs(T)``; its
+``utils.check_positivity`` is called by the parametric fitters only) and treats 0 as an ordinary
+time: ``_get_efron_values_*`` group rows by ``np.unique(-T)``, so a row with :math:`T_i = 0` is in
+:math:`R_0` only (censored at 0: in the risk set of its stratum's events at 0, if any, and of no
+other; an event at 0: one of the Efron ties of :math:`D_0`), and every such row counts in :math:`N`
+(the penalty) and in the pooled mean / SD, even when it adds nothing to :math:`\ell`.  This module
+does the same (no special case anywhere).
+Negative durations are refused (lifelines would accept them; only the order of the times matters).
+
 Invariances that make the federated version exact and cheap
 -----------------------------------------------------------
 Within a stratum the partial likelihood is invariant to shifting :math:`x` (every tie group has as
@@ -101,7 +111,7 @@ model of :math:`Q` is maximized exactly (coordinate descent, then an active-set 
 check), so exact zeros appear, and convergence is again quadratic once the active set settles.
 
 Failure modes reported (:class:`CoxError`, one line, naming site / column): missing columns,
-non-numeric, NaN / inf (count per column and site), durations <= 0, events not 0/1, empty site,
+non-numeric, NaN / inf (count per column and site), negative durations, events not 0/1, empty site,
 no events anywhere; features constant at all sites are excluded (``excluded_features_``), sites
 without events reported (``sites_without_events_``).  Unpenalized non-identifiable fits raise
 :class:`CoxConvergenceError` suggesting a penalizer: a singular Hessian (collinear covariates,
@@ -320,10 +330,13 @@ def _check_rows(rows: pd.DataFrame, features: Sequence[str], duration_col: str, 
                            f"(of {len(rows)} rows); impute or drop them before fitting")
     p = len(features)
     x, durations, ev = values[:, :p], values[:, p], values[:, p + 1]
-    nonpos = int((durations <= 0).sum())
-    if nonpos:
-        raise CoxError(f"{where}: duration column {duration_col!r} has {nonpos} value(s) <= 0 "
-                       f"(min {durations.min():g}); Cox durations must be positive")
+    # T == 0 is accepted exactly as lifelines' CoxPHFitter does (it checks NaN/inf only; 0 is an
+    # ordinary time): a row at 0 is in the risk set of events at 0 (Efron ties there) and of none
+    # later, and it counts in N (penalty) and in the pooled mean/SD.  Negative durations are refused.
+    negative = int((durations < 0).sum())
+    if negative:
+        raise CoxError(f"{where}: duration column {duration_col!r} has {negative} negative value(s) "
+                       f"(of {len(rows)} rows; min {durations.min():g}); durations must be >= 0")
     not01 = int((~np.isin(ev, (0.0, 1.0))).sum())
     if not01:
         raise CoxError(f"{where}: event column {event_col!r} has {not01} value(s) other than 0/1")

@@ -1,6 +1,6 @@
 """Tests for fedrad.common.cox: Efron stratum vs lifelines, federated == pooled, pooled vs lifelines
 ``CoxPHFitter(...).fit(df, strata=["site"])``, round-trip counts, guards, and the real TCGA-BRCA
-table federated by region.
+table federated by region, as shipped (12 rows with T = 0 included, as lifelines takes them).
 
 Tolerances (coefficients, original scale):
 * federated vs pooled: 1e-8 (same algorithm, different arithmetic; measured <= 1e-14).
@@ -293,8 +293,9 @@ def _set(col, rows, value):
     (_set("time", [2], np.nan), r"site 'B': column 'time' has 1 missing", None),
     (_set("event", [0, 1], np.nan), r"site 'B': column 'event' has 2 missing", None),
     (_set("age", [3], np.inf), r"site 'B': column 'age' has 1 missing or non-finite", None),
-    (_set("time", [0, 4], 0.0), r"site 'B': duration column 'time' has 2 value\(s\) <= 0", None),
-    (_set("time", [7], -3.0), r"site 'B': duration column 'time' has 1 value\(s\) <= 0", None),
+    (_set("time", [0, 4], -0.5), r"site 'B': duration column 'time' has 2 negative value\(s\) \(of 150 rows", None),
+    (_set("time", [7], -3.0), r"site 'B': duration column 'time' has 1 negative value\(s\) \(of 150 rows; min -3\)",
+     None),
     (_set("event", [7], 2), r"site 'B': event column 'event' has 1 value\(s\) other than 0/1", None),
     (lambda d: d.drop(columns="grade", inplace=True), r"site 'B': column\(s\) \['grade'\] not found",
      r"stratum 'B': column 'grade' has 150 missing"),          # concat fills the absent column with NaN
@@ -313,6 +314,75 @@ def test_guards_name_site_and_column(sites, fn, pattern, pooled_pattern):
     if len(bad["B"]):
         with pytest.raises(CoxError, match=pooled_pattern):
             fit_pooled(pooled(bad), features=FEATURES, penalizer=0.1)
+
+
+# ----------------------------------------------------------------------------------------------
+# Zero durations: lifelines' CoxPHFitter takes T = 0 as an ordinary time (no positivity check)
+# ----------------------------------------------------------------------------------------------
+def make_zero_sites() -> dict[str, pd.DataFrame]:
+    """make_sites() with rows moved to T = 0: site A 3 events + 2 censored at 0 (Efron ties, the
+    censored ones in the risk set at 0), B 2 events at 0 (a tie, nothing censored there), C 2
+    censored at 0 (no event at 0: they only change N and the standardization)."""
+    sites = {s: d.copy() for s, d in make_sites().items()}
+    for name, n_ev, n_cens in (("A", 3, 2), ("B", 2, 0), ("C", 0, 2)):
+        d = sites[name]
+        ev_rows = d.index[d.event == 1][:n_ev]
+        cens_rows = d.index[d.event == 0][:n_cens]
+        d.loc[ev_rows.union(cens_rows), "time"] = 0.0
+    return sites
+
+
+def test_efron_stratum_with_zero_durations_matches_lifelines():
+    rng = np.random.default_rng(5)
+    n, p = 120, 3
+    x = rng.normal(size=(n, p))
+    t = np.where(rng.random(n) < 0.15, 0.0, np.ceil(rng.exponential(5, n)))   # ~18 rows at 0
+    e = rng.random(n) < 0.5
+    assert (e & (t == 0)).sum() >= 2 and (~e & (t == 0)).sum() >= 2
+    beta = rng.normal(0, 0.5, p)
+    frame = pd.DataFrame(x).assign(T=t, E=e).sort_values(["T", "E"])
+    X, T, E = frame[list(range(p))], frame["T"], frame["E"]
+    W = pd.Series(np.ones(n), index=frame.index)
+    ll, g, h = efron_stratum(x, t, e, beta)
+    fitter = SemiParametricPHFitter()
+    for fn in (fitter._get_efron_values_single, fitter._get_efron_values_batch):
+        h_ref, g_ref, ll_ref = fn(X, T, E, W, None, beta)
+        assert abs(ll - ll_ref) <= 1e-10 * abs(ll_ref)
+        assert maxdiff(g, g_ref) <= 1e-10 * np.abs(g_ref).max()
+        assert maxdiff(h, h_ref) <= 1e-10 * np.abs(h_ref).max()
+    # the rows at 0 matter: as events at a tiny positive time (still first) nothing changes, as
+    # censored at 0 (or dropped) the likelihood differs
+    assert abs(efron_stratum(x, np.where(t == 0, 1e-9, t), e, beta)[0] - ll) < 1e-10
+    assert abs(efron_stratum(x, t, e & (t > 0), beta)[0] - ll) > 1e-3
+
+
+@pytest.mark.parametrize("penalizer,l1_ratio", [(0.0, 0.0), (0.1, 0.0), (0.1, 0.5)])
+def test_zero_durations_pooled_and_federated_equal_lifelines(penalizer, l1_ratio):
+    sites = make_zero_sites()
+    df = pooled(sites)
+    zero = df[df.time == 0]
+    assert len(zero) == 9 and int(zero.event.sum()) == 5
+    assert zero.groupby("site").event.agg(["size", "sum"]).to_dict("index") == {
+        "A": {"size": 5, "sum": 3}, "B": {"size": 2, "sum": 2}, "C": {"size": 2, "sum": 0}}
+    fed = fit_federated(sites, "time", "event", penalizer=penalizer, l1_ratio=l1_ratio)
+    pool = fit_pooled(df, "time", "event", strata="site", penalizer=penalizer, l1_ratio=l1_ratio)
+    ref = lifelines_fit(df, penalizer, l1_ratio, **TIGHT)
+    assert fed.converged_ and pool.converged_ and fed.n_samples_ == pool.n_samples_ == len(df) == 610
+    assert fed.site_n_ == {"A": 400, "B": 150, "C": 60} and fed.n_events_ == int(df.event.sum())
+    assert maxdiff(fed.coef_, pool.coef_) < TOL_FED
+    assert maxdiff(pool.coef_, ref.params_) < TOL_LIFELINES
+    assert maxdiff(fed.coef_, ref.params_) < TOL_LIFELINES
+    assert maxdiff(fed.mean_, ref._norm_mean) < 1e-10 and maxdiff(fed.scale_ / ref._norm_std, 1.0) < 1e-12
+    assert abs(fed.objective_ - ref.log_likelihood_) < 1e-9 * abs(ref.log_likelihood_)  # lifelines': penalized
+    assert abs(fed.log_likelihood_null_ - ref._ll_null_) < 1e-8
+    if l1_ratio == 0:
+        se_ref = ref.summary["se(coef)"].to_numpy()
+        assert maxdiff(fed.standard_errors_ / se_ref, 1.0) < 1e-6
+    # the zero rows change the fit: dropping them, or taking the events at 0 as censored, is far off
+    dropped = lifelines_fit(df[df.time > 0], penalizer, l1_ratio, **TIGHT)
+    as_censored = lifelines_fit(df.assign(event=df.event.where(df.time > 0, 0)), penalizer, l1_ratio, **TIGHT)
+    assert maxdiff(fed.coef_, dropped.params_) > 1e-3
+    assert maxdiff(fed.coef_, as_censored.params_) > 1e-3
 
 
 def test_no_events_anywhere_is_an_error(sites):
@@ -404,18 +474,22 @@ def tcga_all():
 
 @pytest.fixture(scope="module")
 def tcga(tcga_all):
-    # 12 patients (all censored, regions 4 and 5) have T = 0, which the guard rejects; censored at
-    # 0 they are in no risk set, so dropping them only changes N and the standardization.
-    df = tcga_all[tcga_all["T"] > 0].reset_index(drop=True)
+    # as shipped: 12 patients (all censored; 9 in region 4, 3 in region 5) have T = 0.  No event is
+    # at 0, so they are in no risk set, but (as in lifelines) they count in N and the mean/SD.
+    df = tcga_all.reset_index(drop=True)
     sites = {f"region{r}": g.drop(columns="region") for r, g in df.groupby("region")}
     return df, sites
 
 
-def test_tcga_brca_zero_durations_rejected(tcga_all):
+TCGA_REGION_N = {"region0": 311, "region1": 196, "region2": 206, "region3": 162, "region4": 162, "region5": 51}
+
+
+def test_tcga_brca_as_shipped_has_zero_durations(tcga_all):
     assert len(tcga_all) == 1088 and tcga_all.shape[1] == 39 + 3
-    sites = {f"region{r}": g.drop(columns="region") for r, g in tcga_all.groupby("region")}
-    with pytest.raises(CoxError, match=r"site 'region4': duration column 'T' has 9 value\(s\) <= 0"):
-        fit_federated(sites, "T", "E", penalizer=0.1)
+    zero = tcga_all[tcga_all["T"] == 0]
+    assert len(zero) == 12 and zero["E"].sum() == 0
+    assert zero["region"].value_counts().to_dict() == {4: 9, 5: 3}
+    assert (tcga_all["T"] >= 0).all()
 
 
 @pytest.mark.parametrize("penalizer", [0.1, 0.01])
@@ -426,12 +500,63 @@ def test_tcga_brca_federated_by_region_matches_lifelines(tcga, penalizer):
     assert len(fed.feature_names_) == 39 and fed.excluded_features_ == {}
     assert maxdiff(fed.coef_, pool.coef_) < TOL_FED
     assert fed.n_rounds_ == pool.n_rounds_ <= 10
-    assert fed.site_events_["region5"] == 3 and fed.n_samples_ == 1076
+    assert fed.site_events_["region5"] == 3 and fed.n_samples_ == 1088
+    assert fed.site_n_ == TCGA_REGION_N and fed.sites_without_events_ == []
     tight = lifelines_fit(df, penalizer, duration="T", event="E", strata="region", **TIGHT)
     assert maxdiff(fed.coef_, tight.params_) < TOL_LIFELINES
     assert maxdiff(fed.standard_errors_ / tight.standard_errors_, 1.0) < 1e-6
     default = lifelines_fit(df, penalizer, duration="T", event="E", strata="region")
     assert maxdiff(fed.coef_, default.params_) < TOL_DEFAULT   # lifelines' own early stop (module doc)
+    # the 12 zero rows are not inert: without them (old behaviour) N and the standardization change
+    dropped = lifelines_fit(df[df["T"] > 0], penalizer, duration="T", event="E", strata="region", **TIGHT)
+    assert maxdiff(fed.coef_, dropped.params_) > 1e-3   # measured 3.2e-2 (0.1), 7.5e-3 (0.01)
+
+
+@pytest.fixture(scope="module")
+def tcga_table(tcga_all):
+    """TCGA-BRCA as shipped, region as a text column (what `fedrad fit --site-col region` reads)."""
+    df = tcga_all.assign(region="region" + tcga_all["region"].astype(str))
+    feats = [c for c in df.columns if c not in ("T", "E", "region")]
+    ref = lifelines_fit(df, 0.1, duration="T", event="E", strata="region", **TIGHT)
+    return df, feats, ref
+
+
+def test_tcga_brca_fit_table_federated_equals_lifelines(tcga_table):
+    from fedrad.local import fit_table
+
+    df, feats, ref = tcga_table
+    fitted, info = fit_table(df, "region", "cox", feats, time="T", event="E", C=0.1, federated=True)
+    assert info["mode"] == "federated" and fitted.converged_
+    assert fitted.site_n_ == TCGA_REGION_N and fitted.n_samples_ == 1088 and fitted.sites_without_events_ == []
+    assert fitted.feature_names_ == feats == list(ref.params_.index)
+    assert maxdiff(fitted.coef_, ref.params_) < TOL_LIFELINES
+    assert maxdiff(fitted.standard_errors_ / ref.standard_errors_, 1.0) < 1e-6
+    pooled_fit, _ = fit_table(df, "region", "cox", feats, time="T", event="E", C=0.1)
+    assert maxdiff(fitted.coef_, pooled_fit.coef_) < TOL_FED
+
+
+def test_tcga_brca_cli_fit_cox_federated(tcga_table, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app
+
+    df, feats, ref = tcga_table
+    src, out = tmp_path / "tcga.csv", tmp_path / "cox.json"
+    df.to_csv(src, index=False, float_format="%.17g")
+    # two column names contain commas, so --features cannot list them: select all 39 by prefix
+    prefixes = ["age_at_index", "ethnicity_", "race_", "ajcc_", "icd_10_code_", "morphology_", "primary_diagnosis_",
+                "prior_malignancy_", "synchronous_malignancy_", "treatment_or_therapy_", "tumor_stage_"]
+    r = CliRunner().invoke(app, ["fit", str(src), "--site-col", "region", "--model", "cox", "--time", "T",
+                                 "--event", "E", "--C", "0.1", "--feature-prefix", ",".join(prefixes),
+                                 "--federated", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert "1088 rows, 6 sites, federated" in r.output
+    doc = json.loads(out.read_text())
+    params = doc["params"]
+    assert doc["fit"]["mode"] == "federated" and params["converged_"]
+    assert params["site_n_"] == TCGA_REGION_N and params["n_samples_"] == 1088
+    assert params["sites_without_events_"] == [] and params["feature_names_"] == feats
+    assert maxdiff(params["coef_"], ref.params_[feats]) < TOL_LIFELINES
 
 
 def test_tcga_brca_unpenalized_is_not_identifiable(tcga):
