@@ -76,7 +76,7 @@ def error_code(exc: BaseException) -> str:
         return "outside-plan"
     if isinstance(exc, PolicyRefusal):
         return getattr(exc, "code", "policy")
-    if exc.__class__.__name__ == "TooFewRows":
+    if exc.__class__.__name__ in ("TooFewRows", "SmallBatchError"):
         return "min-cell-size"
     return "data"
 

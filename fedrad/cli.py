@@ -339,16 +339,55 @@ def site_keys(
 def site_audit(
     log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory "
                                          "(default: ./audit.jsonl, then ./.fedrad-site/audit.jsonl)."),
+    key: Optional[Path] = typer.Option(None, "--key", help="The site's audit key (default: audit.key next to "
+                                       "the log)."),
+    no_key: bool = typer.Option(False, "--no-key", help="Check only the plain hash chain, without the key "
+                                "(MACs are not checked: a log rewritten with recomputed hashes passes)."),
 ) -> None:
-    """Verify the audit log's hash chain and summarize what left the hospital; exit 1 if the chain is broken."""
+    """Verify the audit log's hash chain, MACs and anchor, summarize what left the hospital and print the last
+    record's hash (compare it with a copy held elsewhere); exit 1 on any problem."""
     from fedrad.client.audit import find_audit_log, summarize_audit, verify_audit
 
     try:
         path = find_audit_log(log)
     except FileNotFoundError as exc:
         _fail(str(exc))
-    typer.echo(summarize_audit(path))
-    raise typer.Exit(0 if verify_audit(path).ok else 1)
+    report = verify_audit(path, key, check_mac=not no_key)
+    typer.echo(summarize_audit(path, report=report))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@site_app.command("approve")
+def site_approve(
+    plan: Path = typer.Argument(..., help="The coordinator's published plan: study.toml, or its plan JSON."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The site's site.toml (its work directory and "
+                                          "[columns] allow-list)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="The site's work directory (without --config)."),
+    show: bool = typer.Option(False, "--show", help="Print the plan's id and what it asks, without approving."),
+) -> None:
+    """Approve a study plan at this site: the site answers only requests of approved plans and takes every
+    parameter it checks from this copy (columns, folds, models, penalty grid, rounds)."""
+    from fedrad.client.approval import ApprovalError, approve_plan, check_plan_columns, describe_plan, read_plan_file
+    from fedrad.client.site import Site, SiteFailure
+    from fedrad.common.plan import plan_id
+
+    try:
+        doc = read_plan_file(plan)
+        if config is not None:
+            site = Site.from_node_config({"config": str(config), **({"workdir": str(workdir)} if workdir else {})})
+            wd, allowed = site.workdir, site.columns
+        else:
+            wd, allowed = (workdir or Path.cwd() / ".fedrad-site"), None
+        cols = check_plan_columns(doc, allowed)
+        for line in describe_plan(doc, cols):
+            typer.echo(f"  {line}")
+        if show:
+            typer.echo(f"plan id: {plan_id(doc)} (not approved: --show)")
+            return
+        pid = approve_plan(Path(wd), doc, allowed_columns=allowed)
+    except (ApprovalError, SiteFailure) as exc:
+        _fail(str(exc))
+    typer.echo(f"approved plan {pid} in {wd}; pin it with approved-plans = [\"{pid}\"] in site.toml [policy]")
 
 
 @site_app.command("robustness")
@@ -629,7 +668,9 @@ def study_run(
 
         if not cfg["sites"]:
             _fail("--runtime local needs [sites.NAME] entries with the sites' manifests or tables")
-        nodes = [{"site-name": name, "workdir": str(out / "sites" / name)} for name in cfg["sites"]]
+        from fedrad.local import rehearsal_nodes
+
+        nodes = rehearsal_nodes(cfg, out / "sites")
         results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
         write_json_atomic(results, out / "results.json")
     elif runtime == "simulation":
@@ -643,6 +684,9 @@ def study_run(
             if name != f"site{i + 1}":
                 typer.echo(f"simulation: [sites.{name}] runs as virtual site site{i + 1}", err=True)
         write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
+        from fedrad.local import write_simulation_sites
+
+        write_simulation_sites(cfg, out / ".flower-sim" / "sites")  # the virtual sites' own site.toml + approval
         try:
             with SimulationRun(out / ".flower-sim", len(names)) as sim:
                 run_id = sim.submit({"plan": str(out / "plan.json"), "out-dir": str(out),
