@@ -42,7 +42,7 @@ import numpy as np
 
 from fedrad.client.approval import ApprovalError, load_approved
 from fedrad.common.files import atomic_write_bytes
-from fedrad.common.plan import FOLD, candidate_features, endpoint, outcome_columns, prepare_spec
+from fedrad.common.plan import FOLD, candidate_features, endpoint, outcome_columns, prepare_spec, volume_column
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
@@ -135,7 +135,9 @@ def _study_prepare(site, record, payload, ledger):
 
 def _site_candidates(site, study, cache: dict):
     if "candidates" not in cache:
-        cache["candidates"] = candidate_features(site.table("raw"), study)
+        raw = site.table("raw")
+        cache["candidates"] = candidate_features(raw, study)
+        cache["volume"] = volume_column(raw, study["model"].get("volume"))
     return cache["candidates"]
 
 
@@ -206,13 +208,11 @@ def _study_harmonize(site, record, payload, ledger, cache):
 
 
 def _kind_features(study, kind, feats, cand, ledger, fold) -> None:
-    from fedrad.common.pipeline import VOLUME_FEATURES
-
     clinical = list(study["model"]["clinical"])
     max_f = int(study["selection"]["max_features"])
     sigs = ledger.data["signatures"]
     if kind == "volume":
-        _require(len(feats) == 1 and feats[0] in VOLUME_FEATURES and feats[0] in cand, "volume model features")
+        _require(len(feats) == 1 and feats[0] == ledger.data.get("volume"), "volume model features")
     elif kind == "clinical":
         _require(list(feats) == clinical and bool(clinical), "clinical model features")
     elif kind in ("radiomics", "combined"):
@@ -269,6 +269,7 @@ def _fit_round_study(site, record, payload, ledger, cache):
     ep = endpoint(study)
     model = "logistic" if ep["type"] == "response" else "cox"
     cand = _site_candidates(site, study, cache)
+    ledger.data["volume"] = cache["volume"]  # the site's own volume column: the only one a volume model may use
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
     tasks = []
     for task in payload.get("tasks") or []:

@@ -70,14 +70,18 @@ def study_prepare(site: Site, payload: dict) -> dict:
 
     from fedrad.common.plan import candidate_features
 
-    features = candidate_features(complete, payload["_plan"]["study"])
+    from fedrad.common.plan import volume_column
+
+    study = payload["_plan"]["study"]
+    features = candidate_features(complete, study)
+    volume = volume_column(complete, study["model"].get("volume"))
     spec = payload.get("cohort") or {}
     cohort = cohort_summary(complete, endpoint=endpoint, columns=list(spec.get("columns", payload.get("clinical", []))),
                             categorical=list(spec.get("categorical", [])), k=k)
     outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
     return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
             "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
-            "features": features, "params_hash": params_hash, "extraction": extraction,
+            "features": features, "volume": volume, "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
             "moments": feature_moments(complete, features, k), "versions": software_versions(SITE_SOFTWARE)}
 

@@ -9,7 +9,8 @@ so any difference between them comes from the aggregation, which is what the tes
 Models validated side by side (TRIPOD; "a signature that is tumour volume in disguise" must show):
 
 * ``radiomics``: the selected radiomic signature,
-* ``volume``: tumour volume alone (``original_shape_VoxelVolume``, else ``MeshVolume``),
+* ``volume``: tumour volume alone (``[model] volume``, else the first known volume column of
+  :data:`fedrad.common.plan.VOLUME_NAMES`; available to the baseline even when it is no signature candidate),
 * ``clinical``: the study's clinical covariates alone (when it has any),
 * ``combined``: signature + clinical covariates (composite model).
 
@@ -27,15 +28,21 @@ from fedrad.common import metrics
 from fedrad.common.report_stats import calibration_bins
 
 MODEL_KINDS = ("radiomics", "volume", "clinical", "combined")
-VOLUME_FEATURES = ("original_shape_VoxelVolume", "original_shape_MeshVolume")
 ROC_EDGES = np.linspace(0.0, 1.0, 21)  # probability bins for the pooled ROC curve
 
 
-def volume_feature(candidates: list[str]) -> str | None:
-    for name in VOLUME_FEATURES:
-        if name in candidates:
-            return name
-    return None
+def common_volume(per_site: dict[str, str | None]) -> tuple[str | None, str | None]:
+    """``(column, reason)`` of the volume baseline from each site's volume column (``common.plan.volume_column``):
+    the column every site has, else None with the reason (for the report's headline)."""
+    names = set(per_site.values())
+    if len(names) == 1 and None not in names:
+        return names.pop(), None
+    lacking = sorted(s for s, v in per_site.items() if v is None)
+    if lacking:
+        return None, (f"no tumour-volume column at {', '.join(lacking)}; set [model] volume = \"COLUMN\" in "
+                      "study.toml (known names: fedrad.common.plan.VOLUME_NAMES)")
+    return None, ("the sites' volume columns differ (" + ", ".join(f"{s}: {v}" for s, v in sorted(per_site.items()))
+                  + "); set [model] volume = \"COLUMN\" in study.toml")
 
 
 def model_features(kind: str, signature: list[str], clinical: list[str], volume: str | None) -> list[str] | None:

@@ -134,6 +134,36 @@ def candidate_features(rows, study: dict) -> list[str]:
             and c not in IDENTIFYING_COLUMNS and pd.api.types.is_numeric_dtype(rows[c])]
 
 
+#: tumour-volume columns of common extractors, most preferred first (matched case-insensitively): pyradiomics 3
+#: (voxel and mesh volume), pyradiomics 1.x-2.x, MIRP, LIFEx, IBSI feature codes, CaPTk, generic tables
+VOLUME_NAMES = ("original_shape_voxelvolume", "original_shape_meshvolume", "original_shape_volume",
+                "morph_volume", "morph_vol_approx", "shape_volume(ml)", "shape_volume(vx)", "shape_volume_ml",
+                "f_morph.vol", "fmorph.vol", "morph.vol", "shape_volume", "volume", "tumor_volume",
+                "tumour_volume", "gtv_volume", "volume_ml", "volume_cc")
+#: name endings that also denote a volume (any image type prefix, e.g. ``wavelet-LLH_shape_VoxelVolume``)
+VOLUME_SUFFIXES = ("_shape_voxelvolume", "_shape_meshvolume", "_shape_volume", "_volumetric_volume",
+                   "_morph_volume", "_volume")
+
+
+def volume_column(rows, declared: str | None = None) -> str | None:
+    """The table's tumour-volume column: ``declared`` (``[model] volume``) when present, else the first known name
+    (:data:`VOLUME_NAMES`, then :data:`VOLUME_SUFFIXES`; case-insensitive), numeric columns only."""
+    import pandas as pd
+
+    numeric = [c for c in rows.columns if pd.api.types.is_numeric_dtype(rows[c]) and c not in IDENTIFYING_COLUMNS]
+    if declared:
+        return declared if declared in numeric else None
+    lower = {str(c).lower(): c for c in numeric}
+    for name in VOLUME_NAMES:
+        if name in lower:
+            return lower[name]
+    for suffix in VOLUME_SUFFIXES:
+        for low, col in lower.items():
+            if low.endswith(suffix):
+                return col
+    return None
+
+
 def plan_columns(plan: dict) -> dict[str, list[str]]:
     """The named (non-feature) columns a plan uses, by role: what a site operator approves."""
     task = plan["task"]

@@ -128,6 +128,9 @@ def headline(results: dict) -> list[str]:
         het = f", I² {p['i2'] * 100:.0f}%" if p.get("i2") is not None else ""
         lines.append(f"pooled external {label} of the {LABELS[kind]}: {p['pooled']:.3f} "
                      f"(95% CI {_fmt(p.get('ci_low'))}–{_fmt(p.get('ci_high'))}{het}, {p.get('k')} held-out sites)")
+    volume = results.get("volume") or {}
+    if "volume" in results and not volume.get("column"):
+        lines.append(f"no tumour-volume baseline: {volume.get('reason') or 'no volume column'}")
     return lines
 
 

@@ -43,7 +43,7 @@ from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
-                                    outcome_columns, pick_variants, screen_candidates, volume_feature)
+                                    common_volume, outcome_columns, pick_variants, screen_candidates)
 from fedrad.common.report_stats import harmonization_summary, pool_calibration_bins, software_versions
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
                                      logistic_score_request)
@@ -119,6 +119,8 @@ class Study:
         self.candidates = [f for f in replies[self.sites[0]]["features"] if f in common]
         if not self.candidates:
             raise RuntimeError("the sites share no feature column matching the study's feature_prefixes")
+        self.volume, reason = common_volume({s: replies[s].get("volume") for s in self.sites})
+        self.results["volume"] = {"column": self.volume, "reason": reason}
         self.folds = fold_plan(self.sites, bool(cfg["validation"]["loso"]))
         self.results["sites"] = {s: {k: replies[s].get(k) for k in ("n", "n_events", "n_nonevents",
                                                                      "n_dropped_incomplete", "extraction")}
@@ -243,7 +245,7 @@ class Study:
         clinical = list(mcfg["clinical"])
         grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
         k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
-        volume = volume_feature(self.candidates)
+        volume = self.volume
         tasks: dict[str, FitTask] = {}
         self.model_features: dict[str, dict[str, list[str]]] = {}
         for fold, spec in self.folds.items():

@@ -46,6 +46,8 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     l1_ratio = 0.5
     grid = [0.01, 0.1, 1.0]             # C (logistic) or penalizer (cox), chosen by inner CV
     clinical = ["age", "stage"]         # covariates of the clinical baseline and the composite model
+    # volume = "original_shape_Volume" # the volume baseline's column (default: detected from the usual
+                                        # names of pyradiomics 1.x-3.x, MIRP, LIFEx, ...: common.plan.VOLUME_NAMES)
 
     [validation]
     loso = true                         # leave-one-site-out external validation
@@ -72,7 +74,8 @@ DEFAULTS = {
                       "mean_only": False},
     "selection": {"feature_prefixes": ["original_", "log-sigma"], "fdr": 0.05, "redundancy": 0.9,
                   "max_features": 10, "icc_threshold": None},
-    "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": []},
+    "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": [],
+              "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
 }
@@ -226,6 +229,10 @@ def validate(cfg: dict) -> dict:
     _number(cfg, "model", "l1_ratio", 0.0, 1.0, "[0, 1]", low_open=False)
     _numbers(cfg, "model", "grid", positive=True)
     _strings(cfg, "model", "clinical")
+    vol = model.get("volume")
+    if vol is not None and not (isinstance(vol, str) and vol.strip()):
+        raise StudyConfigError(f"[model] volume = {vol!r}: write the tumour-volume column's name, e.g. "
+                               "volume = \"original_shape_VoxelVolume\" (omit it to detect the usual names)")
     val = cfg["validation"]
     _boolean(cfg, "validation", "loso")
     _integer(cfg, "validation", "inner_folds", 2)

@@ -18,7 +18,7 @@ from fedrad.common.folds import row_mask
 from fedrad.common.plan import candidate_features, inner_fold_usable, study_plan
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site,
                                     finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
-                                    volume_feature)
+)
 from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
 from fedrad.common.selection import (correlation_request, cox_score_request, icc_request, logistic_score_request,
                                      pooled_correlation, pooled_cox_score, pooled_icc, pooled_logistic_score)
@@ -102,7 +102,10 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     mcfg, vcfg = cfg["model"], cfg["validation"]
     grid = grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
     k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
-    volume = volume_feature(candidates)
+    from fedrad.common.pipeline import common_volume
+    from fedrad.common.plan import volume_column
+
+    volume = common_volume({s: volume_column(tables[s], mcfg.get("volume")) for s in sites})[0]
     chosen = {}
     for kind in MODEL_KINDS:
         mf = model_features(kind, signature, clinical, volume)

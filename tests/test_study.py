@@ -140,3 +140,40 @@ def test_a_site_lost_mid_study_is_marked_missing_and_the_rest_continue(tmp_path)
     cfg["study"]["min_sites"] = 4
     with pytest.raises(SiteError, match="quorum lost"):
         Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
+
+
+def test_volume_baseline_from_other_extractors_names_even_when_not_a_candidate(tmp_path):
+    """pyradiomics 1.x writes original_shape_Volume; a MIRP-style morph_volume is no signature candidate under
+    the study's prefixes: the volume baseline is still fitted from it, equal to the pooled twin; without any
+    volume column the headline says so."""
+    from fedrad.server.report import headline
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, seed=4)
+    for node in nodes:
+        d = pd.read_parquet(node["table"]).rename(columns={"original_shape_VoxelVolume": "morph_volume"})
+        d.to_parquet(node["table"])
+        tables[node["site-name"]] = d
+    res = run_study_in_process(cfg, nodes)
+    assert res["volume"] == {"column": "morph_volume", "reason": None}
+    assert res["final_models"]["volume"]["features"] == ["morph_volume"]
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got) == set(want) and max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
+    for node in nodes:
+        pd.read_parquet(node["table"]).drop(columns=["morph_volume"]).to_parquet(node["table"])
+    res = run_study_in_process(cfg, nodes)
+    assert "volume" not in res["final_models"]
+    assert any(line.startswith("no tumour-volume baseline: no tumour-volume column at hosp0") for line in headline(res))
+
+
+def test_volume_names_of_common_extractors():
+    from fedrad.common.plan import volume_column
+
+    for name in ("original_shape_VoxelVolume", "original_shape_Volume", "morph_volume", "SHAPE_Volume(mL)",
+                 "Fmorph.vol", "T1_Volumetric_Volume", "Shape_volume"):
+        assert volume_column(pd.DataFrame({"case_id": ["a"], name: [1.0], "original_glcm_X": [2.0]})) == name
+    two = pd.DataFrame({"original_shape_MeshVolume": [1.0], "original_shape_VoxelVolume": [1.0]})
+    assert volume_column(two) == "original_shape_VoxelVolume"
+    assert volume_column(two, "original_shape_MeshVolume") == "original_shape_MeshVolume"
+    assert volume_column(pd.DataFrame({"volume": ["big"]})) is None  # not numeric

@@ -30,7 +30,7 @@ BAD = [
     ("model", "l1_ratio", "2"), ("model", "l1_ratio", '"0.5"'), ("model", "l1_ratio", "-0.1"),
     ("model", "grid", "[true]"), ("model", "grid", "[]"), ("model", "grid", "[0.1, -1]"),
     ("model", "grid", '["0.1"]'), ("model", "grid", "0.1"), ("model", "grid", "[0.1, inf]"),
-    ("model", "clinical", '"age"'),
+    ("model", "clinical", '"age"'), ("model", "volume", '""'), ("model", "volume", "3"),
     ("validation", "loso", '"no"'), ("validation", "loso", "0"),
     ("validation", "inner_folds", "2.9"), ("validation", "inner_folds", "1"), ("validation", "inner_folds", "true"),
     ("validation", "seed", "1.5"), ("validation", "seed", '"0"'), ("validation", "seed", "false"),
