@@ -189,6 +189,6 @@ def test_small_covariate_levels_in_combat_are_refused(tmp_path):
     stats = Site.from_node_config(loose).answer("combat_stats", request, combat_stats)
     assert stats["stats"]["batches"][0]["level_counts"] == {"sex": [7, 33]}
     strict = Site.from_node_config({**loose, "min-events": 8})
-    with pytest.raises(SiteFailure, match=r"^site h1: .*\[data\]$"):
+    with pytest.raises(SiteFailure, match=r"^site h1: .*\[min-cell-size\]$"):
         strict.answer("combat_stats", request, combat_stats)
     assert "level 'F' has 7 patients" in (tmp_path / "w" / "site.log").read_text()
