@@ -179,7 +179,7 @@ def test_study_survives_crashed_and_refusing_sites_coordinator_restart_and_rejoi
         assert log.count("sites answered") == res["round_trips"]
         report = write_report(res, out / "report.html").read_text()  # names each missing site with its reason
         assert all(site in report for site in res["missing_sites"])
-        assert "stopped sending heartbeats" in report and "fewer than min_cell_size=10" in report
+        assert "stopped sending heartbeats" in report and "minimum cell size [min-cell-size]" in report
         digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "results.json",
                                                                                  out / "report.html")}
 
