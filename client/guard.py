@@ -42,13 +42,14 @@ import numpy as np
 
 from fedrad.client.approval import ApprovalError, load_approved
 from fedrad.common.files import atomic_write_bytes
-from fedrad.common.plan import FOLD, candidate_features, endpoint, outcome_columns, prepare_spec, volume_column
+from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
+from fedrad.common.plan import (FOLD, candidate_features, endpoint, grid_strong_to_weak, outcome_columns, prepare_spec,
+                                volume_column)
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
 MAX_FOLDS_UNLISTED = 65   # validation folds when the plan does not list its sites
 STEP_TOL = 2e-3           # standardized distance between an evaluated model and a point the site was sent
-CANDIDATES_PER_FEATURE = 5
 
 
 class PlanViolation(PermissionError):
@@ -111,9 +112,8 @@ def check_table(study: dict, fold: str, table) -> None:
 
 
 def penalty_grid(study: dict) -> list[float]:
-    """The penalty grid from the strongest penalty (logistic: small C; Cox: large penalizer)."""
-    grid = [float(g) for g in study["model"]["grid"]]
-    return sorted(grid) if study["endpoint"]["type"] == "response" else sorted(grid, reverse=True)
+    """The plan's penalty grid in the coordinator's task order (strongest penalty first)."""
+    return grid_strong_to_weak(study["endpoint"], [float(g) for g in study["model"]["grid"]])
 
 
 def _subset(names, allowed, what: str, max_len: int | None = None) -> list[str]:

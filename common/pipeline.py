@@ -25,6 +25,7 @@ import pandas as pd
 import scipy.special
 
 from fedrad.common import metrics
+from fedrad.common.plan import outcome_columns  # noqa: F401  (re-exported: study, pooled twin)
 from fedrad.common.report_stats import calibration_bins
 
 MODEL_KINDS = ("radiomics", "volume", "clinical", "combined")
@@ -293,9 +294,6 @@ def pick_variants(evaluated: dict, chosen: dict) -> dict:
     return out
 
 
-def outcome_columns(endpoint: dict) -> list[str]:
-    """Response: the 0/1 outcome column; survival: the time and event columns."""
-    return [endpoint["outcome"]] if endpoint["type"] == "response" else [endpoint["time"], endpoint["event"]]
 
 
 def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site: str) -> pd.DataFrame:

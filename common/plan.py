@@ -105,7 +105,13 @@ def endpoint(study: dict) -> dict:
 
 
 def outcome_columns(ep: dict) -> list[str]:
+    """Response: the 0/1 outcome column; survival: the time and event columns."""
     return [ep["outcome"]] if ep["type"] == "response" else [ep["time"], ep["event"]]
+
+
+def grid_strong_to_weak(ep: dict, grid: list[float]) -> list[float]:
+    """Penalty grid ordered from the strongest penalty (logistic: small C; Cox: large penalizer)."""
+    return sorted(grid) if ep["type"] == "response" else sorted(grid, reverse=True)
 
 
 def prepare_spec(study: dict) -> dict:

@@ -42,6 +42,7 @@ import time
 from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
+from fedrad.common.plan import grid_strong_to_weak
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
                                     common_volume, outcome_columns, pick_variants, screen_candidates)
 from fedrad.common.report_stats import harmonization_summary, pool_calibration_bins, software_versions
@@ -60,16 +61,11 @@ def fold_plan(sites: list[str], loso: bool) -> dict[str, dict]:
     return folds
 
 
-def grid_strong_to_weak(endpoint: dict, grid: list[float]) -> list[float]:
-    """Penalty grid ordered from the strongest penalty (logistic: small C; Cox: large penalizer)."""
-    return sorted(grid) if endpoint["type"] == "response" else sorted(grid, reverse=True)
-
-
 def endpoint_of(cfg: dict) -> dict:
-    ep = cfg["endpoint"]
-    if ep["type"] == "response":
-        return {"type": "response", "outcome": ep["outcome"]}
-    return {"type": "survival", "time": ep["time"], "event": ep["event"]}
+    """The endpoint of a study configuration (the same function the sites apply to their copy of the plan)."""
+    from fedrad.common.plan import endpoint
+
+    return endpoint(cfg)
 
 
 def _data_spec(endpoint: dict, features: list[str], table: str, rows: dict | None) -> dict:
