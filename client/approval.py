@@ -125,7 +125,19 @@ def describe_plan(plan: dict, columns: dict) -> list[str]:
     if plan["task"] == "study":
         s = plan["study"]
         v, m = s["validation"], s["model"]
-        lines.append(f"features: numeric columns starting with {', '.join(s['selection']['feature_prefixes'])}")
+        from fedrad.common.plan import feature_rule
+
+        rule = feature_rule(s)
+        text = "every numeric column not named above, except " + ", ".join(rule["exclude"])
+        if rule["columns"]:
+            text += "; only " + ", ".join(rule["columns"])
+        if rule["prefixes"]:
+            text += "; starting with " + ", ".join(rule["prefixes"])
+        lines.append(f"features: {text}")
+        if s["selection"].get("max_missing") is not None:
+            lines.append(f"missing values: features missing in more than {s['selection']['max_missing']:.0%} of a "
+                         "site's patients are dropped; the rest imputed per validation fold with the training "
+                         "sites' mean (a site imputes fewer than k missing cells of a feature with its own mean)")
         lines.append(f"validation: leave-one-site-out {'yes' if v['loso'] else 'no'}; inner folds {v['inner_folds']} "
                      f"(seed {v['seed']}; a fold is used only when its training and left-out rows both reach the "
                      "site's minimum cell size)")

@@ -68,9 +68,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
             raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
     from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
-    from fedrad.common.plan import candidate_features
-
-    from fedrad.common.plan import volume_column
+    from fedrad.common.plan import candidate_features, unmatched_numeric, volume_column
 
     study = payload["_plan"]["study"]
     features = candidate_features(complete, study)
@@ -81,7 +79,8 @@ def study_prepare(site: Site, payload: dict) -> dict:
     outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
     return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
             "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
-            "features": features, "volume": volume, "params_hash": params_hash, "extraction": extraction,
+            "features": features, "columns": unmatched_numeric(complete, study), "volume": volume,
+            "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
             "moments": feature_moments(complete, features, k), "versions": software_versions(SITE_SOFTWARE)}
 

@@ -123,21 +123,68 @@ def prepare_spec(study: dict) -> dict:
     covariates = list(harm["covariates"]) if harm["enabled"] else []
     required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep)))
     return {"endpoint": ep, "required_columns": required, "clinical": clinical,
-            "feature_prefixes": list(study["selection"]["feature_prefixes"]),
+            "feature_prefixes": list(study["selection"].get("feature_prefixes") or []),
             "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]))),
                        "categorical": list(harm["categorical"])}}
 
 
+#: columns never taken as features by default: pyradiomics' diagnostics (versions, hashes, image and mask
+#: statistics) and a site label
+DEFAULT_EXCLUDE = ("diagnostics_*", "site", "Site", "SITE", "center", "centre", "hospital")
+
+
+def _matches(name: str, patterns) -> bool:
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(str(name), p) for p in patterns)
+
+
+def named_columns(study: dict) -> set[str]:
+    """Columns a study plan names in a role (outcome, time/event, clinical, covariates): never features."""
+    spec = prepare_spec(study)
+    return set(spec["required_columns"]) | set(spec["clinical"]) | set(spec["cohort"]["columns"])
+
+
+def feature_rule(study: dict) -> dict:
+    """The study's feature-column rule: every numeric column that is not identifying, named by the plan, one of
+    :data:`DEFAULT_EXCLUDE` or ``[selection] exclude`` (glob patterns), then filtered by ``feature_columns``
+    (glob patterns) and ``feature_prefixes`` when given."""
+    sel = study["selection"]
+    return {"prefixes": list(sel.get("feature_prefixes") or []), "columns": list(sel.get("feature_columns") or []),
+            "exclude": list(DEFAULT_EXCLUDE) + list(sel.get("exclude") or [])}
+
+
 def candidate_features(rows, study: dict) -> list[str]:
-    """A site's candidate features under a study plan: numeric columns with one of the plan's feature prefixes
-    that are not identifying, outcome, clinical or covariate columns."""
+    """A site's candidate features under a study plan (:func:`feature_rule`), in the table's column order."""
     import pandas as pd
 
-    spec = prepare_spec(study)
-    named = set(spec["required_columns"]) | set(spec["clinical"]) | set(spec["cohort"]["columns"])
-    return [c for c in rows.columns
-            if any(str(c).startswith(p) for p in spec["feature_prefixes"]) and c not in named
-            and c not in IDENTIFYING_COLUMNS and pd.api.types.is_numeric_dtype(rows[c])]
+    named = named_columns(study)
+    rule = feature_rule(study)
+    out = []
+    for c in rows.columns:
+        if c in named or c in IDENTIFYING_COLUMNS or _matches(c, rule["exclude"]):
+            continue
+        if not pd.api.types.is_numeric_dtype(rows[c]) or pd.api.types.is_bool_dtype(rows[c]):
+            continue
+        if rule["prefixes"] and not any(str(c).startswith(p) for p in rule["prefixes"]):
+            continue
+        if rule["columns"] and not _matches(c, rule["columns"]):
+            continue
+        out.append(c)
+    return out
+
+
+def unmatched_numeric(rows, study: dict, limit: int = 5) -> dict:
+    """How many numeric, non-named columns a table has and a few of those the feature rule left out (column names
+    only: what a study that matches no features must tell its coordinator)."""
+    import pandas as pd
+
+    named = named_columns(study)
+    numeric = [c for c in rows.columns if c not in named and c not in IDENTIFYING_COLUMNS
+               and pd.api.types.is_numeric_dtype(rows[c])]
+    chosen = set(candidate_features(rows, study))
+    left = [str(c) for c in numeric if c not in chosen]
+    return {"n_numeric": len(numeric), "n_columns": int(len(rows.columns)), "left_out": left[:limit]}
 
 
 #: tumour-volume columns of common extractors, most preferred first (matched case-insensitively): pyradiomics 3

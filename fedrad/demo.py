@@ -16,7 +16,8 @@ DEMO_STUDY = {
     "study": {"name": "fedrad demo: response to treatment", "min_sites": 3},
     "endpoint": {"type": "response", "outcome": "response"},
     "harmonization": {"enabled": True, "covariates": ["age", "sex"], "categorical": ["sex"]},
-    "selection": {"fdr": 0.05, "redundancy": 0.9, "max_features": 8},
+    # the sites' tables also hold the survival endpoint's columns: never features of the response study
+    "selection": {"fdr": 0.05, "redundancy": 0.9, "max_features": 8, "exclude": ["os_time", "os_event"]},
     "model": {"penalty": "l2", "grid": [0.01, 0.1, 1.0], "clinical": ["age", "stage"]},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0},
 }
@@ -29,6 +30,7 @@ def study_config(manifests: dict[str, Path], endpoint: str, params: str, out: Pa
     if endpoint == "survival":
         user["study"]["name"] = "fedrad demo: overall survival"
         user["endpoint"] = {"type": "survival", "time": "os_time", "event": "os_event"}
+        user["selection"]["exclude"] = ["response"]
         user["model"]["grid"] = [0.01, 0.1, 1.0]
     user["study"]["output"] = str(out)
     user["sites"] = {name: {} for name in manifests}  # each site's manifest is in its own configuration

@@ -52,6 +52,35 @@ from fedrad.server.federation import Federation, SiteError
 from fedrad.server.fitting import FitTask, run_fits
 
 
+class StudyError(RuntimeError):
+    """The study cannot go on for a reason its coordinator can fix (the message names it and what to set)."""
+
+
+def no_features_message(replies: dict) -> str:
+    """One line naming each site's feature count, a few of its numeric columns left out and what to set."""
+    parts = []
+    for s in sorted(replies):
+        r = replies[s]
+        cols = r.get("columns") or {}
+        left = ", ".join(cols.get("left_out") or []) or "none"
+        parts.append(f"{s}: {len(r.get('features') or [])} candidate(s) of {cols.get('n_numeric', '?')} numeric "
+                     f"column(s) (left out e.g. {left})")
+    return ("the sites share no feature column (" + "; ".join(parts) + "); check [selection] feature_columns, "
+            "feature_prefixes and exclude in study.toml (default: every numeric column the study does not name)")
+
+
+#: names that usually denote an outcome or follow-up column (a feature by that name is worth a warning)
+_OUTCOME_LIKE = ("*time*", "*event*", "*status*", "os", "os_*", "pfs*", "dfs*", "efs*", "rfs*", "*surviv*", "*death*",
+                 "*dead*", "*vital*", "response*", "*label*", "outcome*", "target*", "y", "*recurr*", "*relapse*",
+                 "*progress*", "*censor*", "*follow*")
+
+
+def outcome_like(features: list[str]) -> list[str]:
+    from fnmatch import fnmatchcase
+
+    return [f for f in features if any(fnmatchcase(str(f).lower(), p) for p in _OUTCOME_LIKE)]
+
+
 def fold_plan(sites: list[str], loso: bool) -> dict[str, dict]:
     """``{fold: {"train": [...], "test": [...]}}``."""
     folds = {"final": {"train": list(sites), "test": list(sites)}}
@@ -106,15 +135,20 @@ class Study:
         replies = self.fed.ask("study_prepare", payload, phase="prepare")
         min_sites = int(cfg["study"]["min_sites"])
         if len(replies) < min_sites:
-            raise RuntimeError(f"only {len(replies)} sites answered; the study needs {min_sites}")
+            raise StudyError(f"only {len(replies)} sites answered; the study needs {min_sites}")
         self.sites = sorted(replies)
         hashes = {r["params_hash"] for r in replies.values() if r.get("params_hash")}
         if len(hashes) > 1:
-            raise RuntimeError("sites extracted features with different parameter files; use one params file")
+            raise StudyError("sites extracted features with different parameter files; use one params file")
         common = set.intersection(*(set(r["features"]) for r in replies.values()))
         self.candidates = [f for f in replies[self.sites[0]]["features"] if f in common]
         if not self.candidates:
-            raise RuntimeError("the sites share no feature column matching the study's feature_prefixes")
+            raise StudyError(no_features_message(replies))
+        suspicious = outcome_like(self.candidates)
+        if suspicious:
+            self.log(f"warning: candidate feature(s) {', '.join(suspicious[:5])} look like outcome or follow-up "
+                     "columns; if they are, list them in [selection] exclude")
+        self.results["outcome_like_features"] = suspicious
         self.volume, reason = common_volume({s: replies[s].get("volume") for s in self.sites})
         self.results["volume"] = {"column": self.volume, "reason": reason}
         self.folds = fold_plan(self.sites, bool(cfg["validation"]["loso"]))
@@ -129,7 +163,7 @@ class Study:
         if cfg["selection"]["icc_threshold"] is not None:
             lacking = [s for s in self.sites if not replies[s].get("has_robustness")]
             if lacking:
-                raise RuntimeError(f"[selection] icc_threshold needs a robustness table at every site; missing at "
+                raise StudyError(f"[selection] icc_threshold needs a robustness table at every site; missing at "
                                    f"{', '.join(lacking)} (run `fedrad site robustness` and set robustness = ...)")
         self.results["folds"] = {f: dict(v) for f, v in self.folds.items()}
         self._phase("prepare", t0, r0)

@@ -32,7 +32,15 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     mean_only = false
 
     [selection]
-    feature_prefixes = ["original_", "log-sigma"]
+    # features: by default every numeric column that is not case_id / a file column, the outcome, time or
+    # event, a clinical column or a ComBat covariate, a site label or a pyradiomics diagnostics_* column.
+    # These narrow it (glob patterns; case-sensitive):
+    exclude = ["pfs_*", "response"]     # e.g. the other endpoints' columns kept in the same table
+    feature_columns = []                # only these (e.g. ["original_*"]); [] = all
+    feature_prefixes = []               # only names starting with one of these; [] = all
+    max_missing = 0.2                   # features missing in more than this share of a site's patients are
+                                        # dropped; the others are imputed per validation fold with the
+                                        # training sites' mean (ComBat runs on the imputed table)
     fdr = 0.05                          # univariate screening, Benjamini-Hochberg
     redundancy = 0.9                    # |r| above which one of a pair is dropped
     max_features = 10
@@ -72,8 +80,8 @@ DEFAULTS = {
     "sites": {},
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
                       "mean_only": False},
-    "selection": {"feature_prefixes": ["original_", "log-sigma"], "fdr": 0.05, "redundancy": 0.9,
-                  "max_features": 10, "icc_threshold": None},
+    "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
+                  "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": [],
               "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
@@ -210,7 +218,12 @@ def validate(cfg: dict) -> dict:
     for key in ("covariates", "categorical"):
         _strings(cfg, "harmonization", key)
     sel = cfg["selection"]
-    _strings(cfg, "selection", "feature_prefixes", non_empty=True)
+    for key in ("feature_prefixes", "feature_columns", "exclude"):
+        _strings(cfg, "selection", key)
+    _number(cfg, "selection", "max_missing", 0.0, 1.0, "[0, 1)", low_open=False)
+    if sel["max_missing"] >= 1.0:
+        raise _bad("selection", "max_missing", sel["max_missing"], "must be below 1 (the share of a site's "
+                   "patients a feature may miss)")
     _number(cfg, "selection", "fdr", 0.0, 1.0, "(0, 1]")
     _number(cfg, "selection", "redundancy", 0.0, 1.0, "(0, 1]")
     _integer(cfg, "selection", "max_features", 1)

@@ -202,7 +202,7 @@ def demo_sites(tmp: Path, n_sites: int, n: int, seed: int = 0):
 def study_cfg(endpoint: dict, grid: list[float]) -> dict:
     return validate(_merge({"study": {"name": "Report test study", "min_sites": 3}, "endpoint": endpoint,
                             "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
-                            "selection": {"max_features": 4},
+                            "selection": {"max_features": 4, "exclude": ["response", "os_*"]},
                             "model": {"clinical": ["age", "stage"], "grid": grid},
                             "validation": {"inner_folds": 2, "km_times": [0, 6, 12, 24, 36, 48, 60, 72]}}))
 

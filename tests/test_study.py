@@ -41,6 +41,8 @@ def make_sites(tmp_path, survival: bool, seed: int = 0):
                 else {"type": "response", "outcome": "response"})
     cfg = validate(_merge({"study": {"name": "t", "min_sites": 3}, "endpoint": endpoint,
                            "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
+                           # the table also holds the other endpoint's columns: never features
+                           "selection": {"exclude": ["response", "os_*"]},
                            "model": {"clinical": ["age", "stage"], "grid": [0.01, 0.1, 1.0]}}))
     return cfg, nodes, tables
 
