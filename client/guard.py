@@ -10,7 +10,9 @@ request            what the site derives or checks
 study_prepare      everything derived from the plan (endpoint, columns, feature prefixes, cohort columns); the data
                    source is the site's own (``[sources.<alias>]`` named by the plan, else its default table)
 combat_stats       table ``raw``; covariates, categorical covariates and options equal the plan's; features are
-                   the site's own candidate features; every categorical level has >= k patients (ComBat step)
+                   the site's own candidate features; every categorical level has >= k patients (ComBat step);
+                   imputation values (missing cells) per plan fold, for candidate features only, finite; the
+                   site fills fewer than k missing cells of a feature with its own mean (fedrad.common.missing)
 study_harmonize    folds are ``final`` / ``loso:<site>`` of the plan; selection requests as study_select
 study_select       tables ``h-<fold>`` (or ``raw``); score tests on the plan's outcome, features among the site's
                    candidates; ICC only when the plan filters by ICC; correlation requests of at most
@@ -108,7 +110,31 @@ def fold_table(study: dict, fold: str) -> str:
 
 
 def check_table(study: dict, fold: str, table) -> None:
-    _require(table == fold_table(study, fold), "a table outside the plan")
+    # without harmonization a fold's table is the raw table, or the fold's imputed table (missing values)
+    _require(table == fold_table(study, fold) or table == f"h-{fold}", "a table outside the plan")
+
+
+def _impute_values(site, study, impute, ledger, cache, *, trains_only: bool) -> dict:
+    """Per fold, the imputation value of each feature: folds of the plan, features among the site's candidates
+    (and its volume column), finite numbers. ``trains_only``: drop the site's own held-out fold (it sends no
+    training statistics for it). The site's own rule (fewer than k missing cells: its own mean) applies later."""
+    import math
+
+    if not impute:
+        return {}
+    _require(isinstance(impute, dict), "imputation values outside the plan")
+    allowed = list(_site_candidates(site, study, cache)) + ([cache["volume"]] if cache.get("volume") else [])
+    out = {}
+    for fold, values in impute.items():
+        check_fold(study, fold, ledger)
+        _require(isinstance(values, dict), "imputation values outside the plan")
+        _subset(list(values), allowed, "imputed features")
+        _require(all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(float(v))
+                     for v in values.values()), "imputation values outside the plan")
+        if trains_only and fold == f"loso:{site.name}":
+            continue
+        out[fold] = {str(f): float(v) for f, v in values.items()}
+    return out
 
 
 def penalty_grid(study: dict) -> list[float]:
@@ -152,7 +178,8 @@ def _combat_stats(site, record, payload, ledger, cache):
     feats = _subset(req.get("features"), _site_candidates(site, study, cache), "ComBat features")
     want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]),
                         parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
-    return {"request": want, "table": "raw"}
+    impute = _impute_values(site, study, payload.get("impute"), ledger, cache, trains_only=True)
+    return {"request": want, "table": "raw", **({"impute": impute} if payload.get("impute") else {})}
 
 
 def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
@@ -193,11 +220,14 @@ def _study_select(site, record, payload, ledger, cache):
 
 def _study_harmonize(site, record, payload, ledger, cache):
     study = record["plan"]["study"]
-    _require(study["harmonization"]["enabled"], "harmonization is not in the plan")
     refs = payload.get("references") or {}
+    impute = _impute_values(site, study, payload.get("impute"), ledger, cache, trains_only=False)
+    # without harmonization in the plan the request may only make each fold's imputed table
+    _require(study["harmonization"]["enabled"] or (bool(impute) and all(r is None for r in refs.values())),
+             "harmonization is not in the plan")
     for fold in refs:
         check_fold(study, fold, ledger)
-    out = {"references": refs,
+    out = {"references": refs, "impute": impute,
            "selection": _selection_specs(site, study, payload.get("selection") or {}, ledger, cache)}
     mom = payload.get("moments")
     if mom:

@@ -31,6 +31,13 @@ def combat_stats(site: Site, payload: dict) -> dict:
     request = payload["request"]
     rows = site.table(payload.get("table"))
     check_levels(rows, list(request.get("categorical", [])), site.policy.min_cell_size)
+    if payload.get("impute"):  # a study with missing values: statistics of each fold's imputed table
+        from fedrad.client.study_steps import impute_fold
+
+        return {"stats": {fold: site_combat_stats(impute_fold(site, rows, values), request, site=site.name,
+                                                  min_cell_size=site.policy.min_cell_size,
+                                                  min_level_size=site.policy.min_events)
+                          for fold, values in payload["impute"].items()}}
     return {"stats": site_combat_stats(rows, request, site=site.name, min_cell_size=site.policy.min_cell_size,
                                        min_level_size=site.policy.min_events)}
 

@@ -53,10 +53,25 @@ def study_prepare(site: Site, payload: dict) -> dict:
     missing = [c for c in required if c not in rows.columns]
     if missing:
         raise ValueError(f"the feature table lacks column(s) {', '.join(missing)} the study needs")
-    from fedrad.common.pipeline import complete_rows
+    from fedrad.common.pipeline import complete_rows, exclusion_reasons, outcome_columns
 
+    for col in outcome_columns(endpoint):
+        values = rows[col].dropna()
+        if len(values) and not pd.api.types.is_numeric_dtype(values):
+            raise ValueError(f"site {site.name}: outcome column {col!r} is not numeric (e.g. {values.iloc[0]!r}); "
+                             "write numbers (0/1 for outcomes and events)")
+    if endpoint["type"] == "survival":
+        bad = sorted(set(rows[endpoint["event"]].dropna().unique()) - {0, 1})
+        if bad:
+            raise ValueError(f"site {site.name}: event column {endpoint['event']!r} has values {bad[:3]}; use 0/1")
     k = site.policy.min_cell_size
-    complete = complete_rows(rows, endpoint, list(payload.get("clinical", [])), site.name)
+    clinical = list(payload.get("clinical", []))
+    covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical]
+    _, reasons = exclusion_reasons(rows, endpoint, clinical, covariates)
+    for reason, count in reasons.items():  # the exact counts stay in the site's own log
+        site.log_local("data", f"site {site.name}: {count} row(s) excluded ({reason}; complete-case rule)",
+                       "study_prepare")
+    complete = complete_rows(rows, endpoint, clinical, site.name, covariates)
     dropped = len(rows) - len(complete)
     site.save_table("raw", complete)
     if source.get("robustness") and payload.get("robustness_needed"):  # perturbed features for ICC, kept here
@@ -78,11 +93,15 @@ def study_prepare(site: Site, payload: dict) -> dict:
                             categorical=list(spec.get("categorical", [])), k=k)
     outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
     return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
+            "exclusions": {reason: _small_or_zero(count, k) for reason, count in reasons.items()},
             "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
             "features": features, "columns": unmatched_numeric(complete, study), "volume": volume,
             "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
-            "moments": feature_moments(complete, features, k), "versions": software_versions(SITE_SOFTWARE)}
+            # per-feature moments of the raw table (site effect; observed counts and means: the missing-value rule)
+            "moments": feature_moments(complete, features + ([volume] if volume and volume not in features else []),
+                                       k),
+            "versions": software_versions(SITE_SOFTWARE)}
 
 
 def _small_or_zero(count: int, k: int):
@@ -90,12 +109,34 @@ def _small_or_zero(count: int, k: int):
     return int(count) if count == 0 or count >= k else None
 
 
+def impute_fold(site: Site, rows: pd.DataFrame, values: dict | None) -> pd.DataFrame:
+    """The site's rows with one fold's imputation values (:func:`fedrad.common.missing.impute`; fewer than k
+    missing cells of a feature get the site's own mean). A feature observed in fewer than k patients is refused."""
+    if not values:
+        return rows
+    from fedrad.client.policy import PolicyRefusal
+    from fedrad.common.missing import ImputationRefused, impute
+
+    try:
+        return impute(rows, values, site.policy.min_cell_size)[0]
+    except ImputationRefused as exc:
+        raise PolicyRefusal(str(exc), code="min-cell-size") from None
+
+
 def study_harmonize(site: Site, payload: dict) -> dict:
     """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site), then
     answer the selection's score-test requests on the folds this site trains in, and send per-feature moments
     of the fold's harmonized table named in ``payload["moments"]`` (the report's site effect after ComBat)."""
     rows = site.table("raw")
-    folds = {fold: harmonize_locally(site, rows, ref, f"h-{fold}") for fold, ref in payload["references"].items()}
+    impute = payload.get("impute") or {}
+    folds = {}
+    for fold, ref in payload["references"].items():
+        table = impute_fold(site, rows, impute.get(fold))
+        if ref is None:  # harmonization disabled: the fold's imputed table only
+            site.save_table(f"h-{fold}", table)
+            folds[fold] = {"n_rows": int(len(table))}
+        else:
+            folds[fold] = harmonize_locally(site, table, ref, f"h-{fold}")
     selection = study_select(site, {"folds": payload["selection"]})["folds"] if payload.get("selection") else {}
     out = {"folds": folds, "selection": selection}
     spec = payload.get("moments")

@@ -296,9 +296,39 @@ def pick_variants(evaluated: dict, chosen: dict) -> dict:
 
 
 
-def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site: str) -> pd.DataFrame:
-    """The rows a study uses: outcome and clinical values present; a ``case_id`` column (made if absent)."""
-    complete = rows.dropna(subset=outcome_columns(endpoint) + list(clinical))
+def exclusion_reasons(rows: pd.DataFrame, endpoint: dict, clinical: list[str],
+                      covariates: list[str] = ()) -> tuple[np.ndarray, dict[str, int]]:
+    """The complete-case rule (TRIPOD item 9): ``(keep mask, {reason: rows excluded})``. A row is excluded, for the
+    first reason that applies, when an outcome value (response; survival time or event) is missing or not
+    finite, the survival time is negative, or a clinical column or ComBat covariate is missing. A zero time is
+    kept (as lifelines and R's coxph do)."""
+    keep = np.ones(len(rows), dtype=bool)
+    reasons: dict[str, int] = {}
+
+    def drop(bad: np.ndarray, reason: str) -> None:
+        nonlocal keep
+        hit = bad & keep
+        if hit.any():
+            reasons[reason] = reasons.get(reason, 0) + int(hit.sum())
+        keep &= ~bad
+
+    for col in outcome_columns(endpoint):
+        values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
+        drop(~np.isfinite(values), f"missing {col}")
+    if endpoint["type"] == "survival":
+        t = pd.to_numeric(rows[endpoint["time"]], errors="coerce").to_numpy(dtype=float)
+        drop(np.isfinite(t) & (t < 0), f"negative {endpoint['time']}")
+    named = list(dict.fromkeys(list(clinical) + list(covariates)))
+    if named:
+        drop(rows[named].isna().any(axis=1).to_numpy(), "missing clinical or covariate value")
+    return keep, reasons
+
+
+def complete_rows(rows: pd.DataFrame, endpoint: dict, clinical: list[str], site: str,
+                  covariates: list[str] = ()) -> pd.DataFrame:
+    """The rows a study uses (:func:`exclusion_reasons`); a ``case_id`` column (made if absent)."""
+    keep, _ = exclusion_reasons(rows, endpoint, clinical, covariates)
+    complete = rows[keep]
     if "case_id" not in complete.columns:
         complete = complete.assign(case_id=[f"{site}-{i}" for i in range(len(complete))])
     return complete.reset_index(drop=True)

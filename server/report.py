@@ -153,6 +153,34 @@ def _count_cell(v, n, small: bool, k) -> str:
     return f"{v}{pct}"
 
 
+def missing_data_text(results: dict, any_excluded: bool) -> str:
+    """TRIPOD item 9: the complete-case rule for outcome / clinical / covariates and the feature rule (dropped
+    above max_missing, the rest imputed per fold with the training sites' mean), with counts."""
+    rows = ("patients with a missing outcome, a negative time, or a missing clinical or covariate value excluded "
+            "(complete case; per site and reason in Cohort)" if any_excluded
+            else "no patient excluded for missing outcome, clinical or covariate values")
+    miss = results.get("missing")
+    if not miss:
+        return rows
+    dropped, imputed = miss.get("dropped") or {}, miss.get("imputed") or []
+    share = float(miss.get("max_missing", 0.2))
+    parts = [rows]
+    if dropped:
+        shown = "; ".join(f"{_e(f)} ({_e(w)})" for f, w in list(dropped.items())[:6])
+        parts.append(f"{len(dropped)} feature(s) dropped as missing in more than {share:.0%} of a site's patients: "
+                     f"{shown}" + (" …" if len(dropped) > 6 else ""))
+    if imputed:
+        cells = miss.get("cells") or {}
+        per_site = ", ".join(f"{_e(s)} {c}" for s, c in sorted(cells.items()) if c)
+        parts.append(f"{miss.get('n_cells', 0)} missing cell(s) of {len(imputed)} feature(s) ({per_site}) imputed "
+                     "inside each validation fold with the training sites' mean (a held-out site never informs "
+                     "it; fewer than k missing cells of a feature at a site get that site's own mean); ComBat, "
+                     "selection and models ran on the imputed tables")
+    if not dropped and not imputed:
+        parts.append(f"no missing feature values among {miss.get('n_features', NA)} features")
+    return "; ".join(parts)
+
+
 def _pooled_count(values: list, total: int) -> str:
     released = [v for v in values if v is not None]
     s = sum(released)
@@ -178,10 +206,21 @@ def cohort_table(results: dict) -> str:
     rows: list[list] = [[{"class": "strong"}, "patients in the study (complete outcome and clinical data), n"]
                         + [str(n) for n in ns] + [str(total)] + blank]
     dropped = [info[s].get("n_dropped_incomplete") for s in sites]
-    if any(d != 0 for d in dropped):
+
+    def under_k(s):
+        return f"&lt;{_e((cohort.get(s) or {}).get('k', 'k'))}"
+
+    reasons = list(dict.fromkeys(r for s in sites for r in (info[s].get("exclusions") or {})))
+    if reasons:  # one row per reason of the complete-case rule (TRIPOD item 9)
+        for reason in reasons:
+            counts = [(info[s].get("exclusions") or {}).get(reason, 0) for s in sites]
+            rows.append([f"excluded: {_e(reason)}, n"] + [(str(c) if c is not None else under_k(s))
+                                                          for s, c in zip(sites, counts)]
+                        + [_pooled_count(counts, 0)] + blank)
+    elif any(d != 0 for d in dropped):
         rows.append(["excluded for missing outcome or clinical values, n"]
-                    + [(str(d) if d is not None else f"&lt;{_e((cohort.get(s) or {}).get('k', 'k'))}")
-                       for s, d in zip(sites, dropped)] + [_pooled_count(dropped, 0)] + blank)
+                    + [(str(d) if d is not None else under_k(s)) for s, d in zip(sites, dropped)]
+                    + [_pooled_count(dropped, 0)] + blank)
     extraction = [info[s].get("extraction") for s in sites]
     if any(extraction):
         rows.append(["images extracted at the site / cases in its manifest"]
@@ -911,8 +950,7 @@ def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
                                        f"{', '.join(model.get('clinical', [])) or 'none'}"),
         ("7b", "Blinding of predictor assessment", AUTHORS, "segmentation blinded to outcome?"),
         ("8", "Sample size", REPORTED, f"{n} patients{epv}"),
-        ("9", "Missing data", REPORTED, "complete-case analysis; excluded per site in Cohort"
-         if any(d != 0 for d in dropped) else "complete-case analysis; no patient excluded"),
+        ("9", "Missing data", REPORTED, missing_data_text(results, any(d != 0 for d in dropped))),
         ("10a", "Handling of predictors", REPORTED,
          ("ComBat harmonization (covariates " + (", ".join(harm.get("covariates", [])) or "none") + ")"
           if harm.get("enabled", True) else "no harmonization") + "; features standardized in the model"),

@@ -63,8 +63,9 @@ def no_features_message(replies: dict) -> str:
         r = replies[s]
         cols = r.get("columns") or {}
         left = ", ".join(cols.get("left_out") or []) or "none"
-        parts.append(f"{s}: {len(r.get('features') or [])} candidate(s) of {cols.get('n_numeric', '?')} numeric "
-                     f"column(s) (left out e.g. {left})")
+        feats = r.get("features") or []
+        parts.append(f"{s}: {len(feats)} candidate(s)" + (f" such as {', '.join(feats[:2])}" if feats else "")
+                     + f" of {cols.get('n_numeric', '?')} numeric column(s) (left out e.g. {left})")
     return ("the sites share no feature column (" + "; ".join(parts) + "); check [selection] feature_columns, "
             "feature_prefixes and exclude in study.toml (default: every numeric column the study does not name)")
 
@@ -153,11 +154,17 @@ class Study:
         self.results["volume"] = {"column": self.volume, "reason": reason}
         self.folds = fold_plan(self.sites, bool(cfg["validation"]["loso"]))
         self.results["sites"] = {s: {k: replies[s].get(k) for k in ("n", "n_events", "n_nonevents",
-                                                                     "n_dropped_incomplete", "extraction")}
+                                                                     "n_dropped_incomplete", "exclusions",
+                                                                     "extraction")}
                                  for s in self.sites}
+        for s in self.sites:
+            for reason, count in (replies[s].get("exclusions") or {}).items():
+                self.log(f"site {s}: {count if count is not None else 'fewer than k'} row(s) excluded ({reason}; "
+                         "complete-case rule, counted in the cohort table)")
         self.results["n_candidate_features"] = len(self.candidates)
         self.results["cohort"] = {s: replies[s].get("cohort") for s in self.sites}
         self.raw_moments = {s: replies[s]["moments"] for s in self.sites}
+        self._missing_values({s: int(replies[s]["n"]) for s in self.sites})
         self.results["provenance"] = {"params_hash": next(iter(hashes)) if hashes else None,
                                       "sites": {s: replies[s].get("versions") for s in self.sites}}
         if cfg["selection"]["icc_threshold"] is not None:
@@ -168,25 +175,73 @@ class Study:
         self.results["folds"] = {f: dict(v) for f, v in self.folds.items()}
         self._phase("prepare", t0, r0)
 
+    def _missing_values(self, n_rows: dict[str, int]) -> None:
+        """Missing feature values (:mod:`fedrad.common.missing`): drop the features missing in more than
+        ``[selection] max_missing`` of a site's patients; impute the others per fold with the training sites'
+        mean (values from the raw-table moments, no extra round trip)."""
+        from fedrad.common.missing import fold_values, missing_plan
+
+        share = float(self.cfg["selection"].get("max_missing", 0.2))
+        volume = self.volume
+        feats = self.candidates + ([volume] if volume and volume not in self.candidates else [])
+        plan = missing_plan(self.raw_moments, n_rows, feats, share)
+        dropped = plan["dropped"]
+        self.candidates = [f for f in self.candidates if f not in dropped]
+        if volume in dropped:
+            self.volume = None
+            self.results["volume"] = {"column": None, "reason": f"the volume column {volume} was dropped: "
+                                                                f"{dropped[volume]} (above [selection] max_missing)"}
+        if dropped:
+            self.log(f"missing values: {len(dropped)} feature(s) dropped (missing in more than {share:.0%} of a "
+                     f"site's patients), e.g. {', '.join(list(dropped)[:3])}")
+        if not self.candidates:
+            raise StudyError(f"every candidate feature is missing in more than {share:.0%} of some site's patients "
+                             f"(e.g. {'; '.join(f'{f}: {w}' for f, w in list(dropped.items())[:3])}); raise "
+                             "[selection] max_missing or fix the sites' tables")
+        self.impute = {fold: fold_values(self.raw_moments, spec["train"], plan["impute"])
+                       for fold, spec in self.folds.items()} if plan["impute"] else {}
+        if plan["impute"]:
+            self.log(f"missing values: {sum(plan['cells'].values())} cell(s) of {len(plan['impute'])} feature(s) "
+                     "imputed per fold with the training sites' mean")
+        self.results["missing"] = {"max_missing": share, "dropped": dropped, "imputed": plan["impute"],
+                                   "cells": plan["cells"], "n_cells": int(sum(plan["cells"].values())),
+                                   "n_features": len(feats)}
+        self.results["n_candidate_features"] = len(self.candidates)
+
     def harmonize(self) -> None:
         harm = self.cfg["harmonization"]
-        if not harm["enabled"]:
+        impute = getattr(self, "impute", {})
+        if not harm["enabled"] and not impute:
             self.tables = {f: "raw" for f in self.folds}
             self._site_effect(None, "harmonization is disabled in study.toml: no harmonized table")
             return
         t0, r0 = time.monotonic(), self.fed.rounds
+        self.tables = {f: f"h-{f}" for f in self.folds}
+        if not harm["enabled"]:  # imputation only: one round makes each fold's imputed table (and the score tests)
+            replies = self.fed.ask("study_harmonize", {"references": {f: None for f in self.folds},
+                                                       "impute": impute, "selection": self._score_specs()},
+                                   phase="imputation")
+            self.scores = {s: r["selection"] for s, r in replies.items()}
+            self._site_effect(None, "harmonization is disabled in study.toml: no harmonized table")
+            self._phase("imputation", t0, r0)
+            return
         request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
                                parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
-        stats = self.fed.ask("combat_stats", {"request": request, "table": "raw"}, phase="harmonization")
+        ask = {"request": request, "table": "raw"}
+        if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
+            ask["impute"] = impute
+        stats = self.fed.ask("combat_stats", ask, phase="harmonization")
         refs = {}
         for fold, spec in self.folds.items():
-            refs[fold] = combine_combat_stats([stats[s]["stats"] for s in spec["train"]], request).to_dict()
+            per_site = [stats[s]["stats"][fold] if impute else stats[s]["stats"] for s in spec["train"]]
+            refs[fold] = combine_combat_stats(per_site, request).to_dict()
         self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
-        self.tables = {f: f"h-{f}" for f in self.folds}
         # the sites compute the selection's score tests on the tables they just harmonized (same round trip)
-        replies = self.fed.ask("study_harmonize", {"references": refs, "selection": self._score_specs(),
-                                                   "moments": {"fold": "final", "features": self.candidates}},
-                               phase="harmonization")
+        ask = {"references": refs, "selection": self._score_specs(),
+               "moments": {"fold": "final", "features": self.candidates}}
+        if impute:
+            ask["impute"] = impute
+        replies = self.fed.ask("study_harmonize", ask, phase="harmonization")
         self.scores = {s: r["selection"] for s, r in replies.items()}
         self._site_effect({s: r["moments"] for s, r in replies.items()}, None)
         self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},
@@ -377,7 +432,7 @@ class Study:
                                                                        f"[study] min_sites = {min_sites}"}) from exc
                 self.log(f"site(s) {', '.join(exc.failures)} failed during {exc.request}; restarting the study "
                          f"with the {n_left} remaining sites")
-                for attr in ("scores", "excluded", "sites"):
+                for attr in ("scores", "excluded", "sites", "impute"):
                     self.__dict__.pop(attr, None)
                 self.results = {"study": self.results["study"], "endpoint": self.endpoint, "phases": [],
                                 "plan_id": self.plan_id}

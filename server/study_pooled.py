@@ -25,16 +25,41 @@ from fedrad.common.selection import (correlation_request, cox_score_request, icc
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
 
 
-def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame]) -> tuple[dict[str, pd.DataFrame], list[str]]:
-    """Each site's complete rows and the candidate features every site has (as the study's prepare phase)."""
+def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size: int = 10
+                  ) -> tuple[dict[str, pd.DataFrame], list[str], dict]:
+    """Each site's complete rows, the candidate features every site has (as the study's prepare phase) and the
+    missing-value plan (:func:`fedrad.common.missing.missing_plan` from the rows): dropped features are no
+    candidates, and a dropped volume column is ``plan["volume"] = None``."""
+    from fedrad.common.missing import missing_plan_rows
+    from fedrad.common.pipeline import common_volume
+    from fedrad.common.plan import volume_column
+
     endpoint = endpoint_of(cfg)
     clinical = list(cfg["model"]["clinical"])
-    tables = {s: complete_rows(t, endpoint, clinical, s) for s, t in site_tables.items()}
+    harm = cfg["harmonization"]
+    covariates = [c for c in (harm["covariates"] if harm["enabled"] else []) if c not in clinical]
+    tables = {s: complete_rows(t, endpoint, clinical, s, covariates) for s, t in site_tables.items()}
     study = study_plan(cfg)["study"]
     sites = sorted(tables)
     first = candidate_features(tables[sites[0]], study)
     common = set.intersection(*(set(candidate_features(t, study)) for t in tables.values()))
-    return tables, [f for f in first if f in common]
+    candidates = [f for f in first if f in common]
+    volume = common_volume({s: volume_column(tables[s], cfg["model"].get("volume")) for s in sites})[0]
+    feats = candidates + ([volume] if volume and volume not in candidates else [])
+    plan = missing_plan_rows(tables, feats, float(cfg["selection"].get("max_missing", 0.2)), min_cell_size)
+    plan["volume"] = None if volume in plan["dropped"] else volume
+    return tables, [f for f in candidates if f not in plan["dropped"]], plan
+
+
+def _imputed(tables: dict[str, pd.DataFrame], plan: dict, train_sites: list[str], min_cell_size: int
+             ) -> dict[str, pd.DataFrame]:
+    """Every site's rows imputed with one fold's values (the training sites' pooled observed mean)."""
+    from fedrad.common.missing import fold_values_rows, impute
+
+    if not plan["impute"]:
+        return tables
+    values = fold_values_rows(tables, train_sites, plan["impute"])
+    return {s: impute(t, values, min_cell_size)[0] for s, t in tables.items()}
 
 
 def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: list[str], candidates: list[str],
@@ -57,9 +82,10 @@ def pooled_site_effect(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell
     """Pooled twin of the study's ``results["site_effect"]``: one-way ANOVA per feature on the pooled rows of
     the raw tables and of the final fold's harmonized tables (ComBat fit on every site's pooled rows), and the
     PCA of the site centroids (raw axes; harmonized centroids projected on them), all from rows."""
-    tables, candidates = _study_tables(cfg, site_tables)
+    tables, candidates, plan = _study_tables(cfg, site_tables, min_cell_size)
     sites = sorted(tables)
-    _, harmonized = _harmonize_pooled(cfg, tables, sites, candidates, min_cell_size)
+    _, harmonized = _harmonize_pooled(cfg, _imputed(tables, plan, sites, min_cell_size), sites, candidates,
+                                      min_cell_size)
     raw = pd.concat([tables[s].assign(__site__=s) for s in sites], ignore_index=True)
     out = {"before": site_effect_rows(raw, "__site__", candidates)}
     pca = centroid_pca_rows(raw, "__site__", candidates)
@@ -78,10 +104,11 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     """Metrics of the held-out site when everything is fit on the pooled rows of the other sites
     (``robustness``: each site's perturbed feature table, when the study filters by ICC)."""
     endpoint = endpoint_of(cfg)
-    tables, candidates = _study_tables(cfg, site_tables)
+    tables, candidates, plan = _study_tables(cfg, site_tables, min_cell_size)
     sites = sorted(tables)
     train_sites = [s for s in sites if s != held_out]
-    excluded, harmonized = _harmonize_pooled(cfg, tables, train_sites, candidates, min_cell_size)
+    excluded, harmonized = _harmonize_pooled(cfg, _imputed(tables, plan, train_sites, min_cell_size), train_sites,
+                                             candidates, min_cell_size)
     clinical = list(cfg["model"]["clinical"])
     feats = [f for f in candidates if f not in excluded]
     train = pd.concat([harmonized[s].assign(site=s) for s in train_sites], ignore_index=True)
@@ -102,10 +129,7 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     mcfg, vcfg = cfg["model"], cfg["validation"]
     grid = grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
     k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
-    from fedrad.common.pipeline import common_volume
-    from fedrad.common.plan import volume_column
-
-    volume = common_volume({s: volume_column(tables[s], mcfg.get("volume")) for s in sites})[0]
+    volume = plan["volume"]
     chosen = {}
     for kind in MODEL_KINDS:
         mf = model_features(kind, signature, clinical, volume)

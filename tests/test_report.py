@@ -355,7 +355,7 @@ def test_cohort_table_shows_counts_under_k_as_withheld(response_study):
     prepare = [e for e in log.entries() if e["request"] == "study_prepare"]
     assert prepare and all(e["payload"]["cohort"]["counts"]["stage"]["4"] is None for e in prepare)
     # excluded for missing age at site3: 3 patients, shown as <10
-    assert rows["excluded for missing outcome or clinical values, n"][head.index("site3") - 1] == "<10"
+    assert rows["excluded: missing clinical or covariate value, n"][head.index("site3") - 1] == "<10"
     # the means are those of the rows; the all-sites column equals pandas on the pooled rows
     kept = {s: t.dropna(subset=["age", "stage", "response"]) for s, t in tables.items() if s != LOST}
     for s, t in kept.items():

@@ -311,3 +311,38 @@ def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
         "[sources", f'[policy]\napproved-plans = ["{"a" * 64}"]\n[sources', 1))
     refused(node, "study_prepare", {"plan": pid}, "plan-not-approved")
     assert validate(_merge({"sites": {"a": {"source": "x"}, "b": {}}}))["sites"]["a"] == {"source": "x"}
+
+
+def test_attack7_imputation_values_cannot_single_out_patients(tmp_path):
+    """Missing values (issue 12): the coordinator sends each fold's imputation values. A value it chooses for
+    fewer than k missing cells would single those patients out in every sum (a huge value makes the score test
+    that patient's outcome). The site fills fewer than k missing cells with its own mean — the coordinator's value
+    changes nothing — and refuses values for columns outside its candidates, non-finite values, and features it
+    observes in fewer than k patients."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    table = tables["hosp0"].copy()
+    table.loc[table.index[:1], "original_glcm_F0"] = np.nan        # 1 patient: < k
+    table.loc[table.index[:85], "original_glcm_F5"] = np.nan       # observed in 6 patients: < k
+    table.to_parquet(tmp_path / "hosp0" / "features.parquet")
+    approve_at_sites(study_plan(cfg), [node])
+    pid = plan_id(study_plan(cfg))
+    ask(node, "study_prepare", {"plan": pid})
+    feats = [f"original_glcm_F{i}" for i in range(5)]
+    from fedrad.common.combat import make_request
+
+    request = make_request(feats, ["age", "sex"], ["sex"])
+
+    def stats(value):
+        reply = ask(node, "combat_stats", {"plan": pid, "request": request, "table": "raw",
+                                           "impute": {"final": {"original_glcm_F0": value}}})
+        return json.dumps(reply["stats"]["final"], default=lambda a: np.asarray(a).tolist())
+
+    assert stats(1e9) == stats(-1e9) == stats(0.0)  # the site's own mean filled the single missing cell
+    for bad in ({"final": {"age": 1.0}}, {"final": {"response": 1.0}}, {"final/../x": {"original_glcm_F0": 1.0}},
+                {"final": {"original_glcm_F0": float("inf")}}):
+        refused(node, "combat_stats", {"plan": pid, "request": request, "table": "raw", "impute": bad},
+                "outside-plan")
+    wide = make_request(feats + ["original_glcm_F5"], ["age", "sex"], ["sex"])
+    refused(node, "combat_stats", {"plan": pid, "request": wide, "table": "raw",
+                                   "impute": {"final": {"original_glcm_F5": 1.0}}}, "min-cell-size")
