@@ -131,6 +131,10 @@ def headline(results: dict) -> list[str]:
     volume = results.get("volume") or {}
     if "volume" in results and not volume.get("column"):
         lines.append(f"no tumour-volume baseline: {volume.get('reason') or 'no volume column'}")
+    suspicious = results.get("outcome_like_features") or []
+    if suspicious:
+        lines.append(f"check the features: {', '.join(suspicious[:5])}{' …' if len(suspicious) > 5 else ''} look like "
+                     "outcome or follow-up columns; if they are, list them in [selection] exclude")
     return lines
 
 

@@ -213,3 +213,14 @@ def test_missing_values_without_harmonization_equal_pooled_twin(tmp_path):
         got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
         assert set(got) == set(want)
         assert max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
+
+
+def test_outcome_like_candidates_are_named_in_the_headline():
+    from fedrad.server.report import headline
+    from fedrad.server.study import outcome_like
+
+    feats = ["original_glcm_Contrast", "os_time", "PFS_event", "vital_status", "original_shape_Sphericity"]
+    assert outcome_like(feats) == ["os_time", "PFS_event", "vital_status"]
+    lines = headline({"endpoint": {"type": "response", "outcome": "y"}, "outcome_like_features": ["os_time"],
+                      "pooled": {}, "external": {}})
+    assert any(line.startswith("check the features: os_time") for line in lines), lines
