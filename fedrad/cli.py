@@ -31,9 +31,27 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(study_app, name="study")
 
 
-def _fail(message: str, code: int = 2) -> None:
-    typer.echo(f"fedrad: error: {message}", err=True)
+#: longest error line printed; a longer message (e.g. every site's refusal) ends in " ..."
+MAX_ERROR_CHARS = 2000
+
+
+def _one_line(message: str) -> str:
+    """A message as one line: its lines joined with "; ", whitespace runs collapsed, at most MAX_ERROR_CHARS."""
+    text = "; ".join(" ".join(line.split()) for line in str(message).splitlines() if line.strip())
+    return text if len(text) <= MAX_ERROR_CHARS else text[:MAX_ERROR_CHARS - 4].rstrip() + " ..."
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"fedrad: error: {_one_line(message) or 'failed'}", err=True)
     raise typer.Exit(code)
+
+
+def _os_message(exc: OSError) -> str:
+    """An OSError about a path as "PATH: reason" (not "[Errno 17] File exists: 'PATH'")."""
+    if exc.filename is None:
+        return str(exc)
+    where = f"{exc.filename} -> {exc.filename2}" if exc.filename2 else str(exc.filename)
+    return f"{where}: {exc.strerror or exc.__class__.__name__}"
 
 
 @app.callback(invoke_without_command=True)
@@ -56,7 +74,8 @@ def demo_data(
     try:
         manifests = write_demo_cohort(out, n_sites=sites, n_patients=patients, seed=seed, progress=True)
     except (FileExistsError, ValueError) as exc:
-        _fail(str(exc))
+        _fail(str(exc) if exc.__class__ is not FileExistsError or exc.filename is None else
+              f"--out {out}: {exc.strerror} and is not a directory; pass an empty or new directory")
     for m in manifests:
         typer.echo(f"site manifest: {m}")
 
@@ -79,6 +98,12 @@ def demo(
 
     if endpoint not in ("response", "survival"):
         _fail("--endpoint must be response or survival")
+    from fedrad.client.extract import ExtractionError, build_extractor, resolve_params
+
+    try:  # before any Flower process starts (the sites would each refuse the file much later)
+        build_extractor(resolve_params(params))
+    except ExtractionError as exc:
+        _fail(f"--params: {exc}")
     try:
         res = run_demo(out, sites=sites, patients=patients, seed=seed, endpoint=endpoint, params=params,
                        log=lambda line: typer.echo(line, err=True))
@@ -449,11 +474,19 @@ def _csv_list(text: Optional[str]) -> list[str]:
 def _read_table(path: Path):
     import pandas as pd
 
+    if path.is_dir():
+        _fail(f"input table {path} is a directory; pass a .csv or .parquet file")
     if not path.is_file():
         _fail(f"input table {path} not found")
-    if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, float_precision="round_trip")
+    kind = "Parquet" if path.suffix.lower() == ".parquet" else "CSV"
+    try:  # a file that is no table of its kind (pandas' / pyarrow's parser errors are ValueErrors)
+        df = pd.read_parquet(path) if kind == "Parquet" else pd.read_csv(path, float_precision="round_trip")
+    except (ValueError, OSError) as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        _fail(f"input table {path} is not a readable {kind} table ({exc.__class__.__name__}: {reason})")
+    if len(df) == 0:
+        _fail(f"input table {path} has no rows (columns: {', '.join(map(str, df.columns[:5])) or 'none'})")
+    return df
 
 
 @app.command("harmonize")
@@ -670,8 +703,14 @@ def study_run(
             _fail("--runtime local needs [sites.NAME] entries with the sites' manifests or tables")
         from fedrad.local import rehearsal_nodes
 
+        from fedrad.server.federation import SiteError
+        from fedrad.server.study import StudyError
+
         nodes = rehearsal_nodes(cfg, out / "sites")
-        results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
+        try:  # a site's refusal or a lost quorum: the reasons are in the message (and the sites' local logs)
+            results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
+        except (SiteError, StudyError) as exc:
+            _fail(str(exc))
         write_json_atomic(results, out / "results.json")
     elif runtime == "simulation":
         from fedrad.server.runtime import RuntimeFailure, SimulationRun
@@ -731,8 +770,18 @@ def study_report(
     from fedrad.server.report import write_report
 
     if not results_file.is_file():
-        _fail(f"{results_file} not found")
-    path = write_report(json.loads(results_file.read_text()), out or results_file.with_name("report.html"))
+        _fail(f"{results_file} {'is a directory' if results_file.is_dir() else 'not found'}; pass the "
+              "results.json a `fedrad study run` wrote")
+    try:
+        results = json.loads(results_file.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        _fail(f"{results_file} is not JSON ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
+              "pass the results.json a `fedrad study run` wrote")
+    if not isinstance(results, dict) or not isinstance(results.get("endpoint"), dict) \
+            or "type" not in results["endpoint"]:
+        _fail(f"{results_file} is not a study's results.json (no [endpoint] type); pass the results.json a "
+              "`fedrad study run` wrote")
+    path = write_report(results, out or results_file.with_name("report.html"))
     typer.echo(f"report: {path}")
 
 
@@ -740,17 +789,27 @@ def load_model(path: Path):
     import json
 
     if not path.is_file():
-        _fail(f"model file {path} not found")
-    doc = json.loads(path.read_text())
-    if doc.get("fedrad_model") != 1:
-        _fail(f"{path} is not a fedrad model file")
-    if doc["model"] == "logistic":
-        from fedrad.common.glm import LogisticModel
+        _fail(f"model file {path} {'is a directory' if path.is_dir() else 'not found'}; pass the JSON file "
+              "`fedrad fit --out` wrote")
+    try:
+        doc = json.loads(path.read_text())
+    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        _fail(f"model file {path} is not JSON ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
+              "pass the file `fedrad fit --out` wrote")
+    if not isinstance(doc, dict) or doc.get("fedrad_model") != 1:
+        _fail(f"{path} is not a fedrad model file (no \"fedrad_model\": 1); pass the file `fedrad fit --out` wrote")
+    lacking = [k for k in ("model", "features", "params") if k not in doc]
+    if lacking or doc["model"] not in ("logistic", "cox"):
+        what = f"lacks {', '.join(lacking)}" if lacking else f"model {doc['model']!r}"
+        _fail(f"model file {path} is incomplete or damaged ({what}); fit it again with `fedrad fit`")
+    from fedrad.common.cox import CoxError, CoxModel
+    from fedrad.common.glm import GLMError, LogisticModel
 
-        return doc, LogisticModel.from_dict(doc["params"])
-    from fedrad.common.cox import CoxModel
-
-    return doc, CoxModel.from_dict(doc["params"])
+    try:
+        return doc, (LogisticModel if doc["model"] == "logistic" else CoxModel).from_dict(doc["params"])
+    except (GLMError, CoxError, KeyError, TypeError, AttributeError) as exc:
+        _fail(f"model file {path}: its parameters are damaged ({exc.__class__.__name__}: {exc}); fit it again "
+              "with `fedrad fit`")
 
 
 @app.command("predict")
@@ -788,8 +847,47 @@ def predict(
         typer.echo(f"scores: {out} ({len(res)} rows)")
 
 
+def _expected_error(exc: BaseException) -> Optional[str]:
+    """The one-line message of an expected failure, or None for an internal error (shown with its traceback).
+
+    Expected: fedrad's own error types (StudyConfigError, PlanError, SiteError, ApprovalError, ... every class
+    defined in a fedrad module: their messages name what to fix) and an OSError about a path (a missing
+    directory, a permission, a full disk)."""
+    for cls in type(exc).__mro__:
+        if cls.__module__.split(".")[0] == "fedrad":
+            return str(exc) or cls.__name__
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{_os_message(exc)} (check the path and its permissions)"
+    return None
+
+
 def main() -> None:
-    app()
+    """The console script: every expected failure (bad input files, a site's refusal, a study that cannot run)
+    ends in one line ``fedrad: error: ...`` on stderr and exit status 1, without a traceback; a usage error (an
+    unknown option, a missing argument) exits 2 as click's do; an internal error keeps its traceback."""
+    import click
+
+    try:
+        code = app(standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError:  # the help text is already printed
+        sys.exit(2)
+    except click.UsageError as exc:  # bad or missing option/argument values
+        where = f"; see `{exc.ctx.command_path} --help`" if exc.ctx is not None else ""
+        typer.echo(f"fedrad: error: {_one_line(exc.format_message())}{where}", err=True)
+        sys.exit(exc.exit_code)
+    except click.ClickException as exc:
+        typer.echo(f"fedrad: error: {_one_line(exc.format_message())}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        typer.echo("Aborted!", err=True)
+        sys.exit(1)
+    except Exception as exc:  # noqa: BLE001 -- re-raised unless it is an expected failure
+        message = _expected_error(exc)
+        if message is None:
+            raise
+        typer.echo(f"fedrad: error: {_one_line(message)}", err=True)
+        sys.exit(1)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":  # pragma: no cover

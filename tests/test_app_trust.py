@@ -171,7 +171,7 @@ def test_site_join_refuses_off_loopback_without_pin(tmp_path, monkeypatch):
                                        "--table", str(table), "--workdir", str(tmp_path / "w"),
                                        "--root-certificates", str(tmp_path / "ca.crt"),
                                        "--auth-key", str(tmp_path / "key")])
-    assert res.exit_code == 2 and "refusing to join" in res.output, res.output
+    assert res.exit_code == 1 and "refusing to join" in res.output, res.output
 
 
 def test_study_run_refuses_insecure_off_loopback(tmp_path):
@@ -179,8 +179,8 @@ def test_study_run_refuses_insecure_off_loopback(tmp_path):
     study.write_text("this file is never read")
     for address in ("10.0.0.5:9300", "superlink.example.org:9300", "0.0.0.0:9300"):
         res = CliRunner().invoke(cli_app, ["study", "run", str(study), "--superlink", address])
-        assert res.exit_code == 2 and "--root-certificates" in res.output and "not loopback" in res.output
+        assert res.exit_code == 1 and "--root-certificates" in res.output and "not loopback" in res.output
     res = CliRunner().invoke(cli_app, ["study", "run", str(study), "--superlink", "10.0.0.5:9300",
                                        "--root-certificates", str(tmp_path / "missing.crt")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 1 and "not found" in res.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.toml"]  # refused before anything was written

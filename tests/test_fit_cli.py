@@ -89,20 +89,20 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     missing.loc[missing.index[missing.site == "s1"][:3], "original_glcm_f2"] = np.nan
     r = _fit(tmp_path, missing, "--model", "logistic", "--outcome", "response", "--federated",
              "--out", str(tmp_path / "b.json"))
-    assert r.exit_code == 2 and "s1" in r.output and "original_glcm_f2" in r.output and "3" in r.output
+    assert r.exit_code == 1 and "s1" in r.output and "original_glcm_f2" in r.output and "3" in r.output
     small = df[(df.site != "s1") | df.index.isin(df.index[df.site == "s1"][:7])]
     r = _fit(tmp_path, small, "--model", "logistic", "--outcome", "response", "--federated",
              "--out", str(tmp_path / "c.json"))
-    assert r.exit_code == 2 and "s1" in r.output and "minimum cell size" in r.output
+    assert r.exit_code == 1 and "s1" in r.output and "minimum cell size" in r.output
     const = df.assign(original_glcm_f3=1.0)
     r = _fit(tmp_path, const, "--model", "logistic", "--outcome", "response", "--federated",
              "--out", str(tmp_path / "d.json"))
     assert r.exit_code == 0, r.output
     assert "original_glcm_f3" in json.loads((tmp_path / "d.json").read_text())["params"]["excluded_features"]
     r = _fit(tmp_path, df, "--model", "logistic", "--out", str(tmp_path / "e.json"))
-    assert r.exit_code == 2 and "needs --outcome" in r.output
+    assert r.exit_code == 1 and "needs --outcome" in r.output
     r = _fit(tmp_path, df, "--model", "tree", "--outcome", "response", "--out", str(tmp_path / "e.json"))
-    assert r.exit_code == 2 and "use logistic or cox" in r.output
+    assert r.exit_code == 1 and "use logistic or cox" in r.output
 
 
 def _survival_table(seed=4):
@@ -154,4 +154,4 @@ def test_fedavg_option_is_approximate_but_close(tmp_path, strategy):
     assert 1e-6 < gap < 0.15, gap
     r3 = _fit(tmp_path, df, "--model", "cox", "--time", "response", "--event", "response", "--federated",
               "--strategy", strategy, "--out", str(tmp_path / "x.json"))
-    assert r3.exit_code == 2 and "logistic --penalty l2 --federated only" in r3.output
+    assert r3.exit_code == 1 and "logistic --penalty l2 --federated only" in r3.output

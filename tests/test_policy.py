@@ -160,10 +160,10 @@ def test_site_join_reads_the_config_file_and_fails_early(tmp_path):
     cfg = write(tmp_path / "site.toml", '[site]\nname = "a"\ntable = "missing.parquet"\n[policy]\nmin-cell-size = 12\n')
     runner = CliRunner()
     res = runner.invoke(app, ["site", "join", "--config", str(cfg), "--superlink", "127.0.0.1:9092", "--insecure"])
-    assert res.exit_code == 2 and "feature table" in res.output and "missing.parquet not found" in res.output
+    assert res.exit_code == 1 and "feature table" in res.output and "missing.parquet not found" in res.output
     write(cfg, '[site]\nname = "a"\n[policy]\nmin-cell-size = "x"\n')
     res = runner.invoke(app, ["site", "join", "--config", str(cfg), "--superlink", "127.0.0.1:9092", "--insecure"])
-    assert res.exit_code == 2 and "site a:" in res.output and "must be integers" in res.output
+    assert res.exit_code == 1 and "site a:" in res.output and "must be integers" in res.output
 
 
 def test_small_covariate_levels_in_combat_are_refused(tmp_path):

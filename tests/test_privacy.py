@@ -239,11 +239,11 @@ def test_cli_secure_aggregation(tmp_path):
     np.testing.assert_allclose(secure["params"]["coef"], plain["params"]["coef"], rtol=1e-12)
     assert secure["fit"]["secure_aggregation"] == "SecAgg+" and secure["params"]["n_per_site"] == {}
     r3 = _fit_cli(tmp_path, df[df.site != "s2"], "--federated", "--secure-aggregation", "--out", str(tmp_path / "x"))
-    assert r3.exit_code == 2 and "needs at least 3 sites, got 2" in r3.output
+    assert r3.exit_code == 1 and "needs at least 3 sites, got 2" in r3.output
     r4 = _fit_cli(tmp_path, df, "--secure-aggregation", "--out", str(tmp_path / "x"))
-    assert r4.exit_code == 2 and "exact federated logistic fit only" in r4.output
+    assert r4.exit_code == 1 and "exact federated logistic fit only" in r4.output
     r5 = _fit_cli(tmp_path, df, "--federated", "--dp-noise", "1", "--out", str(tmp_path / "x"))
-    assert r5.exit_code == 2 and "apply to --strategy fedavg" in r5.output
+    assert r5.exit_code == 1 and "apply to --strategy fedavg" in r5.output
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -383,4 +383,4 @@ def test_cli_dp_options(tmp_path):
     dp = json.loads((tmp_path / "dp.json").read_text())["fit"]["dp"]
     assert dp["epsilon"] == pytest.approx(eps) and dp["releases"] == 4 and dp["noise_sd"] == pytest.approx(2 * 0.5 / 3)
     r = _fit_cli(tmp_path, df, "--federated", "--strategy", "fedavg", "--dp-epsilon", "-1", "--out", str(tmp_path / "x"))
-    assert r.exit_code == 2 and "--dp-epsilon > 0" in r.output
+    assert r.exit_code == 1 and "--dp-epsilon > 0" in r.output

@@ -139,6 +139,10 @@ def test_missing_value_rule_from_moments_equals_rows():
     b, used_b = impute(tables["b"], {"f": fed}, K)
     assert used_a == {"f": "fold"} and used_b == {"f": "site"}
     assert np.allclose(a["f"][:12], fed) and np.allclose(b["f"][:3], tables["b"]["f"][3:].mean())
+    # a site smaller than k withholds every moment: it must not drop every feature for the others
+    tables["d"] = tables["c"].iloc[: K - 2].copy()
+    small = missing_plan_rows(tables, ["f", "g", "h"], 0.35, K)
+    assert small["silent"] == ["d"] and set(small["dropped"]) == {"h"} and small["impute"] == ["f"]
 
 
 def test_exclusions_keep_zero_times_and_count_negative_and_missing():

@@ -157,15 +157,15 @@ def test_failed_run_never_replaces_a_good_file(site, tmp_path):
 
 def test_bad_params_and_output_give_one_line_errors(site, tmp_path):
     res = RUNNER.invoke(app, ["site", "extract", str(site), "--params", "nope.yaml", "--out", str(tmp_path / "f.csv")])
-    assert res.exit_code == 2 and "parameter file nope.yaml not found" in res.output
+    assert res.exit_code == 1 and "parameter file nope.yaml not found" in res.output
     bad = tmp_path / "bad.yaml"
     bad.write_text("setting:\n  binWidth: -3\n  noSuchSetting: 1\n")
     res = RUNNER.invoke(app, ["site", "extract", str(site), "--params", str(bad), "--out", str(tmp_path / "f.csv")])
-    assert res.exit_code == 2 and "not a valid pyradiomics file" in res.output
+    assert res.exit_code == 1 and "not a valid pyradiomics file" in res.output
     res = RUNNER.invoke(app, ["site", "extract", str(site), "--out", str(tmp_path / "f.xlsx")])
-    assert res.exit_code == 2 and "must end in .parquet or .csv" in res.output
+    assert res.exit_code == 1 and "must end in .parquet or .csv" in res.output
     res = RUNNER.invoke(app, ["site", "check", str(tmp_path / "absent.csv")])
-    assert res.exit_code == 2 and "not found" in res.output
+    assert res.exit_code == 1 and "not found" in res.output
 
 
 def test_console_script_runs(site, tmp_path):
