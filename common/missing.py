@@ -47,14 +47,19 @@ def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], feat
     values, 0 when withheld) and row count.
 
     Returns ``{"dropped": {feature: reason}, "impute": [features with a missing cell at some site],
-    "cells": {site: missing cells among the kept features}, "max_missing": ...}``.
+    "cells": {site: missing cells among the kept features}, "max_missing": ..., "silent": [sites that withheld
+    every moment]}``. A silent site (fewer patients than its minimum cell size) does not inform the rule.
     """
     dropped: dict[str, str] = {}
     impute: list[str] = []
     cells = {s: 0 for s in moments}
+    # a site that withheld every moment (fewer patients than its minimum cell size) says nothing about one
+    # feature: it will refuse the study's sums anyway, so it must not drop every feature for the others
+    silent = sorted(s for s in moments if not any(m is not None for m in moments[s].get("mean", [])))
+    informing = [s for s in sorted(moments) if s not in silent]
     for f in features:
         worst, why, any_missing = -1.0, "", False
-        for s in sorted(moments):
+        for s in informing:
             n_obs, _ = _observed(moments[s], f)
             n = int(n_rows[s])
             share = 1.0 - n_obs / n if n else 1.0
@@ -69,10 +74,11 @@ def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], feat
             dropped[f] = why
         elif any_missing:
             impute.append(f)
-    for s in moments:
+    for s in informing:
         for f in impute:
             cells[s] += int(n_rows[s]) - _observed(moments[s], f)[0]
-    return {"dropped": dropped, "impute": impute, "cells": cells, "max_missing": float(max_missing)}
+    return {"dropped": dropped, "impute": impute, "cells": cells, "max_missing": float(max_missing),
+            "silent": silent}
 
 
 def fold_values(moments: Mapping[str, Mapping], train_sites: Sequence[str], features: Sequence[str]) -> dict:

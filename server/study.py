@@ -185,6 +185,9 @@ class Study:
         volume = self.volume
         feats = self.candidates + ([volume] if volume and volume not in self.candidates else [])
         plan = missing_plan(self.raw_moments, n_rows, feats, share)
+        if plan["silent"]:
+            self.log(f"missing values: {', '.join(plan['silent'])} withheld every feature moment (fewer patients "
+                     "than the site's minimum cell size); the missing-value rule uses the other sites")
         dropped = plan["dropped"]
         self.candidates = [f for f in self.candidates if f not in dropped]
         if volume in dropped:
