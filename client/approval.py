@@ -141,7 +141,12 @@ def describe_plan(plan: dict, columns: dict) -> list[str]:
         lines.append(f"validation: leave-one-site-out {'yes' if v['loso'] else 'no'}; inner folds {v['inner_folds']} "
                      f"(seed {v['seed']}; a fold is used only when its training and left-out rows both reach the "
                      "site's minimum cell size)")
-        lines.append(f"models: {m['type']} ({m['penalty']}), penalty grid {m['grid']}")
+        if m.get("grid") is not None:
+            lines.append(f"models: {m['type']} ({m['penalty']}), penalty grid {m['grid']}")
+        else:
+            lines.append(f"models: {m['type']} ({m['penalty']}), penalty path of {m.get('path_size', 12)} values "
+                         f"over {m.get('path_decades', 3.0):g} decades from the training sites' gradient at zero "
+                         "(one path per fold and model; the site pins its first value)")
     elif plan["task"] == "fit":
         lines.append(f"features: {', '.join(plan['data']['features'])}; up to {plan['rounds']} rounds")
     else:

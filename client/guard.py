@@ -37,6 +37,7 @@ most ``MAX_ATTEMPTS`` times per approval.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -45,8 +46,8 @@ import numpy as np
 from fedrad.client.approval import ApprovalError, load_approved
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
-from fedrad.common.plan import (FOLD, candidate_features, endpoint, grid_strong_to_weak, outcome_columns, prepare_spec,
-                                volume_column)
+from fedrad.common.plan import (FOLD, candidate_features, endpoint, fixed_grid, outcome_columns, path_step,
+                                penalty_count, prepare_spec, volume_column)
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
@@ -118,8 +119,6 @@ def _impute_values(site, study, impute, ledger, cache, *, trains_only: bool) -> 
     """Per fold, the imputation value of each feature: folds of the plan, features among the site's candidates
     (and its volume column), finite numbers. ``trains_only``: drop the site's own held-out fold (it sends no
     training statistics for it). The site's own rule (fewer than k missing cells: its own mean) applies later."""
-    import math
-
     if not impute:
         return {}
     _require(isinstance(impute, dict), "imputation values outside the plan")
@@ -137,9 +136,26 @@ def _impute_values(site, study, impute, ledger, cache, *, trains_only: bool) -> 
     return out
 
 
-def penalty_grid(study: dict) -> list[float]:
-    """The plan's penalty grid in the coordinator's task order (strongest penalty first)."""
-    return grid_strong_to_weak(study["endpoint"], [float(g) for g in study["model"]["grid"]])
+def penalty_grid(study: dict) -> list[float] | None:
+    """The plan's fixed penalty grid in the coordinator's task order (strongest first), None with the path."""
+    return fixed_grid(study)
+
+
+def check_penalty(study: dict, ledger, fold: str, kind: str, gi: int, value) -> None:
+    """A model's penalty must be the plan's: the fixed grid's value, or on the plan's path. The path's first
+    value comes from the training sites' gradient at zero, which no site can check alone; the site pins it per
+    (fold, model) at the first model it sees, so every value is ``first * path_step ** index`` and a coordinator
+    gets at most ``path_size`` penalties per fold and model (as many as a fixed grid of that size)."""
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+             and float(value) > 0, "a model whose penalty is not the plan's")
+    value = float(value)
+    grid = fixed_grid(study)
+    if grid is not None:
+        _require(abs(value - grid[gi]) <= 1e-12 * max(1.0, abs(value)), "a model whose penalty is not the plan's")
+        return
+    first = value / path_step(study) ** gi
+    pinned = ledger.data.setdefault("paths", {}).setdefault(f"{fold}|{kind}", first)
+    _require(abs(first - pinned) <= 1e-9 * pinned, "a model whose penalty is off its path")
 
 
 def _subset(names, allowed, what: str, max_len: int | None = None) -> list[str]:
@@ -208,6 +224,12 @@ def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
                 reqs[kind] = icc_request(_subset(r.get("features"), cand, "ICC features"))
             elif kind == "corr":
                 reqs[kind] = correlation_request(_subset(r.get("features"), cand, "correlation features", max_corr))
+            elif kind == "path":  # the penalty path's gradient at zero of the volume / clinical models
+                _require(fixed_grid(study) is None, "a penalty path is not in the plan")
+                model_cols = list(study["model"]["clinical"]) + ([cache["volume"]] if cache.get("volume") else [])
+                feats = _subset(r.get("features"), model_cols, "penalty-path features")
+                reqs[kind] = (logistic_score_request(feats, ep["outcome"]) if ep["type"] == "response"
+                              else cox_score_request(feats, ep["time"], ep["event"]))
             else:
                 raise PlanViolation("a selection request outside the plan")
         out[fold] = {"train_sites": [site.name], "table": spec["table"], "requests": reqs}
@@ -262,8 +284,7 @@ def _parse_task_id(study, tid):
     _require(isinstance(tid, str) and tid.count("|") == 3, "a fit task outside the plan")
     fold, kind, gi, inner = tid.split("|")
     k = int(study["validation"]["inner_folds"])
-    grid = penalty_grid(study)
-    _require(gi.isdigit() and int(gi) < len(grid), "a penalty outside the plan")
+    _require(gi.isdigit() and int(gi) < penalty_count(study), "a penalty outside the plan")
     _require(inner == "all" or (inner.isdigit() and int(inner) < k), "an inner fold outside the plan")
     return fold, kind, int(gi), (None if inner == "all" else int(inner))
 
@@ -345,9 +366,8 @@ def check_model(study, ledger, tid: str, model: dict) -> None:
     _require(entry is not None and bool(entry["points"]), "a model whose fit this site never saw")
     _require(isinstance(model, dict), "a malformed model")
     cox = model.get("kind") == "fedrad.cox.model"
-    value = float(model["penalizer"]) if cox else model.get("params", {}).get("C")
-    _require(value is not None and abs(float(value) - penalty_grid(study)[gi]) <= 1e-12 * max(1.0, abs(float(value))),
-             "a model whose penalty is not the plan's")
+    value = model.get("penalizer") if cox else (model.get("params") or {}).get("C")
+    check_penalty(study, ledger, fold, kind, gi, value)
     names = list(model["feature_names_"] if cox else model["feature_names"])
     _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
     pt, scale = _model_point(model, entry["features"])
@@ -368,7 +388,7 @@ def _study_evaluate(site, record, payload, ledger, cache):
     _require(not ledger.data["evaluated"], "a second evaluation in one study attempt")
     ledger.data["evaluated"] = True
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
-    n_grid = len(penalty_grid(study))
+    n_grid = penalty_count(study)
     items = []
     for item in payload.get("items") or []:
         tid = item.get("id")

@@ -194,6 +194,19 @@ def choose_penalty(losses: dict) -> float:
     raise ValueError("no losses")
 
 
+def penalty_choice(path: list[float], index: int, losses: list[float | None]) -> dict:
+    """What the report says of one (fold, model) penalty choice: the value, its index on the path (strongest
+    first), the inner-CV loss of every value, and ``edge`` = "strongest" / "weakest" when the choice is an end
+    of the path (the optimum may lie beyond it), else None."""
+    edge = None
+    if len(path) > 1 and index == 0:
+        edge = "strongest"
+    elif len(path) > 1 and index == len(path) - 1:
+        edge = "weakest"
+    return {"value": float(path[index]), "index": int(index), "path": [float(v) for v in path],
+            "cv_loss": {str(float(v)): loss for v, loss in zip(path, losses)}, "edge": edge}
+
+
 PAIRS = (("radiomics", "volume"), ("radiomics", "clinical"), ("combined", "clinical"))
 
 

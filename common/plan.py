@@ -114,6 +114,32 @@ def grid_strong_to_weak(ep: dict, grid: list[float]) -> list[float]:
     return sorted(grid) if ep["type"] == "response" else sorted(grid, reverse=True)
 
 
+def fixed_grid(study: dict) -> list[float] | None:
+    """The plan's fixed penalty grid in task order (strongest first), or None when the study uses the
+    data-driven path (:func:`fedrad.common.selection.penalty_path`)."""
+    grid = study["model"].get("grid")
+    return None if grid is None else grid_strong_to_weak(endpoint(study), [float(g) for g in grid])
+
+
+def path_shape(study: dict) -> tuple[int, float]:
+    """``(path_size, path_decades)`` of the plan's penalty path."""
+    model = study["model"]
+    return int(model.get("path_size", 12)), float(model.get("path_decades", 3.0))
+
+
+def penalty_count(study: dict) -> int:
+    """How many penalty values each (fold, model) has: the grid's length or the path's size."""
+    grid = fixed_grid(study)
+    return len(grid) if grid is not None else path_shape(study)[0]
+
+
+def path_step(study: dict) -> float:
+    """Factor from one path value to the next in task order (logistic C grows, Cox's penalizer shrinks)."""
+    size, decades = path_shape(study)
+    step = 10.0 ** (decades / (size - 1))
+    return step if endpoint(study)["type"] == "response" else 1.0 / step
+
+
 def prepare_spec(study: dict) -> dict:
     """What ``study_prepare`` needs, from the plan: endpoint, required and clinical columns, feature prefixes and
     the cohort table's columns."""

@@ -837,11 +837,13 @@ def site_cox_score(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
     where = _where(site)
     x, t, e = _cox_site_arrays(rows, request, where)
     _check_n(len(x), "rows", request, min_cell_size, where)
-    _, xc = _centre(x)
+    mean, xc = _centre(x)
     u, info = _cox_score_info(xc, t, e, request.get("ties", "efron"))
+    # mean and centred sum of squares: the pooled SD that scales the penalty path's start (penalty_path)
     return {"kind": _KINDS["cox_score"] + ".stats", "version": _VERSION, "site": _py(site),
             "features": list(request["features"]), "ties": request.get("ties", "efron"),
-            "n": int(len(t)), "n_events": int(e.sum()), "u": u, "info": info}
+            "n": int(len(t)), "n_events": int(e.sum()), "u": u, "info": info,
+            "mean": mean, "sxx": (xc * xc).sum(axis=0)}
 
 
 def combine_cox_score(aggregates: Sequence[Mapping]) -> ScoreTestResult:
@@ -997,6 +999,81 @@ def penalty_grid(c_min: float, n: int = 20, ratio: float = 1e3) -> np.ndarray:
     if int(n) < 1 or not ratio >= 1:
         raise SelectionError(f"need n >= 1 and ratio >= 1, got n={n}, ratio={ratio}")
     return np.geomspace(c_min, c_min * ratio, int(n))
+
+
+# ----------------------------------------------------------------------------------------------
+# The study's data-driven penalty path (glmnet style, from the gradient at zero)
+# ----------------------------------------------------------------------------------------------
+#: an L2 (ridge) path has no all-zero point; as glmnet (which uses max(alpha, 1e-3)) it starts where an
+#: elastic net with this L1 share would be all zeros
+PATH_MIN_L1 = 1e-2
+
+
+def standardized_scores(aggregates: Sequence[Mapping]) -> tuple[dict[str, float], int]:
+    r"""``({feature: |U_j| / sd_j}, N)``: the gradient at zero of each standardized coefficient, from the
+    sites' score-test replies of one request (:func:`site_logistic_score` or :func:`site_cox_score`).
+
+    Logistic (the study's model has one intercept): :math:`U_j = \sum_i x_{ij}(y_i-\bar y)` and the
+    population SD (ddof 0, as the fit's standardization); Cox (stratified by site, Efron ties): the
+    stratified score at :math:`\beta = 0` and the ddof-1 SD (lifelines'). A constant feature scores 0."""
+    if not aggregates:
+        raise SelectionError("no site answered the score request; no penalty path")
+    if all("sxy" in a for a in aggregates):
+        feats = _same_features(aggregates, "logistic_score")
+        u, _, sxx_tot, n, _ = _logistic_pieces(aggregates, stratified=False)
+        sd = np.sqrt(sxx_tot / n)
+    else:
+        feats = _same_features(aggregates, "cox_score")
+        u = np.sum([np.asarray(a["u"], dtype=float) for a in aggregates], axis=0)
+        ns = np.array([a["n"] for a in aggregates], dtype=float)
+        mean = np.array([np.asarray(a["mean"], dtype=float) for a in aggregates])
+        sxx = np.array([np.asarray(a["sxx"], dtype=float) for a in aggregates])
+        n, _, sxx_tot = _chan_merge(ns, mean, sxx)
+        sxx_tot[_all_constant(mean, sxx)] = 0.0
+        sd = np.sqrt(sxx_tot / max(n - 1, 1))
+    z = np.where(sd > 0, np.abs(u) / np.where(sd > 0, sd, 1.0), 0.0)
+    return dict(zip(feats, (float(v) for v in z))), int(n)
+
+
+def pooled_standardized_scores(rows: pd.DataFrame, endpoint: Mapping, features: Sequence[str],
+                               strata: str = "site") -> tuple[dict[str, float], int]:
+    """Pooled form of :func:`standardized_scores` from the training rows (``strata``: the site column)."""
+    feats = list(features)
+    x = rows[feats].to_numpy(dtype=float)
+    if endpoint["type"] == "response":
+        y = rows[endpoint["outcome"]].to_numpy(dtype=float)
+        xc = x - x.mean(axis=0)
+        u, sd = xc.T @ (y - y.mean()), x.std(axis=0)
+    else:
+        res = pooled_cox_score(rows, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata=strata)
+        u, sd = res.table["score"].to_numpy(dtype=float), x.std(axis=0, ddof=1)
+    z = np.where(sd > 1e-300, np.abs(u) / np.where(sd > 1e-300, sd, 1.0), 0.0)
+    return dict(zip(feats, (float(v) for v in z))), int(len(rows))
+
+
+def penalty_path(top: float, n: int, model: str, penalty: str, l1_ratio: float, size: int = 12,
+                 decades: float = 3.0) -> list[float]:
+    r"""The penalty path of one (fold, model), strongest first: ``size`` log-spaced values over ``decades``.
+
+    ``top`` = :math:`\max_j |U_j|/\mathrm{sd}_j` over the model's features (:func:`standardized_scores`),
+    ``n`` the training rows, :math:`\rho` the L1 share (1 for L1, ``l1_ratio`` for the elastic net,
+    ``max(rho, PATH_MIN_L1)``; L2 uses PATH_MIN_L1). Logistic (scikit-learn's C):
+    :math:`C_0 = \rho/\mathrm{top}` (:func:`c_min_logistic`: every coefficient is zero at and below it), then
+    growing by :math:`10^{decades/(size-1)}`; Cox (lifelines' penalizer):
+    :math:`\lambda_0 = \mathrm{top}/(n\rho)` (glmnet's :math:`\lambda_{max}`), then shrinking."""
+    if not (np.isfinite(top) and top > 0):
+        raise SelectionError("every feature of the model has a zero score at zero (constant features?); "
+                             "no penalty path")
+    if int(size) < 2 or not decades > 0:
+        raise SelectionError(f"need a path of at least 2 values over > 0 decades, got {size}, {decades}")
+    rho = {"l1": 1.0, "elasticnet": float(l1_ratio)}.get(penalty, 0.0)
+    rho = max(rho, PATH_MIN_L1)
+    expo = [decades * i / (int(size) - 1) for i in range(int(size))]
+    if model == "logistic":
+        start = rho / float(top)
+        return [start * 10.0 ** e for e in expo]
+    start = float(top) / (int(n) * rho)
+    return [start * 10.0 ** -e for e in expo]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -898,12 +898,47 @@ def validation_section(results: dict) -> str:
                        rs.get("reason") or ""])
         parts.append("<h3>Risk groups of the radiomic signature at held-out sites</h3>")
         parts.append(_table(hr, ["held-out site", "hazard ratio high vs low risk", "95% CI", "log-rank p", "note"]))
-    pen_rows = [[LABELS.get(kind, kind), v["value"]] for f, kinds in sorted(results.get("penalties", {}).items())
-                for kind, v in kinds.items() if f == "final"]
-    if pen_rows:
-        what = "C (inverse L2 strength)" if response else "penalizer"
-        parts.append("<h3>Penalties chosen by federated inner cross-validation (final models)</h3>")
-        parts.append(_table(pen_rows, ["model", f"chosen {what}"]))
+    parts.append(_penalty_section(results, response))
+    return "".join(parts)
+
+
+def _penalty_section(results: dict, response: bool) -> str:
+    """The chosen penalties (final models) and every fold's choice at an end of its path or grid, flagged."""
+    penalties = results.get("penalties") or {}
+    if not penalties:
+        return ""
+    mode = results.get("penalty_mode")
+    path = isinstance(mode, dict)
+    what = "C (inverse penalty strength)" if response else "penalizer"
+    edge_text = {"strongest": "strongest end: the optimum may be a stronger penalty",
+                 "weakest": "weakest end: the optimum may be a weaker penalty"}
+    rows = []
+    for kind, v in (penalties.get("final") or {}).items():
+        values = v.get("path") or []
+        where = f"{v['index'] + 1} of {len(values)}" if "index" in v and values else ""
+        span = f"{values[0]:.3g} – {values[-1]:.3g}" if values else ""
+        rows.append([LABELS.get(kind, kind), f"{v['value']:.3g}", where, span, edge_text.get(v.get("edge"), "")])
+    parts = ["<h3>Penalties chosen by federated inner cross-validation (final models)</h3>"]
+    if path:
+        parts.append(f"<p>Each fold and model has its own penalty path: {mode['path_size']} values over "
+                     f"{_fmt(mode['path_decades'], 1)} decades, from the penalty at which every coefficient is zero "
+                     "(computed from the training sites' gradient at zero, glmnet style) towards weaker ones; the "
+                     "inner cross-validation chose among them.</p>")
+    parts.append(_table(rows, ["model", f"chosen {what}", "position (1 = strongest)",
+                               "path (strongest – weakest)" if path else "grid (strongest – weakest)", "note"]))
+    edges = [(fold, kind, v["edge"]) for fold, kinds in sorted(penalties.items()) for kind, v in kinds.items()
+             if v.get("edge")]
+    total = sum(len(k) for k in penalties.values())
+    if edges:
+        listed = "; ".join(f"{fold} {LABELS.get(kind, kind)} ({edge})" for fold, kind, edge in edges[:8])
+        more = f" and {len(edges) - 8} more" if len(edges) > 8 else ""
+        fix = "[model] path_decades" if path else "[model] grid (or remove it for the data-driven path)"
+        parts.append(f"<p class='note'><b>Flag:</b> the chosen penalty is at an end of the {'path' if path else 'grid'} in "
+                     f"{len(edges)} of {total} (fold, model) choices: {_e(listed)}{more}. The optimum may lie "
+                     f"beyond it; widen {fix}.</p>")
+    else:
+        parts.append(f"<p>Every one of the {total} (fold, model) choices is interior to its "
+                     f"{'path' if path else 'grid'}.</p>")
     return "".join(parts)
 
 

@@ -44,10 +44,11 @@ from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
 from fedrad.common.plan import grid_strong_to_weak
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
-                                    common_volume, outcome_columns, pick_variants, screen_candidates)
+                                    common_volume, outcome_columns, penalty_choice, pick_variants,
+                                    screen_candidates)
 from fedrad.common.report_stats import harmonization_summary, pool_calibration_bins, software_versions
 from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
-                                     logistic_score_request)
+                                     logistic_score_request, penalty_path, standardized_scores)
 from fedrad.server.federation import Federation, SiteError
 from fedrad.server.fitting import FitTask, run_fits
 
@@ -283,17 +284,53 @@ class Study:
                                            "before": subset(self.raw_moments),
                                            "after": subset(getattr(self, "harmonized_moments", None))}
 
+    def _score_request(self, feats: list[str]) -> dict:
+        if self.endpoint["type"] == "response":
+            return logistic_score_request(feats, self.endpoint["outcome"])
+        return cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
+
+    def _fold_score_features(self, fold: str) -> list[str]:
+        excluded = getattr(self, "excluded", {})
+        return [f for f in self.candidates if f not in excluded.get(fold, set())]
+
+    def _path_features(self, fold: str) -> list[str]:
+        """Model features (volume, clinical) the fold's candidate score tests do not cover, when the study uses
+        the data-driven penalty path."""
+        if self.cfg["model"].get("grid") is not None:
+            return []
+        scored = set(self._fold_score_features(fold))
+        wanted = ([self.volume] if self.volume else []) + list(self.cfg["model"]["clinical"])
+        return [f for f in dict.fromkeys(wanted) if f not in scored]
+
+    def _penalty_paths(self) -> dict[str, dict[str, list[float]]]:
+        """Per fold and model kind: the penalty values in task order (strongest first) — the plan's fixed grid,
+        or the data-driven path from the training sites' gradient at zero (:func:`penalty_path`)."""
+        mcfg = self.cfg["model"]
+        if mcfg.get("grid") is not None:
+            grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
+            return {fold: {kind: list(grid) for kind in kinds} for fold, kinds in self.model_features.items()}
+        model = "logistic" if self.endpoint["type"] == "response" else "cox"
+        size, decades = int(mcfg["path_size"]), float(mcfg["path_decades"])
+        paths: dict[str, dict[str, list[float]]] = {}
+        for fold, kinds in self.model_features.items():
+            train = self.folds[fold]["train"]
+            z, n = standardized_scores([self.scores[s][fold]["score"] for s in train])
+            if fold in getattr(self, "path_scores", {}):
+                z.update(standardized_scores(self.path_scores[fold])[0])
+            paths[fold] = {}
+            for kind, feats in kinds.items():
+                top = max(z[f] for f in feats)
+                paths[fold][kind] = penalty_path(top, n, model, mcfg["penalty"], float(mcfg["l1_ratio"]), size,
+                                                 decades)
+        return paths
+
     def _score_specs(self) -> dict:
         """Per fold: the univariate score-test request over the fold's candidate features."""
         excluded = getattr(self, "excluded", {})
         specs = {}
         for fold, spec in self.folds.items():
-            feats = [f for f in self.candidates if f not in excluded.get(fold, set())]
-            if self.endpoint["type"] == "response":
-                score = logistic_score_request(feats, self.endpoint["outcome"])
-            else:
-                score = cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
-            requests = {"score": score}
+            feats = self._fold_score_features(fold)
+            requests = {"score": self._score_request(feats)}
             if self.cfg["selection"]["icc_threshold"] is not None:
                 requests["icc"] = icc_request(feats)
             specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": requests}
@@ -315,10 +352,15 @@ class Study:
                                               icc_threshold=sel["icc_threshold"])
             specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold],
                            "requests": {"corr": correlation_request(screens[fold]["candidates"])}}
+            extra = self._path_features(fold)
+            if extra:  # the penalty path's gradient at zero of the volume and clinical models (same round)
+                specs[fold]["requests"]["path"] = self._score_request(extra)
         replies = self.fed.ask("study_select", {"folds": specs}, phase="selection")
         self.signatures, report = {}, {}
+        self.path_scores = {fold: [replies[s]["folds"][fold]["path"] for s in spec["train"]]
+                            for fold, spec in self.folds.items() if "path" in specs[fold]["requests"]}
         for fold, spec in self.folds.items():
-            corr = combine_batch([replies[s]["folds"][fold] for s in spec["train"]])["corr"]
+            corr = combine_batch([{"corr": replies[s]["folds"][fold]["corr"]} for s in spec["train"]])["corr"]
             chosen = finish_signature(screens[fold], corr, redundancy=float(sel["redundancy"]),
                                       max_features=int(sel["max_features"]))
             self.signatures[fold] = chosen["selected"]
@@ -331,19 +373,20 @@ class Study:
         t0, r0 = time.monotonic(), self.fed.rounds
         mcfg, vcfg = self.cfg["model"], self.cfg["validation"]
         clinical = list(mcfg["clinical"])
-        grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
         k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
         volume = self.volume
         tasks: dict[str, FitTask] = {}
         self.model_features: dict[str, dict[str, list[str]]] = {}
-        for fold, spec in self.folds.items():
+        for fold in self.folds:
             self.model_features[fold] = {}
             for kind in MODEL_KINDS:
                 feats = model_features(kind, self.signatures[fold], clinical, volume)
-                if not feats:
-                    continue
-                self.model_features[fold][kind] = feats
-                for gi, g in enumerate(grid):
+                if feats:
+                    self.model_features[fold][kind] = feats
+        self.paths = self._penalty_paths()
+        for fold, spec in self.folds.items():
+            for kind, feats in self.model_features[fold].items():
+                for gi, g in enumerate(self.paths[fold][kind]):
                     for inner in [None, *range(k)]:
                         rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
                         tid = f"{fold}|{kind}|{gi}|{'all' if inner is None else inner}"
@@ -353,7 +396,6 @@ class Study:
                                              sites=list(spec["train"]))
         self.log(f"models: {len(tasks)} fits (folds x models x penalties x inner folds) in shared round trips")
         self.fits = run_fits(self.fed, tasks, phase="models")
-        self.grid = grid
         self._phase("models", t0, r0)
 
     def evaluate(self) -> None:
@@ -383,18 +425,27 @@ class Study:
                 fold, kind, gi, _ = tid.split("|")
                 totals.setdefault((fold, kind), {}).setdefault(int(gi), 0.0)
                 totals[(fold, kind)][int(gi)] += float(loss)
-        grid = self.grid
         self.chosen, self.chosen_index, penalties = {}, {}, {}
         for fold, kinds in self.model_features.items():
             self.chosen[fold], self.chosen_index[fold] = {}, {}
             for kind in kinds:
+                grid = self.paths[fold][kind]
                 losses = totals.get((fold, kind)) or {0: 0.0}
                 gi = choose_penalty({i: losses.get(i, float("inf")) for i in range(len(grid))})
                 self.chosen[fold][kind] = self.fits[f"{fold}|{kind}|{gi}|all"]
                 self.chosen_index[fold][kind] = gi
-                penalties.setdefault(fold, {})[kind] = {"value": grid[gi], "cv_loss": {
-                    str(grid[i]): losses.get(i) for i in range(len(grid))}}
+                penalties.setdefault(fold, {})[kind] = penalty_choice(grid, gi, [losses.get(i) for i in
+                                                                                 range(len(grid))])
         self.results["penalties"] = penalties
+        self.results["penalty_mode"] = ("grid" if self.cfg["model"].get("grid") is not None else
+                                        {"path_size": int(self.cfg["model"]["path_size"]),
+                                         "path_decades": float(self.cfg["model"]["path_decades"])})
+        edges = [f"{fold} {kind} ({p['edge']})" for fold, kinds in penalties.items() for kind, p in kinds.items()
+                 if p["edge"]]
+        if edges:
+            self.log(f"penalty: the inner CV chose an end of the {'grid' if self.results['penalty_mode'] == 'grid' else 'path'} "
+                     f"in {len(edges)} of {sum(len(k) for k in penalties.values())} fold/model pairs "
+                     f"(e.g. {', '.join(edges[:3])}); widen [model] grid or path_decades")
         external, apparent = {}, {}
         for s in self.sites:
             got = replies[s]["folds"]

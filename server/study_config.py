@@ -52,7 +52,10 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     type = "logistic"                   # "logistic" (response) or "cox" (survival, stratified by site)
     penalty = "l2"                      # "l2", "l1", "elasticnet"
     l1_ratio = 0.5
-    grid = [0.01, 0.1, 1.0]             # C (logistic) or penalizer (cox), chosen by inner CV
+    path_size = 12                      # penalty path (default): path_size values, log-spaced over
+    path_decades = 3                    # path_decades decades from lambda_max (all coefficients zero, from the
+                                        # federated gradient at zero, glmnet style), chosen by inner CV
+    # grid = [0.01, 0.1, 1.0]           # instead a fixed grid: C (logistic) or penalizer (cox)
     clinical = ["age", "stage"]         # covariates of the clinical baseline and the composite model
     # volume = "original_shape_Volume" # the volume baseline's column (default: detected from the usual
                                         # names of pyradiomics 1.x-3.x, MIRP, LIFEx, ...: common.plan.VOLUME_NAMES)
@@ -82,8 +85,8 @@ DEFAULTS = {
                       "mean_only": False},
     "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
-    "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": [0.01, 0.1, 1.0], "clinical": [],
-              "volume": None},
+    "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
+              "path_decades": 3.0, "clinical": [], "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
 }
@@ -240,7 +243,13 @@ def validate(cfg: dict) -> dict:
                                f"use \"{wanted}\"")
     _choice(cfg, "model", "penalty", ("l2", "l1", "elasticnet"))
     _number(cfg, "model", "l1_ratio", 0.0, 1.0, "[0, 1]", low_open=False)
-    _numbers(cfg, "model", "grid", positive=True)
+    if model["grid"] is not None:
+        _numbers(cfg, "model", "grid", positive=True)
+    _integer(cfg, "model", "path_size", 3, "the inner CV needs interior points to choose")
+    if model["path_size"] > 50:
+        raise _bad("model", "path_size", model["path_size"], "must be at most 50 (each value is a fit per fold, "
+                   "model and inner fold)")
+    _number(cfg, "model", "path_decades", 0.0, 6.0, "(0, 6]")
     _strings(cfg, "model", "clinical")
     vol = model.get("volume")
     if vol is not None and not (isinstance(vol, str) and vol.strip()):

@@ -21,7 +21,8 @@ from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, 
 )
 from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
 from fedrad.common.selection import (correlation_request, cox_score_request, icc_request, logistic_score_request,
-                                     pooled_correlation, pooled_cox_score, pooled_icc, pooled_logistic_score)
+                                     penalty_path, pooled_correlation, pooled_cox_score, pooled_icc,
+                                     pooled_logistic_score, pooled_standardized_scores)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
 
 
@@ -127,14 +128,14 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     signature = finish_signature(screen, corr, redundancy=float(sel["redundancy"]),
                                  max_features=int(sel["max_features"]))["selected"]
     mcfg, vcfg = cfg["model"], cfg["validation"]
-    grid = grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
     k, seed = int(vcfg["inner_folds"]), int(vcfg["seed"])
     volume = plan["volume"]
-    chosen = {}
+    chosen, paths = {}, {}
     for kind in MODEL_KINDS:
         mf = model_features(kind, signature, clinical, volume)
         if not mf:
             continue
+        grid = paths[kind] = pooled_path(cfg, train, mf)
         losses = {}
         for gi, g in enumerate(grid):
             total = 0.0
@@ -160,7 +161,19 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     return {"signature": signature,
             "metrics": evaluate_site(endpoint, chosen, harmonized[held_out], min_cell_size=min_cell_size,
                                      km_grid=vcfg["km_times"]),
-            "models": {kind: m.to_dict() for kind, m in chosen.items()}}
+            "models": {kind: m.to_dict() for kind, m in chosen.items()}, "paths": paths}
+
+
+def pooled_path(cfg: dict, train: pd.DataFrame, features: list[str]) -> list[float]:
+    """Pooled twin of the study's penalty values for one (fold, model): the fixed grid, or the path from the
+    pooled training rows' gradient at zero (:func:`fedrad.common.selection.penalty_path`)."""
+    endpoint, mcfg = endpoint_of(cfg), cfg["model"]
+    if mcfg.get("grid") is not None:
+        return grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
+    z, n = pooled_standardized_scores(train, endpoint, features, strata="site")
+    return penalty_path(max(z.values()), n, "logistic" if endpoint["type"] == "response" else "cox",
+                        mcfg["penalty"], float(mcfg["l1_ratio"]), int(mcfg["path_size"]),
+                        float(mcfg["path_decades"]))
 
 
 def flatten_metrics(d, prefix: str = "") -> dict[str, float]:

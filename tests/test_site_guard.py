@@ -346,3 +346,48 @@ def test_attack7_imputation_values_cannot_single_out_patients(tmp_path):
     wide = make_request(feats + ["original_glcm_F5"], ["age", "sex"], ["sex"])
     refused(node, "combat_stats", {"plan": pid, "request": wide, "table": "raw",
                                    "impute": {"final": {"original_glcm_F5": 1.0}}}, "min-cell-size")
+
+
+@pytest.fixture
+def path_study(tmp_path):
+    """The honest response study with the default data-driven penalty path, fitted through the site agents."""
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, grid=None)
+    from fedrad.client.client_app import app
+
+    approve_at_sites(study_plan(cfg), nodes)
+    st = Study(Federation(LocalGrid(app, nodes)), cfg)
+    st.prepare()
+    st.harmonize()
+    st.select()
+    st.fit_models()
+    return cfg, nodes, tables, st
+
+
+def test_attack8_penalty_path_values_and_path_requests_are_the_plans(path_study):
+    """Attack 8: with the data-driven path the coordinator computes each (fold, model)'s penalties; a site pins
+    the path's first value at the first model it sees and accepts only ``first * step ** index`` with index <
+    path_size, so a coordinator gets no more penalties per fold and model than a fixed grid of that size; the
+    path's score request may name only the model's volume and clinical columns."""
+    from fedrad.common.selection import logistic_score_request
+
+    cfg, nodes, tables, st = path_study
+    node, site = nodes[1], "hosp1"
+    fold = f"loso:{site}"
+    honest = {str(gi): st.fits[f"{fold}|volume|{gi}|all"].to_dict() for gi in range(12)}
+    path = st.paths[fold]["volume"]
+    assert len(path) == 12 and abs(path[-1] / path[0] - 1e3) < 1e-9  # strongest C first, 3 decades up
+    assert all(m["params"]["C"] == pytest.approx(c, rel=1e-12) for m, c in zip(honest.values(), path))
+    base = {"plan": st.plan_id, "endpoint": st.endpoint, "items": [], "km_times": cfg["validation"]["km_times"]}
+
+    def evaluate(models):
+        return {**base, "folds": {fold: {"models": {"volume": models}, "table": f"h-{fold}", "eval_sites": [site]}}}
+
+    refused(node, "study_evaluate", evaluate({"12": honest["11"]}), "outside-plan")  # beyond the path
+    moved = json.loads(json.dumps(honest["5"]))
+    moved["params"]["C"] *= 1.5  # a sixth penalty value off the path pinned by the first model
+    refused(node, "study_evaluate", evaluate({"0": honest["0"], "5": moved}), "outside-plan")
+    select = {"plan": st.plan_id, "folds": {"final": {"train_sites": [site], "table": "h-final", "requests": {
+        "path": logistic_score_request(["original_glcm_F3"], "response")}}}}
+    refused(node, "study_select", select, "outside-plan")  # a path request over a non-model column
+    reply = ask(node, "study_evaluate", evaluate(honest))  # the honest path: every variant evaluated
+    assert len(reply["folds"][fold]["models"]["volume"]) == 12

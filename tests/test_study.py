@@ -15,7 +15,8 @@ from fedrad.server.study_pooled import flatten_metrics, pooled_loso
 SIZES = (91, 73, 112, 64)
 
 
-def make_sites(tmp_path, survival: bool, seed: int = 0):
+def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None = (0.01, 0.1, 1.0)):
+    """Five synthetic sites; ``grid=None``: the study's default data-driven penalty path."""
     rng = np.random.default_rng(seed)
     nodes, tables = [], {}
     for k, n in enumerate(SIZES):
@@ -43,13 +44,14 @@ def make_sites(tmp_path, survival: bool, seed: int = 0):
                            "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
                            # the table also holds the other endpoint's columns: never features
                            "selection": {"exclude": ["response", "os_*"]},
-                           "model": {"clinical": ["age", "stage"], "grid": [0.01, 0.1, 1.0]}}))
+                           "model": {"clinical": ["age", "stage"],
+                                     **({"grid": list(grid)} if grid is not None else {})}}))
     return cfg, nodes, tables
 
 
 @pytest.mark.parametrize("survival", [False, True])
 def test_loso_equals_pooled_twin_and_payloads_are_aggregates(tmp_path, survival):
-    cfg, nodes, tables = make_sites(tmp_path, survival)
+    cfg, nodes, tables = make_sites(tmp_path, survival, grid=None)
     res = run_study_in_process(cfg, nodes)
     assert res["round_trips"] <= 14
     assert [p["phase"] for p in res["phases"]] == ["prepare", "harmonization", "selection", "models", "evaluation"]
@@ -57,6 +59,11 @@ def test_loso_equals_pooled_twin_and_payloads_are_aggregates(tmp_path, survival)
     for site in tables:
         twin = pooled_loso(cfg, tables, site)
         assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
+        # the data-driven penalty path (default): each model's path from the federated gradient at zero equals
+        # the pooled rows' path
+        fed_paths = {kind: p["path"] for kind, p in res["penalties"][f"loso:{site}"].items()}
+        assert set(fed_paths) == set(twin["paths"]) and all(len(p) == 12 for p in fed_paths.values())
+        assert max(abs(a / b - 1) for kind in fed_paths for a, b in zip(fed_paths[kind], twin["paths"][kind])) < 1e-9
         got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
         assert set(got) == set(want)
         worst = max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got)
@@ -110,6 +117,11 @@ def test_icc_robustness_filter_inside_the_study(tmp_path):
     for site in tables:
         twin = pooled_loso(cfg, tables, site, robustness=robustness)
         assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
+        # the data-driven penalty path (default): each model's path from the federated gradient at zero equals
+        # the pooled rows' path
+        fed_paths = {kind: p["path"] for kind, p in res["penalties"][f"loso:{site}"].items()}
+        assert set(fed_paths) == set(twin["paths"]) and all(len(p) == 12 for p in fed_paths.values())
+        assert max(abs(a / b - 1) for kind in fed_paths for a, b in zip(fed_paths[kind], twin["paths"][kind])) < 1e-9
         got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
         assert max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
 
