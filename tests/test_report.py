@@ -413,6 +413,28 @@ def test_report_content_response(response_study):
     bad = [r for r in rounds[1:] if r[4]]
     assert len(bad) == 1 and bad[0][2] == "study_select" and LOST_REASON in bad[0][4]
     assert "none: the sites supplied feature tables" in plain  # no extraction, no parameter hash
+    # penalties: a two-value grid has no interior, so every choice is flagged
+    n_choices = sum(len(k) for k in res["penalties"].values())
+    assert res["penalty_mode"] == "grid" and f"at an end of the grid in {n_choices} of {n_choices}" in \
+        " ".join(plain.split())
+
+
+def test_penalty_section_flags_choices_at_the_ends_of_the_path():
+    from fedrad.common.pipeline import penalty_choice
+    from fedrad.server.report import _penalty_section
+
+    path = [0.001 * 10 ** (3 * i / 11) for i in range(12)]
+    res = {"penalty_mode": {"path_size": 12, "path_decades": 3.0},
+           "penalties": {"final": {"radiomics": penalty_choice(path, 4, [1.0] * 12),
+                                   "volume": penalty_choice(path, 11, [1.0] * 12)},
+                         "loso:a": {"radiomics": penalty_choice(path, 0, [1.0] * 12)}}}
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", _penalty_section(res, True))).split())
+    assert "12 values over 3.0 decades" in plain and "5 of 12" in plain and "12 of 12" in plain
+    assert "weakest end: the optimum may be a weaker penalty" in plain and "0.001 – 1" in plain
+    assert "at an end of the path in 2 of 3 (fold, model) choices: final tumour volume alone (weakest); loso:a radiomic signature (strongest)" in plain
+    assert res["penalties"]["final"]["radiomics"]["edge"] is None
+    res["penalties"] = {"final": {"radiomics": penalty_choice(path, 4, [1.0] * 12)}}
+    assert "interior to its path" in _penalty_section(res, True)
 
 
 def test_report_content_survival(survival_study):

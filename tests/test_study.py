@@ -94,7 +94,7 @@ def test_rounds_do_not_grow_with_sites(tmp_path):
 def test_icc_robustness_filter_inside_the_study(tmp_path):
     """Sites send ICC ANOVA sums of their perturbed features; a non-robust informative feature is kept out of
     the signature, and the held-out metrics still equal the pooled twin's (which pools the perturbed rows)."""
-    cfg, nodes, tables = make_sites(tmp_path, survival=False, seed=5)
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, seed=5, grid=None)
     rng = np.random.default_rng(9)
     robustness = {}
     for node in nodes:
