@@ -144,8 +144,10 @@ def describe_plan(plan: dict, columns: dict) -> list[str]:
         if m.get("grid") is not None:
             lines.append(f"models: {m['type']} ({m['penalty']}), penalty grid {m['grid']}")
         else:
-            lines.append(f"models: {m['type']} ({m['penalty']}), penalty path of {m.get('path_size', 12)} values "
-                         f"over {m.get('path_decades', 3.0):g} decades from the training sites' gradient at zero "
+            from fedrad.common.plan import path_shape
+            size, decades = path_shape(s)
+            lines.append(f"models: {m['type']} ({m['penalty']}), penalty path of {size} values "
+                         f"over {decades:g} decades from the training sites' gradient at zero "
                          "(one path per fold and model; the site pins its first value)")
     elif plan["task"] == "fit":
         lines.append(f"features: {', '.join(plan['data']['features'])}; up to {plan['rounds']} rounds")

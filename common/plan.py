@@ -121,10 +121,24 @@ def fixed_grid(study: dict) -> list[float] | None:
     return None if grid is None else grid_strong_to_weak(endpoint(study), [float(g) for g in grid])
 
 
+PATH_DECADES = {"l1": 3.0, "elasticnet": 3.0, "l2": 5.0}
+
+
+def default_path_decades(penalty: str) -> float:
+    """How many decades the penalty path spans when the plan does not say: 3 for L1 and the elastic net (from
+    the all-zero point down to where most features are in, glmnet's range), 5 for L2, whose coefficients are
+    never exactly zero: its path starts where an elastic net with L1 share 0.01 is all-zero and needs the extra
+    decades to reach a practically unpenalized fit (on UCI heart the inner-CV optimum sits ~3.7 decades in)."""
+    return PATH_DECADES.get(penalty, 3.0)
+
+
 def path_shape(study: dict) -> tuple[int, float]:
     """``(path_size, path_decades)`` of the plan's penalty path."""
     model = study["model"]
-    return int(model.get("path_size", 12)), float(model.get("path_decades", 3.0))
+    decades = model.get("path_decades")
+    if decades is None:
+        decades = default_path_decades(model.get("penalty", "l2"))
+    return int(model.get("path_size", 12)), float(decades)
 
 
 def penalty_count(study: dict) -> int:

@@ -42,7 +42,7 @@ import time
 from fedrad.common import metrics
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import grid_strong_to_weak
+from fedrad.common.plan import grid_strong_to_weak, path_shape
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
                                     common_volume, outcome_columns, penalty_choice, pick_variants,
                                     screen_candidates)
@@ -310,7 +310,7 @@ class Study:
             grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
             return {fold: {kind: list(grid) for kind in kinds} for fold, kinds in self.model_features.items()}
         model = "logistic" if self.endpoint["type"] == "response" else "cox"
-        size, decades = int(mcfg["path_size"]), float(mcfg["path_decades"])
+        size, decades = path_shape(self.cfg)
         paths: dict[str, dict[str, list[float]]] = {}
         for fold, kinds in self.model_features.items():
             train = self.folds[fold]["train"]
@@ -438,8 +438,7 @@ class Study:
                                                                                  range(len(grid))])
         self.results["penalties"] = penalties
         self.results["penalty_mode"] = ("grid" if self.cfg["model"].get("grid") is not None else
-                                        {"path_size": int(self.cfg["model"]["path_size"]),
-                                         "path_decades": float(self.cfg["model"]["path_decades"])})
+                                        dict(zip(("path_size", "path_decades"), path_shape(self.cfg))))
         edges = [f"{fold} {kind} ({p['edge']})" for fold, kinds in penalties.items() for kind, p in kinds.items()
                  if p["edge"]]
         if edges:

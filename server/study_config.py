@@ -55,6 +55,7 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     path_size = 12                      # penalty path (default): path_size values, log-spaced over
     path_decades = 3                    # path_decades decades from lambda_max (all coefficients zero, from the
                                         # federated gradient at zero, glmnet style), chosen by inner CV
+                                        # (default 3 for l1/elasticnet, 5 for l2)
     # grid = [0.01, 0.1, 1.0]           # instead a fixed grid: C (logistic) or penalizer (cox)
     clinical = ["age", "stage"]         # covariates of the clinical baseline and the composite model
     # volume = "original_shape_Volume" # the volume baseline's column (default: detected from the usual
@@ -77,6 +78,8 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrad.common.plan import default_path_decades
+
 DEFAULTS = {
     "study": {"name": "study", "output": "results", "min_sites": 2},
     "endpoint": {"type": "response", "outcome": "response", "time": "os_time", "event": "os_event"},
@@ -86,7 +89,7 @@ DEFAULTS = {
     "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
-              "path_decades": 3.0, "clinical": [], "volume": None},
+              "path_decades": None, "clinical": [], "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
 }
@@ -249,6 +252,8 @@ def validate(cfg: dict) -> dict:
     if model["path_size"] > 50:
         raise _bad("model", "path_size", model["path_size"], "must be at most 50 (each value is a fit per fold, "
                    "model and inner fold)")
+    if model["path_decades"] is None:
+        model["path_decades"] = default_path_decades(model["penalty"])
     _number(cfg, "model", "path_decades", 0.0, 6.0, "(0, 6]")
     _strings(cfg, "model", "clinical")
     vol = model.get("volume")

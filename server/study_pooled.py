@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import candidate_features, inner_fold_usable, study_plan
+from fedrad.common.plan import candidate_features, inner_fold_usable, path_shape, study_plan
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site,
                                     finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
 )
@@ -172,8 +172,7 @@ def pooled_path(cfg: dict, train: pd.DataFrame, features: list[str]) -> list[flo
         return grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
     z, n = pooled_standardized_scores(train, endpoint, features, strata="site")
     return penalty_path(max(z.values()), n, "logistic" if endpoint["type"] == "response" else "cox",
-                        mcfg["penalty"], float(mcfg["l1_ratio"]), int(mcfg["path_size"]),
-                        float(mcfg["path_decades"]))
+                        mcfg["penalty"], float(mcfg["l1_ratio"]), *path_shape(cfg))
 
 
 def flatten_metrics(d, prefix: str = "") -> dict[str, float]:

@@ -91,6 +91,17 @@ def test_defaults_and_derived_values():
     assert cfg["model"]["type"] == "cox" and cfg["harmonization"]["covariates"] == ["sex"]
 
 
+@pytest.mark.parametrize("penalty, decades", [("l2", 5.0), ("l1", 3.0), ("elasticnet", 3.0)])
+def test_path_decades_default_depends_on_the_penalty(penalty, decades):
+    """L2 never reaches all-zero coefficients: its path needs 5 decades to reach a practically unpenalized fit
+    (benchmarks/penalty_path.py: UCI heart's inner-CV optimum ~3.7 decades in); a set value is kept."""
+    from fedrad.common.plan import path_shape, path_step
+    cfg = validate(_merge({"model": {"penalty": penalty}}))
+    assert cfg["model"]["path_decades"] == decades and path_shape(cfg) == (12, decades)
+    assert path_step(cfg) == pytest.approx(10 ** (decades / 11))
+    assert validate(_merge({"model": {"penalty": penalty, "path_decades": 2}}))["model"]["path_decades"] == 2
+
+
 @pytest.mark.parametrize("endpoint", ["response", "survival"])
 def test_demo_study_validates(tmp_path, endpoint):
     from fedrad.demo import study_config
