@@ -4,9 +4,10 @@ Every phase sends one message per site carrying all validation folds (K + 1 of t
 each message holds, not how many round trips there are. Sites hold synthetic feature tables (120 patients,
 9 radiomic features + volume + clinical covariates, site-specific scanner shifts).
 
-    python benchmarks/rounds.py                       # in-process Flower message layer (fast)
-    python benchmarks/rounds.py --runtime deployment  # real SuperLink + K SuperNodes on loopback (slow on
-                                                      # 2 cores: one ClientApp process per site and round)
+    python -m benchmarks.rounds                       # in-process Flower message layer (fast)
+    python -m benchmarks.rounds --runtime deployment [--stock]
+        # also a real SuperLink + K SuperNodes on loopback (fedrad's fast site runtime; --stock adds Flower's
+        # stock SuperNode): wall time beside the in-process run of the same study, and their ratio
 """
 from __future__ import annotations
 
@@ -55,7 +56,7 @@ def run_local(cfg, nodes) -> tuple[int, float]:
     return res["round_trips"], time.perf_counter() - t0
 
 
-def run_deployment(cfg, nodes, root: Path) -> tuple[int, float]:
+def run_deployment(cfg, nodes, root: Path, fast: bool = True) -> tuple[int, float]:
     from fedrad.server.plans import write_json_atomic
     from fedrad.server.runtime import LoopbackDeployment, SiteNode
 
@@ -65,7 +66,7 @@ def run_deployment(cfg, nodes, root: Path) -> tuple[int, float]:
 
     approve_plan_file_at_sites(root / "plan.json", nodes)  # each site's operator approves the published plan
     t0 = time.perf_counter()
-    with LoopbackDeployment(root / "flower", sites) as dep:
+    with LoopbackDeployment(root / "flower", sites, fast=fast) as dep:
         run_id = dep.submit({"plan": str(root / "plan.json"), "out-dir": str(root / "out"),
                              "expected-sites": len(nodes), "round-timeout": 900.0})
         dep.wait(run_id, timeout=3600, done_file=root / "out" / "results.json")
@@ -77,17 +78,42 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runtime", choices=["local", "deployment"], default="local")
     ap.add_argument("--sites", default="3,5,10", help="comma-separated K values")
+    ap.add_argument("--stock", action="store_true", help="deployment: also run Flower's stock SuperNode (no fast "
+                    "site runtime) for each K and print its wall time beside the fast one")
     args = ap.parse_args()
     rows = []
     for k in [int(x) for x in args.sites.split(",")]:
+        row = {"k": k}
         with tempfile.TemporaryDirectory(prefix=f"fedrad-rounds-{k}-") as tmp:
-            cfg, nodes = make_sites(Path(tmp), k)
-            rounds, secs = run_local(cfg, nodes) if args.runtime == "local" else run_deployment(cfg, nodes, Path(tmp))
-        rows.append((k, rounds, secs))
-        print(f"K = {k:2d} sites: {rounds} round trips, study wall time {secs:.1f} s ({args.runtime} runtime)")
-    base_rounds, base_secs = rows[0][1], rows[0][2]
-    for k, rounds, secs in rows[1:]:
-        print(f"K = {k} vs K = {rows[0][0]}: round trips x{rounds / base_rounds:.2f}, wall time x{secs / base_secs:.2f}")
+            cfg, nodes = make_sites(Path(tmp) / "local", k)
+            row["rounds"], row["local"] = run_local(cfg, nodes)
+            print(f"K = {k:2d} sites: {row['rounds']} round trips, study wall time in-process {row['local']:.1f} s",
+                  flush=True)
+            if args.runtime == "deployment":
+                modes = [("fast", True)] + ([("stock", False)] if args.stock else [])
+                for mode, fast in modes:
+                    cfg, nodes = make_sites(Path(tmp) / mode, k)
+                    rounds, secs = run_deployment(cfg, nodes, Path(tmp) / mode, fast=fast)
+                    row[mode] = secs
+                    print(f"K = {k:2d} sites: {rounds} round trips, study wall time on the deployment runtime "
+                          f"({mode} site runtime) {secs:.1f} s = {secs / row['local']:.1f} x in-process, "
+                          f"{(secs - row['local']) / max(rounds, 1):.2f} s per round trip over in-process",
+                          flush=True)
+        rows.append(row)
+    base = rows[0]
+    for row in rows[1:]:
+        line = (f"K = {row['k']} vs K = {base['k']}: round trips x{row['rounds'] / base['rounds']:.2f}, "
+                f"in-process wall time x{row['local'] / base['local']:.2f}")
+        if "fast" in row:
+            line += f", deployment wall time x{row['fast'] / base['fast']:.2f}"
+        print(line)
+    if args.runtime == "deployment":
+        print("SUMMARY deployment / in-process wall-time ratio: " + ", ".join(
+            f"K={r['k']}: fast {r['fast'] / r['local']:.2f}" + (f", stock {r['stock'] / r['local']:.2f}"
+                                                                   if "stock" in r else "") for r in rows))
+        if args.stock:
+            print("SUMMARY stock / fast deployment wall time: " + ", ".join(
+                f"K={r['k']}: {r['stock'] / r['fast']:.2f}" for r in rows))
 
 
 if __name__ == "__main__":

@@ -237,6 +237,19 @@ def clientapp_main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def launch_clientapp(argv: list[str] | None = None) -> int:
+    """The pinned ``flwr-clientapp`` launcher: in a child of the site's zygote when one serves this SuperNode
+    (:mod:`fedrad.client.fastpath`; the child runs :func:`clientapp_main`, nothing else), else in-process."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if os.environ.get("FEDRAD_ZYGOTE_SOCKET"):
+        from fedrad.client.fastpath import run_via_zygote
+
+        code = run_via_zygote(argv)
+        if code is not None:
+            return code
+    return clientapp_main(argv)
+
+
 def refuse_main(command: str, argv: list[str] | None = None) -> int:
     """Any task command other than ``flwr-clientapp`` at a site: refused (a site runs ClientApps only)."""
     record_refusal(command, "a fedrad site runs only fedrad's ClientApp")
@@ -244,11 +257,11 @@ def refuse_main(command: str, argv: list[str] | None = None) -> int:
 
 
 def _launcher_text(command: str) -> str:
-    call = "clientapp_main()" if command == "flwr-clientapp" else f"refuse_main({command!r})"
+    call = "launch_clientapp()" if command == "flwr-clientapp" else f"refuse_main({command!r})"
     return (f"#!{sys.executable}\n"
             "# fedrad app pinning (fedrad.client.app_trust): written by fedrad at SuperNode start; do not edit\n"
             "import sys\n"
-            f"from fedrad.client.app_trust import clientapp_main, refuse_main\n"
+            f"from fedrad.client.app_trust import launch_clientapp, refuse_main\n"
             f"sys.exit({call})\n")
 
 

@@ -270,6 +270,9 @@ def site_join(
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates", help="The coordinator's ca.crt."),
     auth_key: Optional[Path] = typer.Option(None, "--auth-key", help="This site's private key (`site keys`)."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP; refused unless the SuperLink is loopback."),
+    stock: bool = typer.Option(False, "--stock", help="Run Flower's flower-supernode unchanged: a 3 s idle pull "
+                               "and a fresh ClientApp process per message (default: fedrad's fast site runtime "
+                               "on Flower 1.42.0, stock with a notice on other versions)."),
 ) -> None:
     """Run this site's Flower SuperNode in the foreground: it answers the coordinator's requests from its own
     table, under its policy, writing every reply to its audit log."""
@@ -304,7 +307,7 @@ def site_join(
     cfg.setdefault("site-name", site.name)
     try:  # app pinning is always on: off loopback the node does not start without it
         proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
-                               root_certificates=root_certificates, auth_key=auth_key)
+                               root_certificates=root_certificates, auth_key=auth_key, fast=not stock)
     except RuntimeFailure as exc:
         _fail(str(exc))
     from fedrad.client.app_trust import flower_supported

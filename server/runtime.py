@@ -205,7 +205,7 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
 
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
                     root_certificates: Path | None = None, auth_key: Path | None = None,
-                    poll_interval: float = 0.1, pin_app: bool = True) -> Process:
+                    poll_interval: float = 0.1, pin_app: bool = True, fast: bool = True) -> Process:
     """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``.
 
     ``pin_app`` (the default, always on for ``fedrad site join``): the SuperNode runs only fedrad's own thin app.
@@ -213,7 +213,11 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
     before Flower installs or imports anything from it and answers any other app with an error reply. Raises
     :class:`RuntimeFailure` when the pin cannot be enabled (a Flower version other than 1.42.x) unless the
     SuperLink is on loopback, where the node then starts unpinned with a warning in its log. ``pin_app=False``
-    is refused off loopback."""
+    is refused off loopback.
+
+    ``fast`` (the default): the SuperNode runs through :mod:`fedrad.client.fastpath` (short idle pull after a
+    message, pre-forked ClientApps), which falls back to stock Flower with a notice in the log on any Flower
+    but 1.42.0 or without the pin; ``fast=False`` starts Flower's own ``flower-supernode`` unchanged."""
     from fedrad.client import app_trust
 
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
@@ -242,6 +246,8 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
             env = app_trust.pinned_env(env, app_trust.install_launchers(home / "fedrad-bin"))
         except (OSError, app_trust.UntrustedApp) as exc:
             raise RuntimeFailure(f"site {name}: cannot enable app pinning: {exc}") from exc
+    if fast and pin_app:
+        cmd = [sys.executable, "-m", "fedrad.client.fastpath", "supernode", *cmd[1:]]
     log = home / "supernode.log"
     if warning:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -391,6 +397,8 @@ class LoopbackDeployment(_FlowerRun):
     processes: list[Process] = field(default_factory=list)
     connection: str = "fedrad-local"
     database: bool = False
+    #: fedrad's fast site runtime (:mod:`fedrad.client.fastpath`); False runs Flower's SuperNode unchanged
+    fast: bool = True
 
     @property
     def address(self) -> str:
@@ -413,7 +421,7 @@ class LoopbackDeployment(_FlowerRun):
 
     def _start_site(self, site: SiteNode) -> Process:
         proc = start_supernode(self.home / "sites" / site.name, site.name, self.address, free_port(),
-                               {"site-name": site.name, **site.node_config})
+                               {"site-name": site.name, **site.node_config}, fast=self.fast)
         self.processes.append(proc)
         return proc
 

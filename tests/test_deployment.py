@@ -13,6 +13,7 @@ from fedrad.client.audit import AuditLog
 from fedrad.common.combat import ComBat, make_request
 from fedrad.server.runtime import LoopbackDeployment, SiteNode
 from fedrad.local import approve_plan_file_at_sites
+from benchmarks.rounds import make_sites as make_rounds_sites
 from tests.test_harmonize_flower import _table
 
 
@@ -240,3 +241,33 @@ def test_study_on_flower_simulation_engine(tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["round_trips"] == 10 and sorted(res["external"]) == ["site1", "site2", "site3", "site4"]
     assert (tmp_path / "flower" / "sites" / "site3" / "audit.jsonl").exists()
+
+
+def _deployment_study(root, fast: bool) -> tuple[dict, list]:
+    """The rounds benchmark's 3-site response study on a loopback deployment; its results and SuperNode logs."""
+    from benchmarks.rounds import run_deployment
+
+    cfg, nodes = make_rounds_sites(root / "sites", 3, n=80)
+    run_deployment(cfg, nodes, root, fast=fast)
+    logs = sorted((root / "flower" / "sites").glob("*/supernode.log"))
+    return json.loads((root / "out" / "results.json").read_text()), [p.read_text() for p in logs]
+
+
+def test_fast_site_runtime_gives_the_stock_runtimes_results(tmp_path):
+    """The same study on Flower's stock SuperNode and on fedrad's fast site runtime (pre-forked ClientApps, short
+    idle pull; fedrad.client.fastpath): identical results and round trips, and the fast one really ran forked
+    ClientApps (its log says so for every message) while the stock one never did."""
+    from fedrad.server.study_pooled import flatten_metrics
+
+    fast, fast_logs = _deployment_study(tmp_path / "fast", fast=True)
+    stock, stock_logs = _deployment_study(tmp_path / "stock", fast=False)
+    assert fast["round_trips"] == stock["round_trips"] >= 8
+    for log in fast_logs:
+        assert "fedrad fast site runtime: on (Flower 1.42.0)" in log
+        assert log.count("runs as pre-forked pid") == log.count("Sending:") >= fast["round_trips"]
+    assert not any("fast site runtime" in log for log in stock_logs)
+    want, got = flatten_metrics(stock["pooled"]), flatten_metrics(fast["pooled"])
+    assert want and got.keys() == want.keys()
+    assert all(got[k] == want[k] for k in want)  # same code, same data: bit-identical, not merely close
+    assert fast["selection"] == stock["selection"] and fast["penalties"] == stock["penalties"]
+    assert flatten_metrics(fast["sites"]) == flatten_metrics(stock["sites"])

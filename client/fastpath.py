@@ -1,0 +1,408 @@
+"""Fast site runtime on Flower 1.42.0: no per-message process start, no 3-second idle pull (issue 13).
+
+Measured in ../shared/FLOWER-LATENCY.md: a stock Flower round costs >= 3 s of the SuperNode's hard-coded idle
+pull (``supernode/start_client_internal.py``: ``time.sleep(3)`` when nothing was pulled, ``time.sleep(0.5)``
+while waiting for the ClientApp's reply) plus one fresh ``flwr-clientapp`` process per message (Flower's own
+imports ~1 s, fedrad's pandas/scipy ~1 s more; 2-6 s each when several sites share 2 cores). Neither has a
+setting. Without editing Flower's files this module removes both, on fedrad's own site processes only:
+
+* :func:`supernode_main` (``python -m fedrad.client.fastpath supernode ARGS``, what
+  :func:`fedrad.server.runtime.start_supernode` starts unless ``fast=False`` / ``fedrad site join --stock``) is
+  ``flower-supernode ARGS`` with that module's ``time`` replaced by a proxy: the idle ``sleep(3)`` becomes a
+  0.2 s poll for :data:`ACTIVE_SECONDS` after the node's last message (then 3 s again: an idle site costs the
+  SuperLink what a stock one does), the reply wait's ``sleep(0.5)`` 0.05 s, and the object-pull back-off starts
+  at 0.02 s instead of 1 s. It also starts the zygote below and hands its socket to the ClientApp launcher.
+* The zygote (:func:`zygote_main`): one process per SuperNode that has already imported Flower's ClientApp
+  runner, fedrad's app pin and the scientific stack. fedrad's pinned ``flwr-clientapp`` launcher
+  (:func:`fedrad.client.app_trust.launch_clientapp`) passes its argv, environment, working directory and
+  stdio to it over a Unix socket (directory 0700, peer uid checked) and waits; the zygote forks and the child
+  runs exactly what the launcher would have run in-process, :func:`fedrad.client.app_trust.clientapp_main`
+  (FAB check first, then Flower's own ``flwr-clientapp`` entry point). Exit status and signals are relayed, so
+  the SuperExec sees an ordinary child. When no zygote answers, the launcher runs in-process (stock).
+
+Both are tied to Flower 1.42.0 internals, so :func:`unsupported` checks the exact version and the source lines
+the proxy keys on; on anything else the SuperNode runs stock with a one-line notice in its log. Nothing here
+changes what a site computes or sends: the default suite runs one study both ways and compares the results.
+"""
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import socket
+import struct
+import sys
+import tempfile
+import time
+
+FLOWER_EXACT = "1.42.0"
+SOCKET_ENV = "FEDRAD_ZYGOTE_SOCKET"
+#: after its last message a node polls every ACTIVE_POLL s for this long, then falls back to Flower's 3 s
+ACTIVE_SECONDS = 30.0
+ACTIVE_POLL = 0.2
+REPLY_POLL = 0.05
+ZYGOTE_START_SECONDS = 60.0
+#: modules the zygote imports once so a forked ClientApp starts in milliseconds (third-party + Flower only;
+#: fedrad's own ClientApp module is imported fresh by Flower's loader in each child, after the FAB check)
+PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.serverapp",
+           "flwr.clientapp", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize", "scipy.special",
+           "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519", "tomllib")
+_STATUS = struct.Struct("!i")
+_SIGNALS = {b"T": signal.SIGTERM, b"I": signal.SIGINT}
+
+
+def notice(text: str) -> None:
+    print(f"INFO :      fedrad fast site runtime: {text}", file=sys.stderr, flush=True)
+
+
+# ------------------------------------------------------------------------------------------- version guard
+def unsupported() -> str | None:
+    """None when this Flower is exactly the one the proxy was written against, else why not."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        found = version("flwr")
+    except PackageNotFoundError:
+        return "Flower is not installed"
+    if found != FLOWER_EXACT:
+        return f"written for Flower {FLOWER_EXACT}, found {found}"
+    try:
+        import importlib
+        import inspect
+
+        sci = importlib.import_module("flwr.supernode.start_client_internal")
+        importlib.import_module("flwr.supernode.cli").flower_supernode  # noqa: B018
+        if getattr(sci, "time", None) is not time:
+            return "flwr.supernode.start_client_internal no longer uses the time module"
+        for name in ("_pull_and_store_message", "_push_messages", "pull_objects", "start_client_internal"):
+            if not callable(getattr(sci, name, None)):
+                return f"flwr.supernode.start_client_internal lacks {name}"
+        if "time.sleep(3)" not in inspect.getsource(sci.start_client_internal):
+            return "the SuperNode's idle pull is no longer time.sleep(3)"
+        if "time.sleep(0.5)" not in inspect.getsource(sci._push_messages):
+            return "the SuperNode's reply wait is no longer time.sleep(0.5)"
+    except Exception as exc:  # any surprise: stock behaviour
+        return f"cannot inspect Flower's SuperNode: {exc}"
+    return None
+
+
+# ------------------------------------------------------------------------------------------- SuperNode
+class _NodeClock:
+    """Stands in for the ``time`` module inside ``flwr.supernode.start_client_internal``."""
+
+    def __init__(self, real=time):
+        self._real = real
+        self.last_activity = real.monotonic()
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def touch(self) -> None:
+        self.last_activity = self._real.monotonic()
+
+    def sleep(self, seconds: float) -> None:
+        if seconds == 3:      # idle pull: nothing was waiting at the SuperLink
+            idle = self._real.monotonic() - self.last_activity
+            return self._real.sleep(ACTIVE_POLL if idle < ACTIVE_SECONDS else 3)
+        if seconds == 0.5:    # waiting for the ClientApp's reply / an object's content
+            return self._real.sleep(REPLY_POLL)
+        return self._real.sleep(seconds)
+
+
+def patch_supernode() -> _NodeClock:
+    """Install the proxy clock and the short object-pull back-off in Flower's SuperNode module."""
+    import functools
+
+    import flwr.supernode.start_client_internal as sci
+
+    clock = _NodeClock()
+    pull, push = sci._pull_and_store_message, sci._push_messages
+
+    def pull_marked(*args, **kwargs):
+        run_id = pull(*args, **kwargs)
+        if run_id is not None:
+            clock.touch()
+        return run_id
+
+    def push_marked(*args, **kwargs):
+        try:
+            return push(*args, **kwargs)
+        finally:
+            clock.touch()
+
+    sci._pull_and_store_message, sci._push_messages = pull_marked, push_marked
+    sci.pull_objects = functools.partial(sci.pull_objects, initial_backoff=0.02, backoff_cap=0.5)
+    sci.time = clock
+    return clock
+
+
+def pinned_launcher() -> bool:
+    """True when ``flwr-clientapp`` on this process's PATH is fedrad's app-pinning launcher (the zygote's
+    children run that launcher's code, so the fast path exists only where the pin is on)."""
+    import shutil
+
+    from fedrad.client.app_trust import _launcher_text
+
+    found = shutil.which("flwr-clientapp")
+    try:
+        return found is not None and open(found).read() == _launcher_text("flwr-clientapp")
+    except OSError:
+        return False
+
+
+def supernode_main(argv: list[str] | None = None) -> int:
+    """``flower-supernode`` with the fast runtime (or stock, with a notice, when :func:`unsupported`)."""
+    from flwr.supernode.cli import flower_supernode
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    reason = unsupported()
+    zygote = None
+    if reason is None and not pinned_launcher():
+        reason = "flwr-clientapp on PATH is not fedrad's pinned launcher (app pinning off)"
+    if reason is None:
+        patch_supernode()
+        directory = tempfile.mkdtemp(prefix="fedrad-site-")  # 0700, short enough for a Unix socket path
+        path = os.path.join(directory, "clientapp.sock")
+        import subprocess
+
+        zygote = subprocess.Popen([sys.executable, "-m", "fedrad.client.fastpath", "zygote", path,
+                                   str(os.getpid())], env=dict(os.environ))
+        deadline = time.monotonic() + ZYGOTE_START_SECONDS
+        while not os.path.exists(path) and zygote.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)  # it binds after its imports: every message of this node then finds it
+        if os.path.exists(path):
+            os.environ[SOCKET_ENV] = path  # inherited by the SuperExec, then by every flwr-clientapp launcher
+            notice(f"on (Flower {FLOWER_EXACT}): idle pull {ACTIVE_POLL:g} s for {ACTIVE_SECONDS:g} s after a "
+                   f"message, pre-forked ClientApps (zygote pid {zygote.pid})")
+        else:
+            notice(f"zygote not ready after {ZYGOTE_START_SECONDS:g} s (exit code {zygote.poll()}): ClientApps "
+                   "start as fresh processes; idle pull still short")
+    else:
+        os.environ.pop(SOCKET_ENV, None)
+        notice(f"off, running stock Flower: {reason}")
+    sys.argv = ["flower-supernode", *argv]
+    try:
+        return flower_supernode() or 0
+    finally:
+        if zygote is not None and zygote.poll() is None:
+            zygote.terminate()
+
+
+# ------------------------------------------------------------------------------------------- launcher side
+def run_via_zygote(argv: list[str]) -> int | None:
+    """Run ``flwr-clientapp argv`` in a child of the zygote; its exit status, or None when no zygote answers
+    (the caller then runs in-process). Signals to this process are relayed to the child."""
+    path = os.environ.get(SOCKET_ENV)
+    if not path:
+        return None
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+    socket.send_fds(sock, [_STATUS.pack(len(payload)) + payload], [0, 1, 2])
+
+    def relay(signum, frame):
+        try:
+            sock.send(b"T" if signum == signal.SIGTERM else b"I")
+        except OSError:
+            pass
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, relay)
+    data = b""
+    while len(data) < _STATUS.size:
+        try:
+            chunk = sock.recv(_STATUS.size - len(data))
+        except InterruptedError:
+            continue
+        if not chunk:
+            print("ERROR :      fedrad fast site runtime: the zygote closed before the ClientApp finished",
+                  file=sys.stderr, flush=True)
+            return 1
+        data += chunk
+    return _STATUS.unpack(data)[0]
+
+
+# ------------------------------------------------------------------------------------------- zygote
+def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
+    conn.settimeout(10)
+    data, fds, _flags, _addr = socket.recv_fds(conn, 1 << 16, 3)
+    if len(data) < _STATUS.size:
+        raise ValueError("short request")
+    size = _STATUS.unpack(data[:_STATUS.size])[0]
+    if not 0 < size <= 1 << 22:
+        raise ValueError(f"bad request size {size}")
+    body = data[_STATUS.size:]
+    while len(body) < size:
+        chunk = conn.recv(size - len(body))
+        if not chunk:
+            raise ValueError("truncated request")
+        body += chunk
+    conn.settimeout(None)
+    req = json.loads(body)
+    if not (isinstance(req.get("argv"), list) and isinstance(req.get("env"), dict) and isinstance(req.get("cwd"), str)
+            and len(fds) == 3):
+        raise ValueError("malformed request")
+    return req, fds
+
+
+def _child(req: dict, fds: list[int]) -> None:
+    """In the forked child: become the launcher's process (stdio, cwd, env, argv) and run the pinned entry."""
+    code = 1
+    try:
+        for target, fd in enumerate(fds):
+            os.dup2(fd, target)
+        for fd in fds:
+            if fd > 2:
+                os.close(fd)
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+            signal.signal(sig, signal.SIG_DFL)
+        os.chdir(req["cwd"])
+        os.environ.clear()
+        os.environ.update({str(k): str(v) for k, v in req["env"].items()})
+        os.environ.pop(SOCKET_ENV, None)
+        from fedrad.client.app_trust import clientapp_main
+
+        code = clientapp_main([str(a) for a in req["argv"]])
+    except SystemExit as exc:
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    except BaseException:  # noqa: BLE001 - report and exit like a crashed process
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except Exception:  # noqa: BLE001
+                pass
+        os._exit(code if isinstance(code, int) else 1)
+
+
+def zygote_main(path: str, parent_pid: int) -> int:
+    """Serve fork requests on ``path`` until the SuperNode ``parent_pid`` is gone."""
+    import importlib
+
+    for name in PRELOAD:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+    import fedrad.client.app_trust  # noqa: F401  (the child's entry; stdlib-only at import)
+
+    directory = os.path.dirname(path)
+    os.chmod(directory, 0o700)
+    if os.path.exists(path):
+        os.unlink(path)
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        srv.bind(path + ".new")
+    finally:
+        os.umask(old)
+    srv.listen(64)
+    os.rename(path + ".new", path)  # appears only once it accepts connections
+    workers: dict[socket.socket, int] = {}  # launcher connection -> child pid
+    by_pid: dict[int, socket.socket] = {}
+
+    def parent_alive() -> bool:
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return os.getppid() == parent_pid
+
+    def finish(pid: int, status: int) -> None:
+        conn = by_pid.pop(pid, None)
+        if conn is None:
+            return
+        workers.pop(conn, None)
+        code = os.waitstatus_to_exitcode(status)
+        try:
+            conn.sendall(_STATUS.pack(code if code >= 0 else 128 - code))
+        except OSError:
+            pass
+        conn.close()
+
+    try:
+        while parent_alive():
+            ready, _, _ = select.select([srv, *workers], [], [], 0.5)
+            for sock in ready:
+                if sock is srv:
+                    conn, _ = srv.accept()
+                    try:
+                        peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                                              struct.calcsize("3i")))
+                        if uid != os.getuid():
+                            raise PermissionError(f"connection from uid {uid}")
+                        req, fds = _recv_request(conn)
+                    except (OSError, ValueError) as exc:
+                        notice(f"refused a launcher request: {exc}")
+                        conn.close()
+                        continue
+                    for stream in (sys.stdout, sys.stderr):
+                        stream.flush()
+                    pid = os.fork()
+                    if pid == 0:
+                        srv.close()
+                        for other in workers:
+                            other.close()
+                        conn.close()
+                        _child(req, fds)
+                    for fd in fds:
+                        os.close(fd)
+                    workers[conn], by_pid[pid] = pid, conn
+                    notice(f"ClientApp of launcher pid {peer} runs as pre-forked pid {pid}")
+                else:
+                    pid = workers[sock]
+                    try:
+                        data = sock.recv(16)
+                    except OSError:
+                        data = b""
+                    try:  # a relayed signal, or the launcher died: stop its child
+                        os.kill(pid, _SIGNALS.get(data[-1:], signal.SIGKILL) if data else signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            while by_pid:
+                try:
+                    pid, status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
+                    break
+                if pid == 0:
+                    break
+                finish(pid, status)
+    finally:
+        for pid in list(by_pid):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        srv.close()
+        try:
+            os.unlink(path)
+            os.rmdir(directory)
+        except OSError:
+            pass
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["supernode"]:
+        return supernode_main(argv[1:])
+    if argv[:1] == ["zygote"] and len(argv) == 3:
+        return zygote_main(argv[1], int(argv[2]))
+    print("usage: python -m fedrad.client.fastpath supernode FLOWER-SUPERNODE-ARGS... | zygote SOCKET PARENT-PID",
+          file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
