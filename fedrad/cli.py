@@ -768,18 +768,9 @@ def study_report(
     out: Optional[Path] = typer.Option(None, "--out", help="HTML file (default: report.html beside results)."),
 ) -> None:
     """(Re)write the HTML report of a finished study."""
-    import json
-
     from fedrad.server.report import write_report
 
-    if not results_file.is_file():
-        _fail(f"{results_file} {'is a directory' if results_file.is_dir() else 'not found'}; pass the "
-              "results.json a `fedrad study run` wrote")
-    try:
-        results = json.loads(results_file.read_text())
-    except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        _fail(f"{results_file} is not JSON ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
-              "pass the results.json a `fedrad study run` wrote")
+    results = _read_json(results_file, str(results_file), "the results.json a `fedrad study run` wrote")
     if not isinstance(results, dict) or not isinstance(results.get("endpoint"), dict) \
             or "type" not in results["endpoint"]:
         _fail(f"{results_file} is not a study's results.json (no [endpoint] type); pass the results.json a "
@@ -788,17 +779,21 @@ def study_report(
     typer.echo(f"report: {path}")
 
 
-def load_model(path: Path):
+def _read_json(path: Path, what: str, wanted: str):
+    """The JSON document in ``path``, or a one-line error naming ``what`` it is and which file to pass."""
     import json
 
     if not path.is_file():
-        _fail(f"model file {path} {'is a directory' if path.is_dir() else 'not found'}; pass the JSON file "
-              "`fedrad fit --out` wrote")
+        _fail(f"{what} {'is a directory' if path.is_dir() else 'not found'}; pass {wanted}")
     try:
-        doc = json.loads(path.read_text())
+        return json.loads(path.read_text())
     except (ValueError, OSError) as exc:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        _fail(f"model file {path} is not JSON ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
-              "pass the file `fedrad fit --out` wrote")
+        _fail(f"{what} is not JSON ({str(exc).splitlines()[0] if str(exc) else exc.__class__.__name__}); "
+              f"pass {wanted}")
+
+
+def load_model(path: Path):
+    doc = _read_json(path, f"model file {path}", "the JSON file `fedrad fit --out` wrote")
     if not isinstance(doc, dict) or doc.get("fedrad_model") != 1:
         _fail(f"{path} is not a fedrad model file (no \"fedrad_model\": 1); pass the file `fedrad fit --out` wrote")
     lacking = [k for k in ("model", "features", "params") if k not in doc]

@@ -45,10 +45,9 @@ def refused(node: dict, request: str, payload: dict, code: str, secrets=()) -> s
     return text
 
 
-@pytest.fixture
-def study(tmp_path):
+def _fitted_study(tmp_path, **kwargs):
     """An honest response study prepared, harmonized, selected and fitted through the real site agents."""
-    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, **kwargs)
     from fedrad.client.client_app import app
 
     approve_at_sites(study_plan(cfg), nodes)
@@ -58,6 +57,12 @@ def study(tmp_path):
     st.select()
     st.fit_models()
     return cfg, nodes, tables, st
+
+
+@pytest.fixture
+def study(tmp_path):
+    """The honest study with the fixed grid of make_sites."""
+    return _fitted_study(tmp_path)
 
 
 def test_a_request_without_an_approved_plan_is_refused_and_audited(tmp_path):
@@ -351,16 +356,7 @@ def test_attack7_imputation_values_cannot_single_out_patients(tmp_path):
 @pytest.fixture
 def path_study(tmp_path):
     """The honest response study with the default data-driven penalty path, fitted through the site agents."""
-    cfg, nodes, tables = make_sites(tmp_path, survival=False, grid=None)
-    from fedrad.client.client_app import app
-
-    approve_at_sites(study_plan(cfg), nodes)
-    st = Study(Federation(LocalGrid(app, nodes)), cfg)
-    st.prepare()
-    st.harmonize()
-    st.select()
-    st.fit_models()
-    return cfg, nodes, tables, st
+    return _fitted_study(tmp_path, grid=None)
 
 
 def test_attack8_penalty_path_values_and_path_requests_are_the_plans(path_study):
