@@ -13,7 +13,7 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
   SuperLink what a stock one does), the reply wait's ``sleep(0.5)`` 0.05 s, and the object-pull back-off starts
   at 0.02 s instead of 1 s. It also starts the zygote below and hands its socket to the ClientApp launcher.
 * The zygote (:func:`zygote_main`): one process per SuperNode that has already imported Flower's ClientApp
-  runner, fedrad's app pin and the scientific stack. fedrad's pinned ``flwr-clientapp`` launcher
+  runner, the scientific stack and the installed fedrad site agent. fedrad's pinned ``flwr-clientapp`` launcher
   (:func:`fedrad.client.app_trust.launch_clientapp`) passes its argv, environment, working directory and
   stdio to it over a Unix socket (directory 0700, peer uid checked) and waits; the zygote forks and the child
   runs exactly what the launcher would have run in-process, :func:`fedrad.client.app_trust.clientapp_main`
@@ -43,11 +43,15 @@ ACTIVE_SECONDS = 30.0
 ACTIVE_POLL = 0.2
 REPLY_POLL = 0.05
 ZYGOTE_START_SECONDS = 60.0
-#: modules the zygote imports once so a forked ClientApp starts in milliseconds (third-party + Flower only;
-#: fedrad's own ClientApp module is imported fresh by Flower's loader in each child, after the FAB check)
+#: modules the zygote imports once so a forked ClientApp starts in milliseconds: Flower's runner and its HTTP
+#: client, the scientific stack, and the installed fedrad ClientApp. fedrad's FAB carries no code (only its
+#: pyproject.toml, which the pin checks byte for byte); its components are these installed modules, which
+#: Flower's loader takes from sys.modules. A site restarts its SuperNode after upgrading fedrad (until then the
+#: pin refuses the new version's FAB: fail closed).
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.serverapp",
-           "flwr.clientapp", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize", "scipy.special",
-           "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519", "tomllib")
+           "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
+           "scipy.special", "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519",
+           "tomllib", "flwr.cli.build", "fedrad.client.client_app")
 _STATUS = struct.Struct("!i")
 _SIGNALS = {b"T": signal.SIGTERM, b"I": signal.SIGINT}
 
@@ -293,7 +297,17 @@ def zygote_main(path: str, parent_pid: int) -> int:
             importlib.import_module(name)
         except ImportError:
             pass
-    import fedrad.client.app_trust  # noqa: F401  (the child's entry; stdlib-only at import)
+    import pkgutil
+
+    import fedrad.client
+    import fedrad.common
+
+    for package in (fedrad.client, fedrad.common):  # fedrad imports many modules inside functions
+        for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            try:
+                importlib.import_module(info.name)
+            except Exception:  # noqa: BLE001 - an optional dependency missing: imported (or not) in the child
+                pass
 
     directory = os.path.dirname(path)
     os.chmod(directory, 0o700)
