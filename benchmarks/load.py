@@ -2,8 +2,10 @@
 
 Not a timed test: it prints what it measured. Every site is a real ``flower-supernode`` process with its own
 table (``benchmarks.rounds.make_sites``: 120 synthetic patients, 9 radiomic features + volume + clinical
-covariates, scanner shifts); Flower starts one ``flwr-clientapp`` process per site and round trip, so on a small
-machine the round time is dominated by those process starts. Memory is sampled every 0.5 s from /proc over the
+covariates, scanner shifts), run with fedrad's fast site runtime (``fedrad.client.fastpath``: each SuperNode forks
+its ClientApps from a preloaded zygote; stock Flower starts one fresh ``flwr-clientapp`` process per site and
+round trip, and on a small machine those process starts dominate the round time). RSS sums count pages that
+forked ClientApps share with their zygote once per process, so they overstate the memory in use. Memory is sampled every 0.5 s from /proc over the
 whole process tree (SuperLink, ServerApp, SuperNodes, ClientApps). The baseline, measured in the same run, is
 the same study in-process (Flower's message layer, no processes): its wall time and this process's peak RSS.
 
@@ -60,7 +62,10 @@ def _cmdline(pid: int) -> str:
 class TreeSampler(threading.Thread):
     """Samples the RSS of every descendant of this process by role, every ``period`` seconds."""
 
+    # the fast site runtime's SuperNode is `python -m fedrad.client.fastpath supernode`; its zygote and the
+    # ClientApps forked from it carry the zygote's command line (their pages are shared with it until written)
     ROLES = (("clientapp", "flwr-clientapp"), ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
+             ("supernode", "fastpath supernode"), ("zygote+apps", "fastpath zygote"),
              ("superlink", "flower-superlink"))
 
     def __init__(self, period: float = 0.5):
@@ -174,9 +179,9 @@ def main() -> None:
           f"sum {sum(secs):.0f} s")
     print(f"peak resident memory of the whole tree (sum at one instant; role peaks below are each at their own "
           f"instant): {s.peak_total_kb / 1024:.0f} MB")
-    for role in ("superlink", "serverapp", "supernode", "clientapp", "other"):
+    for role in ("superlink", "serverapp", "supernode", "zygote+apps", "clientapp", "other"):
         if role in s.peak_by_role:
-            print(f"  peak {role:9s}: {s.peak_by_role[role] / 1024:7.0f} MB over {s.peak_count[role]:2d} processes "
+            print(f"  peak {role:11s}: {s.peak_by_role[role] / 1024:7.0f} MB over {s.peak_count[role]:2d} processes "
                   f"({s.peak_by_role[role] / 1024 / max(1, s.peak_count[role]):.0f} MB each)")
     print(f"baseline, same study in-process (no Flower processes): {local_res['round_trips']} round trips, "
           f"{local_secs:.1f} s, peak RSS {local_peak_mb:.0f} MB")

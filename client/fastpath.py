@@ -42,7 +42,7 @@ SOCKET_ENV = "FEDRAD_ZYGOTE_SOCKET"
 ACTIVE_SECONDS = 30.0
 ACTIVE_POLL = 0.2
 REPLY_POLL = 0.05
-ZYGOTE_START_SECONDS = 60.0
+ZYGOTE_START_SECONDS = 20.0
 #: modules the zygote imports once so a forked ClientApp starts in milliseconds: Flower's runner and its HTTP
 #: client, the scientific stack, and the installed fedrad ClientApp. fedrad's FAB carries no code (only its
 #: pyproject.toml, which the pin checks byte for byte); its components are these installed modules, which
@@ -52,6 +52,10 @@ PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clie
            "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
            "scipy.special", "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519",
            "tomllib", "flwr.cli.build", "fedrad.client.client_app")
+#: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~8 s of imports and
+#: ~250 MB per zygote, for the one extraction message of a study) and this module
+NOT_PRELOADED = frozenset({"fedrad.client.imaging", "fedrad.client.extract", "fedrad.client.perturb",
+                           "fedrad.client.demo_data", "fedrad.client.fastpath"})
 _STATUS = struct.Struct("!i")
 _SIGNALS = {b"T": signal.SIGTERM, b"I": signal.SIGINT}
 
@@ -172,16 +176,14 @@ def supernode_main(argv: list[str] | None = None) -> int:
 
         zygote = subprocess.Popen([sys.executable, "-m", "fedrad.client.fastpath", "zygote", path,
                                    str(os.getpid())], env=dict(os.environ))
+        os.environ[SOCKET_ENV] = path  # inherited by the SuperExec, then by every flwr-clientapp launcher
         deadline = time.monotonic() + ZYGOTE_START_SECONDS
         while not os.path.exists(path) and zygote.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # it binds after its imports: every message of this node then finds it
-        if os.path.exists(path):
-            os.environ[SOCKET_ENV] = path  # inherited by the SuperExec, then by every flwr-clientapp launcher
-            notice(f"on (Flower {FLOWER_EXACT}): idle pull {ACTIVE_POLL:g} s for {ACTIVE_SECONDS:g} s after a "
-                   f"message, pre-forked ClientApps (zygote pid {zygote.pid})")
-        else:
-            notice(f"zygote not ready after {ZYGOTE_START_SECONDS:g} s (exit code {zygote.poll()}): ClientApps "
-                   "start as fresh processes; idle pull still short")
+            time.sleep(0.05)  # it binds after its imports; a message before that runs in a fresh process
+        ready = "ready" if os.path.exists(path) else f"still importing after {ZYGOTE_START_SECONDS:g} s"
+        notice(f"on (Flower {FLOWER_EXACT}): idle pull {ACTIVE_POLL:g} s for {ACTIVE_SECONDS:g} s after a "
+               f"message, pre-forked ClientApps (zygote pid {zygote.pid}, {ready}; until it is, a ClientApp "
+               "starts as a fresh process)")
     else:
         os.environ.pop(SOCKET_ENV, None)
         notice(f"off, running stock Flower: {reason}")
@@ -304,6 +306,8 @@ def zygote_main(path: str, parent_pid: int) -> int:
 
     for package in (fedrad.client, fedrad.common):  # fedrad imports many modules inside functions
         for info in pkgutil.iter_modules(package.__path__, package.__name__ + "."):
+            if info.name in NOT_PRELOADED:
+                continue
             try:
                 importlib.import_module(info.name)
             except Exception:  # noqa: BLE001 - an optional dependency missing: imported (or not) in the child
