@@ -315,6 +315,8 @@ def zygote_main(path: str, parent_pid: int) -> int:
 
     directory = os.path.dirname(path)
     os.chmod(directory, 0o700)
+    # stopped with its SuperNode's process group: leave through the finally below (socket and directory removed)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(0))
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

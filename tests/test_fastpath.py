@@ -63,6 +63,7 @@ def zygote():
     yield path, proc
     proc.terminate()
     proc.wait(10)
+    assert not os.path.exists(directory)  # SIGTERM (a SuperNode's stop) cleans up too
 
 
 def _launch(path: str, *argv: str) -> subprocess.CompletedProcess:
