@@ -240,14 +240,11 @@ def clientapp_main(argv: list[str] | None = None) -> int:
 def launch_clientapp(argv: list[str] | None = None) -> int:
     """The pinned ``flwr-clientapp`` launcher: in a child of the site's zygote when one serves this SuperNode
     (:mod:`fedrad.client.fastpath`; the child runs :func:`clientapp_main`, nothing else), else in-process."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if os.environ.get("FEDRAD_ZYGOTE_SOCKET"):
-        from fedrad.client.fastpath import run_via_zygote
+    from fedrad.client.fastpath import run_via_zygote  # stdlib-only; None when no zygote serves this node
 
-        code = run_via_zygote(argv)
-        if code is not None:
-            return code
-    return clientapp_main(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = run_via_zygote(argv)
+    return clientapp_main(argv) if code is None else code
 
 
 def refuse_main(command: str, argv: list[str] | None = None) -> int:
