@@ -133,11 +133,11 @@ def run_deployment(cfg: dict, nodes: list[dict], root: Path, max_concurrent: int
             run_id = dep.submit({"plan": str(root / "plan.json"), "out-dir": str(root / "out"),
                                  "expected-sites": len(nodes), "round-timeout": 1200.0,
                                  "max-concurrent-sites": max_concurrent})
-            status = dep.wait(run_id, timeout=4 * 3600, done_file=root / "out" / "results.json")
+            status = dep.wait(run_id, timeout=4 * 3600, done_file=root / "out" / "results.json", finished=False)
     finally:
         sampler.stop()
     wall = time.perf_counter() - t0
-    if status["status"] != "finished:completed":
+    if status["status"] not in ("finished:completed", "results-written"):
         raise SystemExit(f"the study did not complete: {status}; logs under {root / 'flower'}")
     res = json.loads((root / "out" / "results.json").read_text())
     rounds = [(int(m[1]), m[2], int(m[3]), int(m[4]), float(m[5]))

@@ -69,7 +69,7 @@ def run_deployment(cfg, nodes, root: Path, fast: bool = True) -> tuple[int, floa
     with LoopbackDeployment(root / "flower", sites, fast=fast) as dep:
         run_id = dep.submit({"plan": str(root / "plan.json"), "out-dir": str(root / "out"),
                              "expected-sites": len(nodes), "round-timeout": 900.0})
-        dep.wait(run_id, timeout=3600, done_file=root / "out" / "results.json")
+        dep.wait(run_id, timeout=3600, done_file=root / "out" / "results.json", finished=False)
     res = json.loads((root / "out" / "results.json").read_text())
     return res["round_trips"], time.perf_counter() - t0
 

@@ -11,7 +11,12 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
   ``flower-supernode ARGS`` with that module's ``time`` replaced by a proxy: the idle ``sleep(3)`` becomes a
   0.2 s poll for :data:`ACTIVE_SECONDS` after the node's last message (then 3 s again: an idle site costs the
   SuperLink what a stock one does), the reply wait's ``sleep(0.5)`` 0.05 s, and the object-pull back-off starts
-  at 0.02 s instead of 1 s. It also starts the zygote below and hands its socket to the ClientApp launcher.
+  at 0.02 s instead of 1 s. It also starts the zygote below (without waiting for its imports: the SuperNode
+  registers meanwhile) and hands its socket to the ClientApp launcher.
+* The SuperExec the SuperNode starts (``flower-superexec``, looked up on PATH: a shim in the node's 0700 temp
+  directory runs :func:`superexec_main`) polls the SuperNode for tasks every 1 s instead of every 0.1 s, and is
+  woken at once by a datagram on its "doorbell" socket, which the SuperNode sends when it has stored a message.
+  Each 0.1 s poll cost both processes CPU: ~6 % of a core per site, a core for 20 sites on one machine.
 * The zygote (:func:`zygote_main`): one process per SuperNode that has already imported Flower's ClientApp
   runner, the scientific stack and the installed fedrad site agent. fedrad's pinned ``flwr-clientapp`` launcher
   (:func:`fedrad.client.app_trust.launch_clientapp`) passes its argv, environment, working directory and
@@ -20,8 +25,8 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
   (FAB check first, then Flower's own ``flwr-clientapp`` entry point). Exit status and signals are relayed, so
   the SuperExec sees an ordinary child. When no zygote answers, the launcher runs in-process (stock).
 
-Both are tied to Flower 1.42.0 internals, so :func:`unsupported` checks the exact version and the source lines
-the proxy keys on; on anything else the SuperNode runs stock with a one-line notice in its log. Nothing here
+All are tied to Flower 1.42.0 internals, so :func:`unsupported` checks the exact version and the source lines
+the proxies key on; on anything else the SuperNode runs stock with a one-line notice in its log. Nothing here
 changes what a site computes or sends: the default suite runs one study both ways and compares the results.
 """
 from __future__ import annotations
@@ -38,6 +43,10 @@ import time
 
 FLOWER_EXACT = "1.42.0"
 SOCKET_ENV = "FEDRAD_ZYGOTE_SOCKET"
+PID_ENV = "FEDRAD_ZYGOTE_PID"
+DOORBELL_ENV = "FEDRAD_TASK_DOORBELL"
+#: the SuperExec's task poll once the doorbell below wakes it (Flower's default 1 s; stock fedrad sites 0.1 s)
+DOORBELL_FALLBACK_POLL = 1.0
 #: after its last message a node polls every ACTIVE_POLL s for this long, then falls back to Flower's 3 s
 ACTIVE_SECONDS = 30.0
 ACTIVE_POLL = 0.2
@@ -65,8 +74,9 @@ def notice(text: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- version guard
-def unsupported() -> str | None:
-    """None when this Flower is exactly the one the proxy was written against, else why not."""
+def unsupported(parts: tuple[str, ...] = ("supernode", "superexec")) -> str | None:
+    """None when this Flower is exactly the one the proxies were written against, else why not (``parts``:
+    which modules to inspect: the SuperNode's and/or the SuperExec's)."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
@@ -79,17 +89,27 @@ def unsupported() -> str | None:
         import importlib
         import inspect
 
-        sci = importlib.import_module("flwr.supernode.start_client_internal")
-        importlib.import_module("flwr.supernode.cli").flower_supernode  # noqa: B018
-        if getattr(sci, "time", None) is not time:
-            return "flwr.supernode.start_client_internal no longer uses the time module"
-        for name in ("_pull_and_store_message", "_push_messages", "pull_objects", "start_client_internal"):
-            if not callable(getattr(sci, name, None)):
-                return f"flwr.supernode.start_client_internal lacks {name}"
-        if "time.sleep(3)" not in inspect.getsource(sci.start_client_internal):
-            return "the SuperNode's idle pull is no longer time.sleep(3)"
-        if "time.sleep(0.5)" not in inspect.getsource(sci._push_messages):
-            return "the SuperNode's reply wait is no longer time.sleep(0.5)"
+        if "supernode" in parts:
+            sci = importlib.import_module("flwr.supernode.start_client_internal")
+            importlib.import_module("flwr.supernode.cli").flower_supernode  # noqa: B018
+            if getattr(sci, "time", None) is not time:
+                return "flwr.supernode.start_client_internal no longer uses the time module"
+            for name in ("_pull_and_store_message", "_push_messages", "pull_objects", "start_client_internal"):
+                if not callable(getattr(sci, name, None)):
+                    return f"flwr.supernode.start_client_internal lacks {name}"
+            if "time.sleep(3)" not in inspect.getsource(sci.start_client_internal):
+                return "the SuperNode's idle pull is no longer time.sleep(3)"
+            if "time.sleep(0.5)" not in inspect.getsource(sci._push_messages):
+                return "the SuperNode's reply wait is no longer time.sleep(0.5)"
+            if '["flower-superexec"]' not in inspect.getsource(sci.start_client_internal):
+                return "the SuperNode no longer starts flower-superexec by name"
+        if "superexec" in parts:
+            rse = importlib.import_module("flwr.supercore.superexec.run_superexec")
+            importlib.import_module("flwr.supercore.cli").flower_superexec  # noqa: B018
+            if getattr(rse, "time", None) is not time or not callable(getattr(rse, "_handle_launch_result", None)):
+                return "flwr.supercore.superexec.run_superexec changed"
+            if "time.sleep(task_poll_interval)" not in inspect.getsource(rse.run_superexec):
+                return "the SuperExec's task poll is no longer time.sleep(task_poll_interval)"
     except Exception as exc:  # any surprise: stock behaviour
         return f"cannot inspect Flower's SuperNode: {exc}"
     return None
@@ -131,6 +151,7 @@ def patch_supernode() -> _NodeClock:
         run_id = pull(*args, **kwargs)
         if run_id is not None:
             clock.touch()
+            ring_doorbell()
         return run_id
 
     def push_marked(*args, **kwargs):
@@ -143,6 +164,104 @@ def patch_supernode() -> _NodeClock:
     sci.pull_objects = functools.partial(sci.pull_objects, initial_backoff=0.02, backoff_cap=0.5)
     sci.time = clock
     return clock
+
+
+def ring_doorbell() -> None:
+    """Wake this SuperNode's SuperExec (:func:`superexec_main`): a message is stored, its task can be acquired."""
+    path = os.environ.get(DOORBELL_ENV)
+    if not path:
+        return
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as bell:
+            bell.setblocking(False)
+            bell.sendto(b"!", path)
+    except OSError:  # the SuperExec is not listening (yet, or any more): its own poll finds the task
+        pass
+
+
+# ------------------------------------------------------------------------------------------- SuperExec
+class _ExecClock:
+    """Stands in for the ``time`` module inside ``flwr.supercore.superexec.run_superexec``: the task poll's
+    sleep ends as soon as the SuperNode rings the doorbell, and is skipped right after a launch (another task
+    may be waiting)."""
+
+    def __init__(self, bell: socket.socket, real=time):
+        self._real, self._bell = real, bell
+        self.launched = False
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+    def sleep(self, seconds: float) -> None:
+        if self.launched:
+            self.launched = False
+            return None
+        ready, _, _ = select.select([self._bell], [], [], seconds)
+        if ready:
+            try:
+                while self._bell.recv(64):
+                    pass
+            except OSError:
+                pass
+        return None
+
+
+def patch_superexec(path: str) -> _ExecClock:
+    """Bind the doorbell at ``path`` and install the clock in Flower's SuperExec module."""
+    import flwr.supercore.superexec.run_superexec as rse
+
+    bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    if os.path.exists(path):
+        os.unlink(path)
+    old = os.umask(0o177)
+    try:
+        bell.bind(path)
+    finally:
+        os.umask(old)
+    bell.setblocking(False)
+    clock = _ExecClock(bell)
+    handle = rse._handle_launch_result
+
+    def handled(*args, **kwargs):
+        clock.launched = True
+        return handle(*args, **kwargs)
+
+    rse._handle_launch_result = handled
+    rse.time = clock
+    return clock
+
+
+def superexec_main(argv: list[str] | None = None) -> int:
+    """``flower-superexec ARGS`` as the fast SuperNode starts it (a shim on its PATH): woken by the doorbell
+    instead of polling the SuperNode every 0.1 s (each poll costs both processes CPU; on a machine hosting many
+    sites that adds up to a core), with Flower's 1 s poll as the fallback."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    path = os.environ.get(DOORBELL_ENV)
+    reason = unsupported(("superexec",)) if path else "no doorbell configured"
+    if reason is None:
+        try:
+            patch_superexec(path)
+            os.environ["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = str(DOORBELL_FALLBACK_POLL)
+        except OSError as exc:
+            reason = f"cannot bind the doorbell {path}: {exc}"
+    if reason is not None:
+        notice(f"SuperExec polls as configured (no doorbell): {reason}")
+    from flwr.supercore.cli import flower_superexec
+
+    sys.argv = ["flower-superexec", *argv]
+    return flower_superexec() or 0
+
+
+def _install_superexec_shim(directory: str) -> str:
+    """A ``flower-superexec`` that runs :func:`superexec_main`, in ``directory/bin``; returns that bin."""
+    bindir = os.path.join(directory, "bin")
+    os.makedirs(bindir, mode=0o700, exist_ok=True)
+    shim = os.path.join(bindir, "flower-superexec")
+    with open(shim, "w") as f:
+        f.write(f"#!{sys.executable}\nimport sys\nfrom fedrad.client.fastpath import superexec_main\n"
+                "sys.exit(superexec_main())\n")
+    os.chmod(shim, 0o700)
+    return bindir
 
 
 def pinned_launcher() -> bool:
@@ -160,16 +279,17 @@ def pinned_launcher() -> bool:
 
 
 def supernode_main(argv: list[str] | None = None) -> int:
-    """``flower-supernode`` with the fast runtime (or stock, with a notice, when :func:`unsupported`)."""
-    from flwr.supernode.cli import flower_supernode
+    """``flower-supernode`` with the fast runtime (or stock, with a notice, when :func:`unsupported`).
 
+    The zygote starts first and imports while the SuperNode imports Flower and registers (on a shared machine
+    both are CPU-bound: waiting for one before the other costs their sum); a ClientApp launched before the
+    zygote listens waits for it (:func:`run_via_zygote`) rather than importing everything a second time."""
     argv = sys.argv[1:] if argv is None else list(argv)
     reason = unsupported()
     zygote = None
     if reason is None and not pinned_launcher():
         reason = "flwr-clientapp on PATH is not fedrad's pinned launcher (app pinning off)"
     if reason is None:
-        patch_supernode()
         directory = tempfile.mkdtemp(prefix="fedrad-site-")  # 0700, short enough for a Unix socket path
         path = os.path.join(directory, "clientapp.sock")
         import subprocess
@@ -177,22 +297,35 @@ def supernode_main(argv: list[str] | None = None) -> int:
         zygote = subprocess.Popen([sys.executable, "-m", "fedrad.client.fastpath", "zygote", path,
                                    str(os.getpid())], env=dict(os.environ))
         os.environ[SOCKET_ENV] = path  # inherited by the SuperExec, then by every flwr-clientapp launcher
-        deadline = time.monotonic() + ZYGOTE_START_SECONDS
-        while not os.path.exists(path) and zygote.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.05)  # it binds after its imports; a message before that runs in a fresh process
-        ready = "ready" if os.path.exists(path) else f"still importing after {ZYGOTE_START_SECONDS:g} s"
+        os.environ[PID_ENV] = str(zygote.pid)
+        os.environ[DOORBELL_ENV] = os.path.join(directory, "doorbell.sock")
+        os.environ["PATH"] = _install_superexec_shim(directory) + os.pathsep + os.environ.get("PATH", "")
+        patch_supernode()
         notice(f"on (Flower {FLOWER_EXACT}): idle pull {ACTIVE_POLL:g} s for {ACTIVE_SECONDS:g} s after a "
-               f"message, pre-forked ClientApps (zygote pid {zygote.pid}, {ready}; until it is, a ClientApp "
-               "starts as a fresh process)")
+               f"message, pre-forked ClientApps (zygote pid {zygote.pid}, importing; a ClientApp launched "
+               f"before it listens waits up to {ZYGOTE_START_SECONDS:g} s, then starts as a fresh process)")
     else:
-        os.environ.pop(SOCKET_ENV, None)
+        for name in (SOCKET_ENV, PID_ENV, DOORBELL_ENV):
+            os.environ.pop(name, None)
         notice(f"off, running stock Flower: {reason}")
+    from flwr.supernode.cli import flower_supernode
+
     sys.argv = ["flower-supernode", *argv]
     try:
         return flower_supernode() or 0
     finally:
         if zygote is not None and zygote.poll() is None:
             zygote.terminate()
+
+
+def _starting(pid: int) -> bool:
+    """Whether the zygote ``pid`` is still alive (not exited, not a zombie its SuperNode has yet to reap)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        return stat[stat.rindex(")") + 2:][:1] not in ("Z", "X")
+    except (OSError, ValueError):
+        return False
 
 
 # ------------------------------------------------------------------------------------------- launcher side
@@ -202,12 +335,22 @@ def run_via_zygote(argv: list[str]) -> int | None:
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return None
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(path)
-    except OSError:
-        sock.close()
-        return None
+        pid = int(os.environ.get(PID_ENV, "0"))
+    except ValueError:
+        pid = 0
+    deadline = time.monotonic() + ZYGOTE_START_SECONDS
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            break
+        except OSError:
+            sock.close()
+            # the socket appears once the zygote has imported: wait for a zygote that is still starting
+            if not (pid and _starting(pid) and not os.path.exists(path) and time.monotonic() < deadline):
+                return None
+            time.sleep(0.02)
     payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
     socket.send_fds(sock, [_STATUS.pack(len(payload)) + payload], [0, 1, 2])
 
@@ -270,7 +413,8 @@ def _child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-        os.environ.pop(SOCKET_ENV, None)
+        for name in (SOCKET_ENV, PID_ENV, DOORBELL_ENV):
+            os.environ.pop(name, None)
         from fedrad.client.app_trust import clientapp_main
 
         code = clientapp_main([str(a) for a in req["argv"]])
@@ -329,6 +473,13 @@ def zygote_main(path: str, parent_pid: int) -> int:
     os.rename(path + ".new", path)  # appears only once it accepts connections
     workers: dict[socket.socket, int] = {}  # launcher connection -> child pid
     by_pid: dict[int, socket.socket] = {}
+    # a child's exit wakes the select below at once (its status is relayed to the launcher without waiting out
+    # the select timeout)
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_r, False)
+    os.set_blocking(wake_w, False)
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)
 
     def parent_alive() -> bool:
         try:
@@ -353,9 +504,14 @@ def zygote_main(path: str, parent_pid: int) -> int:
 
     try:
         while parent_alive():
-            ready, _, _ = select.select([srv, *workers], [], [], 0.5)
+            ready, _, _ = select.select([srv, wake_r, *workers], [], [], 0.5)
             for sock in ready:
-                if sock is srv:
+                if sock == wake_r:
+                    try:
+                        os.read(wake_r, 512)
+                    except BlockingIOError:
+                        pass
+                elif sock is srv:
                     conn, _ = srv.accept()
                     try:
                         peer, uid, _gid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
@@ -371,6 +527,9 @@ def zygote_main(path: str, parent_pid: int) -> int:
                         stream.flush()
                     pid = os.fork()
                     if pid == 0:
+                        signal.set_wakeup_fd(-1)
+                        os.close(wake_r)
+                        os.close(wake_w)
                         srv.close()
                         for other in workers:
                             other.close()
@@ -407,9 +566,17 @@ def zygote_main(path: str, parent_pid: int) -> int:
         srv.close()
         try:
             os.unlink(path)
-            os.rmdir(directory)
         except OSError:
             pass
+        if os.path.basename(directory).startswith("fedrad-site-"):  # the SuperNode's mkdtemp, nothing else
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)  # doorbell, SuperExec shim
+        else:
+            try:
+                os.rmdir(directory)  # only when empty
+            except OSError:
+                pass
     return 0
 
 

@@ -3,9 +3,18 @@
 Sub-packages: ``fedrad.common`` (pure math and message schemas), ``fedrad.client`` (site agent),
 ``fedrad.server`` (coordinator), ``fedrad.cli`` (the ``fedrad`` command, the only module that sees both client and server).
 """
-from importlib.metadata import PackageNotFoundError, version as _v
 
-try:
-    __version__ = _v("fedrad")
-except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
-    __version__ = "0.0.0+unknown"
+
+def __getattr__(name: str):
+    # looked up on first use: importlib.metadata costs ~35 ms, paid by every process that imports fedrad (the
+    # site's pinned ClientApp launcher runs once per message and never needs the version)
+    if name == "__version__":
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            value = version("fedrad")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree without install
+            value = "0.0.0+unknown"
+        globals()["__version__"] = value
+        return value
+    raise AttributeError(f"module 'fedrad' has no attribute {name!r}")

@@ -66,6 +66,7 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
     log(f"demo: every site approved study plan {pid[:12]}")
     log(f"demo: starting a SuperLink and {sites} SuperNodes on loopback (real Flower processes)")
     with LoopbackDeployment(out / "flower", nodes) as dep:
+        submitted = time.time() - 1.0  # file times can lag the clock by a tick
         run_id = dep.submit({"plan": str(plan_path), "out-dir": str(out / "results"), "expected-sites": sites,
                              "round-timeout": 900.0})
         log(f"demo: study submitted as Flower run {run_id}; following its progress")
@@ -77,14 +78,25 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
                 log(f"  {line}")
             seen[0] = len(lines)
 
-        dep.wait(run_id, timeout=1800, on_poll=follow, done_file=out / "results" / "results.json")
+        # the ServerApp writes results.json last (after the report): the results are final once it is there
+        dep.wait(run_id, timeout=1800, on_poll=follow, done_file=out / "results" / "results.json", finished=False)
         follow(None)
     results = json.loads((out / "results" / "results.json").read_text())
-    from fedrad.server.report import write_report
+    report = out / "results" / "report.html"
+    if not _written_since(report, submitted):  # the coordinator could not write it: say why here
+        from fedrad.server.report import write_report
 
-    report = write_report(results, out / "results" / "report.html")
+        report = write_report(results, report)
     results["wall_seconds"] = round(time.monotonic() - t0, 1)
     return {"results": results, "report": report, "seconds": results["wall_seconds"]}
+
+
+def _written_since(path: Path, since: float) -> bool:
+    """``path`` exists and was written at or after ``since`` (a report from an earlier demo is not this one's)."""
+    try:
+        return path.stat().st_mtime >= since
+    except OSError:
+        return False
 
 
 def _server_log_lines(results_dir: Path) -> list[str]:

@@ -38,6 +38,12 @@ def _study(fed: Federation, plan: dict) -> dict:
 TASKS = {"harmonize": _harmonize, "study": _study}
 
 
+def preload_task_modules() -> None:
+    """Import what the tasks import inside their functions (the study, the report's figures)."""
+    import fedrad.server.report  # noqa: F401
+    import fedrad.server.study  # noqa: F401
+
+
 def run_plan(fed: Federation, plan_path: str, out_dir: str) -> dict:
     plan = json.loads(Path(plan_path).read_text())
     task = plan.get("task")

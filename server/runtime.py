@@ -143,13 +143,20 @@ class Process:
     name: str
     popen: subprocess.Popen
     log: Path
+    terminated: bool = False
 
     def alive(self) -> bool:
         return self.popen.poll() is None
 
+    def terminate(self) -> None:
+        """Send SIGTERM without waiting (:meth:`stop` then waits, without a second SIGTERM)."""
+        if self.alive() and not self.terminated:
+            self.popen.send_signal(signal.SIGTERM)
+            self.terminated = True
+
     def stop(self, timeout: float = 15.0) -> None:
         if self.alive():
-            self.popen.send_signal(signal.SIGTERM)
+            self.terminate()
             try:
                 self.popen.wait(timeout)
             except subprocess.TimeoutExpired:
@@ -323,12 +330,35 @@ def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
 
 
 def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, poll: float = 10.0,
-                 on_poll=None, tick: float = 1.0, done_file: Path | None = None) -> dict:
+                 on_poll=None, tick: float = 1.0, done_file: Path | None = None, finished: bool = True) -> dict:
     """Poll ``flwr ls`` (every ``poll`` s: each call is a Python process that costs ~1 s of CPU) until the run
     finishes; ``on_poll`` is called every ``tick`` s in between. Raises :class:`RuntimeFailure` unless the run
-    completed."""
+    completed.
+
+    ``done_file`` is the file the ServerApp writes (atomically) as its last act: once it is (re)written the
+    status is asked at once, and with ``finished=False`` the wait ends there (``{"status": "results-written"}``)
+    without waiting for Flower to record the run as finished (~1-3 s more). A file already there when the wait
+    starts counts only once it is replaced."""
     deadline = time.monotonic() + timeout
+
+    def stamp():
+        try:
+            st = os.stat(done_file)
+            return st.st_ino, st.st_mtime_ns
+        except (OSError, TypeError):
+            return None
+
+    stale = stamp()  # a file left by an earlier run is not this run's results
+
+    def done() -> bool:
+        now = stamp()
+        return now is not None and now != stale
+
     while True:
+        if not finished and done():
+            if on_poll:
+                on_poll(None)
+            return {"run-id": run_id, "status": "results-written", "status-details": str(done_file)}
         next_poll = time.monotonic() + poll
         status = run_status(flwr_home, connection, run_id)
         state = str(status.get("status", ""))
@@ -341,13 +371,15 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
             return status
         if time.monotonic() > deadline:
             raise RuntimeFailure(f"run {run_id} still {state or 'pending'} after {timeout:.0f} s")
-        while time.monotonic() < next_poll:
-            time.sleep(tick)
-            if on_poll:
+        if done():  # the run is finishing: ask again shortly
+            time.sleep(0.2)
+            continue
+        next_tick = time.monotonic() + tick
+        while time.monotonic() < next_poll and not done():
+            time.sleep(0.05)
+            if on_poll and time.monotonic() >= next_tick:
                 on_poll(None)
-            if done_file is not None and Path(done_file).exists():
-                time.sleep(tick)  # the run is finishing: ask for its status now
-                break
+                next_tick = time.monotonic() + tick
 
 
 class _FlowerRun:
@@ -359,13 +391,25 @@ class _FlowerRun:
     connection: str
 
     def wait(self, run_id: int, timeout: float = 1800.0, on_poll=None, poll: float = 10.0,
-             done_file: Path | None = None) -> dict:
+             done_file: Path | None = None, finished: bool = True) -> dict:
         return wait_for_run(self.home / "cli", self.connection, run_id, timeout, poll=poll, on_poll=on_poll,
-                            done_file=done_file)
+                            done_file=done_file, finished=finished)
+
+    #: seconds a process may take to exit after SIGTERM before it is killed (SIGKILL, that process only)
+    stop_grace: float = 15.0
 
     def stop(self) -> None:
-        for proc in reversed(self.processes):
-            proc.stop()
+        """SIGTERM every SuperNode at once and wait for them, then stop the SuperLink (one after another cost
+        ~0.5 s per site). Each waits at most :attr:`stop_grace` seconds after its SIGTERM."""
+        link = [p for p in self.processes if p.name == "superlink"]
+        others = [p for p in reversed(self.processes) if p.name != "superlink"]
+        deadline = time.monotonic() + self.stop_grace
+        for proc in others:
+            proc.terminate()
+        for proc in others:
+            proc.stop(max(0.0, deadline - time.monotonic()))
+        for proc in link:
+            proc.stop(self.stop_grace)
         self.processes.clear()
 
     def __enter__(self):
@@ -399,6 +443,12 @@ class LoopbackDeployment(_FlowerRun):
     database: bool = False
     #: fedrad's fast site runtime (:mod:`fedrad.client.fastpath`); False runs Flower's SuperNode unchanged
     fast: bool = True
+
+    def __post_init__(self):
+        # A SuperNode unregisters from the SuperLink within ~0.1 s of its SIGTERM, then Flower's local HTTP API
+        # waits up to 3 s for its SuperExec's connection to close; without a database nothing of the SuperLink
+        # outlives it either. Only a SuperLink with a database gets the full grace (its state must be flushed).
+        self.stop_grace = 15.0 if self.database else 1.0
 
     @property
     def address(self) -> str:

@@ -4,10 +4,12 @@ its SuperNode). tests/test_deployment.py runs a whole study on it against the st
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -125,3 +127,73 @@ time.sleep(600)
         assert time.monotonic() < deadline, "zygote outlived its SuperNode"
         time.sleep(0.1)
     assert not os.path.exists(path) and not os.path.exists(directory)  # cleaned up
+
+
+def test_a_launcher_waits_for_a_zygote_that_is_still_importing(tmp_path):
+    """A message that arrives while the zygote imports waits for it (no second full import in a fresh process);
+    a zygote that is gone is not waited for."""
+    directory = tempfile.mkdtemp(prefix="fedrad-test-zyg-")
+    path = os.path.join(directory, "clientapp.sock")
+    code = "import sys; from fedrad.client.fastpath import run_via_zygote; sys.exit(run_via_zygote(sys.argv[1:]))"
+    # the launcher starts first, knowing only the zygote's pid; the zygote binds its socket after its imports
+    zygote = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+time.sleep(1.5)  # a slow import
+from fedrad.client.fastpath import zygote_main
+sys.exit(zygote_main({path!r}, {os.getpid()}))
+"""], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        launched = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
+                                  timeout=120, env={**os.environ, fastpath.SOCKET_ENV: path,
+                                                    fastpath.PID_ENV: str(zygote.pid)})
+        assert launched.returncode == 0 and time.monotonic() - t0 >= 1.0, launched.stderr
+        assert "usage: flwr-clientapp" in launched.stdout  # run by a forked child of the zygote
+    finally:
+        zygote.terminate()
+        zygote.wait(10)
+    assert "runs as pre-forked pid" in zygote.stderr.read()
+    # the same launcher with the zygote gone: it returns at once (the caller then runs in-process)
+    t0 = time.monotonic()
+    gone = subprocess.run([sys.executable, "-c", "import sys; from fedrad.client.fastpath import run_via_zygote; "
+                           "print(run_via_zygote(['--help']))"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, fastpath.SOCKET_ENV: path, fastpath.PID_ENV: str(zygote.pid)})
+    assert gone.stdout.strip() == "None" and time.monotonic() - t0 < 5
+
+
+def test_superexec_clock_wakes_on_the_doorbell_and_polls_again_after_a_launch(tmp_path, monkeypatch):
+    import flwr.supercore.superexec.run_superexec as rse
+
+    directory = tempfile.mkdtemp(prefix="fedrad-test-bell-")
+    bell_path = os.path.join(directory, "doorbell.sock")
+    monkeypatch.setattr(rse, "time", rse.time)  # restored after the test
+    handled = []
+    monkeypatch.setattr(rse, "_handle_launch_result", lambda result, task: handled.append(task))
+    clock = fastpath.patch_superexec(bell_path)
+    try:
+        assert rse.time is clock and oct(os.stat(bell_path).st_mode & 0o777) == "0o600"
+        t0 = time.monotonic()
+        clock.sleep(0.3)                          # nobody rings: the whole poll interval
+        assert 0.25 <= time.monotonic() - t0 < 2
+        monkeypatch.setenv(fastpath.DOORBELL_ENV, bell_path)
+        threading.Timer(0.2, fastpath.ring_doorbell).start()
+        t0 = time.monotonic()
+        clock.sleep(10)                           # the SuperNode stored a message: awake at once
+        assert time.monotonic() - t0 < 3
+        fastpath.ring_doorbell()
+        fastpath.ring_doorbell()
+        clock.sleep(10)                           # two rings, one wake-up; both drained
+        t0 = time.monotonic()
+        clock.sleep(0.3)
+        assert time.monotonic() - t0 >= 0.25
+        rse._handle_launch_result("result", "task")  # Flower's loop after launching a ClientApp
+        assert handled == ["task"] and clock.launched is True
+        t0 = time.monotonic()
+        clock.sleep(10)                           # right after a launch: poll again at once
+        assert time.monotonic() - t0 < 0.1 and clock.launched is False
+        assert clock.monotonic() <= time.monotonic()  # everything else is the real module
+    finally:
+        clock._bell.close()
+        shutil.rmtree(directory, ignore_errors=True)
+    monkeypatch.setenv(fastpath.DOORBELL_ENV, str(tmp_path / "nobody.sock"))
+    fastpath.ring_doorbell()                      # nobody listening: silently nothing (the poll finds the task)

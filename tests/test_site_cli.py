@@ -140,6 +140,16 @@ def test_extract_continues_past_bad_cases_and_caches(site, tmp_path):
     # a different parameter file is a different cache key
     res3 = extract_manifest(site, params="mr", out=tmp_path / "mr.parquet", jobs=1, cache_dir=tmp_path / "cache")
     assert res3.n_cached == 0 and res3.n_ok == 4
+    # one job runs in this process (no pool): the same values and failures as the two-worker pool, and this
+    # process's SimpleITK thread count is left as it was
+    import SimpleITK as sitk
+
+    threads = sitk.ProcessObject.GetGlobalDefaultNumberOfThreads()
+    res4 = extract_manifest(site, params="ct", out=tmp_path / "one.parquet", jobs=1, use_cache=False)
+    assert res4.n_ok == 4 and res4.n_cached == 0 and res4.n_failed == res.n_failed
+    one = pd.read_parquet(tmp_path / "one.parquet").set_index("case_id").loc[df.case_id]
+    np.testing.assert_array_equal(one[feats].to_numpy(float), df[feats].to_numpy(float))
+    assert sitk.ProcessObject.GetGlobalDefaultNumberOfThreads() == threads
 
 
 def test_failed_run_never_replaces_a_good_file(site, tmp_path):
