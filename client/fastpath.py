@@ -10,8 +10,8 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
   :func:`fedrad.server.runtime.start_supernode` starts unless ``fast=False`` / ``fedrad site join --stock``) is
   ``flower-supernode ARGS`` with that module's ``time`` replaced by a proxy: the idle ``sleep(3)`` becomes a
   0.2 s poll for :data:`ACTIVE_SECONDS` after the node's last message (then 3 s again: an idle site costs the
-  SuperLink what a stock one does), the reply wait's ``sleep(0.5)`` 0.05 s, and the object-pull back-off starts
-  at 0.02 s instead of 1 s. It also starts the zygote below (without waiting for its imports: the SuperNode
+  SuperLink what a stock one does), the reply wait's ``sleep(0.5)`` 0.05 s (backing off to 0.25 s while a
+  ClientApp runs long), and the object-pull back-off starts at 0.02 s instead of 1 s. It also starts the zygote below (without waiting for its imports: the SuperNode
   registers meanwhile) and hands its socket to the ClientApp launcher.
 * The SuperExec the SuperNode starts (``flower-superexec``, looked up on PATH: a shim in the node's 0700 temp
   directory runs :func:`superexec_main`) polls the SuperNode for tasks every 1 s instead of every 0.1 s, and is
@@ -51,6 +51,7 @@ DOORBELL_FALLBACK_POLL = 1.0
 ACTIVE_SECONDS = 30.0
 ACTIVE_POLL = 0.2
 REPLY_POLL = 0.05
+REPLY_POLL_MAX = 0.25
 ZYGOTE_START_SECONDS = 20.0
 #: modules the zygote imports once so a forked ClientApp starts in milliseconds: Flower's runner and its HTTP
 #: client, the scientific stack, and the installed fedrad ClientApp. fedrad's FAB carries no code (only its
@@ -133,8 +134,9 @@ class _NodeClock:
         if seconds == 3:      # idle pull: nothing was waiting at the SuperLink
             idle = self._real.monotonic() - self.last_activity
             return self._real.sleep(ACTIVE_POLL if idle < ACTIVE_SECONDS else 3)
-        if seconds == 0.5:    # waiting for the ClientApp's reply / an object's content
-            return self._real.sleep(REPLY_POLL)
+        if seconds == 0.5:    # waiting for the ClientApp's reply / an object's content: backing off as it runs
+            busy = self._real.monotonic() - self.last_activity
+            return self._real.sleep(max(REPLY_POLL, min(REPLY_POLL_MAX, 0.1 * busy)))
         return self._real.sleep(seconds)
 
 

@@ -249,6 +249,16 @@ def _wire_copy(msg):
 
 
 
+#: the longest pause between two pulls of a round's replies
+MAX_POLL = 0.5
+
+
+def poll_delay(base: float, elapsed: float) -> float:
+    """Pause before the next pull, ``elapsed`` s into a round: a tenth of the time waited so far (so a reply
+    waits at most ~10 % of the round for its pull), at least ``base``, at most MAX_POLL."""
+    return max(base, min(MAX_POLL, 0.1 * elapsed))
+
+
 class FastGrid(Grid):
     """Wrap a deployment ``Grid`` so ``send_and_receive`` polls every ``poll_interval`` s instead of Flower's
     hard-coded 3 s (public API only: push once, then ``pull_messages``; FLOWER-LATENCY.md §3.1)."""
@@ -279,15 +289,19 @@ class FastGrid(Grid):
         return getattr(self._inner, name)
 
     def send_and_receive(self, messages, *, timeout=None):
+        """Push once, then pull every ``poll_interval`` s, backing off to :data:`MAX_POLL` s as the round goes
+        on (each pull costs the SuperLink and this process CPU: a 30-s extraction round polled every 0.05 s
+        takes 600 requests from the sites' share of a small machine)."""
         pending = {m for m in self._inner.push_messages(messages) if m}
-        end = None if timeout is None else time.monotonic() + timeout
+        start = time.monotonic()
+        end = None if timeout is None else start + timeout
         replies = []
         while pending and (end is None or time.monotonic() < end):
             got = list(self._inner.pull_messages(list(pending)))
             replies.extend(got)
             pending.difference_update(r.metadata.reply_to_message_id for r in got)
             if pending:
-                time.sleep(self._poll)
+                time.sleep(poll_delay(self._poll, time.monotonic() - start))
         return replies
 
 

@@ -8,7 +8,8 @@ fedrad does not implement a server or an RPC layer: the coordinator runs ``flowe
 
 * Flower spawns ``flower-superexec``, ``flwr-serverapp`` and ``flwr-clientapp`` by name: the venv's ``bin``
   must be first on ``PATH`` of every process started here.
-* ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` on SuperNodes (stock latency recipe; 0.01 starves 2 cores).
+* ``FLWR_SUPEREXEC_TASK_POLL_INTERVAL=0.1`` on SuperNodes (stock latency recipe; 0.01 starves 2 cores), 0.2 on
+  the SuperLink (how soon a submitted run's ServerApp starts).
 * ``flwr run --stream`` exits 0 even when the run fails: :func:`wait_for_run` polls ``flwr ls``.
 * Results are written by the ServerApp itself (no ``flwr pull`` in open-source Flower).
 * A SuperNode stopped with SIGTERM unregisters at once. A crashed one (SIGKILL, host down) is noticed by its
@@ -190,6 +191,9 @@ def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
     return Process(name, popen, log)
 
 
+SUPERLINK_TASK_POLL = 0.2
+
+
 def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
                     tls: dict | None = None, node_auth: bool = False, simulation: bool = False) -> Process:
     """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp);
@@ -207,7 +211,9 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
             cmd += ["--enable-supernode-auth"]
     else:
         cmd += ["--insecure"]
-    return _spawn("superlink", cmd, flower_env(home), home / "superlink.log")
+    # the SuperLink's own SuperExec starts a submitted run's ServerApp: polled every 0.2 s, not Flower's 1 s
+    env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPERLINK_TASK_POLL))
+    return _spawn("superlink", cmd, env, home / "superlink.log")
 
 
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,

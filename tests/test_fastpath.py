@@ -43,11 +43,17 @@ def test_node_clock_shortens_only_the_idle_pull_and_the_reply_wait():
     clock.sleep(3)                      # just after start / a message: fast poll
     clock.sleep(0.5)                    # waiting for the ClientApp's reply
     clock.sleep(1.25)                   # anything else: unchanged
+    real.now += 1.0
+    clock.sleep(0.5)                    # a ClientApp running for a second: polled every 0.1 s
+    real.now += 60
+    clock.sleep(0.5)                    # a long extraction: at most every REPLY_POLL_MAX s
     real.now += fastpath.ACTIVE_SECONDS + 1
     clock.sleep(3)                      # idle for a while: Flower's own 3 s
     clock.touch()
     clock.sleep(3)
-    assert slept == [fastpath.ACTIVE_POLL, fastpath.REPLY_POLL, 1.25, 3, fastpath.ACTIVE_POLL]
+    clock.sleep(0.5)
+    assert slept == [fastpath.ACTIVE_POLL, fastpath.REPLY_POLL, 1.25, 0.1, fastpath.REPLY_POLL_MAX, 3,
+                     fastpath.ACTIVE_POLL, fastpath.REPLY_POLL]
     assert clock.monotonic() == real.now  # everything else is the real module
 
 

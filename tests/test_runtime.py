@@ -46,3 +46,12 @@ def test_failed_run_raises_with_its_status(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "run_log", lambda *a: "the ServerApp's log")
     with pytest.raises(runtime.RuntimeFailure, match="finished:failed: boom"):
         runtime.wait_for_run(tmp_path, "c", 7, timeout=5, done_file=tmp_path / "never.json", finished=False)
+
+
+def test_the_coordinators_reply_poll_backs_off_with_the_round():
+    from fedrad.server.federation import MAX_POLL, poll_delay
+
+    assert poll_delay(0.05, 0.0) == 0.05 and poll_delay(0.05, 0.3) == 0.05  # a short round: tight polls
+    assert poll_delay(0.05, 2.0) == 0.2                                      # a tenth of the wait so far
+    assert poll_delay(0.05, 30.0) == MAX_POLL == 0.5                         # an extraction round
+    assert poll_delay(1.0, 2.0) == 1.0                                       # a configured slower poll stays
