@@ -4,19 +4,23 @@ Not a timed test: it prints what it measured. Every site is a real ``flower-supe
 table (``benchmarks.rounds.make_sites``: 120 synthetic patients, 9 radiomic features + volume + clinical
 covariates, scanner shifts), run with fedrad's fast site runtime (``fedrad.client.fastpath``: each SuperNode forks
 its ClientApps from a preloaded zygote; stock Flower starts one fresh ``flwr-clientapp`` process per site and
-round trip, and on a small machine those process starts dominate the round time). RSS sums count pages that
-forked ClientApps share with their zygote once per process, so they overstate the memory in use. Memory is sampled every 0.5 s from /proc over the
-whole process tree (SuperLink, ServerApp, SuperNodes, ClientApps). The baseline, measured in the same run, is
-the same study in-process (Flower's message layer, no processes): its wall time and this process's peak RSS.
+round trip, and on a small machine those process starts dominate the round time). Memory is sampled from /proc
+over the whole process tree (SuperLink, ServerApp, SuperNodes, their SuperExecs, zygotes, ClientApps): the sum
+of proportional set sizes (PSS, what the tree uses together) every 5 s, and resident set sizes every 0.5 s (an
+RSS sum counts the pages forked ClientApps share with their zygote once per process, so it overstates). The
+baseline, measured in the same run, is the same study in-process (Flower's message layer, no processes): its
+wall time and this process's peak RSS.
 
     python -m benchmarks.load                 # 20 sites
     python -m benchmarks.load --sites 5       # a smaller check
 
-One machine hosts every site here, so the coordinator asks at most ``--max-concurrent`` sites at a time within
-each round trip (run config ``max-concurrent-sites``; default 2 per core). Without it, 20 ``flwr-clientapp``
-processes start together on 2 cores; Flower 1.42 gives each 30 s from claiming its message to activating its
-task token, they miss it, the SuperNodes start new ones, and the machine spirals (seen here: 85 clientapp
-processes and no reply after 6 minutes). Hospitals each run their own machine and need no limit.
+Every site is asked at once (``--max-concurrent 0``, the default): the fast runtime forks each ClientApp from
+a preloaded zygote, so 20 of them start together on 2 cores within Flower's 30 s task-activation window.
+``--max-concurrent N`` asks at most N sites at a time within each round trip (run config
+``max-concurrent-sites``); Flower's stock SuperNode needs it on a small machine: 20 fresh ``flwr-clientapp``
+processes importing together on 2 cores miss that window, the SuperNodes start new ones, and the machine
+spirals (seen here: 85 clientapp processes and no reply after 6 minutes). Hospitals each run their own machine
+and need no limit.
 """
 from __future__ import annotations
 
@@ -52,6 +56,18 @@ def _proc_table() -> dict[int, tuple[int, str, int]]:
     return out
 
 
+def _pss_kb(pid: int) -> int:
+    """Proportional set size of a process (kB): its private pages plus its share of pages it shares, so a sum
+    over processes is the memory they use together (an RSS sum counts a zygote's pages once per child)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -66,11 +82,12 @@ class TreeSampler(threading.Thread):
     # ClientApps forked from it carry the zygote's command line (their pages are shared with it until written)
     ROLES = (("clientapp", "flwr-clientapp"), ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
              ("supernode", "fastpath supernode"), ("zygote+apps", "fastpath zygote"),
-             ("superlink", "flower-superlink"))
+             ("superlink", "flower-superlink"), ("superexec", "flower-superexec"))
 
-    def __init__(self, period: float = 0.5):
+    def __init__(self, period: float = 0.5, pss_every: int = 10):
         super().__init__(daemon=True)
         self.period, self.samples, self._halt = period, [], threading.Event()
+        self.pss_every, self.peak_pss_kb = pss_every, 0
         self.peak_by_role: dict[str, int] = {}
         self.peak_count: dict[str, int] = {}
         self._roles: dict[int, str] = {}
@@ -97,6 +114,8 @@ class TreeSampler(threading.Thread):
             for pid in tree:
                 by_role.setdefault(self._role(pid), []).append(table[pid][2])
             total = sum(sum(v) for v in by_role.values())
+            if len(self.samples) % self.pss_every == 0:  # PSS: shared pages split among their sharers
+                self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(pid) for pid in tree))
             self.samples.append((time.monotonic(), total))
             for role, rss in by_role.items():
                 self.peak_by_role[role] = max(self.peak_by_role.get(role, 0), sum(rss))
@@ -156,8 +175,8 @@ def run_local(cfg: dict, nodes: list[dict]) -> tuple[dict, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sites", type=int, default=20)
-    ap.add_argument("--max-concurrent", type=int, default=2 * (os.cpu_count() or 1),
-                    help="sites asked at once within a round trip (0: all); default 2 per core")
+    ap.add_argument("--max-concurrent", type=int, default=0,
+                    help="sites asked at once within a round trip (default 0: all)")
     args = ap.parse_args()
     k = args.sites
     with tempfile.TemporaryDirectory(prefix=f"fedrad-load-{k}-") as tmp:
@@ -177,16 +196,18 @@ def main() -> None:
     secs = [r[-1] for r in rounds]
     print(f"time per round trip: median {statistics.median(secs):.1f} s, max {max(secs):.1f} s, "
           f"sum {sum(secs):.0f} s")
-    print(f"peak resident memory of the whole tree (sum at one instant; role peaks below are each at their own "
-          f"instant): {s.peak_total_kb / 1024:.0f} MB")
-    for role in ("superlink", "serverapp", "supernode", "zygote+apps", "clientapp", "other"):
+    print(f"memory of the whole tree: peak proportional set size (PSS, shared pages counted once; sampled every "
+          f"{s.period * s.pss_every:g} s) {s.peak_pss_kb / 1024:.0f} MB; peak resident set size summed over "
+          f"processes {s.peak_total_kb / 1024:.0f} MB (counts shared pages once per process; role peaks below are "
+          f"RSS, each at its own instant)")
+    for role in ("superlink", "serverapp", "supernode", "superexec", "zygote+apps", "clientapp", "other"):
         if role in s.peak_by_role:
             print(f"  peak {role:11s}: {s.peak_by_role[role] / 1024:7.0f} MB over {s.peak_count[role]:2d} processes "
                   f"({s.peak_by_role[role] / 1024 / max(1, s.peak_count[role]):.0f} MB each)")
     print(f"baseline, same study in-process (no Flower processes): {local_res['round_trips']} round trips, "
           f"{local_secs:.1f} s, peak RSS {local_peak_mb:.0f} MB")
     print(f"ratios deployment / in-process: wall time x{dep['wall'] / local_secs:.1f}, "
-          f"peak memory x{s.peak_total_kb / 1024 / local_peak_mb:.1f}")
+          f"peak memory (PSS) x{s.peak_pss_kb / 1024 / local_peak_mb:.1f}")
     same = all(abs(local_res["external"][site]["radiomics"]["auc"]["auc"]
                    - res["external"][site]["radiomics"]["auc"]["auc"]) < 1e-9 for site in local_res["external"])
     print(f"external AUCs of the radiomic signature equal in-process and deployment (1e-9): {same}")
