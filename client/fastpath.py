@@ -53,6 +53,9 @@ ACTIVE_POLL = 0.2
 REPLY_POLL = 0.05
 REPLY_POLL_MAX = 0.25
 ZYGOTE_START_SECONDS = 20.0
+#: each fast SuperNode's folder in the temp directory (sockets, SuperExec shim) and the file naming its owner
+DIR_PREFIX = "fedrad-site-"
+OWNER_FILE = "supernode.pid"
 #: modules the zygote imports once so a forked ClientApp starts in milliseconds: Flower's runner and its HTTP
 #: client, the scientific stack, and the installed fedrad ClientApp. fedrad's FAB carries no code (only its
 #: pyproject.toml, which the pin checks byte for byte); its components are these installed modules, which
@@ -292,7 +295,12 @@ def supernode_main(argv: list[str] | None = None) -> int:
     if reason is None and not pinned_launcher():
         reason = "flwr-clientapp on PATH is not fedrad's pinned launcher (app pinning off)"
     if reason is None:
-        directory = tempfile.mkdtemp(prefix="fedrad-site-")  # 0700, short enough for a Unix socket path
+        directory = tempfile.mkdtemp(prefix=DIR_PREFIX)  # 0700, short enough for a Unix socket path
+        with open(os.path.join(directory, OWNER_FILE), "w") as f:
+            f.write(str(os.getpid()))
+        removed = sweep_stale_directories(os.path.dirname(directory))
+        if removed:
+            notice(f"removed {removed} folder(s) left in {os.path.dirname(directory)} by SuperNodes that were killed")
         path = os.path.join(directory, "clientapp.sock")
         import subprocess
 
@@ -316,8 +324,51 @@ def supernode_main(argv: list[str] | None = None) -> int:
     try:
         return flower_supernode() or 0
     finally:
-        if zygote is not None and zygote.poll() is None:
-            zygote.terminate()
+        if zygote is not None:
+            if zygote.poll() is None:
+                zygote.terminate()
+                try:
+                    zygote.wait(2)
+                except subprocess.TimeoutExpired:
+                    pass
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)  # the zygote's cleanup, in case it died without one
+
+
+def _is_fast_supernode(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"fedrad.client.fastpath\0supernode" in f.read()
+    except OSError:
+        return False
+
+
+def sweep_stale_directories(tmp: str) -> int:
+    """Remove this user's fast-runtime folders whose SuperNode is gone (a SIGKILL, an OOM kill: its zygote died
+    with it and cleaned nothing); a folder without an owner file (being created, or not ours) is left alone."""
+    removed = 0
+    try:
+        entries = os.listdir(tmp)
+    except OSError:
+        return 0
+    import shutil
+
+    for name in entries:
+        if not name.startswith(DIR_PREFIX):
+            continue
+        folder = os.path.join(tmp, name)
+        try:
+            if os.lstat(folder).st_uid != os.getuid() or not os.path.isdir(folder) or os.path.islink(folder):
+                continue
+            with open(os.path.join(folder, OWNER_FILE)) as f:
+                owner = int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            continue
+        if owner > 0 and owner != os.getpid() and not _is_fast_supernode(owner):
+            shutil.rmtree(folder, ignore_errors=True)
+            removed += 1
+    return removed
 
 
 def _starting(pid: int) -> bool:
@@ -570,7 +621,7 @@ def zygote_main(path: str, parent_pid: int) -> int:
             os.unlink(path)
         except OSError:
             pass
-        if os.path.basename(directory).startswith("fedrad-site-"):  # the SuperNode's mkdtemp, nothing else
+        if os.path.basename(directory).startswith(DIR_PREFIX):  # the SuperNode's mkdtemp, nothing else
             import shutil
 
             shutil.rmtree(directory, ignore_errors=True)  # doorbell, SuperExec shim

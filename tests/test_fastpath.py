@@ -203,3 +203,28 @@ def test_superexec_clock_wakes_on_the_doorbell_and_polls_again_after_a_launch(tm
         shutil.rmtree(directory, ignore_errors=True)
     monkeypatch.setenv(fastpath.DOORBELL_ENV, str(tmp_path / "nobody.sock"))
     fastpath.ring_doorbell()                      # nobody listening: silently nothing (the poll finds the task)
+
+
+def test_folders_of_killed_supernodes_are_swept_and_live_ones_kept(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fedrad.client.fastpath",
+                             "supernode"])  # a command line like a running fast SuperNode's
+    try:
+        folders = {}
+        for name, owner in (("killed", dead.pid), ("running", live.pid), ("creating", None)):
+            folder = tmp_path / f"{fastpath.DIR_PREFIX}{name}"
+            (folder / "bin").mkdir(parents=True)
+            (folder / "doorbell.sock").write_text("")
+            if owner is not None:
+                (folder / fastpath.OWNER_FILE).write_text(str(owner))
+            folders[name] = folder
+        other = tmp_path / "something-else"
+        other.mkdir()
+        (other / fastpath.OWNER_FILE).write_text(str(dead.pid))
+        assert fastpath.sweep_stale_directories(str(tmp_path)) == 1
+        assert not folders["killed"].exists()
+        assert folders["running"].exists() and folders["creating"].exists() and other.exists()
+    finally:
+        live.kill()
+        live.wait()
