@@ -65,6 +65,7 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
     pid = approve_at_sites(study_plan(cfg), [{"site-name": n.name, **n.node_config} for n in nodes])
     log(f"demo: every site approved study plan {pid[:12]}")
     log(f"demo: starting a SuperLink and {sites} SuperNodes on loopback (real Flower processes)")
+    (out / "results" / "progress.log").unlink(missing_ok=True)  # an earlier demo's, not to be followed again
     with LoopbackDeployment(out / "flower", nodes) as dep:
         submitted = time.time() - 1.0  # file times can lag the clock by a tick
         run_id = dep.submit({"plan": str(plan_path), "out-dir": str(out / "results"), "expected-sites": sites,

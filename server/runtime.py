@@ -360,6 +360,19 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
         now = stamp()
         return now is not None and now != stale
 
+    def pause(seconds: float) -> None:
+        """Up to ``seconds``, calling ``on_poll`` every ``tick``; over as soon as the results file is written."""
+        end, next_tick = time.monotonic() + seconds, time.monotonic() + tick
+        while time.monotonic() < end and not done():
+            time.sleep(0.05)
+            if on_poll and time.monotonic() >= next_tick:
+                on_poll(None)
+                next_tick = time.monotonic() + tick
+
+    if not finished and done_file is not None:
+        # the first status question (a ~1 s CPU process, while the sites and the ServerApp start on the same
+        # cores) waits one poll interval: it is only there to catch a run that failed
+        pause(poll)
     while True:
         if not finished and done():
             if on_poll:
@@ -380,12 +393,7 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
         if done():  # the run is finishing: ask again shortly
             time.sleep(0.2)
             continue
-        next_tick = time.monotonic() + tick
-        while time.monotonic() < next_poll and not done():
-            time.sleep(0.05)
-            if on_poll and time.monotonic() >= next_tick:
-                on_poll(None)
-                next_tick = time.monotonic() + tick
+        pause(next_poll - time.monotonic())
 
 
 class _FlowerRun:

@@ -23,6 +23,7 @@ def main(grid: Grid, context: Context) -> None:
     fast_object_pulls()
     progress = Path(str(cfg["out-dir"])) / "progress.log"
     progress.parent.mkdir(parents=True, exist_ok=True)
+    progress.write_text("")  # this run's progress only (an earlier run into the same folder wrote its own)
 
     def log(line: str) -> None:  # visible in `flwr log` and, for fedrad's own CLI, in out-dir/progress.log
         print(line, flush=True)

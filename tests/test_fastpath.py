@@ -210,6 +210,10 @@ def test_folders_of_killed_supernodes_are_swept_and_live_ones_kept(tmp_path):
     dead.wait()
     live = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "fedrad.client.fastpath",
                              "supernode"])  # a command line like a running fast SuperNode's
+    deadline = time.monotonic() + 30
+    while not fastpath._is_fast_supernode(live.pid):  # Popen can return before the child's exec shows in /proc
+        assert live.poll() is None and time.monotonic() < deadline
+        time.sleep(0.01)
     try:
         folders = {}
         for name, owner in (("killed", dead.pid), ("running", live.pid), ("creating", None)):

@@ -44,8 +44,11 @@ def test_wait_for_a_finished_run_asks_again_as_soon_as_the_results_are_written(t
 def test_failed_run_raises_with_its_status(tmp_path, monkeypatch):
     monkeypatch.setattr(runtime, "run_status", lambda *a: {"status": "finished:failed", "status-details": "boom"})
     monkeypatch.setattr(runtime, "run_log", lambda *a: "the ServerApp's log")
+    t0 = time.monotonic()
     with pytest.raises(runtime.RuntimeFailure, match="finished:failed: boom"):
-        runtime.wait_for_run(tmp_path, "c", 7, timeout=5, done_file=tmp_path / "never.json", finished=False)
+        runtime.wait_for_run(tmp_path, "c", 7, timeout=5, poll=0.2, done_file=tmp_path / "never.json",
+                             finished=False)
+    assert time.monotonic() - t0 >= 0.15  # the first status question waits one poll interval (start-up CPU)
 
 
 def test_the_coordinators_reply_poll_backs_off_with_the_round():
