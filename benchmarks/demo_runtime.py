@@ -31,28 +31,19 @@ import time
 from pathlib import Path
 
 
-def max_difference(a, b, path: str = "") -> tuple[float, str]:
-    """Largest absolute difference between two JSON-like results (inf where structure or text differs)."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        if set(a) != set(b):
-            return math.inf, f"{path}: keys {sorted(set(a) ^ set(b))}"
-        worst = (0.0, "")
-        for k in a:
-            worst = max(worst, max_difference(a[k], b[k], f"{path}/{k}"), key=lambda t: t[0])
-        return worst
-    if isinstance(a, list) and isinstance(b, list):
-        if len(a) != len(b):
-            return math.inf, f"{path}: lengths {len(a)} vs {len(b)}"
-        worst = (0.0, "")
-        for i, (x, y) in enumerate(zip(a, b)):
-            worst = max(worst, max_difference(x, y, f"{path}[{i}]"), key=lambda t: t[0])
-        return worst
-    if isinstance(a, bool) or isinstance(b, bool) or not isinstance(a, (int, float)) \
-            or not isinstance(b, (int, float)):
-        return (0.0, "") if a == b else (math.inf, f"{path}: {a!r} vs {b!r}")
-    if math.isnan(a) and math.isnan(b):
+def max_difference(a, b) -> tuple[float, str]:
+    """Largest absolute difference between two results as results.json holds them, and where (0 when they are
+    identical; inf when fields or any text differ)."""
+    if a == b:
         return 0.0, ""
-    return abs(a - b), path
+    from fedrad.server.study_pooled import flatten_metrics
+
+    fa, fb = flatten_metrics(a), flatten_metrics(b)
+    if fa.keys() != fb.keys():
+        return math.inf, f"numeric fields {sorted(fa.keys() ^ fb.keys())[:5]}"
+    where = max(fa, key=lambda k: abs(fa[k] - fb[k]), default="")
+    diff = abs(fa[where] - fb[where]) if where else 0.0
+    return (diff, where) if diff > 0 else (math.inf, "text (names, labels) differs")
 
 
 COMPARED = ("external", "pooled", "selection", "signature", "penalties", "sites")

@@ -45,6 +45,8 @@ FLOWER_EXACT = "1.42.0"
 SOCKET_ENV = "FEDRAD_ZYGOTE_SOCKET"
 PID_ENV = "FEDRAD_ZYGOTE_PID"
 DOORBELL_ENV = "FEDRAD_TASK_DOORBELL"
+#: what a fast SuperNode hands down to its SuperExec and ClientApp launchers (removed where it must not reach)
+RUNTIME_ENV = (SOCKET_ENV, PID_ENV, DOORBELL_ENV)
 #: the SuperExec's task poll once the doorbell below wakes it (Flower's default 1 s; stock fedrad sites 0.1 s)
 DOORBELL_FALLBACK_POLL = 1.0
 #: after its last message a node polls every ACTIVE_POLL s for this long, then falls back to Flower's 3 s
@@ -65,8 +67,9 @@ PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clie
            "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
            "scipy.special", "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519",
            "tomllib", "flwr.cli.build", "fedrad.client.client_app")
-#: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~8 s of imports and
-#: ~250 MB per zygote, for the one extraction message of a study) and this module
+#: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~0.4 s of imports on an
+#: idle machine, ~8 s seen under load, and ~250 MB per zygote, for the one extraction message of a study) and
+#: this module
 NOT_PRELOADED = frozenset({"fedrad.client.imaging", "fedrad.client.extract", "fedrad.client.perturb",
                            "fedrad.client.demo_data", "fedrad.client.fastpath"})
 _STATUS = struct.Struct("!i")
@@ -171,6 +174,15 @@ def patch_supernode() -> _NodeClock:
     return clock
 
 
+def _bind_private(sock: socket.socket, path: str) -> None:
+    """Bind a Unix socket at ``path`` readable and writable by this user only (mode 0600 from the start)."""
+    old = os.umask(0o177)
+    try:
+        sock.bind(path)
+    finally:
+        os.umask(old)
+
+
 def ring_doorbell() -> None:
     """Wake this SuperNode's SuperExec (:func:`superexec_main`): a message is stored, its task can be acquired."""
     path = os.environ.get(DOORBELL_ENV)
@@ -218,11 +230,7 @@ def patch_superexec(path: str) -> _ExecClock:
     bell = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     if os.path.exists(path):
         os.unlink(path)
-    old = os.umask(0o177)
-    try:
-        bell.bind(path)
-    finally:
-        os.umask(old)
+    _bind_private(bell, path)
     bell.setblocking(False)
     clock = _ExecClock(bell)
     handle = rse._handle_launch_result
@@ -315,7 +323,7 @@ def supernode_main(argv: list[str] | None = None) -> int:
                f"message, pre-forked ClientApps (zygote pid {zygote.pid}, importing; a ClientApp launched "
                f"before it listens waits up to {ZYGOTE_START_SECONDS:g} s, then starts as a fresh process)")
     else:
-        for name in (SOCKET_ENV, PID_ENV, DOORBELL_ENV):
+        for name in RUNTIME_ENV:
             os.environ.pop(name, None)
         notice(f"off, running stock Flower: {reason}")
     from flwr.supernode.cli import flower_supernode
@@ -466,7 +474,7 @@ def _child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-        for name in (SOCKET_ENV, PID_ENV, DOORBELL_ENV):
+        for name in RUNTIME_ENV:
             os.environ.pop(name, None)
         from fedrad.client.app_trust import clientapp_main
 
@@ -517,11 +525,7 @@ def zygote_main(path: str, parent_pid: int) -> int:
     if os.path.exists(path):
         os.unlink(path)
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    old = os.umask(0o177)
-    try:
-        srv.bind(path + ".new")
-    finally:
-        os.umask(old)
+    _bind_private(srv, path + ".new")
     srv.listen(64)
     os.rename(path + ".new", path)  # appears only once it accepts connections
     workers: dict[socket.socket, int] = {}  # launcher connection -> child pid

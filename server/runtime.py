@@ -458,11 +458,12 @@ class LoopbackDeployment(_FlowerRun):
     #: fedrad's fast site runtime (:mod:`fedrad.client.fastpath`); False runs Flower's SuperNode unchanged
     fast: bool = True
 
-    def __post_init__(self):
+    @property
+    def stop_grace(self) -> float:
         # A SuperNode unregisters from the SuperLink within ~0.1 s of its SIGTERM, then Flower's local HTTP API
         # waits up to 3 s for its SuperExec's connection to close; without a database nothing of the SuperLink
         # outlives it either. Only a SuperLink with a database gets the full grace (its state must be flushed).
-        self.stop_grace = 15.0 if self.database else 1.0
+        return 15.0 if self.database else 1.0
 
     @property
     def address(self) -> str:
