@@ -24,7 +24,7 @@ from sklearn.model_selection import train_test_split
 
 from fedrad.common.folds import row_mask
 from fedrad.common.metrics import harrell_c
-from fedrad.common.pipeline import heldout_loss
+from fedrad.common.endpoints import of as endpoint_kind
 from fedrad.local import fit_table
 
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "multisite-tabular"
@@ -88,7 +88,7 @@ def cv_choose(train: pd.DataFrame, feats: list[str], model: str, **outcome) -> f
             for _site, rows in train.groupby("site"):
                 mask = row_mask(list(rows["case_id"]), spec)
                 if (~mask).sum():
-                    total += heldout_loss(endpoint, fitted, rows, mask)
+                    total += endpoint_kind(endpoint).heldout_loss(fitted, rows, mask)
         losses[g] = total
     return min(losses, key=losses.get)
 

@@ -41,6 +41,10 @@ Outcomes (``age_c = (age - 63) / 10``, ``stage_c = stage - 2.5``):
 * independent censoring ``C ~ Uniform(12, 72)`` months; ``os_time = min(T, C)``,
   ``os_event = [T <= C]`` (about a third of the patients are censored).
 
+Molecular markers (the pathology lab's, for association studies; their own random stream, so adding them changed
+no other value): a CD8 T-cell ``immune_score = -0.75 h + 0.65 e_imm`` (a z-scored expression signature: hot tumours
+are less heterogeneous) and ``egfr_mutant`` with ``logit P = -1.0 + 1.1 a`` (aggressive tumours carry it).
+
 The outcomes depend on ``a`` and ``h``, which the images express through shape irregularity and
 texture, and only weakly through lesion volume, so a radiomic signature can beat a volume-only
 baseline.
@@ -79,7 +83,7 @@ from fedrad.common.files import atomic_write_bytes
 __all__ = ["MANIFEST_COLUMNS", "simulate_demo_table", "write_demo_cohort"]
 
 MANIFEST_COLUMNS = ("case_id", "image", "mask", "mask_label", "age", "sex", "stage",
-                    "response", "os_time", "os_event")
+                    "response", "os_time", "os_event", "immune_score", "egfr_mutant")
 """Columns of every site's ``manifest.csv``, in order."""
 
 _TRUTH_COLUMNS = ("site", "case_id", "aggressiveness", "heterogeneity", "diameter_mm", "irregularity",
@@ -87,7 +91,7 @@ _TRUTH_COLUMNS = ("site", "case_id", "aggressiveness", "heterogeneity", "diamete
 
 # Random streams: (seed, site, patient, stream). Keys always have four entries because SeedSequence
 # treats trailing zeros as absent ((s, k) and (s, k, 0) would collide).
-_STREAM_SITES, _STREAM_TABLE, _STREAM_PHANTOM, _STREAM_SCANNER = 0, 1, 2, 3
+_STREAM_SITES, _STREAM_TABLE, _STREAM_PHANTOM, _STREAM_SCANNER, _STREAM_MARKERS = 0, 1, 2, 3, 4
 
 _MARGIN_MM = 12.0           # background between the lesion's bounding box and the image border
 _TEXTURE_GRID_MM = 1.0      # phantom grid of the lesion texture
@@ -170,6 +174,8 @@ def _patient_row(seed: int, site_index: int, patient: int, site: _SiteProfile) -
     scale = math.log(2.0) / _MEDIAN_OS_MONTHS ** _WEIBULL_SHAPE
     event_time = (-math.log(u_survival) / (scale * math.exp(lp_hazard))) ** (1.0 / _WEIBULL_SHAPE)
     censor_time = 12.0 + 60.0 * u_censor
+    markers = _rng(seed, site_index, patient, _STREAM_MARKERS)
+    e_immune, u_mutant = markers.standard_normal(), markers.random()
     return {
         "site": site.name,
         "case_id": _case_id(site, patient),
@@ -179,6 +185,8 @@ def _patient_row(seed: int, site_index: int, patient: int, site: _SiteProfile) -
         "response": int(u_response < expit(lp_response)),
         "os_time": max(round(min(event_time, censor_time), 2), 0.01),
         "os_event": int(event_time <= censor_time),
+        "immune_score": round(float(-0.75 * h + 0.65 * e_immune), 3),
+        "egfr_mutant": int(u_mutant < expit(-1.0 + 1.1 * a)),
         "aggressiveness": float(a),
         "heterogeneity": float(h),
         "diameter_mm": float(np.clip(19.0 * math.exp(0.10 * stage_c + 0.06 * a + 0.22 * e_size), 10.0, 35.0)),
@@ -211,7 +219,7 @@ def simulate_demo_table(n_sites: int, n_patients: int, seed: int = 0) -> pd.Data
     pandas.DataFrame
         One row per patient, ordered by site then patient, with columns ``site``, ``case_id``,
         the manifest covariates and outcomes (``age``, ``sex``, ``stage``, ``response``,
-        ``os_time``, ``os_event``) and the ground truth: latent ``aggressiveness`` and
+        ``os_time``, ``os_event``), the molecular markers (``immune_score``, ``egfr_mutant``) and the ground truth: latent ``aggressiveness`` and
         ``heterogeneity``, phantom parameters (``diameter_mm``, ``irregularity``,
         ``texture_sd_hu``, ``texture_scale_mm``, ``lesion_mean_hu``) and the true linear
         predictors ``lp_response`` (log-odds) and ``lp_hazard`` (log relative hazard).

@@ -19,8 +19,11 @@ study_select       tables ``h-<fold>`` (or ``raw``); score tests on the plan's o
                    5 x max_features candidates; never for the site's own held-out fold
 fit_round          task ids ``<fold>|<kind>|<penalty index>|<all or inner fold>`` of the plan; model, outcome,
                    features of each kind, table and rows (inner folds from the plan's k and seed) as the plan
-                   implies; one signature per fold; at most ``MAX_TASK_ROUNDS`` evaluations per task; every
+                   implies; one signature per fold; at most ``MAX_TASK_ROUNDS`` evaluations per task (2 for a
+                   linear fit: its statistics and the check at the exact solution); every
                    coefficient vector sent is recorded in the plan's ledger
+study_associate    association plans only; once per study attempt; the final fold's table; features among the
+                   site's candidates (and volume column); markers, covariates and volume adjustment from the plan
 study_evaluate     once per study attempt; only the folds the site validates (``final`` and its own ``loso``);
                    every model (and every inner-CV model) must be one whose fit the site took part in: its task id
                    is in the ledger, its features are the task's, its penalty is the plan's grid value and its
@@ -44,10 +47,11 @@ from pathlib import Path
 import numpy as np
 
 from fedrad.client.approval import ApprovalError, load_approved
+from fedrad.common import endpoints
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
-from fedrad.common.plan import (FOLD, candidate_features, endpoint, fixed_grid, outcome_columns, path_step,
-                                penalty_count, prepare_spec, volume_column)
+from fedrad.common.plan import (FOLD, candidate_features, endpoint, fixed_grid, is_association, outcome_columns,
+                                path_step, penalty_count, prepare_spec, uses_loso, volume_column)
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
@@ -90,7 +94,7 @@ def plan_folds(study: dict) -> list[str] | None:
     sites = sorted(study.get("sites") or {})
     if not sites:
         return None
-    return ["final"] + ([f"loso:{s}" for s in sites] if study["validation"]["loso"] else [])
+    return ["final"] + ([f"loso:{s}" for s in sites] if uses_loso(study) else [])
 
 
 def check_fold(study: dict, fold, ledger: Ledger | None = None) -> str:
@@ -99,7 +103,7 @@ def check_fold(study: dict, fold, ledger: Ledger | None = None) -> str:
     if listed is not None:
         _require(fold in listed, "a validation fold outside the plan")
     else:
-        _require(fold == "final" or bool(study["validation"]["loso"]), "a validation fold outside the plan")
+        _require(fold == "final" or uses_loso(study), "a validation fold outside the plan")
         if ledger is not None and fold not in ledger.data["folds"]:
             _require(len(ledger.data["folds"]) < MAX_FOLDS_UNLISTED, "more validation folds than the plan allows")
             ledger.data["folds"].append(fold)
@@ -199,9 +203,9 @@ def _combat_stats(site, record, payload, ledger, cache):
 
 
 def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
-    from fedrad.common.selection import correlation_request, cox_score_request, icc_request, logistic_score_request
+    from fedrad.common.selection import correlation_request, icc_request
 
-    ep = endpoint(study)
+    ep = endpoints.of(endpoint(study))
     cand = _site_candidates(site, study, cache)
     max_corr = CANDIDATES_PER_FEATURE * int(study["selection"]["max_features"])
     out = {}
@@ -217,8 +221,7 @@ def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
         for kind, r in (spec.get("requests") or {}).items():
             if kind == "score":
                 feats = _subset(r.get("features"), cand, "score-test features")
-                reqs[kind] = (logistic_score_request(feats, ep["outcome"]) if ep["type"] == "response"
-                              else cox_score_request(feats, ep["time"], ep["event"]))
+                reqs[kind] = ep.score_request(feats)
             elif kind == "icc":
                 _require(study["selection"]["icc_threshold"] is not None, "ICC is not in the plan")
                 reqs[kind] = icc_request(_subset(r.get("features"), cand, "ICC features"))
@@ -228,8 +231,7 @@ def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
                 _require(fixed_grid(study) is None, "a penalty path is not in the plan")
                 model_cols = list(study["model"]["clinical"]) + ([cache["volume"]] if cache.get("volume") else [])
                 feats = _subset(r.get("features"), model_cols, "penalty-path features")
-                reqs[kind] = (logistic_score_request(feats, ep["outcome"]) if ep["type"] == "response"
-                              else cox_score_request(feats, ep["time"], ep["event"]))
+                reqs[kind] = ep.score_request(feats)
             else:
                 raise PlanViolation("a selection request outside the plan")
         out[fold] = {"train_sites": [site.name], "table": spec["table"], "requests": reqs}
@@ -249,6 +251,7 @@ def _study_harmonize(site, record, payload, ledger, cache):
              "harmonization is not in the plan")
     for fold in refs:
         check_fold(study, fold, ledger)
+    _require(not (payload.get("selection") and is_association(study)), "selection is not in the plan")
     out = {"references": refs, "impute": impute,
            "selection": _selection_specs(site, study, payload.get("selection") or {}, ledger, cache)}
     mom = payload.get("moments")
@@ -304,10 +307,10 @@ def _point(request: dict) -> dict | None:
     return {"(intercept)": beta[0], **dict(zip(feats, beta[1:]))}
 
 
-def _record_task(ledger, tid, data, request) -> None:
+def _record_task(ledger, tid, data, request, max_rounds: int = MAX_TASK_ROUNDS) -> None:
     entry = ledger.data["tasks"].setdefault(tid, {"n": 0, "features": list(data["features"]), "points": []})
     _require(entry["features"] == list(data["features"]), "a fit task whose features changed")
-    _require(entry["n"] < MAX_TASK_ROUNDS, "more rounds of one fit than the plan allows")
+    _require(entry["n"] < max_rounds, "more rounds of one fit than the plan allows")
     entry["n"] += 1
     pt = _point(request)
     if pt is not None:
@@ -317,8 +320,8 @@ def _record_task(ledger, tid, data, request) -> None:
 
 def _fit_round_study(site, record, payload, ledger, cache):
     study = record["plan"]["study"]
-    ep = endpoint(study)
-    model = "logistic" if ep["type"] == "response" else "cox"
+    ep = endpoints.of(endpoint(study))
+    model = ep.model
     cand = _site_candidates(site, study, cache)
     ledger.data["volume"] = cache["volume"]  # the site's own volume column: the only one a volume model may use
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
@@ -329,9 +332,7 @@ def _fit_round_study(site, record, payload, ledger, cache):
         check_fold(study, fold, ledger)
         data = task.get("data") or {}
         _require(data.get("model") == model, "a model outside the plan")
-        _require(all(data.get(key) == val for key, val in
-                     (({"outcome": ep["outcome"]} if model == "logistic" else {"time": ep["time"], "event": ep["event"]})
-                      .items())), "an outcome outside the plan")
+        _require(all(data.get(key) == ep[key] for key in ep.keys()), "an outcome outside the plan")
         check_table(study, fold, data.get("table"))
         want_rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
         _require(data.get("rows") == want_rows, "rows outside the plan's folds")
@@ -339,24 +340,12 @@ def _fit_round_study(site, record, payload, ledger, cache):
         _kind_features(study, kind, feats, cand, ledger, fold)
         request = task.get("request") or {}
         _require(set(request.get("features", [])) <= set(feats), "a fit request outside its task")
-        _record_task(ledger, tid, data, request)
+        _record_task(ledger, tid, data, request, ep.max_fit_rounds or MAX_TASK_ROUNDS)
         sites = task.get("sites")
         contributes = fold != f"loso:{site.name}" and (sites is None or site.name in sites)
-        clean = {"model": model, "features": list(feats), "table": data["table"], "rows": want_rows,
-                 **({"outcome": ep["outcome"]} if model == "logistic" else {"time": ep["time"], "event": ep["event"]})}
+        clean = ep.data_spec(feats, data["table"], want_rows)
         tasks.append({"id": tid, "request": request, "data": clean, "sites": [site.name] if contributes else []})
     return {"tasks": tasks, "min_test_rows": True}
-
-
-def _model_point(model: dict, request_feats: list[str]) -> tuple[dict, dict]:
-    """(point, scale) of a fitted model dict: logistic standardized (scale 1), Cox original scale with its SDs."""
-    if model.get("kind") == "fedrad.cox.model":
-        names = list(model["feature_names_"])
-        coef, scale = dict(zip(names, model["coef_"])), dict(zip(names, model["scale_"]))
-        return coef, scale
-    names = list(model["feature_names"])
-    pt = {"(intercept)": float(model["intercept_std"]), **dict(zip(names, model["coef_std"]))}
-    return pt, {n: 1.0 for n in pt}
 
 
 def check_model(study, ledger, tid: str, model: dict) -> None:
@@ -365,16 +354,16 @@ def check_model(study, ledger, tid: str, model: dict) -> None:
     entry = ledger.data["tasks"].get(tid)
     _require(entry is not None and bool(entry["points"]), "a model whose fit this site never saw")
     _require(isinstance(model, dict), "a malformed model")
-    cox = model.get("kind") == "fedrad.cox.model"
-    value = model.get("penalizer") if cox else (model.get("params") or {}).get("C")
-    check_penalty(study, ledger, fold, kind, gi, value)
-    names = list(model["feature_names_"] if cox else model["feature_names"])
-    _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
-    pt, scale = _model_point(model, entry["features"])
+    ep = endpoints.of(endpoint(study))
+    _require(model.get("kind") == ep.model_kind, "a model of another kind than the plan's")
+    check_penalty(study, ledger, fold, kind, gi, ep.model_penalty(model))
     try:
+        names = ep.model_features(model)
+        pt, scale = ep.model_point(model)
         vals = {n: float(v) for n, v in pt.items()}
-    except (TypeError, ValueError):
+    except (KeyError, TypeError, ValueError):
         raise PlanViolation("a malformed model") from None
+    _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
     best = np.inf
     for seen in entry["points"]:
         keys = set(vals) | set(seen)
@@ -469,8 +458,29 @@ def _fit_plan(site, record, request, payload, ledger, cache):
     raise PlanViolation("a request outside the plan")
 
 
+def _study_associate(site, record, payload, ledger, cache):
+    """Association statistics once per attempt, on the final fold's table: features among the site's candidates
+    (its volume column too), the plan's markers, the plan's clinical covariates and, when the plan adjusts for
+    volume, the site's own volume column."""
+    study = record["plan"]["study"]
+    _require(not ledger.data.get("associated"), "a second association request in one study attempt")
+    ledger.data["associated"] = True
+    check_table(study, "final", payload.get("table"))
+    cand = list(_site_candidates(site, study, cache))
+    allowed = cand + ([cache["volume"]] if cache.get("volume") and cache["volume"] not in cand else [])
+    feats = _subset(payload.get("features"), allowed, "association features")
+    assoc = study["association"]
+    adjust = list(study["model"]["clinical"])
+    volume = cache.get("volume") if assoc["volume_adjusted"] else None
+    return {"table": payload["table"], "features": feats, "markers": list(assoc["markers"]), "adjust": adjust,
+            "volume": volume}
+
+
 _STUDY = {"study_select": _study_select, "study_harmonize": _study_harmonize, "combat_stats": _combat_stats,
-          "fit_round": _fit_round_study, "study_evaluate": _study_evaluate}
+          "fit_round": _fit_round_study, "study_evaluate": _study_evaluate, "study_associate": _study_associate}
+#: the requests each kind of study plan allows besides study_prepare
+_STUDY_KIND = {"prediction": {"study_select", "study_harmonize", "combat_stats", "fit_round", "study_evaluate"},
+               "association": {"study_harmonize", "combat_stats", "study_associate"}}
 
 
 def check_request(site, request: str, payload: dict) -> tuple[dict, dict]:
@@ -483,7 +493,7 @@ def check_request(site, request: str, payload: dict) -> tuple[dict, dict]:
     if task == "study":
         if request == "study_prepare":
             clean = _study_prepare(site, record, payload, ledger)
-        elif request in _STUDY:
+        elif request in _STUDY_KIND["association" if is_association(record["plan"]["study"]) else "prediction"]:
             clean = _STUDY[request](site, record, payload, ledger, cache)
         else:
             raise PlanViolation("a request outside the plan")

@@ -7,6 +7,7 @@ import pandas as pd
 
 from fedrad.client.policy import PolicyRefusal
 from fedrad.client.site import Site
+from fedrad.common import endpoints
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.combat import ComBatReference, apply_combat, site_combat_stats
 
@@ -98,7 +99,7 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
     features = list(request["features"])
     key = (spec_key, tuple(features), data["model"])
     if key not in cache:
-        absent = [c for c in features + _outcome_columns(data) if c not in rows.columns]
+        absent = [c for c in features + endpoints.of_data(data).columns() if c not in rows.columns]
         if absent:
             raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
         text = [c for c in features if not pd.api.types.is_numeric_dtype(rows[c])]
@@ -106,39 +107,14 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
             raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
         if site.policy.min_events:
             _check_events(site, rows, data)
-        if data["model"] == "logistic":  # an array in the request's feature order
-            cache[key] = (rows[features].to_numpy(dtype=float), rows[data["outcome"]].to_numpy())
-        else:
-            cache[key] = rows[features + [data["time"], data["event"]]].copy()
+        cache[key] = endpoints.of_data(data).fit_rows(rows, features)  # logistic: arrays in the request's order
     return cache[key]
 
 
 def _check_events(site: Site, rows, data: dict) -> None:
     """The site's opt-in ``min-events`` rule (fedrad.client.policy): events (survival) or the smaller outcome
     class (response) among the rows a fit would sum over."""
-    if data["model"] == "logistic":
-        y = pd.to_numeric(rows[data["outcome"]], errors="coerce")
-        n_pos = int((y == 1).sum())
-        site.policy.check_events(min(n_pos, int((y == 0).sum())), "patients in the smaller outcome class")
-    else:
-        site.policy.check_events(int(pd.to_numeric(rows[data["event"]], errors="coerce").fillna(0).astype(bool).sum()),
-                                 "events")
-
-
-def _outcome_columns(data: dict) -> list[str]:
-    return [data["outcome"]] if data["model"] == "logistic" else [data["time"], data["event"]]
-
-
-def _site_function(model: str):
-    if model == "logistic":
-        from fedrad.common.glm import site_logistic
-
-        return site_logistic
-    if model == "cox":
-        from fedrad.common.cox import site_cox
-
-        return site_cox
-    raise ValueError(f"unknown model {model!r}")
+    site.policy.check_events(*endpoints.of_data(data).policy_events(rows))
 
 
 def fit_round(site: Site, payload: dict) -> dict:
@@ -156,7 +132,7 @@ def fit_round(site: Site, payload: dict) -> dict:
             # an inner CV subset: left out consistently in every round; the reason is a code, never a count
             skipped[task["id"]] = getattr(exc, "code", "min-cell-size")
             continue
-        results[task["id"]] = _site_function(data["model"])(rows, task["request"], site=site.name)
+        results[task["id"]] = endpoints.of_data(data).site_function()(rows, task["request"], site=site.name)
     return {"results": results, "skipped": skipped}
 
 

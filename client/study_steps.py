@@ -11,6 +11,7 @@ import pandas as pd
 
 from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
+from fedrad.common import endpoints
 from fedrad.common.messages import to_plain
 
 #: software whose versions a site reports with its numbers (provenance in the report)
@@ -60,10 +61,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
         if len(values) and not pd.api.types.is_numeric_dtype(values):
             raise ValueError(f"site {site.name}: outcome column {col!r} is not numeric (e.g. {values.iloc[0]!r}); "
                              "write numbers (0/1 for outcomes and events)")
-    if endpoint["type"] == "survival":
-        bad = sorted(set(rows[endpoint["event"]].dropna().unique()) - {0, 1})
-        if bad:
-            raise ValueError(f"site {site.name}: event column {endpoint['event']!r} has values {bad[:3]}; use 0/1")
+    kind = endpoints.of(endpoint)
     k = site.policy.min_cell_size
     clinical = list(payload.get("clinical", []))
     covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical]
@@ -76,11 +74,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
     site.save_table("raw", complete)
     if source.get("robustness") and payload.get("robustness_needed"):  # perturbed features for ICC, kept here
         site.save_table("robustness", read_feature_file(Path(source["robustness"]), site.name))
-    if endpoint["type"] == "response":
-        y = complete[endpoint["outcome"]]
-        bad = sorted(set(y.unique()) - {0, 1})
-        if bad:
-            raise ValueError(f"outcome column {endpoint['outcome']!r} has values {bad[:3]}; use 0/1")
+    kind.check_values(complete, site.name)
     from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
     from fedrad.common.plan import candidate_features, unmatched_numeric, volume_column
@@ -94,7 +88,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
     outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
     return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
             "exclusions": {reason: _small_or_zero(count, k) for reason, count in reasons.items()},
-            "n_events": outcome["events"], "n_nonevents": outcome["non_events"],
+            "n_events": outcome.get("events"), "n_nonevents": outcome.get("non_events"),
             "features": features, "columns": unmatched_numeric(complete, study), "volume": volume,
             "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
@@ -167,9 +161,9 @@ def study_select(site: Site, payload: dict) -> dict:
 def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
     from fedrad.common.folds import row_mask
-    from fedrad.common.pipeline import heldout_loss, model_from_dict
     from fedrad.common.plan import inner_fold_usable
 
+    kind = endpoints.of(endpoint)
     tables: dict[str, pd.DataFrame] = {}
     losses = {}
     for item in items:
@@ -183,27 +177,49 @@ def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
         if not inner_fold_usable(int(train.sum()), int((~train).sum()), site.policy.min_cell_size):
             losses[item["id"]] = None
             continue
-        losses[item["id"]] = heldout_loss(endpoint, model_from_dict(endpoint, item["model"]), rows, train)
+        losses[item["id"]] = kind.heldout_loss(kind.model_from_dict(item["model"]), rows, train)
     return losses
 
 
 def study_evaluate(site: Site, payload: dict) -> dict:
     """Inner-CV losses for the folds this site trains in, and metrics of every penalty variant of every model
     of the folds it evaluates, computed on its own rows."""
-    from fedrad.common.pipeline import evaluate_variants, model_from_dict
+    from fedrad.common.pipeline import evaluate_variants
 
     endpoint = payload["endpoint"]
+    kind = endpoints.of(endpoint)
     out = {}
     for fold, spec in payload["folds"].items():
         if site.name not in spec["eval_sites"]:
             continue
         rows = site.table(spec["table"])
-        variants = {kind: {v: model_from_dict(endpoint, d) for v, d in vs.items()}
-                    for kind, vs in spec["models"].items()}
+        variants = {m: {v: kind.model_from_dict(d) for v, d in vs.items()} for m, vs in spec["models"].items()}
         out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
                                       km_grid=payload.get("km_times"))
     return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": to_plain(out, keep_arrays=True)}
 
 
+def study_associate(site: Site, payload: dict) -> dict:
+    """Association aggregates of the final fold's table (:func:`fedrad.common.association.site_association`):
+    feature x marker cross-products adjusted for the plan's covariates (and the site's volume column), and the
+    site's Spearman correlations. A refusal (a covariate level under k) is the site's policy."""
+    from fedrad.client.policy import PolicyRefusal
+    from fedrad.common.association import AssociationError, site_association
+
+    rows = site.table(payload["table"])
+    adjust = list(payload["adjust"]) + ([payload["volume"]] if payload.get("volume") else [])
+    try:
+        out = site_association(rows, payload["features"], payload["markers"], adjust,
+                               min_cell_size=site.policy.min_cell_size, site=site.name)
+    except AssociationError as exc:
+        if "fewer than" in str(exc):
+            raise PolicyRefusal(str(exc), code="min-cell-size") from None
+        raise
+    for marker in out["withheld_markers"]:
+        site.log_local("policy", f"site {site.name}: marker {marker} has a level with fewer than "
+                       f"{site.policy.min_cell_size} patients; its associations are withheld", "study_associate")
+    return to_plain(out, keep_arrays=True)
+
+
 STUDY_STEPS = {"study_prepare": study_prepare, "study_harmonize": study_harmonize, "study_select": study_select,
-               "study_evaluate": study_evaluate}
+               "study_evaluate": study_evaluate, "study_associate": study_associate}

@@ -86,7 +86,16 @@ REQUESTS: dict[str, RequestType] = {
         "computed on the site's own rows (held-out sites)",
         "one summed held-out loss per inner fit (withheld below the minimum cell size); AUC/C-index with CI, "
         "Brier, calibration, HR and log-rank p, paired differences; binned ROC and Kaplan-Meier counts with "
-        "small cells merged",
+        "small cells merged; continuous outcome: R², RMSE, MAE, calibration, Pearson / Spearman, calibration "
+        "groups of at least k patients",
+    ),
+    "study_associate": RequestType(
+        "query.study_associate",
+        "association study: feature x marker statistics of the site's harmonized table, adjusted for the "
+        "plan's covariates (and tumour volume) with a site intercept",
+        "n; within-site centred cross-products feature x marker, feature x covariate, marker x marker, "
+        "marker x covariate, covariate x covariate and the features' sums of squares (no feature x feature "
+        "block); Spearman correlation per feature and marker; a binary marker with a level under k withheld",
     ),
 }
 

@@ -172,6 +172,10 @@ __all__ = [
     "pooled_km",
     "dersimonian_laird",
     "pool_proportion_like",
+    "regression_metrics",
+    "squared_error_paired",
+    "pool_correlations",
+    "calibration_groups",
 ]
 
 _CI_SCALES = ("linear", "logit")
@@ -1327,3 +1331,135 @@ def pooled_roc_interpolated(bin_counts: Sequence[Mapping]) -> PooledROC:
     tpr = np.concatenate([[0.0], tpr]) if tpr[0] > 0 else tpr
     fpr = np.concatenate([[0.0], fpr]) if len(fpr) < len(tpr) else fpr
     return PooledROC(fpr=fpr, tpr=tpr, auc=float(np.trapezoid(tpr, fpr)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Continuous outcomes: prediction error, calibration, correlation (per site) and their pooling
+# ----------------------------------------------------------------------------------------------
+#: Fieller, Hartley & Pearson (1957): var(atanh(Spearman rho)) ≈ 1.06 / (n - 3)
+SPEARMAN_Z_VARIANCE = 1.06
+
+
+def _correlation_entry(r: float, n: int, z_var: float, level: float, key: str) -> dict:
+    out = {key: None, "se": None, "ci_low": None, "ci_high": None, "z": None, "z_se": None, "n": int(n),
+           "reason": None}
+    if n <= 3:
+        out["reason"] = f"{n} patients: a correlation's interval needs at least 4"
+        return out
+    if not math.isfinite(r):
+        out["reason"] = "correlation undefined (constant predictions or outcomes)"
+        return out
+    r = float(np.clip(r, -1.0, 1.0))
+    z_se = math.sqrt(z_var / (n - 3))
+    out[key] = r
+    if abs(r) < 1.0:
+        zz, q = math.atanh(r), _z(level)
+        out.update(se=(1 - r * r) * z_se, ci_low=math.tanh(zz - q * z_se), ci_high=math.tanh(zz + q * z_se),
+                   z=zz, z_se=z_se)
+    else:
+        out["reason"] = "|r| = 1: no finite Fisher-z interval"
+    return out
+
+
+def regression_metrics(y: Any, pred: Any, *, level: float = 0.95) -> dict:
+    r"""Validation metrics of a continuous prediction ``pred`` of ``y`` on one site's rows.
+
+    ``r2`` :math:`= 1 - \sum(y-\hat y)^2/\sum(y-\bar y)^2` (out-of-sample: about the site's own mean, so it can
+    be negative), ``rmse``, ``mae``, ``sse`` and ``sst`` (for pooling), ``calibration``: intercept and slope of
+    the OLS line :math:`y = a + b\hat y` (perfect: 0 and 1) with their SEs, and calibration-in-the-large
+    :math:`\bar y - \bar{\hat y}`; ``pearson`` / ``spearman``: the correlation with its Fisher-z 95% interval
+    (SE of z :math:`1/\sqrt{n-3}`; Spearman :math:`\sqrt{1.06/(n-3)}`, Fieller et al. 1957) and the delta-method SE
+    on the r scale.
+    """
+    _check_level(level)
+    yv, pv = _vector(y, "y"), _vector(pred, "pred")
+    _same_length(y=yv, pred=pv)
+    n = len(yv)
+    if n < 2:
+        raise ValueError(f"regression_metrics: {n} observation(s); need at least 2")
+    res = yv - pv
+    sse = float(res @ res)
+    yc = yv - yv.mean()
+    sst = float(yc @ yc)
+    pc = pv - pv.mean()
+    spp = float(pc @ pc)
+    cal = {"intercept": None, "slope": None, "se_intercept": None, "se_slope": None,
+           "in_the_large": float(yv.mean() - pv.mean()), "reason": None}
+    if spp > 0 and n > 2:
+        slope = float(pc @ yc) / spp
+        a = float(yv.mean() - slope * pv.mean())
+        s2 = float(np.sum((yv - a - slope * pv) ** 2)) / (n - 2)
+        cal.update(intercept=a, slope=slope, se_slope=math.sqrt(s2 / spp),
+                   se_intercept=math.sqrt(s2 * (1.0 / n + pv.mean() ** 2 / spp)))
+    else:
+        cal["reason"] = "constant predictions: no calibration slope"
+    defined = spp > 0 and sst > 0
+    pearson = float(pc @ yc) / math.sqrt(spp * sst) if defined else float("nan")
+    spearman = float(scipy.stats.spearmanr(yv, pv)[0]) if defined else float("nan")
+    return {"n": n, "r2": (1.0 - sse / sst) if sst > 0 else None, "rmse": math.sqrt(sse / n),
+            "mae": float(np.abs(res).mean()), "sse": sse, "sst": sst, "calibration": cal,
+            "pearson": _correlation_entry(pearson, n, 1.0, level, "r"),
+            "spearman": _correlation_entry(spearman, n, SPEARMAN_Z_VARIANCE, level, "rho")}
+
+
+def squared_error_paired(y: Any, pred_a: Any, pred_b: Any, *, level: float = 0.95) -> dict:
+    r"""Paired comparison of two predictions of a continuous outcome on the same rows: ``diff``, the mean of
+    :math:`d_i = (y_i-\hat y_{b,i})^2 - (y_i-\hat y_{a,i})^2` (positive: model a has the smaller squared error),
+    its SE :math:`s_d/\sqrt n`, interval and two-sided p (normal)."""
+    _check_level(level)
+    yv, a, b = _vector(y, "y"), _vector(pred_a, "pred_a"), _vector(pred_b, "pred_b")
+    _same_length(y=yv, pred_a=a, pred_b=b)
+    n = len(yv)
+    d = (yv - b) ** 2 - (yv - a) ** 2
+    out = {"n": n, "diff": float(d.mean()), "se": None, "ci_low": None, "ci_high": None, "p": None,
+           "reason": None}
+    if n < 2:
+        out["reason"] = "fewer than 2 patients"
+        return out
+    se = float(d.std(ddof=1)) / math.sqrt(n)
+    q = _z(level)
+    out.update(se=se, ci_low=out["diff"] - q * se, ci_high=out["diff"] + q * se,
+               p=float(2 * scipy.stats.norm.sf(abs(out["diff"]) / se)) if se > 0 else None)
+    return out
+
+
+def pool_correlations(values: Sequence[Any], ns: Sequence[Any], *, z_var: float = 1.0, level: float = 0.95) -> dict:
+    r"""Pool per-site correlations by DerSimonian-Laird on Fisher's z (:math:`\operatorname{atanh} r`, SE
+    :math:`\sqrt{z_{var}/(n-3)}`), back-transformed with tanh (``z_var`` 1 for Pearson, 1.06 for Spearman).
+    Sites with a missing r, n <= 3 or |r| = 1 are excluded and listed."""
+    keep, excluded, zs, ses = [], [], [], []
+    for i, (r, n) in enumerate(zip(values, ns)):
+        if r is None or n is None or int(n) <= 3 or not abs(float(r)) < 1:
+            excluded.append((i, "correlation undefined, |r| = 1 or n <= 3"))
+            continue
+        keep.append(i)
+        zs.append(math.atanh(float(r)))
+        ses.append(math.sqrt(z_var / (int(n) - 3)))
+    if not keep:
+        raise ValueError("pool_correlations: no site with a usable correlation")
+    dl = dersimonian_laird(zs, ses, level=level)
+    th = math.tanh
+    pooled = th(dl["pooled"])
+    return {"pooled": pooled, "ci_low": th(dl["ci_low"]), "ci_high": th(dl["ci_high"]),
+            "pi_low": None if dl["pi_low"] is None else th(dl["pi_low"]),
+            "pi_high": None if dl["pi_high"] is None else th(dl["pi_high"]),
+            "se": dl["se"] * (1 - pooled * pooled), "fe_pooled": th(dl["fe_pooled"]),
+            "tau2": dl["tau2"], "i2": dl["i2"], "q": dl["q"], "q_p": dl["q_p"], "k": dl["k"], "included": keep,
+            "excluded": excluded, "fisher_z": dl, "level": level, "reason": dl["reason"]}
+
+
+def calibration_groups(y: Any, pred: Any, min_cell_size: int, groups: int = 10) -> dict:
+    """Observed against predicted for a calibration plot of a continuous outcome: the rows sorted by prediction and
+    cut into ``min(groups, n // min_cell_size)`` groups of (nearly) equal size, each of at least ``min_cell_size``
+    patients; per group ``n``, mean prediction and mean outcome (no cut point, which would be one patient's
+    prediction, is released). Fewer than ``min_cell_size`` rows: nothing."""
+    yv, pv = _vector(y, "y"), _vector(pred, "pred")
+    _same_length(y=yv, pred=pv)
+    g = min(int(groups), len(yv) // int(min_cell_size)) if min_cell_size > 0 else int(groups)
+    if g < 1:
+        return {"n": None, "mean_pred": None, "mean_obs": None,
+                "reason": f"fewer than {min_cell_size} patients: no calibration groups"}
+    order = np.argsort(pv, kind="stable")
+    parts = np.array_split(order, g)
+    return {"n": [int(len(ix)) for ix in parts], "mean_pred": [float(pv[ix].mean()) for ix in parts],
+            "mean_obs": [float(yv[ix].mean()) for ix in parts], "reason": None}

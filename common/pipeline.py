@@ -22,14 +22,11 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import scipy.special
 
-from fedrad.common import metrics
+from fedrad.common import endpoints
 from fedrad.common.plan import outcome_columns  # noqa: F401  (re-exported: study, pooled twin)
-from fedrad.common.report_stats import calibration_bins
 
 MODEL_KINDS = ("radiomics", "volume", "clinical", "combined")
-ROC_EDGES = np.linspace(0.0, 1.0, 21)  # probability bins for the pooled ROC curve
 
 
 def common_volume(per_site: dict[str, str | None]) -> tuple[str | None, str | None]:
@@ -116,74 +113,6 @@ def finish_signature(screen: dict, corr, *, redundancy: float, max_features: int
     return out
 
 
-def make_fit(endpoint: dict, features: list[str], penalty: str, value: float, l1_ratio: float):
-    """The server state machine for one fit (logistic: ``value`` is C; Cox: ``value`` is the penalizer)."""
-    if endpoint["type"] == "response":
-        from fedrad.common.glm import LogisticServer
-
-        return LogisticServer(features, penalty=penalty, C=value,
-                              l1_ratio=l1_ratio if penalty == "elasticnet" else None)
-    from fedrad.common.cox import CoxFit
-
-    l1 = {"l2": 0.0, "l1": 1.0}.get(penalty, l1_ratio)
-    return CoxFit(features, duration_col=endpoint["time"], event_col=endpoint["event"], penalizer=value,
-                  l1_ratio=l1)
-
-
-def fit_pooled(endpoint: dict, rows: pd.DataFrame, features: list[str], penalty: str, value: float,
-               l1_ratio: float, strata: str = "site"):
-    """Pooled twin of :func:`make_fit` (the oracle)."""
-    if endpoint["type"] == "response":
-        from fedrad.common.glm import LogisticModel
-
-        model = LogisticModel(penalty=penalty, C=value, l1_ratio=l1_ratio if penalty == "elasticnet" else None)
-        return model.fit(rows[features], rows[endpoint["outcome"]].to_numpy())
-    from fedrad.common.cox import fit_pooled as cox_pooled
-
-    l1 = {"l2": 0.0, "l1": 1.0}.get(penalty, l1_ratio)
-    return cox_pooled(rows, endpoint["time"], endpoint["event"], strata=strata, features=features,
-                      penalizer=value, l1_ratio=l1)
-
-
-def model_from_dict(endpoint: dict, d: dict):
-    if endpoint["type"] == "response":
-        from fedrad.common.glm import LogisticModel
-
-        return LogisticModel.from_dict(d)
-    from fedrad.common.cox import CoxModel
-
-    return CoxModel.from_dict(d)
-
-
-def linear_predictor(endpoint: dict, model, rows: pd.DataFrame) -> np.ndarray:
-    """Logistic: log odds; Cox: log partial hazard (centred on the training mean)."""
-    if endpoint["type"] == "response":
-        return np.asarray(model.decision_function(rows), dtype=float)
-    return np.asarray(model.predict_log_partial_hazard(rows[list(model.feature_names_)]), dtype=float)
-
-
-def heldout_loss(endpoint: dict, model, rows: pd.DataFrame, train: np.ndarray) -> float:
-    """A site's contribution to the inner-CV loss of a model fit without the rows ``~train``.
-
-    Logistic: summed log loss on the held-out rows. Cox: minus the cross-validated partial likelihood
-    contribution of the site's stratum (Verweij & van Houwelingen 1993): −[ℓ(β; all rows) − ℓ(β; training rows)].
-    """
-    lp = linear_predictor(endpoint, model, rows)
-    if endpoint["type"] == "response":
-        y = rows[endpoint["outcome"]].to_numpy(dtype=float)
-        test = ~train
-        return float(np.sum(np.logaddexp(0.0, lp[test]) - y[test] * lp[test]))
-    from fedrad.common.cox import efron_stratum
-
-    t = rows[endpoint["time"]].to_numpy(dtype=float)
-    e = rows[endpoint["event"]].to_numpy(dtype=float)
-    x = lp[:, None]
-    one = np.ones(1)
-    ll_all = efron_stratum(x, t, e, one)[0] if e.sum() > 0 else 0.0
-    ll_train = efron_stratum(x[train], t[train], e[train], one)[0] if e[train].sum() > 0 else 0.0
-    return float(-(ll_all - ll_train))
-
-
 def choose_penalty(losses: dict) -> float:
     """Smallest total inner-CV loss; a tie goes to the stronger penalty (smaller C / larger penalizer is
     decided by the caller's ordering of the grid from strongest to weakest)."""
@@ -210,73 +139,27 @@ def penalty_choice(path: list[float], index: int, losses: list[float | None]) ->
 PAIRS = (("radiomics", "volume"), ("radiomics", "clinical"), ("combined", "clinical"))
 
 
-def _outcomes(endpoint: dict, rows: pd.DataFrame):
-    if endpoint["type"] == "response":
-        return (rows[endpoint["outcome"]].to_numpy(dtype=int),)
-    return rows[endpoint["time"]].to_numpy(dtype=float), rows[endpoint["event"]].to_numpy(dtype=int)
-
-
-def _model_metrics(endpoint: dict, lp: np.ndarray, outcome: tuple, min_cell_size: int, grid) -> dict:
-    if endpoint["type"] == "response":
-        (y,) = outcome
-        p = scipy.special.expit(lp)
-        bins = metrics.suppress_small_cells(metrics.roc_bins(y, p, ROC_EDGES), min_cell_size)
-        return {"auc": metrics.auc_delong(y, lp), "brier": float(metrics.brier(y, p)),
-                "calibration": metrics.calibration(y, np.clip(p, 1e-12, 1 - 1e-12)),
-                "roc_bins": bins,
-                # observed vs mean predicted in the released ROC bins (each >= min_cell_size patients)
-                "calibration_bins": (calibration_bins(y, p, bins["edges"]) if bins.get("edges") is not None
-                                     else {"n": None, "reason": bins.get("reason")})}
-    t, e = outcome
-    high = lp > 0.0
-    split = metrics.risk_group_split(t, e, lp, 0.0)
-    cells = (split["events_high"], split["n_high"] - split["events_high"], split["events_low"],
-             split["n_low"] - split["events_low"])
-    if min(cells) < min_cell_size:  # a 2 x 2 table (risk group x event) with a small cell: no count released
-        split.update(n_high=None, n_low=None, events_high=None, events_low=None)
-    return {"c_index": metrics.harrell_c(t, e, lp), "risk_split": split,
-            # Kaplan-Meier counts per risk group, intervals merged until no released count is under k
-            "km": {g: (metrics.merge_km_bins(metrics.km_bins(t[m], e[m], grid), min_cell_size)
-                       if m.sum() >= min_cell_size else None)
-                   for g, m in (("high", high), ("low", ~high))}}
-
-
-def _paired(endpoint: dict, lp_a: np.ndarray, lp_b: np.ndarray, outcome: tuple) -> dict:
-    if endpoint["type"] == "response":
-        return metrics.delong_paired(outcome[0], lp_a, lp_b)
-    return metrics.c_paired(outcome[0], outcome[1], lp_a, lp_b)
-
-
-def _header(endpoint: dict, rows: pd.DataFrame, outcome: tuple, min_cell_size: int, km_grid):
-    events = int(outcome[0].sum()) if endpoint["type"] == "response" else int(outcome[1].sum())
-    grid = None
-    if endpoint["type"] == "survival":
-        grid = np.asarray(km_grid if km_grid is not None else np.quantile(outcome[0], np.linspace(0, 1, 11)),
-                          dtype=float)
-    # a small count cell is suppressed
-    return {"n": int(len(rows)), "n_events": events if events >= min_cell_size else None}, grid
+def _header(ep, rows: pd.DataFrame, outcome: tuple, min_cell_size: int) -> dict:
+    events = ep.n_events(outcome)  # None: no event count (continuous outcome)
+    released = events is not None and events >= min_cell_size  # a small count: withheld
+    return {"n": int(len(rows)), "n_events": events if released else None}
 
 
 def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_size: int,
                   km_grid: list[float] | None = None) -> dict:
-    """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers).
-
-    Response: AUC with DeLong 95% CI, Brier score, calibration intercept and slope, probability-binned
-    positive/negative counts for the pooled ROC (neighbouring bins merged until each holds ≥ ``min_cell_size``
-    patients) and, in the same bins, patients, events and mean predicted probability (calibration plot), and
-    paired DeLong differences (radiomics − volume, radiomics − clinical, combined − clinical).
-    Survival: Harrell's C with CI, hazard ratio and log-rank p of the high- vs low-risk split at the training
-    mean risk (linear predictor > 0; its group and event counts withheld when a cell of the risk group x event
-    table is under ``min_cell_size``), Kaplan-Meier counts per risk group on ``km_grid``, and paired C-index
-    differences.
-    """
-    outcome = _outcomes(endpoint, rows)
-    out, grid = _header(endpoint, rows, outcome, min_cell_size, km_grid)
-    lps = {kind: linear_predictor(endpoint, m, rows) for kind, m in models.items()}
+    """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers):
+    the endpoint kind's metrics (:meth:`fedrad.common.endpoints.Endpoint.model_metrics`: response AUC with DeLong
+    CI, Brier, calibration, binned ROC and calibration counts; survival Harrell's C, the risk split, Kaplan-Meier
+    counts per risk group on ``km_grid``) and paired differences (radiomics − volume, radiomics − clinical,
+    combined − clinical; DeLong / paired C-index)."""
+    ep = endpoints.of(endpoint)
+    outcome = ep.outcomes(rows)
+    out = _header(ep, rows, outcome, min_cell_size)
+    grid = ep.curve_grid(outcome, km_grid)
+    lps = {kind: ep.linear_predictor(m, rows) for kind, m in models.items()}
     for kind, lp in lps.items():
-        out[kind] = _model_metrics(endpoint, lp, outcome, min_cell_size, grid)
-    out["paired"] = {f"{a}-{b}": _paired(endpoint, lps[a], lps[b], outcome) for a, b in PAIRS
-                     if a in lps and b in lps}
+        out[kind] = ep.model_metrics(lp, outcome, min_cell_size, grid)
+    out["paired"] = {f"{a}-{b}": ep.paired(lps[a], lps[b], outcome) for a, b in PAIRS if a in lps and b in lps}
     return out
 
 
@@ -287,12 +170,14 @@ def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min
     round (from the training sites' inner-CV losses, sent in the same round) without another round trip.
     :func:`pick_variants` turns the result into :func:`evaluate_site`'s output for the chosen variants.
     """
-    outcome = _outcomes(endpoint, rows)
-    out, grid = _header(endpoint, rows, outcome, min_cell_size, km_grid)
-    lps = {kind: {v: linear_predictor(endpoint, m, rows) for v, m in vs.items()} for kind, vs in variants.items()}
-    out["models"] = {kind: {v: _model_metrics(endpoint, lp, outcome, min_cell_size, grid) for v, lp in vs.items()}
+    ep = endpoints.of(endpoint)
+    outcome = ep.outcomes(rows)
+    out = _header(ep, rows, outcome, min_cell_size)
+    grid = ep.curve_grid(outcome, km_grid)
+    lps = {kind: {v: ep.linear_predictor(m, rows) for v, m in vs.items()} for kind, vs in variants.items()}
+    out["models"] = {kind: {v: ep.model_metrics(lp, outcome, min_cell_size, grid) for v, lp in vs.items()}
                      for kind, vs in lps.items()}
-    out["paired"] = {f"{a}:{va}-{b}:{vb}": _paired(endpoint, lps[a][va], lps[b][vb], outcome)
+    out["paired"] = {f"{a}:{va}-{b}:{vb}": ep.paired(lps[a][va], lps[b][vb], outcome)
                      for a, b in PAIRS if a in lps and b in lps for va in lps[a] for vb in lps[b]}
     return out
 
@@ -328,9 +213,8 @@ def exclusion_reasons(rows: pd.DataFrame, endpoint: dict, clinical: list[str],
     for col in outcome_columns(endpoint):
         values = pd.to_numeric(rows[col], errors="coerce").to_numpy(dtype=float)
         drop(~np.isfinite(values), f"missing {col}")
-    if endpoint["type"] == "survival":
-        t = pd.to_numeric(rows[endpoint["time"]], errors="coerce").to_numpy(dtype=float)
-        drop(np.isfinite(t) & (t < 0), f"negative {endpoint['time']}")
+    for bad, reason in endpoints.of(endpoint).exclusions(rows):
+        drop(bad, reason)
     named = list(dict.fromkeys(list(clinical) + list(covariates)))
     if named:
         drop(rows[named].isna().any(axis=1).to_numpy(), "missing clinical or covariate value")

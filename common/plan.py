@@ -21,6 +21,8 @@ from copy import deepcopy
 
 import numpy as np
 
+from fedrad.common import endpoints
+
 PROTOCOL = "fedrad-plan/1"
 #: names a request may use for tables, folds, sources and outputs at a site (never a path)
 NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -66,6 +68,9 @@ def study_plan(cfg: dict) -> dict:
     # rehearsal-only paths of [sites] (local / simulation runtimes) are not part of what a site approves
     study["sites"] = {name: ({"source": s["source"]} if isinstance(s, dict) and "source" in s else {})
                       for name, s in (study.get("sites") or {}).items()}
+    if study.get("study", {}).get("kind", "prediction") == "prediction":  # a prediction plan as before the
+        study.get("study", {}).pop("kind", None)                          # association kind existed (same id)
+        study.pop("association", None)
     return {"protocol": PROTOCOL, "task": "study", "study": study}
 
 
@@ -97,21 +102,32 @@ def plan_of_document(doc: dict) -> dict:
 
 
 # --- what a study plan implies (shared by the coordinator's Study and the site's guard) ---------------------------
+def is_association(study: dict) -> bool:
+    """An association study (``[study] kind = "association"``): features x markers, no prediction model."""
+    return study["study"].get("kind", "prediction") == "association"
+
+
+def uses_loso(study: dict) -> bool:
+    """The plan's leave-one-site-out folds: a prediction study with ``[validation] loso``."""
+    return bool(study["validation"]["loso"]) and not is_association(study)
+
+
 def endpoint(study: dict) -> dict:
-    ep = study["endpoint"]
-    if ep["type"] == "response":
-        return {"type": "response", "outcome": ep["outcome"]}
-    return {"type": "survival", "time": ep["time"], "event": ep["event"]}
+    """The plan's endpoint as a plain dict: its type and its outcome columns (:mod:`fedrad.common.endpoints`); an
+    association study's "endpoint" is its markers."""
+    if is_association(study):
+        return endpoints.of({"type": "association", "markers": list(study["association"]["markers"])}).as_dict()
+    return endpoints.of(study["endpoint"]).as_dict()
 
 
 def outcome_columns(ep: dict) -> list[str]:
     """Response: the 0/1 outcome column; survival: the time and event columns."""
-    return [ep["outcome"]] if ep["type"] == "response" else [ep["time"], ep["event"]]
+    return endpoints.of(ep).columns()
 
 
 def grid_strong_to_weak(ep: dict, grid: list[float]) -> list[float]:
     """Penalty grid ordered from the strongest penalty (logistic: small C; Cox: large penalizer)."""
-    return sorted(grid) if ep["type"] == "response" else sorted(grid, reverse=True)
+    return endpoints.of(ep).strongest_first(grid)
 
 
 def fixed_grid(study: dict) -> list[float] | None:
@@ -151,7 +167,7 @@ def path_step(study: dict) -> float:
     """Factor from one path value to the next in task order (logistic C grows, Cox's penalizer shrinks)."""
     size, decades = path_shape(study)
     step = 10.0 ** (decades / (size - 1))
-    return step if endpoint(study)["type"] == "response" else 1.0 / step
+    return step if endpoints.of(study["endpoint"]).larger_is_weaker else 1.0 / step
 
 
 def prepare_spec(study: dict) -> dict:
@@ -272,8 +288,8 @@ def plan_columns(plan: dict) -> dict[str, list[str]]:
         return {"outcome": [], "clinical": [], "covariates": list(req["continuous"]) + list(req["categorical"]),
                 "categorical": list(req["categorical"]), "features": list(req["features"])}
     data = plan["data"]
-    out = [data["outcome"]] if data["model"] == "logistic" else [data["time"], data["event"]]
-    return {"outcome": out, "clinical": [], "covariates": [], "categorical": [], "features": list(data["features"])}
+    return {"outcome": endpoints.of_data(data).columns(), "clinical": [], "covariates": [], "categorical": [],
+            "features": list(data["features"])}
 
 
 def inner_fold_usable(n_train: int, n_test: int, min_cell_size: int) -> bool:

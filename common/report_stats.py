@@ -98,20 +98,15 @@ def cohort_summary(rows: pd.DataFrame, *, endpoint: Mapping, columns: Sequence[s
     :func:`suppress_counts`; ``under_k`` / ``outcome_under_k`` name the cells withheld for being under ``k`` (the
     others withheld are complements), ``k`` is the site's minimum cell size.
     """
+    from fedrad.common.endpoints import of
+
     n = int(len(rows))
-    if endpoint["type"] == "response":
-        events = int(rows[endpoint["outcome"]].sum())
-        labels = ("events", "non_events")
-    else:
-        events = int(rows[endpoint["event"]].sum())
-        labels = ("events", "non_events")
-    outcome = dict(zip(labels, (events, n - events)))
+    ep = of(endpoint)
+    outcome = ep.outcome_counts(rows)
     out: dict = {"n": n, "k": int(k), "outcome": suppress_counts(outcome, k),
                  "outcome_under_k": [key for key, v in outcome.items() if v < k],
                  "continuous": {}, "counts": {}, "under_k": {}}
-    if endpoint["type"] == "survival" and n >= k:
-        t = rows[endpoint["time"]].to_numpy(dtype=float)
-        out["follow_up"] = {"mean": float(t.mean()), "sd": float(t.std(ddof=1)) if n > 1 else None}
+    out.update(ep.cohort_extra(rows, k))
     for col in dict.fromkeys(columns):
         if col not in rows.columns:
             continue

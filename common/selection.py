@@ -107,6 +107,7 @@ _KINDS = {
     "correlation": "fedrad.selection.correlation",
     "logistic_score": "fedrad.selection.logistic_score",
     "cox_score": "fedrad.selection.cox_score",
+    "linear_score": "fedrad.selection.linear_score",
 }
 #: Default smallest number of rows (subjects for ICC) a site agrees to summarize.  With 2 rows the
 #: centred cross-products and the mean reveal both rows up to their order, hence 5.
@@ -258,6 +259,15 @@ def logistic_score_request(features: Sequence[str], outcome: str, *,
     if outcome in feats:
         raise SelectionError(f"outcome {outcome!r} is also listed as a feature")
     return _request("logistic_score", feats, min_cell_size, outcome=str(outcome))
+
+
+def linear_score_request(features: Sequence[str], outcome: str, *,
+                         min_cell_size: int = DEFAULT_MIN_CELL_SIZE) -> dict:
+    """Request for :func:`site_linear_score`; ``outcome`` is a continuous column."""
+    feats = _features(features)
+    if outcome in feats:
+        raise SelectionError(f"outcome {outcome!r} is also listed as a feature")
+    return _request("linear_score", feats, min_cell_size, outcome=str(outcome))
 
 
 def cox_score_request(features: Sequence[str], time: str, event: str, *, ties: str = "efron",
@@ -758,6 +768,78 @@ def pooled_logistic_score(rows: pd.DataFrame, request: Mapping, strata: str | No
     return ScoreTestResult("logistic", table, len(y), int(y.sum()), strata is not None, dead)
 
 
+def site_linear_score(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
+                      min_cell_size: int | None = None) -> dict:
+    r"""Site aggregates for the univariate linear-regression score tests of a continuous outcome: ``n``, ``ysum``
+    :math:`\sum y`, ``syy`` :math:`\sum (y-\bar y_s)^2` and per feature ``mean``, ``sxx``, ``sxy`` (as
+    :func:`site_logistic_score`)."""
+    where = _where(site)
+    feats = _check_request(request, "linear_score")
+    _check_rows(rows, feats + [request["outcome"]], where)
+    x = _numeric(rows, feats, "feature", where)
+    y = _numeric(rows, [request["outcome"]], "outcome", where)[:, 0]
+    _check_n(len(x), "rows", request, min_cell_size, where)
+    mean, xc = _centre(x)
+    yc = y - y.mean()
+    return {"kind": _KINDS["linear_score"] + ".stats", "version": _VERSION, "site": _py(site),
+            "features": feats, "n": int(len(y)), "ysum": float(y.sum()), "syy": float(yc @ yc), "mean": mean,
+            "sxx": (xc * xc).sum(axis=0), "sxy": xc.T @ yc}
+
+
+def _linear_pieces(aggregates: Sequence[Mapping], stratified: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """(U, Var, pooled Sxx, N) of the Gaussian score test: U as the logistic one's, Var = σ̂² Sxx with σ̂² the
+    maximum-likelihood residual variance of the null model (site intercepts, or one intercept)."""
+    as_logistic = [{**a, "n_events": a["ysum"]} for a in aggregates]
+    u, _, sxx_tot, n, _ = _logistic_pieces(as_logistic, stratified)
+    ns = np.array([a["n"] for a in aggregates], dtype=float)
+    syy = np.array([a["syy"] for a in aggregates], dtype=float)
+    ybar_s = np.array([a["ysum"] for a in aggregates], dtype=float) / ns
+    if stratified:
+        sigma2 = syy.sum() / n
+        sxx = np.array([np.asarray(a["sxx"], dtype=float) for a in aggregates]).sum(axis=0)
+        sxx[_all_constant(np.array([np.asarray(a["mean"], dtype=float) for a in aggregates]),
+                          np.array([np.asarray(a["sxx"], dtype=float) for a in aggregates]))] = 0.0
+    else:
+        ybar = float((ns * ybar_s).sum() / n)
+        sigma2 = (syy.sum() + float((ns * (ybar_s - ybar) ** 2).sum())) / n
+        sxx = sxx_tot
+    return u, sigma2 * sxx, sxx_tot, int(n)
+
+
+def combine_linear_score(aggregates: Sequence[Mapping], stratified: bool = True) -> ScoreTestResult:
+    r"""Server: the Rao score test of each feature in a Gaussian linear model of a continuous outcome
+    (:math:`z^2 = N R^2` of the feature against the null residuals), site-stratified by default:
+    :math:`U_j = \sum_s S^{xy}_s`, :math:`V_j = \hat\sigma^2 \sum_s S^{xx}_s`, :math:`\hat\sigma^2 =
+    \sum_s S^{yy}_s / N`."""
+    feats = _same_features(aggregates, "linear_score")
+    u, var, _, n = _linear_pieces(aggregates, stratified)
+    reason = "no within-site variation" if stratified else "constant over all rows"
+    table, dead = _score_table(u, var, feats, reason)
+    return ScoreTestResult("linear", table, n, n, bool(stratified), dead)
+
+
+def pooled_linear_score(rows: pd.DataFrame, request: Mapping, strata: str | None = None) -> ScoreTestResult:
+    """Oracle of :func:`combine_linear_score` from pooled rows: x and y residualized on the strata (group means)."""
+    feats = _check_request(request, "linear_score")
+    where = _where(None)
+    cols = feats + [request["outcome"]] + ([strata] if strata else [])
+    _check_rows(rows, cols, where)
+    x = _numeric(rows, feats, "feature", where)
+    y = _numeric(rows, [request["outcome"]], "outcome", where)[:, 0]
+    labels = rows[strata].to_numpy() if strata else np.zeros(len(y))
+    codes, _ = pd.factorize(labels, sort=True)
+    counts = np.bincount(codes).astype(float)
+    xr = x - (np.stack([np.bincount(codes, weights=x[:, j]) for j in range(x.shape[1])], axis=1) / counts[:, None])[codes]
+    yr = y - (np.bincount(codes, weights=y) / counts)[codes]
+    u = xr.T @ yr
+    var = (yr @ yr) / len(y) * (xr * xr).sum(axis=0)
+    for j in range(len(feats)):  # exact zeros for a feature constant within every stratum (as the federated path)
+        if all(np.all(x[codes == c, j] == x[codes == c, j][0]) for c in np.unique(codes)):
+            var[j] = 0.0
+    table, dead = _score_table(u, var, feats, "no variation")
+    return ScoreTestResult("linear", table, len(y), len(y), strata is not None, dead)
+
+
 def _cox_site_arrays(rows: pd.DataFrame, request: Mapping, where: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     feats = _check_request(request, "cox_score")
     _check_rows(rows, feats + [request["time"], request["event"]], where)
@@ -1018,7 +1100,11 @@ def standardized_scores(aggregates: Sequence[Mapping]) -> tuple[dict[str, float]
     stratified score at :math:`\beta = 0` and the ddof-1 SD (lifelines'). A constant feature scores 0."""
     if not aggregates:
         raise SelectionError("no site answered the score request; no penalty path")
-    if all("sxy" in a for a in aggregates):
+    if all("syy" in a for a in aggregates):
+        feats = _same_features(aggregates, "linear_score")
+        u, _, sxx_tot, n = _linear_pieces(aggregates, stratified=False)
+        sd = np.sqrt(sxx_tot / n)
+    elif all("sxy" in a for a in aggregates):
         feats = _same_features(aggregates, "logistic_score")
         u, _, sxx_tot, n, _ = _logistic_pieces(aggregates, stratified=False)
         sd = np.sqrt(sxx_tot / n)
@@ -1038,15 +1124,10 @@ def standardized_scores(aggregates: Sequence[Mapping]) -> tuple[dict[str, float]
 def pooled_standardized_scores(rows: pd.DataFrame, endpoint: Mapping, features: Sequence[str],
                                strata: str = "site") -> tuple[dict[str, float], int]:
     """Pooled form of :func:`standardized_scores` from the training rows (``strata``: the site column)."""
+    from fedrad.common.endpoints import of
+
     feats = list(features)
-    x = rows[feats].to_numpy(dtype=float)
-    if endpoint["type"] == "response":
-        y = rows[endpoint["outcome"]].to_numpy(dtype=float)
-        xc = x - x.mean(axis=0)
-        u, sd = xc.T @ (y - y.mean()), x.std(axis=0)
-    else:
-        res = pooled_cox_score(rows, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata=strata)
-        u, sd = res.table["score"].to_numpy(dtype=float), x.std(axis=0, ddof=1)
+    u, sd = of(endpoint).standardized_score(rows, feats, strata)
     z = np.where(sd > 1e-300, np.abs(u) / np.where(sd > 1e-300, sd, 1.0), 0.0)
     return dict(zip(feats, (float(v) for v in z))), int(len(rows))
 
@@ -1069,18 +1150,18 @@ def penalty_path(top: float, n: int, model: str, penalty: str, l1_ratio: float, 
     rho = {"l1": 1.0, "elasticnet": float(l1_ratio)}.get(penalty, 0.0)
     rho = max(rho, PATH_MIN_L1)
     expo = [decades * i / (int(size) - 1) for i in range(int(size))]
-    if model == "logistic":
-        start = rho / float(top)
-        return [start * 10.0 ** e for e in expo]
-    start = float(top) / (int(n) * rho)
-    return [start * 10.0 ** -e for e in expo]
+    from fedrad.common.endpoints import BY_MODEL
+
+    if model not in BY_MODEL:
+        raise SelectionError(f"no penalty path for model {model!r} (one of {', '.join(BY_MODEL)})")
+    return BY_MODEL[model].path(top, n, rho, expo)
 
 
 # ----------------------------------------------------------------------------------------------
 # Batching: several statistics in one round trip
 # ----------------------------------------------------------------------------------------------
 _SITE = {"icc": site_icc, "correlation": site_correlation, "logistic_score": site_logistic_score,
-         "cox_score": site_cox_score}
+         "cox_score": site_cox_score, "linear_score": site_linear_score}
 _BY_KIND = {v: k for k, v in _KINDS.items()}
 
 
@@ -1118,6 +1199,8 @@ def combine_batch(replies: Sequence[Mapping[str, Mapping]], *, stratified: bool 
             out[name] = combine_logistic_score(aggs, stratified=stratified)
         elif method == "cox_score":
             out[name] = combine_cox_score(aggs)
+        elif method == "linear_score":
+            out[name] = combine_linear_score(aggs, stratified=stratified)
         else:
             raise SelectionError(f"reply {name!r} has unknown kind {aggs[0].get('kind')!r}")
     return out

@@ -86,6 +86,8 @@ def demo(
     sites: int = typer.Option(5, "--sites", min=3, help="Number of synthetic hospitals."),
     patients: int = typer.Option(100, "--patients", min=20, help="Patients per hospital."),
     endpoint: str = typer.Option("response", "--endpoint", help="response (AUC) or survival (C-index)."),
+    study: str = typer.Option("prediction", "--study", help="prediction (a model of --endpoint, validated leave "
+                              "one site out) or association (radiogenomics: every feature x molecular marker)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
     params: str = typer.Option("ct-original", "--params", help="Extraction parameters at the sites: ct-original "
                                "(default, fast), ct (with LoG filters), mr, or a YAML path."),
@@ -98,6 +100,8 @@ def demo(
 
     if endpoint not in ("response", "survival"):
         _fail("--endpoint must be response or survival")
+    if study not in ("prediction", "association"):
+        _fail("--study must be prediction or association")
     from fedrad.client.extract import ExtractionError, build_extractor, resolve_params
 
     try:  # before any Flower process starts (the sites would each refuse the file much later)
@@ -105,7 +109,8 @@ def demo(
     except ExtractionError as exc:
         _fail(f"--params: {exc}")
     try:
-        res = run_demo(out, sites=sites, patients=patients, seed=seed, endpoint=endpoint, params=params,
+        res = run_demo(out, sites=sites, patients=patients, seed=seed,
+                       endpoint="association" if study == "association" else endpoint, params=params,
                        log=lambda line: typer.echo(line, err=True))
     except Exception as exc:  # a failed run is reported in one line; details are in the logs it names
         _fail(" ".join(str(exc).split())[:2000])

@@ -1,4 +1,5 @@
-"""``fedrad demo``: the whole product on one machine — synthetic hospitals, real Flower processes, a study.
+"""``fedrad demo``: the whole product on one machine — synthetic hospitals, real Flower processes, a study
+(a prediction study of response or survival, or a radiogenomic association study: ``endpoint="association"``).
 
 Generates the embedded synthetic cohort, starts a SuperLink and one SuperNode per site on loopback, runs the
 multi-center validation study (extraction at the sites included), stops every process it started, and writes
@@ -16,8 +17,9 @@ DEMO_STUDY = {
     "study": {"name": "fedrad demo: response to treatment", "min_sites": 3},
     "endpoint": {"type": "response", "outcome": "response"},
     "harmonization": {"enabled": True, "covariates": ["age", "sex"], "categorical": ["sex"]},
-    # the sites' tables also hold the survival endpoint's columns: never features of the response study
-    "selection": {"fdr": 0.05, "redundancy": 0.9, "max_features": 8, "exclude": ["os_time", "os_event"]},
+    # the sites' tables also hold the survival endpoint's columns and the molecular markers: never features
+    "selection": {"fdr": 0.05, "redundancy": 0.9, "max_features": 8,
+                  "exclude": ["os_time", "os_event", "immune_score", "egfr_mutant"]},
     "model": {"penalty": "l2", "grid": [0.01, 0.1, 1.0], "clinical": ["age", "stage"]},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0},
 }
@@ -30,8 +32,12 @@ def study_config(manifests: dict[str, Path], endpoint: str, params: str, out: Pa
     if endpoint == "survival":
         user["study"]["name"] = "fedrad demo: overall survival"
         user["endpoint"] = {"type": "survival", "time": "os_time", "event": "os_event"}
-        user["selection"]["exclude"] = ["response"]
+        user["selection"]["exclude"] = ["response", "immune_score", "egfr_mutant"]
         user["model"]["grid"] = [0.01, 0.1, 1.0]
+    elif endpoint == "association":  # radiogenomics: every feature x marker, adjusted for age and stage
+        user["study"].update(name="fedrad demo: radiogenomic associations", kind="association")
+        user["association"] = {"markers": ["immune_score", "egfr_mutant"], "volume_adjusted": True}
+        user["selection"]["exclude"] = ["response", "os_time", "os_event"]
     user["study"]["output"] = str(out)
     user["sites"] = {name: {} for name in manifests}  # each site's manifest is in its own configuration
     return validate(_merge(user))

@@ -289,12 +289,12 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
 def run_study_in_process(cfg: dict, node_configs: list[dict], log=None) -> dict:
     """Run a validated study with every site in this process (Flower's message layer, LocalGrid)."""
     from fedrad.client.client_app import app as client_app
-    from fedrad.server.study import Study
-
     from fedrad.common.plan import study_plan
+    from fedrad.server.study import make_study
+
     approve_at_sites(study_plan(cfg), node_configs)
     fed = Federation(LocalGrid(client_app, node_configs), log=log)
-    return with_local_reasons(node_configs, lambda: Study(fed, cfg).run())
+    return with_local_reasons(node_configs, lambda: make_study(fed, cfg).run())
 
 
 def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: str, *, C: float = 1.0,

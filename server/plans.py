@@ -30,9 +30,9 @@ def _harmonize(fed: Federation, plan: dict) -> dict:
 
 
 def _study(fed: Federation, plan: dict) -> dict:
-    from fedrad.server.study import Study
+    from fedrad.server.study import make_study
 
-    return Study(fed, plan["config"]).run()
+    return make_study(fed, plan["config"]).run()
 
 
 TASKS = {"harmonize": _harmonize, "study": _study}
@@ -40,6 +40,7 @@ TASKS = {"harmonize": _harmonize, "study": _study}
 
 def preload_task_modules() -> None:
     """Import what the tasks import inside their functions (the study, the report's figures)."""
+    import fedrad.server.association  # noqa: F401
     import fedrad.server.report  # noqa: F401
     import fedrad.server.study  # noqa: F401
 

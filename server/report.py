@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from fedrad.common.files import atomic_write_bytes  # noqa: E402
+from fedrad.common import endpoints  # noqa: E402
 from fedrad.common.pipeline import MODEL_KINDS  # noqa: E402
 
 LABELS = {"radiomics": "radiomic signature", "volume": "tumour volume alone", "clinical": "clinical covariates",
@@ -89,7 +90,8 @@ def _p(p) -> str:
 
 
 def _metric_key(endpoint: dict) -> tuple[str, str, str]:
-    return ("auc", "auc", "AUC") if endpoint["type"] == "response" else ("c_index", "c", "C-index")
+    ep = endpoints.of(endpoint)
+    return ep.metric, ep.estimate, ep.metric_label
 
 
 def _short(feature: str) -> str:
@@ -118,7 +120,11 @@ def _site_colors(results: dict) -> dict[str, str]:
 # headline
 # ----------------------------------------------------------------------------------------------
 def headline(results: dict) -> list[str]:
-    """One line per model: pooled external estimate with CI and heterogeneity."""
+    """One line per model: pooled external estimate with CI and heterogeneity (an association study: its own)."""
+    if results["endpoint"].get("type") == "association":
+        from fedrad.server.report_association import association_headline
+
+        return association_headline(results)
     key, stat, label = _metric_key(results["endpoint"])
     lines = []
     for kind in MODEL_KINDS:
@@ -229,11 +235,7 @@ def cohort_table(results: dict) -> str:
     if any(extraction):
         rows.append(["images extracted at the site / cases in its manifest"]
                     + [f"{x['extracted']} / {x['cases']}" if x else NA for x in extraction] + [NA] + blank)
-    if ep["type"] == "response":
-        names = {"events": f"positive outcome ({ep['outcome']} = 1), n (%)",
-                 "non_events": f"negative outcome ({ep['outcome']} = 0), n (%)"}
-    else:
-        names = {"events": f"events ({ep['event']} = 1), n (%)", "non_events": f"censored ({ep['event']} = 0), n (%)"}
+    names = endpoints.of(ep).outcome_labels()
     for key, label in names.items():
         vals, cells = [], []
         for s, n in zip(sites, ns):
@@ -246,10 +248,25 @@ def cohort_table(results: dict) -> str:
                 cells.append(_count_cell(v, n, v is None, "k"))
             vals.append(v)
         rows.append([label] + cells + [_pooled_count(vals, total)] + blank)
-    if ep["type"] == "survival" and cohort:
-        fu = [(cohort.get(s) or {}).get("follow_up") for s in sites]
+    fu = [(cohort.get(s) or {}).get("follow_up") for s in sites]
+    if any(fu):  # survival: the sites' observed times
         rows.append([f"observed time ({ep['time']}, events and censored), mean ± SD"]
                     + [f"{f['mean']:.1f} ± {f['sd']:.1f}" if f and f.get("sd") is not None else NA for f in fu]
+                    + [NA] + blank)
+    marker_names = list(dict.fromkeys(m for s in sites for m in ((cohort.get(s) or {}).get("markers") or {})))
+    for m in marker_names:  # association study: each marker's positives, or mean ± SD
+        vals = [((cohort.get(s) or {}).get("markers") or {}).get(m) or {} for s in sites]
+        if any("positives" in v for v in vals):
+            rows.append([f"marker {_e(m)} = 1, n (%)"] + [_count_cell(v.get("positives"), n, True,
+                                                                      (cohort.get(s) or {}).get("k", "k"))
+                                                           for s, v, n in zip(sites, vals, ns)] + [NA] + blank)
+        else:
+            rows.append([f"marker {_e(m)}, mean ± SD"] + [f"{v['mean']:.2f} ± {v['sd']:.2f}" if v.get("sd") is not None
+                                                          else NA for v in vals] + [NA] + blank)
+    osum = [(cohort.get(s) or {}).get("outcome_summary") for s in sites]
+    if any(osum):  # continuous outcome: the sites' mean and SD
+        rows.append([f"outcome ({_e(ep['outcome'])}), mean ± SD"]
+                    + [f"{o['mean']:.2f} ± {o['sd']:.2f}" if o and o.get("sd") is not None else NA for o in osum]
                     + [NA] + blank)
     columns = list(dict.fromkeys(c for s in sites for c in list((cohort.get(s) or {}).get("continuous", {}))
                                  + list((cohort.get(s) or {}).get("counts", {}))))
@@ -456,35 +473,7 @@ def harmonization_section(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 def model_coefficients(endpoint: dict, params: dict) -> tuple[list[tuple], str]:
     """``[(feature, coefficient per SD, ci_low, ci_high)]`` of a final model and what the numbers are."""
-    if endpoint["type"] == "response":
-        from fedrad.common.glm import LogisticModel
-
-        m = LogisticModel.from_dict(params)
-        kept = np.flatnonzero(np.asarray(m.scale_) > 0)
-        cov = m.covariance_std()
-        out = []
-        for i, j in enumerate(kept):
-            b = float(m.coef_std_[j])
-            se = math.sqrt(max(cov[i + 1, i + 1], 0.0)) if cov is not None else None
-            out.append((m.feature_names_in_[j], b, None if se is None else b - 1.96 * se,
-                        None if se is None else b + 1.96 * se))
-        what = ("log odds ratio per 1 SD of the feature (standardized scale, as the model is fitted); "
-                + ("95% Wald interval from the inverse penalized Hessian (L2: shrunken, approximate)"
-                   if cov is not None else "no interval: not meaningful for an L1 / elastic-net penalty"))
-        return out, what
-    from fedrad.common.cox import CoxModel
-
-    m = CoxModel.from_dict(params)
-    var = np.asarray(m.variance_matrix_, dtype=float)
-    out = []
-    for j, f in enumerate(m.feature_names_):
-        sd = float(m.scale_[j])
-        b = float(m.coef_[j]) * sd
-        v = var[j, j] * sd * sd
-        ok = np.isfinite(v) and v >= 0
-        out.append((f, b, b - 1.96 * math.sqrt(v) if ok else None, b + 1.96 * math.sqrt(v) if ok else None))
-    return out, ("log hazard ratio per 1 SD of the feature (coefficient × pooled SD; site-stratified Cox); 95% Wald "
-                 "interval from the inverse penalized information (approximate)")
+    return endpoints.of(endpoint).coefficients(params)
 
 
 def coefficient_figure(results: dict) -> tuple[str, str]:
@@ -506,7 +495,7 @@ def coefficient_figure(results: dict) -> tuple[str, str]:
                 ax.plot(b, y, "s", color=COLORS[k], ms=5, label=LABELS[k] if f == coefs[k][0][0][0] else None)
         ax.axvline(0, color="grey", lw=0.8)
         ax.set_yticks([-i for i in range(len(feats))], [_short(f) for f in feats])
-        unit = "log odds ratio" if ep["type"] == "response" else "log hazard ratio"
+        unit = endpoints.of(ep).effect_unit
         ax.set_xlabel(f"{unit} per 1 SD of the feature (95% interval, approximate)")
         ax.set_title("Final models (all sites): coefficients", loc="left")
         ax.legend(loc="best", frameon=False)
@@ -546,7 +535,7 @@ def signature_section(results: dict) -> str:
             elif k in coefs:
                 row.append(NA)
         rows.append(row)
-    unit = "log OR" if ep["type"] == "response" else "log HR"
+    unit = endpoints.of(ep).effect_short
     head = ["#", "feature", "univariate q-value (BH)"] + (["ICC(1,1) across perturbations"]
                                                           if icc_threshold is not None else [])
     head += [f"{LABELS[k]}: {unit} per SD (95% CI)" for k in ("radiomics", "combined") if k in coefs]
@@ -560,16 +549,14 @@ def signature_section(results: dict) -> str:
     fig = _figure(svg, f"Coefficients: {_e(what)}. The combined model adds the clinical covariates "
                        f"({_e(', '.join(clin)) or 'none'}).", "fig-coefficients")
     intercept = ""
-    if ep["type"] == "response" and "radiomics" in fms:
-        p = fms["radiomics"]["params"]
+    p = (fms.get("radiomics") or {}).get("params") or {}
+    if p.get("intercept") is not None:  # a model with an intercept on the original scale (logistic)
         intercept = (f"<p class='note'>Radiomic model on the original feature scale (for applying it): intercept "
                      f"{p['intercept']:+.4f}; coefficients "
                      + "; ".join(f"{_e(_short(f))} {c:+.4g}" for f, c in zip(p["feature_names"], p["coef"]))
                      + ". Features are harmonized with the study's ComBat reference first.</p>")
-    elif ep["type"] == "survival":
-        intercept = ("<p class='note'>Site-stratified Cox model: each site keeps its own baseline hazard, so the "
-                     "model gives relative risks (linear predictor); absolute survival probabilities need a site's "
-                     "baseline.</p>")
+    elif endpoints.of(ep).model_note:
+        intercept = f"<p class='note'>{_e(endpoints.of(ep).model_note)}</p>"
     return text + table + note + fig + intercept
 
 
@@ -587,6 +574,7 @@ def _bold_heads(ax, heads: dict[int, str]) -> None:
 
 def forest_plot(results: dict) -> str:
     key, stat, label = _metric_key(results["endpoint"])
+    kind_of = endpoints.of(results["endpoint"])
     ext, pooled = results.get("external", {}), results.get("pooled", {})
     sites = sorted(ext)
     kinds = [k for k in MODEL_KINDS if k in pooled]
@@ -615,8 +603,8 @@ def forest_plot(results: dict) -> str:
                 ax.text(1.01, y, txt, transform=ax.get_yaxis_transform(), va="center", fontsize=7.5)
                 n, ev = ext[s].get("n"), ext[s].get("n_events")
                 ticks.append(y)
-                names.append(f"{s} (n={n}, {'events' if key == 'c_index' else 'positives'} "
-                             f"{ev if ev is not None else '<k'})")
+                names.append(f"{s} (n={n}, {kind_of.events_word} {ev if ev is not None else '<k'})"
+                             if kind_of.events_word else f"{s} (n={n})")
                 y -= 1
             p = pooled[kind]
             if p.get("pooled") is not None:
@@ -630,7 +618,7 @@ def forest_plot(results: dict) -> str:
             ticks.append(y)
             names.append("pooled (random effects)")
             y -= 1.2
-        ax.axvline(0.5, color="grey", ls=":", lw=1)
+        ax.axvline(kind_of.null_value, color="grey", ls=":", lw=1)
         ax.set_yticks(ticks, names)
         _bold_heads(ax, heads)
         ax.set_ylim(y + 0.5, 0.6)
@@ -638,7 +626,7 @@ def forest_plot(results: dict) -> str:
                       f"(95% CI), dashed: 95% prediction interval")
         lows = [ext[s].get(k, {}).get(key, {}).get("ci_low") for s in sites for k in kinds]
         lows = [v for v in lows if v is not None]
-        ax.set_xlim(min([0.4] + [v - 0.02 for v in lows]), 1.0)
+        ax.set_xlim(min([kind_of.null_value - 0.1] + [v - 0.02 for v in lows]), 1.0)
         ax.set_title(f"Leave-one-site-out validation: {label} by held-out site", loc="left")
         fig.tight_layout()
     return _svg(fig, f"forest plot of external {label}")
@@ -722,6 +710,66 @@ def calibration_figure(results: dict) -> str:
     return _svg(fig, "calibration plots")
 
 
+def calibration_groups_figure(results: dict) -> str:
+    """Continuous outcome: each held-out site's calibration groups (mean observed against mean predicted)."""
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    kinds = [k for k in ("radiomics", "combined") if k in pooled]
+    if not kinds or not any(((ext[s].get(k) or {}).get("calibration_groups") or {}).get("n") for s in ext
+                            for k in kinds):
+        return ""
+    colors = _site_colors(results)
+    outcome = results["endpoint"].get("outcome", "outcome")
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(kinds), figsize=(4.7 * len(kinds), 4.5), squeeze=False)
+        for kind, ax in zip(kinds, axes[0]):
+            values = []
+            for s in sorted(ext):
+                g = (ext[s].get(kind) or {}).get("calibration_groups") or {}
+                if not g.get("n"):
+                    continue
+                ax.plot(g["mean_pred"], g["mean_obs"], color=colors.get(s), lw=0.9, alpha=0.8)
+                ax.scatter(g["mean_pred"], g["mean_obs"], s=[8 + 1.5 * c for c in g["n"]], color=colors.get(s),
+                           alpha=0.75, label=s, edgecolor="white", linewidth=0.5)
+                values += list(g["mean_pred"]) + list(g["mean_obs"])
+            if values:
+                lo, hi = min(values), max(values)
+                pad = 0.05 * (hi - lo or 1.0)
+                ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], color="grey", ls=":", lw=1)
+                ax.set_xlim(lo - pad, hi + pad)
+                ax.set_ylim(lo - pad, hi + pad)
+            ax.set_aspect("equal")
+            ax.set_xlabel(f"mean predicted {outcome} in the group")
+            ax.set_ylabel(f"mean observed {outcome} in the group")
+            ax.set_title(f"Calibration at held-out sites: {LABELS[kind]}", loc="left", fontsize=9)
+            ax.legend(loc="upper left", frameon=False, fontsize=7)
+        fig.tight_layout()
+    return _svg(fig, "calibration plots")
+
+
+def continuous_metrics_table(results: dict) -> str:
+    """Continuous outcome: prediction error and calibration of the radiomic signature per held-out site and pooled
+    (RMSE and R² from the summed squares, Spearman on Fisher's z)."""
+    ext, pooled = results.get("external", {}), results.get("pooled", {})
+    rows = []
+    for s in sorted(ext):
+        r = ext[s].get("radiomics") or {}
+        c = r.get("calibration") or {}
+        sp = r.get("spearman") or {}
+        rows.append([s, _fmt(r.get("r2")), _fmt(r.get("rmse")), _fmt(r.get("mae")), _fmt(c.get("in_the_large")),
+                     _fmt(c.get("slope")), f"{_fmt(sp.get('rho'))} ({_fmt(sp.get('ci_low'), 2)}–"
+                                           f"{_fmt(sp.get('ci_high'), 2)})", c.get("reason") or ""])
+    p = pooled.get("radiomics") or {}
+    sp = p.get("spearman") or {}
+    rows.append(["pooled", _fmt(p.get("r2")), _fmt(p.get("rmse")), NA, NA, NA,
+                 f"{_fmt(sp.get('pooled'))} ({_fmt(sp.get('ci_low'), 2)}–{_fmt(sp.get('ci_high'), 2)})" if sp else NA,
+                 "R² = 1 − ΣSSE/ΣSST (each site's SST about its own mean); RMSE = √(ΣSSE/Σn); Spearman: "
+                 "random effects on Fisher's z"])
+    return ("<h3>Prediction error and calibration of the radiomic signature at held-out sites</h3>"
+            + _table(rows, ["held-out site", "R² (out of sample)", "RMSE", "MAE",
+                            "calibration-in-the-large (observed − predicted mean)", "calibration slope (1 = perfect)",
+                            "Spearman ρ (95% CI)", "note"]))
+
+
 def km_figure(results: dict) -> str:
     from fedrad.common import metrics
 
@@ -776,9 +824,12 @@ def km_figure(results: dict) -> str:
     return _svg(fig, "Kaplan-Meier curves by predicted risk group")
 
 
+CURVES = {"response": roc_figure, "survival": km_figure, "continuous": calibration_groups_figure}
+
+
 def curve_plot(results: dict) -> str:
     """Per-site and pooled ROC (response) or Kaplan-Meier by risk group (survival)."""
-    return roc_figure(results) if results["endpoint"]["type"] == "response" else km_figure(results)
+    return CURVES[results["endpoint"]["type"]](results)
 
 
 def paired_plot(results: dict) -> str:
@@ -790,7 +841,6 @@ def paired_plot(results: dict) -> str:
     pairs = [f"{a}-{b}" for a, b in PAIRS if f"{a}-{b}" in present]
     if not pairs:
         return ""
-    label = _metric_key(results["endpoint"])[2]
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(8.6, 0.27 * (len(sites) + 1.5) * len(pairs) + 1.0))
         y, ticks, names, heads = 0, [], [], {}
@@ -816,8 +866,8 @@ def paired_plot(results: dict) -> str:
         ax.set_yticks(ticks, names)
         _bold_heads(ax, heads)
         ax.set_ylim(y + 0.5, 0.6)
-        ax.set_xlabel(f"paired difference in external {label} at the held-out site (95% CI); right of 0: the first "
-                      "model is better")
+        ax.set_xlabel(f"paired {endpoints.of(results['endpoint']).paired_words} at the held-out site (95% CI); right "
+                      "of 0: the first model is better")
         ax.set_title("Does the signature add to tumour volume and clinical covariates?", loc="left")
         fig.tight_layout()
     return _svg(fig, "paired differences")
@@ -826,7 +876,8 @@ def paired_plot(results: dict) -> str:
 def validation_section(results: dict) -> str:
     key, stat, label = _metric_key(results["endpoint"])
     ext = results.get("external", {})
-    response = results["endpoint"]["type"] == "response"
+    kind_of = endpoints.of(results["endpoint"])
+    response = kind_of.type == "response"
     parts = []
     if not ext:
         return "<p>No leave-one-site-out validation in this study ([validation] loso = false).</p>"
@@ -839,12 +890,13 @@ def validation_section(results: dict) -> str:
                      f"{_fmt(p.get('ci_high'))}); heterogeneity between sites I² "
                      f"{NA if p.get('i2') is None else format(100 * p['i2'], '.0f') + '%'} (share of the variation "
                      f"between "
-                     f"sites beyond chance), τ² {_fmt(p.get('tau2'))} (between-site variance, logit scale), "
+                     f"sites beyond chance), τ² {_fmt(p.get('tau2'))} (between-site variance, {kind_of.pool_scale} "
+                     f"scale), "
                      f"Cochran's Q p {_p(p.get('q_p'))}.</p>")
     parts.append(_figure(forest_plot(results),
-                         f"External {label} of every model at every held-out site with its 95% CI (DeLong for the AUC, "
-                         f"U-statistic projection for the C-index), and the random-effects pooled estimate "
-                         f"(DerSimonian-Laird on the logit scale) with I² and τ².", "fig-forest"))
+                         f"External {label} of every model at every held-out site with its 95% CI "
+                         f"({kind_of.ci_words}), and the random-effects pooled estimate (DerSimonian-Laird on the "
+                         f"{kind_of.pool_scale} scale) with I² and τ².", "fig-forest"))
     if response:
         parts.append(_figure(roc_figure(results),
                              "ROC curves from the probability-binned counts the held-out sites released (bins merged "
@@ -856,6 +908,12 @@ def validation_section(results: dict) -> str:
                              "of positives against the mean predicted probability (point area ∝ patients in the "
                              "bin); black: the sites' bins grouped by tenths of predicted probability. The dotted "
                              "diagonal is perfect calibration.", "fig-calibration"))
+    elif kind_of.type == "continuous":
+        parts.append(_figure(calibration_groups_figure(results),
+                             "Calibration: at each held-out site the patients were sorted by their prediction and cut "
+                             "into groups of at least k; each point is a group's mean observed against its mean "
+                             "predicted outcome (area ∝ patients). The dotted diagonal is perfect calibration.",
+                             "fig-calibration"))
     else:
         parts.append(_figure(km_figure(results),
                              "Kaplan-Meier curves of the high- and low-risk groups (linear predictor above / at or "
@@ -865,19 +923,19 @@ def validation_section(results: dict) -> str:
         parts.append("<p class='note'>Calibration plot not available for a site-stratified Cox model: each site has "
                      "its own baseline hazard, so the model predicts relative, not absolute, risk.</p>")
     parts.append(_figure(paired_plot(results),
-                         f"Paired difference in external {label} at each held-out site (same patients, DeLong / "
-                         f"U-statistic covariance).", "fig-paired"))
+                         f"Paired {kind_of.paired_words} at each held-out site (same patients).", "fig-paired"))
     rows = []
     for s in sorted(ext):
         m = ext[s]
-        cells = [s, m.get("n"), m.get("n_events") if m.get("n_events") is not None else "<k"]
+        cells = [s, m.get("n")] + ([m.get("n_events") if m.get("n_events") is not None else "<k"]
+                                   if kind_of.events_word else [])
         for kind in MODEL_KINDS:
             est = (m.get(kind) or {}).get(key, {})
             cells.append(f"{_fmt(est.get(stat))} ({_fmt(est.get('ci_low'), 2)}–{_fmt(est.get('ci_high'), 2)})"
                          if est.get(stat) is not None else NA)
         rows.append(cells)
     parts.append(f"<h3>External {label} by held-out site (95% CI)</h3>")
-    parts.append(_table(rows, ["held-out site", "patients", "positives" if response else "events"]
+    parts.append(_table(rows, ["held-out site", "patients"] + ([kind_of.events_word] if kind_of.events_word else [])
                         + [LABELS[k] for k in MODEL_KINDS]))
     if response:
         calib = []
@@ -889,6 +947,8 @@ def validation_section(results: dict) -> str:
         parts.append("<h3>Calibration of the radiomic signature at held-out sites</h3>")
         parts.append(_table(calib, ["held-out site", "Brier score (0 = perfect)", "calibration-in-the-large "
                                     "(intercept; 0 = perfect)", "calibration slope (1 = perfect)", "note"]))
+    elif kind_of.type == "continuous":
+        parts.append(continuous_metrics_table(results))
     else:
         hr = []
         for s in sorted(ext):
@@ -898,18 +958,18 @@ def validation_section(results: dict) -> str:
                        rs.get("reason") or ""])
         parts.append("<h3>Risk groups of the radiomic signature at held-out sites</h3>")
         parts.append(_table(hr, ["held-out site", "hazard ratio high vs low risk", "95% CI", "log-rank p", "note"]))
-    parts.append(_penalty_section(results, response))
+    parts.append(_penalty_section(results))
     return "".join(parts)
 
 
-def _penalty_section(results: dict, response: bool) -> str:
+def _penalty_section(results: dict) -> str:
     """The chosen penalties (final models) and every fold's choice at an end of its path or grid, flagged."""
     penalties = results.get("penalties") or {}
     if not penalties:
         return ""
     mode = results.get("penalty_mode")
     path = isinstance(mode, dict)
-    what = "C (inverse penalty strength)" if response else "penalizer"
+    what = endpoints.of(results["endpoint"]).penalty_name
     edge_text = {"strongest": "strongest end: the optimum may be a stronger penalty",
                  "weakest": "weakest end: the optimum may be a weaker penalty"}
     rows = []
@@ -963,14 +1023,15 @@ def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
     ev_txt = str(sum(events)) if all(e is not None for e in events) else "≥ " + str(sum(e for e in events if e))
     missing = results.get("missing_sites") or {}
     loso = bool(results.get("external"))
-    response = ep["type"] == "response"
-    outcome = (f"binary {ep['outcome']} (0/1)" if response else f"time to event: {ep['time']}, event {ep['event']}")
+    kind = endpoints.of(ep)
+    outcome = kind.describe()
     model = (cfg.get("model") or {})
     harm = cfg.get("harmonization") or {}
     dropped = [v.get("n_dropped_incomplete") for v in info.values()]
     n_sig = len(results.get("signature", []))
-    what = "positive outcomes" if ep["type"] == "response" else "events"
-    epv = f"; {ev_txt} {what} for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected"
+    what = kind.events_word
+    epv = (f"; {ev_txt} {what} for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected"
+           if what else f" for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected")
     return [
         ("1", "Title", AUTHORS, "identify the study as developing and validating a radiomic prediction model"),
         ("2", "Abstract", AUTHORS, "the headline of this report gives the pooled estimates"),
@@ -994,18 +1055,15 @@ def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
          ("ComBat harmonization (covariates " + (", ".join(harm.get("covariates", [])) or "none") + ")"
           if harm.get("enabled", True) else "no harmonization") + "; features standardized in the model"),
         ("10b", "Model type, building, internal validation", REPORTED,
-         f"{'penalized logistic regression' if response else 'site-stratified penalized Cox regression'} "
+         f"{kind.model_words} "
          f"({model.get('penalty', 'l2')}); selection by score test + BH-FDR, redundancy filter; penalty by "
          f"{(cfg.get('validation') or {}).get('inner_folds', NA)}-fold federated inner cross-validation"),
         ("10c", "Predictions in validation", REPORTED if loso else NOT_APPLICABLE,
          "held-out site harmonized against its fold's reference (unseen-site ComBat), predictions of the fold's "
          "model" if loso else "no external validation"),
-        ("10d", "Performance measures", REPORTED,
-         "AUC (DeLong CI), Brier score, calibration intercept and slope" if response else
-         "Harrell's C (CI), hazard ratio and log-rank of risk groups, Kaplan-Meier by risk group"),
+        ("10d", "Performance measures", REPORTED, kind.performance_words),
         ("10e", "Model updating", NOT_APPLICABLE, "no recalibration or updating"),
-        ("11", "Risk groups", NOT_APPLICABLE if response else REPORTED,
-         "" if response else "high vs low risk at the training mean of the linear predictor (pre-specified)"),
+        ("11", "Risk groups", REPORTED if kind.risk_groups else NOT_APPLICABLE, kind.risk_groups or ""),
         ("12", "Development vs validation", REPORTED if loso else NOT_APPLICABLE,
          "each held-out site differs from the training sites in centre and scanner" if loso else ""),
         ("13a", "Participant flow", PARTLY,
@@ -1016,8 +1074,8 @@ def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
          "per-site columns of the Cohort table; site effect in Harmonization"),
         ("14a", "Participants and events in each analysis", REPORTED, "per site in Cohort and Validation tables"),
         ("14b", "Unadjusted associations", PARTLY, f"univariate q-values of the {n_sig} selected features"),
-        ("15a", "Full model", REPORTED if response else PARTLY,
-         "coefficients and intercept (Signature section)" if response else
+        ("15a", "Full model", REPORTED if kind.calibrated else PARTLY,
+         "coefficients and intercept (Signature section)" if kind.calibrated else
          "coefficients; baseline hazards are site-specific (stratified Cox)"),
         ("15b", "How to use the model", PARTLY, "harmonize with the study's ComBat reference, then apply the "
                                                 "coefficients"),
@@ -1037,11 +1095,11 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
     al., Nat Rev Clin Oncol 2017), for what the study itself shows; the rest is for the authors."""
     cfg = _cfg(results)
     sel_cfg = cfg.get("selection") or {}
-    response = results["endpoint"]["type"] == "response"
+    kind = endpoints.of(results["endpoint"])
     clinical = (cfg.get("model") or {}).get("clinical") or []
     n_ext = len(results.get("external", {}))
     icc = sel_cfg.get("icc_threshold") is not None
-    calib_met = response and any((m.get("radiomics") or {}).get("calibration", {}).get("slope") is not None
+    calib_met = kind.calibrated and any((m.get("radiomics") or {}).get("calibration", {}).get("slope") is not None
                                  for m in results.get("external", {}).values())
     val = (5 if n_ext >= 3 else 4 if n_ext == 2 else 3 if n_ext == 1 else 0)
     return [
@@ -1057,13 +1115,13 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
         ("6. Multivariable analysis with non-radiomic features", "+1", "+1" if clinical else "0",
          f"combined model with {', '.join(clinical)}" if clinical else "no clinical covariates"),
         ("7. Biological correlates", "+1", "authors", ""),
-        ("8. Cut-off analyses", "+1", "0" if response else "+1",
-         "" if response else "risk groups at the pre-specified training mean"),
+        ("8. Cut-off analyses", "+1", "+1" if kind.risk_groups else "0",
+         "risk groups at the pre-specified training mean" if kind.risk_groups else ""),
         ("9. Discrimination statistics and resampling", "+1 / +2", "+2",
-         "AUC / C-index with CIs; penalty by inner cross-validation"),
+         f"{kind.metric_label} with CIs; penalty by inner cross-validation"),
         ("10. Calibration statistics and resampling", "+1 / +2", "+1" if calib_met else "0",
          "calibration intercept and slope at held-out sites" if calib_met else
-         "no calibration for a site-stratified Cox model" if not response else "calibration undefined"),
+         "no calibration for a site-stratified Cox model" if not kind.calibrated else "calibration undefined"),
         ("11. Prospective study registered", "+7", "authors", ""),
         ("12. Validation", "−5 … +5", f"+{val}" if val else "−5",
          f"leave-one-site-out on {n_ext} distinct institutes" if n_ext else "no validation"),
@@ -1185,8 +1243,7 @@ def write_report(results: dict, path: str | Path) -> Path:
     title = _e(results.get("study", "fedrad study"))
     info = results.get("sites", {})
     n = sum(int(v.get("n") or 0) for v in info.values())
-    outcome = (f"binary response (column {ep['outcome']})" if ep["type"] == "response"
-               else f"time to event (columns {ep['time']}, {ep['event']})")
+    outcome = endpoints.of(ep).describe()
     prov = results.get("provenance") or {}
     version = (prov.get("coordinator") or {}).get("fedrad")
     missing = results.get("missing_sites") or {}
@@ -1194,22 +1251,37 @@ def write_report(results: dict, path: str | Path) -> Path:
     if missing:
         alert = ("<div class='alert'><b>Site(s) marked missing</b> — the study was run again without them:<ul>"
                  + "".join(f"<li><b>{_e(s)}</b>: {_e(r)}</li>" for s, r in missing.items()) + "</ul></div>")
-    sections = [
-        ("cohort", "1. Cohort", cohort_table(results)),
-        ("harmonization", "2. Harmonization across sites", harmonization_section(results)),
-        ("signature", "3. Radiomic signature and final models", signature_section(results)),
-        ("validation", "4. External validation (leave one site out)", validation_section(results)),
-        ("checklists", "5. Reporting checklists", checklist_section(results)),
-        ("provenance", "6. Provenance", provenance_section(results)),
-    ]
+    association = ep.get("type") == "association"
+    if association:
+        from fedrad.server.report_association import association_section
+
+        sections = [
+            ("cohort", "1. Cohort", cohort_table(results)),
+            ("harmonization", "2. Harmonization across sites", harmonization_section(results)),
+            ("association", "3. Radiogenomic associations", association_section(results)),
+            ("provenance", "4. Provenance", provenance_section(results)),
+        ]
+        kind_text = "Multi-center radiogenomic association study"
+    else:
+        sections = [
+            ("cohort", "1. Cohort", cohort_table(results)),
+            ("harmonization", "2. Harmonization across sites", harmonization_section(results)),
+            ("signature", "3. Radiomic signature and final models", signature_section(results)),
+            ("validation", "4. External validation (leave one site out)", validation_section(results)),
+            ("checklists", "5. Reporting checklists", checklist_section(results)),
+            ("provenance", "6. Provenance", provenance_section(results)),
+        ]
+        kind_text = "Multi-center radiomics study"
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
         f"<title>{title}</title><style>{CSS}</style></head><body>",
         f"<h1>{title}</h1>",
-        f"<p class='sub'>Multi-center radiomics study, endpoint {_e(outcome)}: {len(info)} sites, {n} patients. "
-        f"Features were extracted at each hospital, harmonized with federated ComBat, selected and modelled inside "
-        f"each validation fold from aggregates only; no image or patient row left a site. "
+        f"<p class='sub'>{kind_text}, {'' if association else 'endpoint '}{_e(outcome)}: {len(info)} sites, {n} "
+        f"patients. Features were extracted at each hospital and harmonized with federated ComBat"
+        + (", and every feature x marker association computed from aggregates only"
+           if association else ", selected and modelled inside each validation fold from aggregates only")
+        + "; no image or patient row left a site. "
         f"fedrad {_e(version or '')}.</p>",
         "<nav>" + "".join(f"<a href='#{sid}'>{_e(name)}</a>" for sid, name, _ in sections) + "</nav>",
         "<div class='headline'><b>Headline</b><ul>" + "".join(f"<li>{_e(x)}</li>" for x in headline(results))

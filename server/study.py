@@ -39,16 +39,16 @@ from __future__ import annotations
 
 import time
 
-from fedrad.common import metrics
+from fedrad.common import endpoints
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import grid_strong_to_weak, path_shape
-from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, make_fit, model_features,
-                                    common_volume, outcome_columns, penalty_choice, pick_variants,
+from fedrad.common.plan import grid_strong_to_weak, path_shape, uses_loso
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
+                                    common_volume, penalty_choice, pick_variants,
                                     screen_candidates)
-from fedrad.common.report_stats import harmonization_summary, pool_calibration_bins, software_versions
-from fedrad.common.selection import (combine_batch, correlation_request, cox_score_request, icc_request,
-                                     logistic_score_request, penalty_path, standardized_scores)
+from fedrad.common.report_stats import harmonization_summary, software_versions
+from fedrad.common.selection import (combine_batch, correlation_request, icc_request, penalty_path,
+                                     standardized_scores)
 from fedrad.server.federation import Federation, SiteError
 from fedrad.server.fitting import FitTask, run_fits
 
@@ -99,15 +99,6 @@ def endpoint_of(cfg: dict) -> dict:
     return endpoint(cfg)
 
 
-def _data_spec(endpoint: dict, features: list[str], table: str, rows: dict | None) -> dict:
-    spec = {"features": features, "table": table, "rows": rows}
-    if endpoint["type"] == "response":
-        spec.update(model="logistic", outcome=endpoint["outcome"])
-    else:
-        spec.update(model="cox", time=endpoint["time"], event=endpoint["event"])
-    return spec
-
-
 class Study:
     """Runs the phases; every decision comes from :mod:`fedrad.common.pipeline` (shared with the pooled twin)."""
 
@@ -116,6 +107,7 @@ class Study:
 
         self.fed, self.cfg = fed, cfg
         self.endpoint = endpoint_of(cfg)
+        self.kind = endpoints.of(self.endpoint)
         self.log = log or fed.log
         #: the study id: hash of the plan the sites approved; every request carries it
         self.plan_id = fed.plan_id = plan_id(study_plan(cfg))
@@ -153,7 +145,7 @@ class Study:
         self.results["outcome_like_features"] = suspicious
         self.volume, reason = common_volume({s: replies[s].get("volume") for s in self.sites})
         self.results["volume"] = {"column": self.volume, "reason": reason}
-        self.folds = fold_plan(self.sites, bool(cfg["validation"]["loso"]))
+        self.folds = fold_plan(self.sites, uses_loso(cfg))
         self.results["sites"] = {s: {k: replies[s].get(k) for k in ("n", "n_events", "n_nonevents",
                                                                      "n_dropped_incomplete", "exclusions",
                                                                      "extraction")}
@@ -285,9 +277,7 @@ class Study:
                                            "after": subset(getattr(self, "harmonized_moments", None))}
 
     def _score_request(self, feats: list[str]) -> dict:
-        if self.endpoint["type"] == "response":
-            return logistic_score_request(feats, self.endpoint["outcome"])
-        return cox_score_request(feats, self.endpoint["time"], self.endpoint["event"])
+        return self.kind.score_request(feats)
 
     def _fold_score_features(self, fold: str) -> list[str]:
         excluded = getattr(self, "excluded", {})
@@ -309,7 +299,6 @@ class Study:
         if mcfg.get("grid") is not None:
             grid = grid_strong_to_weak(self.endpoint, [float(g) for g in mcfg["grid"]])
             return {fold: {kind: list(grid) for kind in kinds} for fold, kinds in self.model_features.items()}
-        model = "logistic" if self.endpoint["type"] == "response" else "cox"
         size, decades = path_shape(self.cfg)
         paths: dict[str, dict[str, list[float]]] = {}
         for fold, kinds in self.model_features.items():
@@ -320,13 +309,12 @@ class Study:
             paths[fold] = {}
             for kind, feats in kinds.items():
                 top = max(z[f] for f in feats)
-                paths[fold][kind] = penalty_path(top, n, model, mcfg["penalty"], float(mcfg["l1_ratio"]), size,
+                paths[fold][kind] = penalty_path(top, n, self.kind.model, mcfg["penalty"], float(mcfg["l1_ratio"]), size,
                                                  decades)
         return paths
 
     def _score_specs(self) -> dict:
         """Per fold: the univariate score-test request over the fold's candidate features."""
-        excluded = getattr(self, "excluded", {})
         specs = {}
         for fold, spec in self.folds.items():
             feats = self._fold_score_features(fold)
@@ -390,9 +378,8 @@ class Study:
                     for inner in [None, *range(k)]:
                         rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
                         tid = f"{fold}|{kind}|{gi}|{'all' if inner is None else inner}"
-                        tasks[tid] = FitTask(make_fit(self.endpoint, feats, mcfg["penalty"], g,
-                                                      float(mcfg["l1_ratio"])),
-                                             _data_spec(self.endpoint, feats, self.tables[fold], rows),
+                        tasks[tid] = FitTask(self.kind.make_fit(feats, mcfg["penalty"], g, float(mcfg["l1_ratio"])),
+                                             self.kind.data_spec(feats, self.tables[fold], rows),
                                              sites=list(spec["train"]))
         self.log(f"models: {len(tasks)} fits (folds x models x penalties x inner folds) in shared round trips")
         self.fits = run_fits(self.fed, tasks, phase="models")
@@ -459,6 +446,10 @@ class Study:
         self.results["signature"] = self.signatures["final"]
         self._phase("evaluation", t0, r0)
 
+    def phases(self) -> list:
+        """The phases in order (an association study has its own)."""
+        return [self.prepare, self.harmonize, self.select, self.fit_models, self.evaluate]
+
     def run(self) -> dict:
         """All phases. A site that fails or stops answering is marked missing and the study restarts from the
         first phase without it (aggregates of different rounds or site sets are never mixed), as long as at least
@@ -468,11 +459,8 @@ class Study:
         min_sites = int(self.cfg["study"]["min_sites"])
         while True:
             try:
-                self.prepare()
-                self.harmonize()
-                self.select()
-                self.fit_models()
-                self.evaluate()
+                for phase in self.phases():
+                    phase()
                 break
             except SiteError as exc:
                 missing.update(exc.failures)
@@ -497,6 +485,18 @@ class Study:
         return self.results
 
 
+def make_study(fed: Federation, cfg: dict, log=None) -> "Study":
+    """The study a configuration describes: a prediction study, or an association study
+    (:class:`fedrad.server.association.AssociationStudy`)."""
+    from fedrad.common.plan import is_association
+
+    if is_association(cfg):
+        from fedrad.server.association import AssociationStudy
+
+        return AssociationStudy(fed, cfg, log=log)
+    return Study(fed, cfg, log=log)
+
+
 def coordinator_provenance(cfg: dict) -> dict:
     """The coordinator's software versions, the study configuration and the finishing time (UTC)."""
     import datetime
@@ -509,34 +509,11 @@ def coordinator_provenance(cfg: dict) -> dict:
 def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
     """Random-effects meta-analysis of the sites' metrics and pooled curves from their binned counts."""
     pooled: dict = {}
+    ep = endpoints.of(endpoint)
     kinds = [k for k in MODEL_KINDS if all(k in m for m in per_site.values())]
-    key = "auc" if endpoint["type"] == "response" else "c_index"
     for kind in kinds:
-        vals, ses = [], []
-        for m in per_site.values():
-            est = m[kind][key]
-            vals.append(est.get("auc") if key == "auc" else est.get("c"))
-            ses.append(est.get("se"))
-        ok = [(v, s) for v, s in zip(vals, ses) if v is not None and s is not None and 0 < v < 1 and s > 0]
-        entry = {"k": len(ok)}
-        if len(ok) >= 2:
-            entry.update(metrics.pool_proportion_like([v for v, _ in ok], [s for _, s in ok]))
-        elif len(ok) == 1:
-            entry.update({"pooled": ok[0][0], "reason": "only one site with a defined estimate"})
-        if endpoint["type"] == "response":
-            tables = [m[kind]["roc_bins"] for m in per_site.values() if m[kind].get("roc_bins")]
-            try:
-                roc = metrics.pooled_roc_interpolated(tables)
-                entry["roc"] = {"fpr": list(map(float, roc.fpr)), "tpr": list(map(float, roc.tpr)),
-                                "auc_binned": float(roc.auc)}
-            except (ValueError, TypeError) as exc:
-                entry["roc"] = {"reason": str(exc)}
-            entry["calibration_bins"] = pool_calibration_bins([m[kind].get("calibration_bins")
-                                                               for m in per_site.values()])
-        else:
-            for group in ("high", "low"):
-                tables = [m[kind]["km"][group] for m in per_site.values() if m[kind]["km"].get(group)]
-                if tables:
-                    entry[f"km_{group}"] = to_plain(metrics.pooled_km(tables))
+        vals, ses = zip(*(ep.headline(m[kind]) for m in per_site.values()))
+        entry = ep.pool_headline(list(vals), list(ses), list(per_site.values()), kind)
+        entry.update(ep.pool_curves(kind, list(per_site.values())))
         pooled[kind] = to_plain(entry)
     return pooled

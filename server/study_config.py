@@ -6,10 +6,13 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     name = "response-demo"
     output = "results/response-demo"    # results.json and report.html (relative to study.toml)
     min_sites = 3                       # quorum: fewer answering sites stops the study
+    kind = "prediction"                 # "prediction" (a model, validated leave-one-site-out) or "association"
+                                        # (radiogenomics: features x molecular markers, see [association])
 
     [endpoint]
-    type = "response"                   # "response" (binary column) or "survival" (time + event columns)
-    outcome = "response"                # response: 0/1 column
+    type = "response"                   # "response" (binary column), "survival" (time + event columns) or
+                                        # "continuous" (a numeric outcome, e.g. an immune score)
+    outcome = "response"                # response: 0/1 column; continuous: the numeric column
     # time = "os_time"; event = "os_event"   # survival
 
     [sites.site1]                       # the sites taking part (folds: final + one held out per site)
@@ -49,14 +52,16 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
                                         # robustness)
 
     [model]
-    type = "logistic"                   # "logistic" (response) or "cox" (survival, stratified by site)
+    type = "logistic"                   # "logistic" (response), "cox" (survival, stratified by site) or
+                                        # "linear" (continuous); default: the endpoint's
     penalty = "l2"                      # "l2", "l1", "elasticnet"
     l1_ratio = 0.5
     path_size = 12                      # penalty path (default): path_size values, log-spaced over
     path_decades = 3                    # path_decades decades from lambda_max (all coefficients zero, from the
                                         # federated gradient at zero, glmnet style), chosen by inner CV
                                         # (default 3 for l1/elasticnet, 5 for l2)
-    # grid = [0.01, 0.1, 1.0]           # instead a fixed grid: C (logistic) or penalizer (cox)
+    # grid = [0.01, 0.1, 1.0]           # instead a fixed grid: C (logistic), penalizer (cox) or alpha (linear,
+                                        # scikit-learn's ElasticNet; Ridge's alpha is n times it)
     clinical = ["age", "stage"]         # covariates of the clinical baseline and the composite model
     # volume = "original_shape_Volume" # the volume baseline's column (default: detected from the usual
                                         # names of pyradiomics 1.x-3.x, MIRP, LIFEx, ...: common.plan.VOLUME_NAMES)
@@ -66,6 +71,16 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     inner_folds = 3                     # federated k-fold CV within training sites (penalty choice)
     seed = 0
     km_times = [0, 3, 6, 12, 24, 36, 60]  # time grid (units of the time column) of the pooled KM counts
+
+    [association]                       # [study] kind = "association" ([endpoint] and the model keys other
+                                        # than clinical and volume are not used)
+    markers = ["immune_score", "egfr_mutant"]  # molecular markers: a continuous score or a 0/1 status each
+    volume_adjusted = true              # also each effect adjusted for tumour volume ("is it just volume?")
+    discovery = []                      # sites whose pooled associations are screened (default: all) ...
+    replication = []                    # ... and the sites that test the survivors (default: none)
+    fdr = 0.05                          # Benjamini-Hochberg over the whole feature x marker matrix
+    top = 6                             # pairs with a forest plot across sites in the report
+    # each pair's effect is adjusted for [model] clinical (numeric columns) with one intercept per site
 """
 from __future__ import annotations
 
@@ -78,10 +93,11 @@ from pathlib import Path
 
 import numpy as np
 
+from fedrad.common import endpoints
 from fedrad.common.plan import default_path_decades
 
 DEFAULTS = {
-    "study": {"name": "study", "output": "results", "min_sites": 2},
+    "study": {"name": "study", "output": "results", "min_sites": 2, "kind": "prediction"},
     "endpoint": {"type": "response", "outcome": "response", "time": "os_time", "event": "os_event"},
     "sites": {},
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
@@ -92,6 +108,8 @@ DEFAULTS = {
               "path_decades": None, "clinical": [], "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
+    "association": {"markers": [], "volume_adjusted": True, "discovery": [], "replication": [], "fdr": 0.05,
+                    "top": 6},
 }
 ALLOWED = {section: set(values) for section, values in DEFAULTS.items() if section != "sites"}
 
@@ -211,11 +229,12 @@ def validate(cfg: dict) -> dict:
     _text(cfg, "study", "name")
     _text(cfg, "study", "output")
     _integer(cfg, "study", "min_sites", 2, "a federation needs two sites")
+    _choice(cfg, "study", "kind", ("prediction", "association"))
     ep = cfg["endpoint"]
-    _choice(cfg, "endpoint", "type", ("response", "survival"))
+    _choice(cfg, "endpoint", "type", tuple(endpoints.KINDS))
     for key in ("outcome", "time", "event"):
         _text(cfg, "endpoint", key)
-    if ep["type"] == "survival" and ep["time"] == ep["event"]:
+    if "time" in endpoints.KINDS[ep["type"]].keys() and ep["time"] == ep["event"]:
         raise StudyConfigError(f"[endpoint] time and event are both {ep['time']!r}: name the time column and the "
                                "event column")
     harm = cfg["harmonization"]
@@ -237,10 +256,10 @@ def validate(cfg: dict) -> dict:
         _number(cfg, "selection", "icc_threshold", 0.0, 1.0, "(0, 1]")
     model = cfg["model"]
     if model["type"] is not None:
-        _choice(cfg, "model", "type", ("logistic", "cox"))
+        _choice(cfg, "model", "type", tuple(endpoints.BY_MODEL))
+    wanted = endpoints.KINDS[ep["type"]].model
     if model["type"] is None:
-        model["type"] = "logistic" if ep["type"] == "response" else "cox"
-    wanted = "logistic" if ep["type"] == "response" else "cox"
+        model["type"] = wanted
     if model["type"] != wanted:
         raise StudyConfigError(f"[model] type = {model['type']!r} does not fit a {ep['type']} endpoint; "
                                f"use \"{wanted}\"")
@@ -272,6 +291,7 @@ def validate(cfg: dict) -> dict:
     missing = set(harm["categorical"]) - set(harm["covariates"])
     if missing:
         harm["covariates"] = list(harm["covariates"]) + sorted(missing)
+    _association(cfg)
     from fedrad.common.plan import NAME
 
     for name, site in cfg["sites"].items():
@@ -294,6 +314,41 @@ def validate(cfg: dict) -> dict:
         raise StudyConfigError(f"[sites] lists {len(cfg['sites'])} sites but [study] min_sites = "
                                f"{study['min_sites']}")
     return cfg
+
+
+def _association(cfg: dict) -> None:
+    """``[association]``: markers (required for ``[study] kind = "association"``), never also clinical covariates;
+    discovery / replication site lists disjoint and among ``[sites]`` when those are listed."""
+    assoc = cfg["association"]
+    for key in ("markers", "discovery", "replication"):
+        _strings(cfg, "association", key)
+    _boolean(cfg, "association", "volume_adjusted")
+    _number(cfg, "association", "fdr", 0.0, 1.0, "(0, 1]")
+    _integer(cfg, "association", "top", 1)
+    if cfg["study"]["kind"] != "association":
+        return
+    markers = assoc["markers"]
+    if not markers:
+        raise StudyConfigError("[study] kind = \"association\" needs [association] markers = [...]: the molecular "
+                               "marker columns (a continuous score or a 0/1 status each), e.g. markers = "
+                               "[\"cd8_score\", \"egfr_mutant\"]")
+    if len(set(markers)) != len(markers):
+        raise StudyConfigError(f"[association] markers = {_toml(markers)} lists a column twice")
+    both = sorted(set(markers) & set(cfg["model"]["clinical"]))
+    if both:
+        raise StudyConfigError(f"[association] markers and [model] clinical (the covariates the associations are "
+                               f"adjusted for) both name {', '.join(both)}; a column is one or the other")
+    overlap = sorted(set(assoc["discovery"]) & set(assoc["replication"]))
+    if overlap:
+        raise StudyConfigError(f"[association] discovery and replication both list {', '.join(overlap)}; a site "
+                               "discovers or replicates, not both")
+    if assoc["replication"] and not assoc["discovery"]:
+        raise StudyConfigError("[association] replication needs discovery = [...] too (the sites whose pooled "
+                               "associations are tested for replication)")
+    listed = set(cfg["sites"])
+    unknown = sorted((set(assoc["discovery"]) | set(assoc["replication"])) - listed) if listed else []
+    if unknown:
+        raise StudyConfigError(f"[association] names site(s) {', '.join(unknown)} that [sites] does not list")
 
 
 def load_study(path: str | Path) -> dict:

@@ -16,13 +16,12 @@ import pandas as pd
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
 from fedrad.common.plan import candidate_features, inner_fold_usable, path_shape, study_plan
-from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site,
-                                    finish_signature, fit_pooled, heldout_loss, model_features, screen_candidates,
-)
+from fedrad.common import endpoints
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
+                                    model_features, screen_candidates)
 from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
-from fedrad.common.selection import (correlation_request, cox_score_request, icc_request, logistic_score_request,
-                                     penalty_path, pooled_correlation, pooled_cox_score, pooled_icc,
-                                     pooled_logistic_score, pooled_standardized_scores)
+from fedrad.common.selection import (correlation_request, icc_request, penalty_path, pooled_correlation, pooled_icc,
+                                     pooled_standardized_scores)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
 
 
@@ -114,10 +113,8 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     feats = [f for f in candidates if f not in excluded]
     train = pd.concat([harmonized[s].assign(site=s) for s in train_sites], ignore_index=True)
     sel = cfg["selection"]
-    if endpoint["type"] == "response":
-        score = pooled_logistic_score(train, logistic_score_request(feats, endpoint["outcome"]), strata="site")
-    else:
-        score = pooled_cox_score(train, cox_score_request(feats, endpoint["time"], endpoint["event"]), strata="site")
+    kind_of = endpoints.of(endpoint)
+    score = kind_of.pooled_score(train, feats, strata="site")
     icc = None
     if sel["icc_threshold"] is not None:
         perturbed = pd.concat([robustness[s] for s in train_sites], ignore_index=True)
@@ -149,15 +146,15 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
                         parts.append(harmonized[s][mask].assign(site=s))
                 if not parts:
                     continue
-                model = fit_pooled(endpoint, pd.concat(parts, ignore_index=True), mf, mcfg["penalty"], g,
-                                   float(mcfg["l1_ratio"]))
+                model = kind_of.fit_pooled(pd.concat(parts, ignore_index=True), mf, mcfg["penalty"], g,
+                                           float(mcfg["l1_ratio"]))
                 for s in train_sites:
                     if usable[s]:
                         rows = harmonized[s]
-                        total += heldout_loss(endpoint, model, rows, row_mask(list(rows["case_id"]), spec))
+                        total += kind_of.heldout_loss(model, rows, row_mask(list(rows["case_id"]), spec))
             losses[gi] = total
         gi = choose_penalty(losses)
-        chosen[kind] = fit_pooled(endpoint, train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))
+        chosen[kind] = kind_of.fit_pooled(train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))
     return {"signature": signature,
             "metrics": evaluate_site(endpoint, chosen, harmonized[held_out], min_cell_size=min_cell_size,
                                      km_grid=vcfg["km_times"]),
@@ -171,8 +168,8 @@ def pooled_path(cfg: dict, train: pd.DataFrame, features: list[str]) -> list[flo
     if mcfg.get("grid") is not None:
         return grid_strong_to_weak(endpoint, [float(g) for g in mcfg["grid"]])
     z, n = pooled_standardized_scores(train, endpoint, features, strata="site")
-    return penalty_path(max(z.values()), n, "logistic" if endpoint["type"] == "response" else "cox",
-                        mcfg["penalty"], float(mcfg["l1_ratio"]), *path_shape(cfg))
+    return penalty_path(max(z.values()), n, endpoints.of(endpoint).model, mcfg["penalty"], float(mcfg["l1_ratio"]),
+                        *path_shape(cfg))
 
 
 def flatten_metrics(d, prefix: str = "") -> dict[str, float]:
@@ -186,4 +183,36 @@ def flatten_metrics(d, prefix: str = "") -> dict[str, float]:
             out.update(flatten_metrics(v, f"{prefix}/{i}"))
     elif isinstance(d, (int, float, np.integer, np.floating)) and not isinstance(d, bool):
         out[prefix] = float(d)
+    return out
+
+
+def pooled_association(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size: int = 10) -> dict:
+    """Pooled twin of an association study (``results["association"]["pairs"]``): ComBat fit on every site's pooled
+    rows, then per marker and feature the OLS of ``marker ~ feature + clinical + site`` on the pooled harmonized
+    rows (and with the volume column added), and every site's Spearman correlation from its rows (scipy)."""
+    import scipy.stats
+
+    from fedrad.common.association import pooled_partial_effects
+
+    tables, candidates, plan = _study_tables(cfg, site_tables, min_cell_size)
+    sites = sorted(tables)
+    _, harmonized = _harmonize_pooled(cfg, _imputed(tables, plan, sites, min_cell_size), sites, candidates,
+                                      min_cell_size)
+    volume = plan["volume"]
+    feats = candidates + ([volume] if volume and volume not in candidates else [])
+    rows = pd.concat([harmonized[s].assign(site=s) for s in sites], ignore_index=True)
+    clinical = list(cfg["model"]["clinical"])
+    out: dict = {"features": feats, "pairs": {}}
+    for m in cfg["association"]["markers"]:
+        eff = pooled_partial_effects(rows, m, clinical, feats)
+        vol = (pooled_partial_effects(rows, m, clinical + [volume], [f for f in feats if f != volume])
+               if volume and cfg["association"]["volume_adjusted"] else None)
+        out["pairs"][m] = {}
+        for f in feats:
+            entry = {k: float(eff.loc[f, k]) for k in ("r", "t", "p")}
+            if vol is not None and f != volume:
+                entry["volume_adjusted"] = {k: float(vol.loc[f, k]) for k in ("r", "p")}
+            entry["spearman"] = {s: float(scipy.stats.spearmanr(harmonized[s][f], harmonized[s][m]).statistic)
+                                 for s in sites}
+            out["pairs"][m][f] = entry
     return out

@@ -271,3 +271,25 @@ def test_fast_site_runtime_gives_the_stock_runtimes_results(tmp_path):
     assert all(got[k] == want[k] for k in want)  # same code, same data: bit-identical, not merely close
     assert fast["selection"] == stock["selection"] and fast["penalties"] == stock["penalties"]
     assert flatten_metrics(fast["sites"]) == flatten_metrics(stock["sites"])
+
+
+@pytest.mark.slow
+def test_continuous_endpoint_study_on_the_deployment_runtime(tmp_path):
+    """A continuous-endpoint study (penalized linear regression on the data-driven alpha path) on a real SuperLink
+    and 4 SuperNodes with the fast site runtime: the same round trips and bit-identical results as the in-process
+    run of the same plan on the same tables."""
+    from benchmarks.rounds import run_deployment
+    from fedrad.local import run_study_in_process
+    from fedrad.server.study_pooled import flatten_metrics
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path / "deployment", survival=False, grid=None, continuous=True)
+    rounds, _ = run_deployment(cfg, nodes, tmp_path / "deployment", fast=True)
+    dep = json.loads((tmp_path / "deployment" / "out" / "results.json").read_text())
+    cfg_local, nodes_local, _ = make_sites(tmp_path / "local", survival=False, grid=None, continuous=True)
+    local = run_study_in_process(cfg_local, nodes_local)
+    assert rounds == local["round_trips"] == 7
+    for part in ("external", "pooled"):
+        want, got = flatten_metrics(local[part]), flatten_metrics(dep[part])
+        assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want), part
+    assert dep["selection"] == json.loads(json.dumps(local["selection"]))

@@ -146,18 +146,20 @@ def test_calibration_bins_and_their_pooling_equal_direct_sums():
 
 
 def test_risk_group_counts_are_withheld_when_a_cell_is_under_k():
-    from fedrad.common.pipeline import _model_metrics
+    from fedrad.common.endpoints import Survival
+
+    surv = Survival({"time": "t", "event": "e"})
 
     rng = np.random.default_rng(6)
     t = rng.uniform(1, 30, 60)
     lp = np.r_[np.full(30, 1.0), np.full(30, -1.0)] + rng.normal(scale=0.1, size=60)
     e = np.r_[np.ones(20), np.zeros(10), np.ones(3), np.zeros(27)].astype(int)  # 3 events in the low-risk group
     grid = [0, 10, 20, 30]
-    split = _model_metrics({"type": "survival"}, lp, (t, e), K, grid)["risk_split"]
+    split = surv.model_metrics(lp, (t, e), K, grid)["risk_split"]
     assert split["n_high"] is split["n_low"] is split["events_high"] is split["events_low"] is None
     assert split["hr"] is not None and split["logrank_p"] < 1e-3  # the estimates are still released
     e[30:45] = 1  # now 15 events of 30 in the low-risk group: every cell >= k
-    split = _model_metrics({"type": "survival"}, lp, (t, e), K, grid)["risk_split"]
+    split = surv.model_metrics(lp, (t, e), K, grid)["risk_split"]
     assert (split["n_high"], split["events_high"], split["n_low"], split["events_low"]) == (30, 20, 30, 15)
 
 
@@ -202,7 +204,8 @@ def demo_sites(tmp: Path, n_sites: int, n: int, seed: int = 0):
 def study_cfg(endpoint: dict, grid: list[float]) -> dict:
     return validate(_merge({"study": {"name": "Report test study", "min_sites": 3}, "endpoint": endpoint,
                             "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
-                            "selection": {"max_features": 4, "exclude": ["response", "os_*"]},
+                            "selection": {"max_features": 4,
+                                          "exclude": ["response", "os_*", "immune_score", "egfr_mutant"]},
                             "model": {"clinical": ["age", "stage"], "grid": grid},
                             "validation": {"inner_folds": 2, "km_times": [0, 6, 12, 24, 36, 48, 60, 72]}}))
 
@@ -250,6 +253,78 @@ def survival_study(tmp_path_factory):
     res = json.loads((tmp / "results.json").read_text())
     return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
             "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def continuous_study(tmp_path_factory):
+    from fedrad.local import run_study_in_process
+
+    tmp = tmp_path_factory.mktemp("continuous")
+    nodes, tables = demo_sites(tmp, 4, 60, seed=2)
+    cfg = study_cfg({"type": "continuous", "outcome": "immune_score"}, [0.01, 0.1])
+    res = run_study_in_process(cfg, nodes)
+    write_json_atomic(res, tmp / "results.json")
+    res = json.loads((tmp / "results.json").read_text())
+    return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
+            "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def association_study(tmp_path_factory):
+    """The demo cohort's molecular markers (immune score, EGFR status) against the radiomic features."""
+    from fedrad.local import run_study_in_process
+
+    tmp = tmp_path_factory.mktemp("association")
+    nodes, tables = demo_sites(tmp, 4, 60, seed=3)
+    cfg = validate(_merge({"study": {"name": "Association test study", "min_sites": 3, "kind": "association"},
+                           "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
+                           "selection": {"exclude": ["response", "os_*"]},
+                           "model": {"clinical": ["age", "stage"]},
+                           "association": {"markers": ["immune_score", "egfr_mutant"], "top": 3}}))
+    res = run_study_in_process(cfg, nodes)
+    write_json_atomic(res, tmp / "results.json")
+    res = json.loads((tmp / "results.json").read_text())
+    return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
+            "tmp": tmp}
+
+
+def test_association_report_has_the_matrix_the_survivors_and_the_enrichment(association_study):
+    res = association_study["results"]
+    assoc = res["association"]
+    text, parsed = _parse(association_study["report"])
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", text)).split())
+    assert parsed.figures == ["fig-harmonization", "fig-association-heatmap", "fig-association-forest"]
+    assert f"{len(assoc['survivors'])} of {assoc['n_tests']} feature × marker pairs associated" in plain
+    # the demo's biology: the immune score follows texture heterogeneity, EGFR status aggressiveness
+    assert {m for _, m in assoc["survivors"]} == {"immune_score", "egfr_mutant"}
+    assert any("glcm" in f for f, m in assoc["survivors"] if m == "immune_score")
+    table = next(t for t in parsed.tables if t and t[0][:2] == ["feature", "marker"])
+    assert len(table) - 1 == len(assoc["survivors"])
+    f, m = assoc["survivors"][0]
+    assert table[1][:2] == [f.removeprefix("original_"), m]
+    assert table[1][2].startswith(f"{assoc['pairs'][m][f]['r']:+.3f}")
+    assert "marker egfr_mutant = 1, n (%)" in plain and "marker immune_score, mean ± SD" in plain
+    assert "TRIPOD" not in plain and "leave-one-site-out" not in plain.lower()
+
+
+def test_continuous_report_says_what_its_numbers_are(continuous_study):
+    """A continuous endpoint's report: the headline is the pooled Pearson r, the cohort gives the outcome's mean
+    and SD, the validation section has the calibration groups and the R² / RMSE table, and TRIPOD names the
+    measures; nothing of a binary or survival endpoint (ROC, Kaplan-Meier, risk groups) appears."""
+    res = continuous_study["results"]
+    text, parsed = _parse(continuous_study["report"])
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", text)).split())
+    p = res["pooled"]["radiomics"]
+    assert f"pooled external Pearson r of the radiomic signature: {p['pooled']:.3f}" in plain
+    assert "outcome (immune_score), mean ± SD" in plain
+    assert "fig-calibration" in parsed.figures and "fig-forest" in parsed.figures
+    assert not {"fig-roc", "fig-km"} & set(parsed.figures)
+    assert "Prediction error and calibration of the radiomic signature" in plain
+    rmse = res["pooled"]["radiomics"]["rmse"]
+    assert f"{rmse:.3f}" in plain
+    assert "Pearson r of predicted and observed (Fisher-z CI), R², RMSE" in plain
+    assert "Kaplan-Meier" not in plain and "hazard" not in plain.lower()
+    assert 0.3 < p["pooled"] < 0.95 and res["pooled"]["radiomics"]["pooled"] > res["pooled"]["volume"]["pooled"]
 
 
 def test_site_effect_from_moments_equals_the_pooled_twin(response_study):
@@ -424,17 +499,17 @@ def test_penalty_section_flags_choices_at_the_ends_of_the_path():
     from fedrad.server.report import _penalty_section
 
     path = [0.001 * 10 ** (3 * i / 11) for i in range(12)]
-    res = {"penalty_mode": {"path_size": 12, "path_decades": 3.0},
+    res = {"endpoint": {"type": "response", "outcome": "y"}, "penalty_mode": {"path_size": 12, "path_decades": 3.0},
            "penalties": {"final": {"radiomics": penalty_choice(path, 4, [1.0] * 12),
                                    "volume": penalty_choice(path, 11, [1.0] * 12)},
                          "loso:a": {"radiomics": penalty_choice(path, 0, [1.0] * 12)}}}
-    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", _penalty_section(res, True))).split())
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", _penalty_section(res))).split())
     assert "12 values over 3.0 decades" in plain and "5 of 12" in plain and "12 of 12" in plain
     assert "weakest end: the optimum may be a weaker penalty" in plain and "0.001 – 1" in plain
     assert "at an end of the path in 2 of 3 (fold, model) choices: final tumour volume alone (weakest); loso:a radiomic signature (strongest)" in plain
     assert res["penalties"]["final"]["radiomics"]["edge"] is None
     res["penalties"] = {"final": {"radiomics": penalty_choice(path, 4, [1.0] * 12)}}
-    assert "interior to its path" in _penalty_section(res, True)
+    assert "interior to its path" in _penalty_section(res)
 
 
 def test_report_content_survival(survival_study):
@@ -519,7 +594,7 @@ def _chromium(args: list[str], profile: Path) -> subprocess.CompletedProcess:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install -y chromium; "
                                              "scripts/install.sh tries it)")
-@pytest.mark.parametrize("which", ["response_study", "survival_study"])
+@pytest.mark.parametrize("which", ["response_study", "survival_study", "continuous_study", "association_study"])
 def test_report_renders_in_headless_chromium(request, which, tmp_path):
     from PIL import Image
 

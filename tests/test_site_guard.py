@@ -188,6 +188,42 @@ def test_attack4_evaluation_of_honest_models_once_per_attempt(study):
     refused(node, "study_evaluate", payload, "outside-plan")  # a second evaluation in the same attempt
 
 
+def test_attack4_continuous_endpoint_models_and_rounds(tmp_path):
+    """The same rule for a continuous endpoint (exact linear fit in 2 rounds): an invented linear model, a model of
+    another kind and a third round of one linear fit are refused; the honest models are evaluated, and every
+    calibration group the site releases holds at least k patients."""
+    cfg, nodes, tables, st = _fitted_study(tmp_path, continuous=True)
+    node, site = nodes[1], "hosp1"
+    honest = {str(gi): st.fits[f"loso:{site}|radiomics|{gi}|all"].to_dict() for gi in range(3)}
+    base = {"plan": st.plan_id, "endpoint": st.endpoint, "items": [], "km_times": cfg["validation"]["km_times"]}
+
+    def evaluate(models, kind="radiomics"):
+        return {**base, "folds": {f"loso:{site}": {"models": {kind: models}, "table": f"h-loso:{site}",
+                                                    "eval_sites": [site]}}}
+
+    invented = json.loads(json.dumps(honest["0"]))
+    invented["coef_std"] = [40.0] + [0.0] * (len(invented["coef_std"]) - 1)
+    refused(node, "study_evaluate", evaluate({"0": invented}), "outside-plan")
+    logistic = {**json.loads(json.dumps(honest["0"])), "kind": "fedrad.glm.logistic_model"}
+    refused(node, "study_evaluate", evaluate({"0": logistic}), "outside-plan")
+    assert "another kind" in (Site.from_node_config(node).workdir / "site.log").read_text().splitlines()[-1]
+    # a third round of a finished linear fit (a fresh point the coordinator could then have evaluated)
+    tid = f"loso:{site}|radiomics|0|all"
+    feats = st.model_features[f"loso:{site}"]["radiomics"]
+    data = st.kind.data_spec(feats, f"h-loso:{site}", None)
+    point = {"kind": "fedrad.linear.newton", "version": 1, "features": feats, "mean": [0.0] * len(feats),
+             "scale": [1.0] * len(feats), "beta": [0.0] * (len(feats) + 1)}
+    refused(node, "fit_round", {"plan": st.plan_id, "tasks": [{"id": tid, "request": point, "data": data,
+                                                               "sites": None}]}, "outside-plan")
+    local = (Site.from_node_config(node).workdir / "site.log").read_text()  # the reason stays at the site
+    assert "more rounds of one fit" in local.splitlines()[-1]
+    reply = ask(node, "study_evaluate", evaluate(honest))
+    got = reply["folds"][f"loso:{site}"]["models"]["radiomics"]
+    assert set(got) == {"0", "1", "2"} and 0.3 < got["0"]["pearson"]["r"] < 0.95
+    for variant in got.values():
+        assert min(variant["calibration_groups"]["n"]) >= node["min-cell-size"]
+
+
 def test_attack5_paths_never_come_from_the_coordinator(tmp_path, study):
     cfg, nodes, tables, st = study
     node = nodes[0]

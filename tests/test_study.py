@@ -15,8 +15,11 @@ from fedrad.server.study_pooled import flatten_metrics, pooled_loso
 SIZES = (91, 73, 112, 64)
 
 
-def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None = (0.01, 0.1, 1.0)):
-    """Five synthetic sites; ``grid=None``: the study's default data-driven penalty path."""
+def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None = (0.01, 0.1, 1.0),
+               continuous: bool = False):
+    """Four synthetic sites; ``grid=None``: the study's default data-driven penalty path. ``continuous``: the
+    endpoint is ``immune_score``, a continuous outcome of the same biology (its noise from a separate stream, so
+    the other columns do not depend on it)."""
     rng = np.random.default_rng(seed)
     nodes, tables = [], {}
     for k, n in enumerate(SIZES):
@@ -30,6 +33,10 @@ def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None
         d["response"] = (rng.random(n) < 1 / (1 + np.exp(-lp))).astype(int)
         t, c = rng.exponential(1 / np.exp(lp)) * 12, rng.uniform(3, 40, n)
         d["os_time"], d["os_event"] = np.round(np.minimum(t, c), 1) + 0.1, (t <= c).astype(int)
+        noise = np.random.default_rng([seed, k, 7]).normal(size=n)
+        d["immune_score"] = 50 + 6 * bio[:, 0] - 4 * bio[:, 1] + 1.5 * (stage - 2.5) + 3 * k + 6 * noise
+        mutant = np.random.default_rng([seed, k, 8]).random(n) < 1 / (1 + np.exp(-(-0.6 + 1.5 * bio[:, 2])))
+        d["egfr_mutant"] = mutant.astype(int)
         d["case_id"] = [f"s{k}-{i}" for i in range(n)]
         name = f"hosp{k}"
         path = tmp_path / name / "features.parquet"
@@ -39,11 +46,12 @@ def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None
         nodes.append({"site-name": name, "table": str(path), "workdir": str(tmp_path / name / "work"),
                       "min-cell-size": 10})
     endpoint = ({"type": "survival", "time": "os_time", "event": "os_event"} if survival
+                else {"type": "continuous", "outcome": "immune_score"} if continuous
                 else {"type": "response", "outcome": "response"})
     cfg = validate(_merge({"study": {"name": "t", "min_sites": 3}, "endpoint": endpoint,
                            "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
                            # the table also holds the other endpoint's columns: never features
-                           "selection": {"exclude": ["response", "os_*"]},
+                           "selection": {"exclude": ["response", "os_*", "immune_score", "egfr_mutant"]},
                            "model": {"clinical": ["age", "stage"],
                                      **({"grid": list(grid)} if grid is not None else {})}}))
     return cfg, nodes, tables
@@ -82,6 +90,37 @@ def test_loso_equals_pooled_twin_and_payloads_are_aggregates(tmp_path, survival)
         for e in log.entries():
             for name, arr in e["arrays"].items():
                 assert n not in arr["shape"], (node["site-name"], e["request"], name, arr["shape"])
+
+
+def test_continuous_endpoint_loso_equals_pooled_twin(tmp_path):
+    """A continuous endpoint (penalized linear regression on the data-driven alpha path): every held-out site's
+    metrics (R², RMSE, MAE, calibration, Pearson / Spearman, paired squared-error differences) equal the pooled
+    twin's, and the pooled Pearson r is the Fisher-z random-effects pooling of the sites'."""
+    from fedrad.common.metrics import pool_correlations
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, grid=None, continuous=True)
+    assert cfg["model"]["type"] == "linear"
+    res = run_study_in_process(cfg, nodes)
+    assert res["round_trips"] <= 10, res["round_trips"]
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        assert twin["signature"] == res["selection"][f"loso:{site}"]["selected"]
+        fed_paths = {kind: p["path"] for kind, p in res["penalties"][f"loso:{site}"].items()}
+        assert max(abs(a / b - 1) for kind in fed_paths for a, b in zip(fed_paths[kind], twin["paths"][kind])) < 1e-9
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got) == set(want)
+        worst = max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got)
+        assert worst < 1e-6, worst
+        ext = res["external"][site]["radiomics"]
+        assert 0.4 < ext["pearson"]["r"] < 0.95 and ext["r2"] is not None and min(ext["calibration_groups"]["n"]) >= 10
+    assert set(res["signature"]) >= {"original_glcm_F0", "original_glcm_F1"}
+    rs = [res["external"][s]["radiomics"]["pearson"]["r"] for s in tables]
+    ns = [res["external"][s]["radiomics"]["pearson"]["n"] for s in tables]
+    assert abs(res["pooled"]["radiomics"]["pooled"] - pool_correlations(rs, ns)["pooled"]) < 1e-12
+    assert res["pooled"]["radiomics"]["pooled"] > res["pooled"]["volume"]["pooled"] + 0.2
+    sse = sum(res["external"][s]["radiomics"]["sse"] for s in tables)
+    n = sum(res["external"][s]["radiomics"]["n"] for s in tables)
+    assert abs(res["pooled"]["radiomics"]["rmse"] - np.sqrt(sse / n)) < 1e-12
 
 
 def test_rounds_do_not_grow_with_sites(tmp_path):

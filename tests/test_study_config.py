@@ -28,7 +28,7 @@ BAD = [
     ("selection", "redundancy", "1.1"), ("selection", "redundancy", '"0.9"'),
     ("selection", "max_features", "0"), ("selection", "max_features", "2.5"), ("selection", "max_features", "true"),
     ("selection", "icc_threshold", "0"), ("selection", "icc_threshold", '"0.9"'), ("selection", "icc_threshold", "inf"),
-    ("model", "type", '"cox"'), ("model", "type", '"svm"'), ("model", "penalty", '"l3"'),
+    ("model", "type", '"cox"'), ("model", "type", '"linear"'), ("model", "type", '"svm"'), ("model", "penalty", '"l3"'),
     ("model", "l1_ratio", "2"), ("model", "l1_ratio", '"0.5"'), ("model", "l1_ratio", "-0.1"),
     ("model", "grid", "[true]"), ("model", "grid", "[]"), ("model", "grid", "[0.1, -1]"),
     ("model", "grid", '["0.1"]'), ("model", "grid", "0.1"), ("model", "grid", "[0.1, inf]"),
@@ -42,6 +42,10 @@ BAD = [
     ("validation", "km_times", "[-1, 3, 6]"), ("validation", "km_times", "[0, 6, 3]"),
     ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
     ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
+    ("study", "kind", '"radiogenomics"'), ("association", "markers", '"immune_score"'),
+    ("association", "volume_adjusted", '"yes"'), ("association", "discovery", "[1]"),
+    ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
+    ("association", "top", "0"), ("association", "top", "2.5"),
 ]
 
 
@@ -82,6 +86,23 @@ def test_docstring_example_validates(tmp_path):
     assert cfg["harmonization"]["covariates"] == ["age", "sex"]
 
 
+def test_association_study_rules():
+    ok = {"study": {"kind": "association"}, "association": {"markers": ["immune_score"]},
+          "model": {"clinical": ["age"]}}
+    assert validate(_merge(ok))["association"]["markers"] == ["immune_score"]
+    for user, message in [
+        ({"study": {"kind": "association"}}, r"needs \[association\] markers"),
+        ({**ok, "association": {"markers": ["age"]}}, r"both name age"),
+        ({**ok, "association": {"markers": ["x", "x"]}}, r"lists a column twice"),
+        ({**ok, "association": {"markers": ["x"], "discovery": ["a"], "replication": ["a"]}}, r"both list a"),
+        ({**ok, "association": {"markers": ["x"], "replication": ["a"]}}, r"needs discovery"),
+        ({**ok, "sites": {"a": {}, "b": {}}, "association": {"markers": ["x"], "discovery": ["c"]}},
+         r"site\(s\) c that \[sites\] does not list"),
+    ]:
+        with pytest.raises(StudyConfigError, match=message):
+            validate(_merge(user))
+
+
 def test_defaults_and_derived_values():
     cfg = validate(_merge({}))
     assert cfg["model"]["type"] == "logistic"
@@ -89,6 +110,10 @@ def test_defaults_and_derived_values():
                            "harmonization": {"categorical": ["sex"]}, "model": {"l1_ratio": 0, "grid": [1, 2.5]},
                            "validation": {"seed": -3, "km_times": [0.5, 1, 2.25]}}))
     assert cfg["model"]["type"] == "cox" and cfg["harmonization"]["covariates"] == ["sex"]
+    cfg = validate(_merge({"endpoint": {"type": "continuous", "outcome": "immune_score"}}))
+    assert cfg["model"]["type"] == "linear"
+    with pytest.raises(StudyConfigError, match=r"\[model\] type = 'logistic' does not fit a continuous endpoint"):
+        validate(_merge({"endpoint": {"type": "continuous"}, "model": {"type": "logistic"}}))
 
 
 @pytest.mark.parametrize("penalty, decades", [("l2", 5.0), ("l1", 3.0), ("elasticnet", 3.0)])
@@ -125,3 +150,15 @@ def test_test_and_benchmark_studies_validate(tmp_path):
                      "endpoint": {"type": "response", "outcome": "response"},
                      "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
                      "model": {"clinical": ["age", "stage"], "grid": [0.1, 1.0]}}))
+
+
+def test_a_prediction_plan_does_not_carry_the_association_keys():
+    """Plans of prediction studies keep the id they had before association studies existed (a site's approval
+    stays valid); an association plan carries its markers."""
+    from fedrad.common.plan import endpoint, is_association, study_plan
+
+    plan = study_plan(validate(_merge({})))["study"]
+    assert "association" not in plan and "kind" not in plan["study"] and not is_association(plan)
+    assoc = study_plan(validate(_merge({"study": {"kind": "association"},
+                                        "association": {"markers": ["immune_score"]}})))["study"]
+    assert is_association(assoc) and endpoint(assoc) == {"type": "association", "markers": ["immune_score"]}
