@@ -74,7 +74,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
     site.save_table("raw", complete)
     if source.get("robustness") and payload.get("robustness_needed"):  # perturbed features for ICC, kept here
         site.save_table("robustness", read_feature_file(Path(source["robustness"]), site.name))
-    kind.check_values(complete, site.name)
+    kind.check_values(complete, site.name, k)
     from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
     from fedrad.common.plan import candidate_features, unmatched_numeric, volume_column

@@ -17,9 +17,10 @@ pooled *within-site* centred cross-products :math:`S = \sum_s\sum_{i\in s}(v_i-\
 A site sends, for its complete rows, ``n`` and the blocks of its within-site centred cross-products that these
 need: the features' sums of squares (the diagonal only, never the feature × feature block), feature × marker,
 feature × covariate, marker × marker, marker × covariate and covariate × covariate; and its Spearman correlation of
-every (feature, marker) pair. Small cells (the site's minimum cell size k): a binary marker whose level (or the
-other level) has fewer than k patients at a site is withheld by that site with everything involving it, so that
-marker's pairs use the other sites; a binary covariate likewise makes the site refuse.
+every (feature, marker) pair. Small cells (the site's minimum cell size k): a marker whose values differ from their most common value in
+fewer than k patients at a site (a 0/1 status with a level under k, or an indicator in disguise) is withheld by
+that site with everything involving it, so that marker's pairs use the other sites; such a covariate makes the
+site refuse.
 """
 from __future__ import annotations
 
@@ -37,9 +38,12 @@ class AssociationError(ValueError):
     """Bad input for an association statistic (the message names the column or site)."""
 
 
-def _binary(x: np.ndarray) -> bool:
-    vals = np.unique(x)
-    return len(vals) <= 2 and set(vals.tolist()) <= {0.0, 1.0}
+def _few_off_the_mode(x: np.ndarray, k: int) -> bool:
+    """Fewer than ``k`` patients differ from the column's most common value: a 0/1 status with a level under k, or
+    an indicator in disguise (all patients but a few share one value), whose cross-products would describe those
+    few patients. (A column of distinct values passes: every cross-product mixes all patients.)"""
+    _, counts = np.unique(x, return_counts=True)
+    return len(x) - int(counts.max()) < k
 
 
 def site_association(rows: pd.DataFrame, features: Sequence[str], markers: Sequence[str], adjust: Sequence[str],
@@ -67,15 +71,10 @@ def site_association(rows: pd.DataFrame, features: Sequence[str], markers: Seque
         raise AssociationError(f"{where}: {n} patients, fewer than the minimum cell size {k}")
     p, q = len(feats), len(marks)
     for j, c in enumerate(adj):
-        col = x[:, p + q + j]
-        if _binary(col) and min(col.sum(), n - col.sum()) < k:
+        if _few_off_the_mode(x[:, p + q + j], k):
             raise AssociationError(f"{where}: covariate {c!r} has a level with fewer than {k} patients; the site "
                                    "does not release cross-products of so few patients")
-    withheld = []
-    for j, c in enumerate(marks):
-        col = x[:, p + j]
-        if _binary(col) and min(col.sum(), n - col.sum()) < k:
-            withheld.append(c)
+    withheld = [c for j, c in enumerate(marks) if _few_off_the_mode(x[:, p + j], k)]
     keep_m = [j for j, c in enumerate(marks) if c not in withheld]
     xc = x - x.mean(axis=0)
     f, m, z = xc[:, :p], xc[:, p:p + q][:, keep_m], xc[:, p + q:]

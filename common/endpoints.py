@@ -110,8 +110,12 @@ class Endpoint:
         raise NotImplementedError
 
     def standardized_score(self, rows: pd.DataFrame, features: list[str], strata: str) -> tuple[np.ndarray, np.ndarray]:
-        """``(U, sd)`` of the pooled penalty-path statistics (``selection.pooled_standardized_scores``)."""
-        raise NotImplementedError
+        """``(U, sd)`` of the pooled penalty-path statistics (``selection.pooled_standardized_scores``): for a model
+        with one intercept (logistic, linear) the gradient at zero :math:`\\sum (x-\\bar x)(y-\\bar y)` and the
+        population SD, as the fit standardizes."""
+        x = rows[list(features)].to_numpy(dtype=float)
+        y = rows[self.spec["outcome"]].to_numpy(dtype=float)
+        return (x - x.mean(axis=0)).T @ (y - y.mean()), x.std(axis=0)
 
     def make_fit(self, features: list[str], penalty: str, value: float, l1_ratio: float):
         """The server state machine of one fit (``value`` in the kind's penalty parameterization)."""
@@ -152,9 +156,9 @@ class Endpoint:
         raise NotImplementedError
 
     # -- site data ---------------------------------------------------------------------------------------------
-    def check_values(self, rows: pd.DataFrame, site: str) -> None:
+    def check_values(self, rows: pd.DataFrame, site: str, k: int = 0) -> None:
         """Raise a one-line ValueError naming the site and column when an outcome column holds values the kind
-        cannot use (after the complete-case rule)."""
+        cannot use (after the complete-case rule; ``k``: the site's minimum cell size)."""
 
     def exclusions(self, rows: pd.DataFrame):
         """Extra complete-case rules beyond a missing outcome value: ``[(bad mask, reason)]``."""
@@ -287,11 +291,6 @@ class Response(Endpoint):
 
         return pooled_logistic_score(rows, self.score_request(features), strata=strata)
 
-    def standardized_score(self, rows, features, strata):
-        x = rows[list(features)].to_numpy(dtype=float)
-        y = rows[self.spec["outcome"]].to_numpy(dtype=float)
-        return (x - x.mean(axis=0)).T @ (y - y.mean()), x.std(axis=0)
-
     def make_fit(self, features, penalty, value, l1_ratio):
         from fedrad.common.glm import LogisticServer
 
@@ -325,7 +324,7 @@ class Response(Endpoint):
         test = ~train
         return float(np.sum(np.logaddexp(0.0, lp[test]) - y[test] * lp[test]))
 
-    def check_values(self, rows, site):
+    def check_values(self, rows, site, k=0):
         col = self.spec["outcome"]
         bad = sorted(set(rows[col].unique()) - {0, 1})
         if bad:
@@ -507,7 +506,7 @@ class Survival(Endpoint):
         ll_train = efron_stratum(x[train], t[train], e[train], one)[0] if e[train].sum() > 0 else 0.0
         return float(-(ll_all - ll_train))
 
-    def check_values(self, rows, site):
+    def check_values(self, rows, site, k=0):
         col = self.spec["event"]
         bad = sorted(set(rows[col].dropna().unique()) - {0, 1})
         if bad:
@@ -634,11 +633,6 @@ class Continuous(Endpoint):
 
         return pooled_linear_score(rows, self.score_request(features), strata=strata)
 
-    def standardized_score(self, rows, features, strata):
-        x = rows[list(features)].to_numpy(dtype=float)
-        y = rows[self.spec["outcome"]].to_numpy(dtype=float)
-        return (x - x.mean(axis=0)).T @ (y - y.mean()), x.std(axis=0)
-
     @staticmethod
     def _penalty(penalty, l1_ratio):
         return penalty, (l1_ratio if penalty == "elasticnet" else None)
@@ -676,11 +670,15 @@ class Continuous(Endpoint):
         res = rows[self.spec["outcome"]].to_numpy(dtype=float)[test] - self.linear_predictor(model, rows)[test]
         return float(0.5 * res @ res)
 
-    def check_values(self, rows, site):
+    def check_values(self, rows, site, k=0):
         col = self.spec["outcome"]
-        if rows[col].nunique() < 2:
+        counts = rows[col].value_counts()
+        if len(counts) < 2:
             raise ValueError(f"site {site}: outcome column {col!r} is constant; a continuous endpoint needs "
                              "varying values")
+        if len(rows) - int(counts.max()) < k:  # an indicator in disguise: its cross-products would be those few
+            raise ValueError(f"site {site}: outcome column {col!r} differs from its most common value in fewer "
+                             f"patients than the site's minimum cell size; it cannot be a continuous outcome here")
 
     def event_count(self, rows):
         return int(len(rows))
@@ -792,7 +790,7 @@ class Markers(Endpoint):
     def outcome_labels(self):
         return {}
 
-    def check_values(self, rows, site):
+    def check_values(self, rows, site, k=0):
         for col in self.spec["markers"]:
             if rows[col].nunique() < 2:
                 raise ValueError(f"site {site}: marker column {col!r} is constant; an association needs varying "

@@ -252,22 +252,23 @@ def correlation_request(features: Sequence[str], *, min_cell_size: int = DEFAULT
     return _request("correlation", features, min_cell_size)
 
 
-def logistic_score_request(features: Sequence[str], outcome: str, *,
-                           min_cell_size: int = DEFAULT_MIN_CELL_SIZE) -> dict:
-    """Request for :func:`site_logistic_score`; ``outcome`` is a 0/1 (or boolean) column."""
+def _outcome_request(method: str, features: Sequence[str], outcome: str, min_cell_size: int) -> dict:
     feats = _features(features)
     if outcome in feats:
         raise SelectionError(f"outcome {outcome!r} is also listed as a feature")
-    return _request("logistic_score", feats, min_cell_size, outcome=str(outcome))
+    return _request(method, feats, min_cell_size, outcome=str(outcome))
+
+
+def logistic_score_request(features: Sequence[str], outcome: str, *,
+                           min_cell_size: int = DEFAULT_MIN_CELL_SIZE) -> dict:
+    """Request for :func:`site_logistic_score`; ``outcome`` is a 0/1 (or boolean) column."""
+    return _outcome_request("logistic_score", features, outcome, min_cell_size)
 
 
 def linear_score_request(features: Sequence[str], outcome: str, *,
                          min_cell_size: int = DEFAULT_MIN_CELL_SIZE) -> dict:
     """Request for :func:`site_linear_score`; ``outcome`` is a continuous column."""
-    feats = _features(features)
-    if outcome in feats:
-        raise SelectionError(f"outcome {outcome!r} is also listed as a feature")
-    return _request("linear_score", feats, min_cell_size, outcome=str(outcome))
+    return _outcome_request("linear_score", features, outcome, min_cell_size)
 
 
 def cox_score_request(features: Sequence[str], time: str, event: str, *, ties: str = "efron",

@@ -85,7 +85,8 @@ def demo(
     out: Path = typer.Option(Path("fedrad-demo"), "--out", help="Working directory for data, sites and results."),
     sites: int = typer.Option(5, "--sites", min=3, help="Number of synthetic hospitals."),
     patients: int = typer.Option(100, "--patients", min=20, help="Patients per hospital."),
-    endpoint: str = typer.Option("response", "--endpoint", help="response (AUC) or survival (C-index)."),
+    endpoint: str = typer.Option("response", "--endpoint", help="response (AUC), survival (C-index) or "
+                                 "continuous (the immune score: Pearson r, R², RMSE)."),
     study: str = typer.Option("prediction", "--study", help="prediction (a model of --endpoint, validated leave "
                               "one site out) or association (radiogenomics: every feature x molecular marker)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the synthetic cohort."),
@@ -98,8 +99,8 @@ def demo(
     from fedrad.demo import run_demo
     from fedrad.server.report import headline
 
-    if endpoint not in ("response", "survival"):
-        _fail("--endpoint must be response or survival")
+    if endpoint not in ("response", "survival", "continuous"):
+        _fail("--endpoint must be response, survival or continuous")
     if study not in ("prediction", "association"):
         _fail("--study must be prediction or association")
     from fedrad.client.extract import ExtractionError, build_extractor, resolve_params

@@ -34,6 +34,11 @@ def study_config(manifests: dict[str, Path], endpoint: str, params: str, out: Pa
         user["endpoint"] = {"type": "survival", "time": "os_time", "event": "os_event"}
         user["selection"]["exclude"] = ["response", "immune_score", "egfr_mutant"]
         user["model"]["grid"] = [0.01, 0.1, 1.0]
+    elif endpoint == "continuous":  # the immune score predicted from the images (penalized linear regression)
+        user["study"]["name"] = "fedrad demo: immune score"
+        user["endpoint"] = {"type": "continuous", "outcome": "immune_score"}
+        user["selection"]["exclude"] = ["response", "os_time", "os_event", "egfr_mutant"]
+        user["model"].pop("grid", None)  # alpha on the data-driven path
     elif endpoint == "association":  # radiogenomics: every feature x marker, adjusted for age and stage
         user["study"].update(name="fedrad demo: radiogenomic associations", kind="association")
         user["association"] = {"markers": ["immune_score", "egfr_mutant"], "volume_adjusted": True}

@@ -99,6 +99,16 @@ def test_a_rare_binary_marker_level_withholds_that_sites_pairs():
     d.loc[d.index[:3], "stage"] = 1.0
     with pytest.raises(AssociationError, match="covariate 'stage' has a level with fewer than 10"):
         site_association(d, FEATS, MARKERS, ADJUST, min_cell_size=K, site="s1")
+    # an indicator in disguise: every patient but one at 0, that one at 5 (its cross-products would be hers)
+    d["stage"] = 0.0
+    d.loc[d.index[7], "stage"] = 5.0
+    with pytest.raises(AssociationError, match="covariate 'stage' has a level"):
+        site_association(d, FEATS, MARKERS, ADJUST, min_cell_size=K, site="s1")
+    d["immune_score"] = 50.0
+    d.loc[d.index[:3], "immune_score"] = [10.0, 20.0, 30.0]
+    d["stage"] = np.arange(len(d)) % 4
+    assert site_association(d, FEATS, MARKERS, ADJUST, min_cell_size=K, site="s1")["withheld_markers"] == \
+        ["immune_score", "egfr_mutant"]
 
 
 def test_site_spearman_and_its_fisher_z_pooling_equal_scipy_and_statsmodels():

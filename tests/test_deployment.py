@@ -293,3 +293,25 @@ def test_continuous_endpoint_study_on_the_deployment_runtime(tmp_path):
         want, got = flatten_metrics(local[part]), flatten_metrics(dep[part])
         assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want), part
     assert dep["selection"] == json.loads(json.dumps(local["selection"]))
+
+
+@pytest.mark.slow
+def test_association_study_on_the_deployment_runtime(tmp_path):
+    """An association study (features x immune score and EGFR status) on a real SuperLink and 4 SuperNodes:
+    4 round trips and the same matrix as the in-process run of the same plan on the same tables."""
+    from benchmarks.rounds import run_deployment
+    from fedrad.local import run_study_in_process
+    from fedrad.server.study_pooled import flatten_metrics
+    from tests.test_association import _association_cfg
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path / "deployment", survival=False)
+    rounds, _ = run_deployment(_association_cfg(cfg), nodes, tmp_path / "deployment", fast=True)
+    dep = json.loads((tmp_path / "deployment" / "out" / "results.json").read_text())
+    cfg_local, nodes_local, _ = make_sites(tmp_path / "local", survival=False)
+    local = run_study_in_process(_association_cfg(cfg_local), nodes_local)
+    assert rounds == local["round_trips"] == 4
+    want, got = flatten_metrics(local["association"]["pairs"]), flatten_metrics(dep["association"]["pairs"])
+    assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want)
+    assert dep["association"]["survivors"] == json.loads(json.dumps(local["association"]["survivors"]))
+    assert (tmp_path / "deployment" / "out" / "report.html").read_text().count("fig-association") == 2

@@ -164,3 +164,19 @@ def test_calibration_groups_release_no_group_under_k():
     first = order[: g["n"][0]]
     assert abs(g["mean_obs"][0] - y[first].mean()) < 1e-12
     assert metrics.calibration_groups(y[:9], pred[:9], 10)["n"] is None
+
+
+def test_a_continuous_outcome_that_is_an_indicator_in_disguise_is_refused():
+    """All patients but a few share one outcome value: X'y would describe those few patients, so the site does
+    not take the column as a continuous outcome (k = 10)."""
+    from fedrad.common.endpoints import Continuous
+
+    ep = Continuous({"outcome": "y"})
+    y = np.zeros(40)
+    y[:3] = [4.0, 5.0, 6.0]
+    with pytest.raises(ValueError, match="site s1: outcome column 'y' differs from its most common value"):
+        ep.check_values(pd.DataFrame({"y": y}), "s1", 10)
+    y[:12] = np.arange(1.0, 13.0)
+    ep.check_values(pd.DataFrame({"y": y}), "s1", 10)
+    with pytest.raises(ValueError, match="is constant"):
+        ep.check_values(pd.DataFrame({"y": np.ones(20)}), "s1", 10)

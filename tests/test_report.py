@@ -241,51 +241,40 @@ def response_study(tmp_path_factory):
             "tmp": tmp}
 
 
-@pytest.fixture(scope="module")
-def survival_study(tmp_path_factory):
+def _study_in_process(tmp: Path, n_sites: int, n: int, seed: int, cfg: dict) -> dict:
+    """A study on the demo-derived sites, run in-process; its results re-read from results.json (as the report
+    is made) and its report."""
     from fedrad.local import run_study_in_process
 
-    tmp = tmp_path_factory.mktemp("survival")
-    nodes, tables = demo_sites(tmp, 3, 70, seed=1)
-    cfg = study_cfg({"type": "survival", "time": "os_time", "event": "os_event"}, [0.1])
+    nodes, tables = demo_sites(tmp, n_sites, n, seed=seed)
     res = run_study_in_process(cfg, nodes)
     write_json_atomic(res, tmp / "results.json")
     res = json.loads((tmp / "results.json").read_text())
     return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
             "tmp": tmp}
+
+
+@pytest.fixture(scope="module")
+def survival_study(tmp_path_factory):
+    return _study_in_process(tmp_path_factory.mktemp("survival"), 3, 70, 1,
+                             study_cfg({"type": "survival", "time": "os_time", "event": "os_event"}, [0.1]))
 
 
 @pytest.fixture(scope="module")
 def continuous_study(tmp_path_factory):
-    from fedrad.local import run_study_in_process
-
-    tmp = tmp_path_factory.mktemp("continuous")
-    nodes, tables = demo_sites(tmp, 4, 60, seed=2)
-    cfg = study_cfg({"type": "continuous", "outcome": "immune_score"}, [0.01, 0.1])
-    res = run_study_in_process(cfg, nodes)
-    write_json_atomic(res, tmp / "results.json")
-    res = json.loads((tmp / "results.json").read_text())
-    return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
-            "tmp": tmp}
+    return _study_in_process(tmp_path_factory.mktemp("continuous"), 4, 60, 2,
+                             study_cfg({"type": "continuous", "outcome": "immune_score"}, [0.01, 0.1]))
 
 
 @pytest.fixture(scope="module")
 def association_study(tmp_path_factory):
     """The demo cohort's molecular markers (immune score, EGFR status) against the radiomic features."""
-    from fedrad.local import run_study_in_process
-
-    tmp = tmp_path_factory.mktemp("association")
-    nodes, tables = demo_sites(tmp, 4, 60, seed=3)
     cfg = validate(_merge({"study": {"name": "Association test study", "min_sites": 3, "kind": "association"},
                            "harmonization": {"covariates": ["age", "sex"], "categorical": ["sex"]},
                            "selection": {"exclude": ["response", "os_*"]},
                            "model": {"clinical": ["age", "stage"]},
                            "association": {"markers": ["immune_score", "egfr_mutant"], "top": 3}}))
-    res = run_study_in_process(cfg, nodes)
-    write_json_atomic(res, tmp / "results.json")
-    res = json.loads((tmp / "results.json").read_text())
-    return {"cfg": cfg, "tables": tables, "results": res, "report": write_report(res, tmp / "report.html"),
-            "tmp": tmp}
+    return _study_in_process(tmp_path_factory.mktemp("association"), 4, 60, 3, cfg)
 
 
 def test_association_report_has_the_matrix_the_survivors_and_the_enrichment(association_study):
