@@ -354,7 +354,8 @@ class Response(Endpoint):
     def model_metrics(self, lp, outcome, min_cell_size, grid):
         """AUC with DeLong CI, Brier, calibration intercept and slope, probability-binned counts for the pooled ROC
         (neighbouring bins merged until each holds >= ``min_cell_size`` patients) and, in the same bins, the
-        calibration plot's patients, events and mean predicted probability."""
+        calibration plot's patients, events and mean predicted probability; true and false positives at the
+        decision-curve thresholds (:func:`fedrad.common.metrics.decision_counts`)."""
         import scipy.special
 
         from fedrad.common import metrics
@@ -368,7 +369,9 @@ class Response(Endpoint):
                 "roc_bins": bins,
                 # observed vs mean predicted in the released ROC bins (each >= min_cell_size patients)
                 "calibration_bins": (calibration_bins(y, p, bins["edges"]) if bins.get("edges") is not None
-                                     else {"n": None, "reason": bins.get("reason")})}
+                                     else {"n": None, "reason": bins.get("reason")}),
+                # true / false positives at the decision-curve thresholds (a threshold with a cell under k withheld)
+                "decision": metrics.decision_counts(y, p, min_cell_size)}
 
     def paired(self, lp_a, lp_b, outcome):
         from fedrad.common import metrics
@@ -388,6 +391,7 @@ class Response(Endpoint):
         except (ValueError, TypeError) as exc:
             entry["roc"] = {"reason": str(exc)}
         entry["calibration_bins"] = pool_calibration_bins([m[kind].get("calibration_bins") for m in per_site])
+        entry["decision_curve"] = metrics.pooled_decision_curve([m[kind].get("decision") for m in per_site])
         return entry
 
 

@@ -1463,3 +1463,62 @@ def calibration_groups(y: Any, pred: Any, min_cell_size: int, groups: int = 10) 
     parts = np.array_split(order, g)
     return {"n": [int(len(ix)) for ix in parts], "mean_pred": [float(pv[ix].mean()) for ix in parts],
             "mean_obs": [float(yv[ix].mean()) for ix in parts], "reason": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decision-curve analysis (Vickers & Elkin 2006) from released counts
+# ----------------------------------------------------------------------------------------------
+#: the threshold probabilities of the decision curves (fixed in the code: not a request parameter)
+DCA_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 17))  # 0.05 .. 0.80
+
+
+def decision_counts(y: Any, p: Any, min_cell_size: int, thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict:
+    r"""A site's counts for the decision curve: at each threshold :math:`t`, true and false positives of "treat
+    when :math:`p \ge t`". A threshold is withheld (``None``) unless each cell of its 2 x 2 table (treated or not x
+    outcome) is 0 or at least ``min_cell_size`` patients; ``n`` and ``positives`` are released with the site's
+    outcome counts (each class at least ``min_cell_size``)."""
+    yv, pv = _binary(y, "y"), _probabilities(p, "p")
+    _same_length(y=yv, p=pv)
+    k = int(min_cell_size)
+    n, pos = len(yv), int(yv.sum())
+    released = min(pos, n - pos) >= k
+    tp, fp = [], []
+    for t in thresholds:
+        treat = pv >= t
+        a, b = int((treat & (yv == 1)).sum()), int((treat & (yv == 0)).sum())
+        cells = (a, b, pos - a, n - pos - b)
+        ok = released and all(c == 0 or c >= k for c in cells)
+        tp.append(a if ok else None)
+        fp.append(b if ok else None)
+    return {"thresholds": [float(t) for t in thresholds], "tp": tp, "fp": fp,
+            "n": n if released else None, "positives": pos if released else None}
+
+
+def net_benefit(tp: float, fp: float, n: float, t: float) -> float:
+    r"""Net benefit of treating the predicted positives at threshold probability :math:`t`:
+    :math:`TP/n - FP/n \cdot t/(1-t)`."""
+    return tp / n - fp / n * t / (1.0 - t)
+
+
+def pooled_decision_curve(tables: Sequence[Mapping]) -> dict:
+    """Pooled net benefit at each threshold from the sites' :func:`decision_counts` (sums over the sites that
+    released the threshold: exact), with treat-all over the same sites; ``sites`` per threshold."""
+    tabs = [t for t in tables if t and t.get("n")]
+    if not tabs:
+        return {"thresholds": list(DCA_THRESHOLDS), "net_benefit": [None] * len(DCA_THRESHOLDS),
+                "treat_all": [None] * len(DCA_THRESHOLDS), "sites": [0] * len(DCA_THRESHOLDS),
+                "reason": "no site released decision-curve counts"}
+    thresholds = list(tabs[0]["thresholds"])
+    nb, alln, sites = [], [], []
+    for j, t in enumerate(thresholds):
+        use = [x for x in tabs if x["tp"][j] is not None]
+        sites.append(len(use))
+        if not use:
+            nb.append(None)
+            alln.append(None)
+            continue
+        n = sum(x["n"] for x in use)
+        pos = sum(x["positives"] for x in use)
+        nb.append(net_benefit(sum(x["tp"][j] for x in use), sum(x["fp"][j] for x in use), n, t))
+        alln.append(net_benefit(pos, n - pos, n, t))
+    return {"thresholds": thresholds, "net_benefit": nb, "treat_all": alln, "sites": sites, "reason": None}

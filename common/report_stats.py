@@ -131,24 +131,97 @@ def cohort_summary(rows: pd.DataFrame, *, endpoint: Mapping, columns: Sequence[s
     return out
 
 
+#: |standardized mean difference| above which a covariate counts as imbalanced across sites (Stuart 2010: 0.25)
+SMD_IMBALANCED = 0.25
+
+
+def covariate_balance(cohort: Mapping[str, Mapping], modelled: Sequence[str] = (),
+                      threshold: float = SMD_IMBALANCED) -> dict:
+    r"""Balance of the cohort's covariates across sites from the sites' cohort descriptions: for each covariate and
+    site, the standardized mean difference of the site against all the other sites pooled — a numeric column
+    :math:`(\bar x_s - \bar x_r)/\sqrt{(s_s^2 + s_r^2)/2}` (the others' mean and SD combined exactly from their
+    n, mean, SD), a categorical or ordinal one the largest over its levels of
+    :math:`(p_s - p_r)/\sqrt{(p_s(1-p_s) + p_r(1-p_r))/2}` (levels withheld at a site leave that site out).
+    ComBat preserves only the covariates it models (``modelled``): an imbalanced covariate it does not model is
+    listed in ``unmodelled_imbalanced``, and part of its real between-site difference can be removed as "site"."""
+    sites = sorted(s for s, c in cohort.items() if c)
+    cols = list(dict.fromkeys(c for s in sites for c in list(cohort[s].get("continuous", {}))
+                              + list(cohort[s].get("counts", {}))))
+    out: dict = {"threshold": float(threshold), "columns": {}, "unmodelled_imbalanced": [], "modelled": list(modelled)}
+    for col in cols:
+        smd: dict[str, float | None] = {}
+        counted = all(col in cohort[s].get("counts", {}) for s in sites)
+        for s in sites:
+            others = [o for o in sites if o != s]
+            if counted:
+                smd[s] = _level_smd(cohort, col, s, others)
+            else:
+                smd[s] = _mean_smd(cohort, col, s, others)
+        vals = [abs(v) for v in smd.values() if v is not None]
+        worst = max(vals) if vals else None
+        out["columns"][col] = {"smd": smd, "max_abs": worst, "kind": "levels" if counted else "mean",
+                               "modelled": col in modelled}
+        if worst is not None and worst > threshold and col not in modelled:
+            out["unmodelled_imbalanced"].append(col)
+    return out
+
+
+def _mean_smd(cohort, col, s, others) -> float | None:
+    me = (cohort[s].get("continuous") or {}).get(col) or {}
+    rest = [r for r in ((cohort[o].get("continuous") or {}).get(col) or {} for o in others)
+            if r.get("mean") is not None and r.get("sd") is not None]  # a site that withheld it is left out
+    if me.get("mean") is None or me.get("sd") is None or not rest:
+        return None
+    _, m_r, v_r = combine_moments(np.array([[r["n"]] for r in rest]), np.array([[r["mean"]] for r in rest]),
+                                  np.array([[r["sd"] ** 2] for r in rest]))
+    den = math.sqrt((me["sd"] ** 2 + float(v_r[0])) / 2)
+    return (me["mean"] - float(m_r[0])) / den if den > 0 else None
+
+
+def _level_smd(cohort, col, s, others) -> float | None:
+    mine = cohort[s]["counts"][col]
+    rest = [r for r in (cohort[o]["counts"][col] for o in others) if all(v is not None for v in r.values())]
+    if any(v is None for v in mine.values()) or not rest:  # a site with a withheld level is left out
+        return None
+    n_s, n_r = sum(mine.values()), sum(sum(r.values()) for r in rest)
+    best = None
+    for level in set(mine) | {lv for r in rest for lv in r}:
+        p_s = mine.get(level, 0) / n_s
+        p_r = sum(r.get(level, 0) for r in rest) / n_r
+        den = math.sqrt((p_s * (1 - p_s) + p_r * (1 - p_r)) / 2)
+        if den > 0:
+            d = (p_s - p_r) / den
+            best = d if best is None or abs(d) > abs(best) else best
+    return best
+
+
 # ----------------------------------------------------------------------------------------------
 # moments
 # ----------------------------------------------------------------------------------------------
 def feature_moments(rows: pd.DataFrame, features: Sequence[str], k: int) -> dict:
-    """Per feature: number of non-missing values ``n``, ``mean``, sample variance ``var`` (ddof 1) — a site's
-    aggregate for the site-effect statistics. A feature with fewer than ``k`` values is withheld (``n`` 0,
-    ``mean`` and ``var`` None)."""
+    """Per feature: number of non-missing values ``n``, ``mean``, sample variance ``var`` (ddof 1), and the mean
+    and variance of the absolute deviations from the site mean, :math:`|x - \\bar x|` (Levene's test of equal
+    variances) — a site's aggregate for the site-effect statistics. A feature with fewer than ``k`` values is
+    withheld (``n`` 0, the rest None)."""
     x = rows[list(features)].to_numpy(dtype=float)
     ok = np.isfinite(x)
     n = ok.sum(axis=0)
     xs = np.where(ok, x, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         mean = xs.sum(axis=0) / np.where(n > 0, n, 1)
-        var = (np.where(ok, x - mean, 0.0) ** 2).sum(axis=0) / np.where(n > 1, n - 1, 1)
+        dev = np.where(ok, x - mean, 0.0)
+        var = (dev ** 2).sum(axis=0) / np.where(n > 1, n - 1, 1)
+        absdev = np.abs(dev)
+        ad_mean = absdev.sum(axis=0) / np.where(n > 0, n, 1)
+        ad_var = (np.where(ok, absdev - ad_mean, 0.0) ** 2).sum(axis=0) / np.where(n > 1, n - 1, 1)
     keep = n >= max(int(k), 2)
+
+    def released(values):
+        return [float(v) if kp else None for v, kp in zip(values, keep)]
+
     return {"features": list(features), "n": [int(v) if kp else 0 for v, kp in zip(n, keep)],
-            "mean": [float(v) if kp else None for v, kp in zip(mean, keep)],
-            "var": [float(v) if kp else None for v, kp in zip(var, keep)]}
+            "mean": released(mean), "var": released(var), "absdev_mean": released(ad_mean),
+            "absdev_var": released(ad_var)}
 
 
 def moment_arrays(by_site: Mapping[str, Mapping], features: Sequence[str]) -> tuple[list[str], np.ndarray,
@@ -269,6 +342,80 @@ def site_effect(by_site: Mapping[str, Mapping], features: Sequence[str], *, fdr:
             "n_untested": len(features) - len(defined)}
 
 
+def _bh_share(p: list, fdr: float) -> dict:
+    from fedrad.common.selection import benjamini_hochberg
+
+    defined = [j for j, v in enumerate(p) if v is not None]
+    q = [None] * len(p)
+    if defined:
+        for j, v in zip(defined, benjamini_hochberg(np.array([p[j] for j in defined]))):
+            q[j] = float(v)
+    hits = sum(1 for j in defined if q[j] <= fdr)
+    return {"p": p, "q": q, "n_tested": len(defined), "n_significant": hits,
+            "share_significant": hits / len(defined) if defined else None}
+
+
+def bartlett_from_moments(n: Any, var: Any) -> dict:
+    r"""Bartlett's test of equal variances across sites per feature from per-site ``n`` and variances (ddof 1):
+    :math:`T = [(N-K)\ln s_p^2 - \sum(n_i-1)\ln s_i^2] / [1 + (\sum 1/(n_i-1) - 1/(N-K))/(3(K-1))]`,
+    :math:`\chi^2_{K-1}` (equals ``scipy.stats.bartlett`` on the rows). Undefined (None) with fewer than two sites
+    or a zero variance."""
+    import scipy.stats
+
+    n, var = (np.atleast_2d(np.asarray(a, dtype=float)) for a in (n, var))
+    stat, p = [], []
+    for j in range(n.shape[1]):
+        has = n[:, j] > 1
+        ni, vi = n[has, j], var[has, j]
+        k, big_n = int(has.sum()), float(ni.sum())
+        if k < 2 or np.any(~np.isfinite(vi)) or np.any(vi <= 0):
+            stat.append(None)
+            p.append(None)
+            continue
+        sp2 = float(((ni - 1) * vi).sum() / (big_n - k))
+        num = (big_n - k) * math.log(sp2) - float(((ni - 1) * np.log(vi)).sum())
+        den = 1 + (float((1 / (ni - 1)).sum()) - 1 / (big_n - k)) / (3 * (k - 1))
+        t = num / den
+        stat.append(float(t))
+        p.append(float(scipy.stats.chi2.sf(t, k - 1)))
+    return {"stat": stat, "p": p}
+
+
+def scale_effect(by_site: Mapping[str, Mapping], features: Sequence[str], *, fdr: float = 0.05) -> dict | None:
+    """The multiplicative site effect per feature (do the sites' variances differ?) from the sites'
+    :func:`feature_moments`: Levene's test (mean-centred: the one-way ANOVA of :math:`|x-\\bar x_{site}|`; the
+    median-centred Brown-Forsythe variant would need each site's median, one patient's value) and Bartlett's, each
+    with BH q-values. None for moments without the absolute deviations (results of an older fedrad)."""
+    if not all("absdev_mean" in m for m in by_site.values()):
+        return None
+    sites, n, _, var = moment_arrays(by_site, features)
+    ad_m, ad_v = np.full(n.shape, np.nan), np.full(n.shape, np.nan)
+    for i, s in enumerate(sites):
+        m = by_site[s]
+        pos = {f: j for j, f in enumerate(m["features"])}
+        for j, f in enumerate(features):
+            if f in pos and m["absdev_mean"][pos[f]] is not None:
+                ad_m[i, j], ad_v[i, j] = m["absdev_mean"][pos[f]], m["absdev_var"][pos[f]]
+    lev = anova_from_moments(np.where(np.isfinite(ad_m), n, 0), ad_m, ad_v)
+    bart = bartlett_from_moments(n, var)
+    return {"features": list(features), "fdr": float(fdr),
+            "levene": {"stat": lev["f"], **_bh_share(lev["p"], fdr)},
+            "bartlett": {"stat": bart["stat"], **_bh_share(bart["p"], fdr)}}
+
+
+def scale_effect_rows(rows: pd.DataFrame, site_col: str, features: Sequence[str]) -> dict:
+    """Pooled twin of :func:`scale_effect`: scipy's Levene (``center="mean"``) and Bartlett on the rows."""
+    import scipy.stats
+
+    groups = [g for _, g in rows.groupby(site_col, sort=True)]
+    out = {"levene": [], "bartlett": []}
+    for f in features:
+        parts = [g[f].dropna().to_numpy(dtype=float) for g in groups]
+        out["levene"].append(scipy.stats.levene(*parts, center="mean"))
+        out["bartlett"].append(scipy.stats.bartlett(*parts))
+    return out
+
+
 def site_effect_rows(rows: pd.DataFrame, site_col: str, features: Sequence[str], *, fdr: float = 0.05) -> dict:
     """Pooled twin of :func:`site_effect` (F and p by :func:`pooled_anova`, same BH step)."""
     from fedrad.common.selection import benjamini_hochberg
@@ -334,6 +481,8 @@ def harmonization_summary(before: Mapping[str, Mapping], after: Mapping[str, Map
     (both standardized with the raw pooled mean and SD), from the sites' :func:`feature_moments`."""
     out: dict = {"fdr": float(fdr), "before": site_effect(before, features, fdr=fdr)}
     out["after"] = site_effect(after, features, fdr=fdr) if after else None
+    out["scale_before"] = scale_effect(before, features, fdr=fdr)  # multiplicative: Levene, Bartlett
+    out["scale_after"] = scale_effect(after, features, fdr=fdr) if after else None
     sites, n, mean, var = moment_arrays(before, features)
     N, grand, total_var = combine_moments(n, mean, var)
     ok = (n > 0).all(axis=0) & (total_var > 0)

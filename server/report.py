@@ -407,6 +407,31 @@ def feature_moments_figure(results: dict, max_features: int = 4) -> str:
     return _svg(fig, "per-site mean and SD of features before and after harmonization")
 
 
+def _balance_text(results: dict) -> str:
+    """Covariate balance across sites (standardized mean differences, site vs the other sites) and a warning for
+    an imbalanced covariate ComBat does not model."""
+    bal = results.get("covariate_balance")
+    if not bal or not bal.get("columns"):
+        return ""
+    sites = sorted(results.get("sites", {}))
+    rows = []
+    for col, c in bal["columns"].items():
+        rows.append([col, "yes" if c["modelled"] else "no"]
+                    + [_fmt(c["smd"].get(s), 2) if c["smd"].get(s) is not None else NA for s in sites]
+                    + [_fmt(c["max_abs"], 2) if c["max_abs"] is not None else NA])
+    out = (f"<h3>Covariate balance across sites</h3><p>Standardized mean difference of each site against the other "
+           f"sites pooled (from the cohort description; a categorical or ordinal column: its largest level "
+           f"difference). ComBat is only valid when the covariates that differ between sites are balanced or "
+           f"modelled; |SMD| above {bal['threshold']:g} counts as imbalanced.</p>"
+           + _table(rows, ["covariate", "modelled by ComBat"] + sites + ["largest |SMD|"]))
+    bad = bal.get("unmodelled_imbalanced") or []
+    if bad:
+        out += (f"<div class='alert'><b>Imbalanced covariate(s) ComBat does not model:</b> {_e(', '.join(bad))}. "
+                "Part of their real difference between sites can be removed as a site effect; add them to "
+                "[harmonization] covariates (or check that they do not affect the features).</div>")
+    return out
+
+
 def harmonization_section(results: dict) -> str:
     eff = results.get("site_effect")
     cfg = (results.get("provenance") or {}).get("config", {})
@@ -428,6 +453,20 @@ def harmonization_section(results: dict) -> str:
     if untested:
         text += f" {untested} feature(s) could not be tested (constant, or withheld by a site)."
     text += "</p>"
+    sb, sa = eff.get("scale_before"), eff.get("scale_after")
+    if sb:
+        def share(e, test):
+            v = e[test]
+            return (f"{v['n_significant']} of {v['n_tested']} ({100 * v['share_significant']:.0f}%)"
+                    if v.get("share_significant") is not None else NA)
+
+        text += (f"<p><b>Multiplicative site effect</b> (do the sites' variances differ? from each site's variance "
+                 f"and the mean and variance of |x − site mean|, sent with the same moments): Levene's test "
+                 f"(mean-centred) significant for <b>{share(sb, 'levene')} before ComBat</b>"
+                 + (f", <b>{share(sa, 'levene')} after</b>" if sa else "")
+                 + f"; Bartlett's test {share(sb, 'bartlett')} before" + (f", {share(sa, 'bartlett')} after" if sa
+                                                                       else "")
+                 + " (BH-FDR 5%; Bartlett assumes normal features, Levene does not).</p>")
     if harm and not harm.get("enabled", True):
         text += "<p>Harmonization is disabled in this study: the models use the raw features.</p>"
     elif harm:
@@ -436,6 +475,7 @@ def harmonization_section(results: dict) -> str:
                  f"{'parametric' if harm.get('parametric') else 'non-parametric'} empirical Bayes; "
                  f"{'location only' if harm.get('mean_only') else 'location and scale'}. Site differences that "
                  "remain after ComBat can reflect case mix in the covariates it preserves.</p>")
+    text += _balance_text(results)
     pca = eff.get("pca", {})
     if pca.get("spread_before") is not None:
         text += (f"<p>Spread of the site centroids (root mean square distance from the pooled mean, in pooled-SD "
@@ -710,6 +750,39 @@ def calibration_figure(results: dict) -> str:
     return _svg(fig, "calibration plots")
 
 
+def decision_curve_figure(results: dict) -> str:
+    """Response: pooled net benefit of every model at the decision-curve thresholds, against treating everyone and
+    no one (Vickers & Elkin 2006), from the held-out sites' released true / false positives."""
+    pooled = results.get("pooled", {})
+    curves = {k: pooled[k].get("decision_curve") for k in MODEL_KINDS if k in pooled}
+    curves = {k: c for k, c in curves.items() if c and any(v is not None for v in c.get("net_benefit", []))}
+    if not curves:
+        return ""
+    n_sites = len(results.get("external", {}))
+    with plt.rc_context(STYLE):
+        fig, ax = plt.subplots(figsize=(7.4, 4.4))
+        first = next(iter(curves.values()))
+        t = np.asarray(first["thresholds"], dtype=float)
+        alln = np.array([np.nan if v is None else v for v in first["treat_all"]], dtype=float)
+        ax.plot(t, alln, color="grey", ls="--", lw=1.2, label="treat all")
+        ax.axhline(0.0, color="black", lw=1.0, label="treat none")
+        top = 0.0
+        for kind, c in curves.items():
+            nb = np.array([np.nan if v is None else v for v in c["net_benefit"]], dtype=float)
+            full = np.array([s == n_sites for s in c["sites"]])
+            ax.plot(t, nb, color=COLORS[kind], lw=1.6, label=LABELS[kind])
+            ax.plot(t[full], nb[full], "o", color=COLORS[kind], ms=3.5)
+            ax.plot(t[~full], nb[~full], "o", mfc="white", color=COLORS[kind], ms=3.5)
+            top = max(top, float(np.nanmax(nb)) if np.isfinite(nb).any() else 0.0)
+        ax.set_ylim(-0.05, max(0.05, top * 1.15, float(np.nanmax(alln)) * 1.05 if np.isfinite(alln).any() else 0))
+        ax.set_xlabel("threshold probability (treat when the predicted probability is at least this)")
+        ax.set_ylabel("net benefit (pooled held-out sites)")
+        ax.set_title("Decision curves at the held-out sites", loc="left")
+        ax.legend(loc="upper right", frameon=False, fontsize=7)
+        fig.tight_layout()
+    return _svg(fig, "decision curves")
+
+
 def calibration_groups_figure(results: dict) -> str:
     """Continuous outcome: each held-out site's calibration groups (mean observed against mean predicted)."""
     ext, pooled = results.get("external", {}), results.get("pooled", {})
@@ -903,6 +976,12 @@ def validation_section(results: dict) -> str:
                              "until each holds at least k patients); pooled curve: counts summed over sites "
                              "(interpolated within merged bins). Binned AUCs are close to, not equal to, the exact "
                              "AUCs in the forest plot.", "fig-roc"))
+        parts.append(_figure(decision_curve_figure(results),
+                             "Decision curves: net benefit = TP/n − FP/n · t/(1 − t) of treating the patients whose "
+                             "predicted probability is at least t, summed over the held-out sites' released counts; "
+                             "filled points: every held-out site released the threshold, open points: a site withheld "
+                             "it (a cell of its 2 × 2 table under k). Above both reference lines, the model helps "
+                             "decide at that threshold.", "fig-decision"))
         parts.append(_figure(calibration_figure(results),
                              "Calibration: in each released probability bin of a held-out site, the observed share "
                              "of positives against the mean predicted probability (point area ∝ patients in the "
@@ -1102,6 +1181,8 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
     calib_met = kind.calibrated and any((m.get("radiomics") or {}).get("calibration", {}).get("slope") is not None
                                  for m in results.get("external", {}).values())
     val = (5 if n_ext >= 3 else 4 if n_ext == 2 else 3 if n_ext == 1 else 0)
+    dca = any(v is not None for v in (((results.get("pooled") or {}).get("radiomics") or {})
+                                      .get("decision_curve") or {}).get("net_benefit", []))
     return [
         ("1. Image protocol quality", "+1 / +2", "authors", "acquisition protocols: not known to fedrad"),
         ("2. Multiple segmentations / perturbations", "+1", "+1" if icc else "0",
@@ -1128,7 +1209,9 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
         ("13. Comparison to 'gold standard'", "+2", "+2" if clinical else "0",
          "paired comparison with the clinical and tumour-volume models" if clinical else
          "paired comparison with tumour volume only"),
-        ("14. Potential clinical utility", "+2", "0", "no decision-curve analysis"),
+        ("14. Potential clinical utility", "+2", "+2" if dca else "0",
+         "decision-curve analysis at the held-out sites (net benefit against treat-all / treat-none)" if dca
+         else "no decision-curve analysis (computed for a binary response)"),
         ("15. Cost-effectiveness analysis", "+1", "0", ""),
         ("16. Open science and data", "+1 … +4", "authors", "fedrad is open source (Apache-2.0); data sharing: "
                                                             "authors"),

@@ -46,7 +46,7 @@ from fedrad.common.plan import grid_strong_to_weak, path_shape, uses_loso
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
                                     common_volume, penalty_choice, pick_variants,
                                     screen_candidates)
-from fedrad.common.report_stats import harmonization_summary, software_versions
+from fedrad.common.report_stats import covariate_balance, harmonization_summary, software_versions
 from fedrad.common.selection import (combine_batch, correlation_request, icc_request, penalty_path,
                                      standardized_scores)
 from fedrad.server.federation import Federation, SiteError
@@ -156,6 +156,13 @@ class Study:
                          "complete-case rule, counted in the cohort table)")
         self.results["n_candidate_features"] = len(self.candidates)
         self.results["cohort"] = {s: replies[s].get("cohort") for s in self.sites}
+        harm = cfg["harmonization"]
+        self.results["covariate_balance"] = covariate_balance(
+            self.results["cohort"], modelled=list(harm["covariates"]) if harm["enabled"] else [])
+        if self.results["covariate_balance"]["unmodelled_imbalanced"]:
+            self.log(f"warning: {', '.join(self.results['covariate_balance']['unmodelled_imbalanced'])} differ "
+                     f"between sites (|SMD| > {self.results['covariate_balance']['threshold']}) and ComBat does not "
+                     "model them; add them to [harmonization] covariates")
         self.raw_moments = {s: replies[s]["moments"] for s in self.sites}
         self._missing_values({s: int(replies[s]["n"]) for s in self.sites})
         self.results["provenance"] = {"params_hash": next(iter(hashes)) if hashes else None,

@@ -19,7 +19,7 @@ from fedrad.common.plan import candidate_features, inner_fold_usable, path_shape
 from fedrad.common import endpoints
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
                                     model_features, screen_candidates)
-from fedrad.common.report_stats import centroid_pca_rows, project_centroids, site_effect_rows
+from fedrad.common.report_stats import centroid_pca_rows, project_centroids, scale_effect_rows, site_effect_rows
 from fedrad.common.selection import (correlation_request, icc_request, penalty_path, pooled_correlation, pooled_icc,
                                      pooled_standardized_scores)
 from fedrad.server.study import endpoint_of, grid_strong_to_weak
@@ -80,20 +80,23 @@ def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: l
 
 def pooled_site_effect(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size: int = 10) -> dict:
     """Pooled twin of the study's ``results["site_effect"]``: one-way ANOVA per feature on the pooled rows of
-    the raw tables and of the final fold's harmonized tables (ComBat fit on every site's pooled rows), and the
-    PCA of the site centroids (raw axes; harmonized centroids projected on them), all from rows."""
+    the raw tables and of the final fold's harmonized tables (ComBat fit on every site's pooled rows), Levene and
+    Bartlett (scipy) on the same rows, and the PCA of the site centroids (raw axes; harmonized centroids projected
+    on them), all from rows."""
     tables, candidates, plan = _study_tables(cfg, site_tables, min_cell_size)
     sites = sorted(tables)
     _, harmonized = _harmonize_pooled(cfg, _imputed(tables, plan, sites, min_cell_size), sites, candidates,
                                       min_cell_size)
     raw = pd.concat([tables[s].assign(__site__=s) for s in sites], ignore_index=True)
-    out = {"before": site_effect_rows(raw, "__site__", candidates)}
+    out = {"before": site_effect_rows(raw, "__site__", candidates),
+           "scale_before": scale_effect_rows(raw, "__site__", candidates)}
     pca = centroid_pca_rows(raw, "__site__", candidates)
     out["pca"] = {"sites": sites, "before": pca["scores"],
                   "explained_variance_ratio": pca["explained_variance_ratio"]}
     if cfg["harmonization"]["enabled"]:
         after = pd.concat([harmonized[s].assign(__site__=s) for s in sites], ignore_index=True)
         out["after"] = site_effect_rows(after, "__site__", candidates)
+        out["scale_after"] = scale_effect_rows(after, "__site__", candidates)
         means = after[candidates].astype(float).groupby(after["__site__"].to_numpy()).mean().sort_index()
         out["pca"]["after"] = project_centroids(pca, means.to_numpy())
     return out

@@ -330,6 +330,10 @@ def test_site_effect_from_moments_equals_the_pooled_twin(response_study):
         assert fed[when]["n_significant"] == twin[when]["n_significant"]
     for when in ("before", "after"):
         np.testing.assert_allclose(fed["pca"][when], twin["pca"][when], atol=1e-8)
+        for test in ("levene", "bartlett"):  # the multiplicative site effect, before and after ComBat
+            np.testing.assert_allclose(fed[f"scale_{when}"][test]["stat"],
+                                       [r.statistic for r in twin[f"scale_{when}"][test]], rtol=1e-8)
+    assert fed["scale_before"]["levene"]["n_significant"] > fed["scale_after"]["levene"]["n_significant"]
     # the scanner effects are there before ComBat and gone after it
     assert fed["before"]["share_significant"] >= 0.75 and fed["after"]["share_significant"] <= 0.25
     assert fed["pca"]["spread_after"] < 0.3 * fed["pca"]["spread_before"]
@@ -439,7 +443,7 @@ def test_report_content_response(response_study):
     assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text) and "<script" not in text
     assert "@import" not in text and "url(http" not in text
     assert parsed.figures == ["fig-harmonization", "fig-feature-moments", "fig-coefficients", "fig-forest",
-                              "fig-roc", "fig-calibration", "fig-paired"]
+                              "fig-roc", "fig-decision", "fig-calibration", "fig-paired"]
     assert parsed.svgs_in_figures == len(parsed.figures)
     plain = htmlmod.unescape(re.sub(r"<[^>]+>", " ", text))
     # missing site and reason, in the alert
@@ -467,6 +471,19 @@ def test_report_content_response(response_study):
     assert any(r[0] == "13a" and LOST in r[3] for r in tripod[1:])
     rqs = next(t for t in parsed.tables if t[0][0] == "RQS item")
     assert ["12. Validation", "−5 … +5", "+5"] == next(r for r in rqs if r[0].startswith("12."))[:3]
+    # decision curves (RQS item 14): the pooled net benefit is the sum over the sites that released each threshold
+    assert ["14. Potential clinical utility", "+2", "+2"] == next(r for r in rqs if r[0].startswith("14."))[:3]
+    from fedrad.common.metrics import net_benefit
+
+    dc = pooled["decision_curve"]
+    for j, t in enumerate(dc["thresholds"]):
+        use = [m["radiomics"]["decision"] for m in res["external"].values() if m["radiomics"]["decision"]["tp"][j]
+               is not None]
+        assert dc["sites"][j] == len(use)
+        if use:
+            want = net_benefit(sum(u["tp"][j] for u in use), sum(u["fp"][j] for u in use), sum(u["n"] for u in use), t)
+            assert abs(dc["net_benefit"][j] - want) < 1e-15
+    assert sum(s > 0 for s in dc["sites"]) >= 5
     # provenance: versions at the coordinator and every site, rounds with the failed one
     soft = next(t for t in parsed.tables if t[0][:2] == ["software", "coordinator"])
     row = next(r for r in soft if r[0] == "pyradiomics")
@@ -619,3 +636,52 @@ def test_report_renders_in_headless_chromium(request, which, tmp_path):
     # the tables were rendered too: the cohort table's text is dark ink on the page above the first figure
     top = img[: int(probe["figures"][0]["y"])]
     assert (top < 120).all(axis=2).mean() > 0.005
+
+
+def test_levene_and_bartlett_from_moments_equal_scipy_on_the_pooled_rows():
+    """The multiplicative site effect (harmonization diagnostics): from each site's n, variance and the mean and
+    variance of |x - site mean| (sent with the moments), Levene (mean-centred) and Bartlett equal scipy's on the
+    pooled rows; a feature missing at some rows uses its observed values."""
+    from fedrad.common.report_stats import feature_moments, scale_effect, scale_effect_rows
+
+    rng = np.random.default_rng(5)
+    feats = ["a", "b", "c"]
+    tables = {}
+    for i, n in enumerate((40, 55, 70)):
+        d = pd.DataFrame({"a": rng.normal(0, 1 + 0.6 * i, n), "b": rng.normal(3, 2, n),
+                          "c": rng.gamma(2.0, 1 + i, n)})
+        d.loc[d.index[:3], "c"] = np.nan
+        tables[f"s{i}"] = d
+    fed = scale_effect({s: feature_moments(t, feats, 10) for s, t in tables.items()}, feats)
+    rows = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    ref = scale_effect_rows(rows, "site", feats)
+    for j in range(len(feats)):
+        assert fed["levene"]["stat"][j] == pytest.approx(ref["levene"][j].statistic, rel=1e-10)
+        assert fed["levene"]["p"][j] == pytest.approx(ref["levene"][j].pvalue, rel=1e-9, abs=1e-300)
+        assert fed["bartlett"]["stat"][j] == pytest.approx(ref["bartlett"][j].statistic, rel=1e-10)
+        assert fed["bartlett"]["p"][j] == pytest.approx(ref["bartlett"][j].pvalue, rel=1e-9, abs=1e-300)
+    assert fed["levene"]["p"][0] < 1e-4 and fed["bartlett"]["p"][1] > 0.01  # a differs in scale, b does not
+
+
+def test_covariate_balance_from_the_cohort_equals_the_rows(response_study):
+    """The standardized mean differences (site vs the other sites) computed from the released cohort description
+    equal the ones computed on the rows; stage is imbalanced by design at site2 (3 patients at stage 4, a
+    withheld cell: that site is left out of the stage comparison) and the report names an unmodelled imbalance."""
+    res = response_study["results"]
+    bal = res["covariate_balance"]
+    # the study's rows: complete cases (site3's 3 patients lacking age are excluded)
+    kept = {s: t.dropna(subset=["age"]) for s, t in response_study["tables"].items() if s != LOST}
+    assert bal["modelled"] == ["age", "sex"] and set(bal["columns"]) >= {"age", "stage", "sex"}
+    for s, t in kept.items():
+        rest = pd.concat([u for o, u in kept.items() if o != s])
+        want = (t["age"].mean() - rest["age"].mean()) / np.sqrt((t["age"].var() + rest["age"].var()) / 2)
+        assert abs(bal["columns"]["age"]["smd"][s] - want) < 1e-10
+        p_s, p_r = (t["sex"] == "F").mean(), (rest["sex"] == "F").mean()
+        want = (p_s - p_r) / np.sqrt((p_s * (1 - p_s) + p_r * (1 - p_r)) / 2)
+        assert abs(abs(bal["columns"]["sex"]["smd"][s]) - abs(want)) < 1e-10
+    assert bal["columns"]["stage"]["smd"]["site2"] is None
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", response_study["report"].read_text())).split())
+    assert "Covariate balance across sites" in plain
+    worst = {c: v["max_abs"] for c, v in bal["columns"].items()}
+    assert (("Imbalanced covariate(s) ComBat does not model" in plain)
+            == any(w is not None and w > bal["threshold"] and c not in ("age", "sex") for c, w in worst.items()))
