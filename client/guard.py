@@ -29,7 +29,7 @@ study_evaluate     once per study attempt; only the folds the site validates (``
                    is in the ledger, its features are the task's, its penalty is the plan's grid value and its
                    coefficients are within ``STEP_TOL`` (standardized) of a coefficient vector the site was sent
                    for that task (a Newton fit ends one step below 1e-3 after the last point it evaluated);
-                   km_times and endpoint from the plan
+                   km_times, endpoint and subgroup columns from the plan
 =================  ================================================================================================
 
 Harmonize and fit plans (``fedrad harmonize/fit --federated``) fix the request, the features and outcome, the
@@ -51,7 +51,8 @@ from fedrad.common import endpoints
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
 from fedrad.common.plan import (FOLD, candidate_features, endpoint, fixed_grid, is_association, outcome_columns,
-                                path_step, penalty_count, prepare_spec, uses_loso, volume_column)
+                                path_step, penalty_count, prepare_spec, subgroup_columns, uses_loso,
+                                volume_column)
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
@@ -403,7 +404,7 @@ def _study_evaluate(site, record, payload, ledger, cache):
                 check_model(study, ledger, f"{fold}|{kind}|{gi}|all", m)
         folds[fold] = {"models": models, "table": spec["table"], "eval_sites": [site.name]}
     return {"endpoint": endpoint(study), "items": items, "folds": folds,
-            "km_times": list(study["validation"]["km_times"])}
+            "km_times": list(study["validation"]["km_times"]), "subgroups": subgroup_columns(study)}
 
 
 # --- harmonize and fit plans ------------------------------------------------------------------------------------

@@ -204,6 +204,15 @@ class Endpoint:
     def paired(self, lp_a: np.ndarray, lp_b: np.ndarray, outcome: tuple) -> dict:
         raise NotImplementedError
 
+    def headline_metric(self, lp: np.ndarray, outcome: tuple) -> dict:
+        """Only the headline statistic of one model on some rows (a subgroup): ``{metric: estimate}``."""
+        raise NotImplementedError
+
+    def subgroup_ok(self, outcome: tuple, k: int) -> bool:
+        """Whether a subgroup's outcome counts allow releasing its headline statistic (each class, or the events,
+        at least ``k``)."""
+        return True
+
     def headline(self, site_metrics: dict) -> tuple[float | None, float | None]:
         """``(estimate, se)`` of one model's headline statistic at one site."""
         est = site_metrics[self.metric]
@@ -377,6 +386,15 @@ class Response(Endpoint):
         from fedrad.common import metrics
 
         return metrics.delong_paired(outcome[0], lp_a, lp_b)
+
+    def headline_metric(self, lp, outcome):
+        from fedrad.common import metrics
+
+        return {"auc": metrics.auc_delong(outcome[0], lp)}
+
+    def subgroup_ok(self, outcome, k):
+        events = int(outcome[0].sum())
+        return min(events, len(outcome[0]) - events) >= k
 
     def pool_curves(self, kind, per_site):
         from fedrad.common import metrics
@@ -576,6 +594,14 @@ class Survival(Endpoint):
 
         return metrics.c_paired(outcome[0], outcome[1], lp_a, lp_b)
 
+    def headline_metric(self, lp, outcome):
+        from fedrad.common import metrics
+
+        return {"c_index": metrics.harrell_c(outcome[0], outcome[1], lp)}
+
+    def subgroup_ok(self, outcome, k):
+        return int(outcome[1].sum()) >= k
+
     def pool_curves(self, kind, per_site):
         from fedrad.common import metrics
         from fedrad.common.messages import to_plain
@@ -729,6 +755,11 @@ class Continuous(Endpoint):
         from fedrad.common import metrics
 
         return metrics.squared_error_paired(outcome[0], lp_a, lp_b)
+
+    def headline_metric(self, lp, outcome):
+        from fedrad.common import metrics
+
+        return {"pearson": metrics.regression_metrics(outcome[0], lp)["pearson"]}
 
     def pool_headline(self, values, ses, per_site, kind):
         """Pearson r pooled by DerSimonian-Laird on Fisher's z."""

@@ -145,8 +145,53 @@ def _header(ep, rows: pd.DataFrame, outcome: tuple, min_cell_size: int) -> dict:
     return {"n": int(len(rows)), "n_events": events if released else None}
 
 
+def subgroup_levels(rows: pd.DataFrame, columns, min_cell_size: int) -> dict[str, dict[str, np.ndarray]]:
+    """``{column: {level: row mask}}`` of the subgroups a site reports (:func:`fedrad.common.plan.subgroup_columns`):
+    a column with at most ``MAX_SUBGROUP_LEVELS`` levels at the site; a level whose patients, or the site's other
+    patients, number fewer than ``min_cell_size`` is left out (its metric, differenced with the site's, would
+    describe those few)."""
+    from fedrad.common.plan import MAX_SUBGROUP_LEVELS
+
+    out: dict[str, dict[str, np.ndarray]] = {}
+    n = len(rows)
+    for col in columns or ():
+        if col not in rows.columns:
+            continue
+        values = rows[col]
+        levels = values.dropna().unique()
+        if len(levels) > MAX_SUBGROUP_LEVELS or len(levels) < 2:
+            continue
+        out[col] = {}
+        for level in sorted(levels, key=str):
+            mask = (values == level).to_numpy()
+            if mask.sum() >= min_cell_size and n - mask.sum() >= min_cell_size:
+                label = str(int(level)) if isinstance(level, (float, np.floating)) and float(level).is_integer() \
+                    else str(level)
+                out[col][label] = mask
+    return out
+
+
+def _subgroups(ep, lps: dict, outcome: tuple, groups: dict, min_cell_size: int, variants: bool) -> dict:
+    """Headline statistic per subgroup level and model (and penalty variant); a level whose outcome counts are under
+    the minimum cell size keeps only ``{"n": None}``."""
+    out: dict = {}
+    for col, levels in groups.items():
+        out[col] = {}
+        for level, mask in levels.items():
+            sub = tuple(o[mask] for o in outcome)
+            if not ep.subgroup_ok(sub, min_cell_size):
+                out[col][level] = {"n": None}
+                continue
+            entry: dict = {"n": int(mask.sum())}
+            for kind, lp in lps.items():
+                entry[kind] = ({v: ep.headline_metric(x[mask], sub) for v, x in lp.items()} if variants
+                               else ep.headline_metric(lp[mask], sub))
+            out[col][level] = entry
+    return out
+
+
 def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_size: int,
-                  km_grid: list[float] | None = None) -> dict:
+                  km_grid: list[float] | None = None, subgroups=()) -> dict:
     """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers):
     the endpoint kind's metrics (:meth:`fedrad.common.endpoints.Endpoint.model_metrics`: response AUC with DeLong
     CI, Brier, calibration, binned ROC and calibration counts; survival Harrell's C, the risk split, Kaplan-Meier
@@ -160,11 +205,13 @@ def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_
     for kind, lp in lps.items():
         out[kind] = ep.model_metrics(lp, outcome, min_cell_size, grid)
     out["paired"] = {f"{a}-{b}": ep.paired(lps[a], lps[b], outcome) for a, b in PAIRS if a in lps and b in lps}
+    out["subgroups"] = _subgroups(ep, lps, outcome, subgroup_levels(rows, subgroups, min_cell_size), min_cell_size,
+                                  variants=False)
     return out
 
 
 def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min_cell_size: int,
-                      km_grid: list[float] | None = None) -> dict:
+                      km_grid: list[float] | None = None, subgroups=()) -> dict:
     """:func:`evaluate_site` for every penalty variant of every model (``{kind: {variant: model}}``), with paired
     differences for every combination of variants, so that the penalty can be chosen *after* the evaluation
     round (from the training sites' inner-CV losses, sent in the same round) without another round trip.
@@ -179,6 +226,8 @@ def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min
                      for kind, vs in lps.items()}
     out["paired"] = {f"{a}:{va}-{b}:{vb}": ep.paired(lps[a][va], lps[b][vb], outcome)
                      for a, b in PAIRS if a in lps and b in lps for va in lps[a] for vb in lps[b]}
+    out["subgroups"] = _subgroups(ep, lps, outcome, subgroup_levels(rows, subgroups, min_cell_size), min_cell_size,
+                                  variants=True)
     return out
 
 
@@ -189,6 +238,10 @@ def pick_variants(evaluated: dict, chosen: dict) -> dict:
         out[kind] = evaluated["models"][kind][str(v)]
     out["paired"] = {f"{a}-{b}": evaluated["paired"][f"{a}:{chosen[a]}-{b}:{chosen[b]}"] for a, b in PAIRS
                      if a in chosen and b in chosen}
+    out["subgroups"] = {col: {level: {"n": e["n"], **{kind: e[kind][str(v)] for kind, v in chosen.items()
+                                                      if kind in e}}
+                              for level, e in levels.items()}
+                        for col, levels in (evaluated.get("subgroups") or {}).items()}
     return out
 
 

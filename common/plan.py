@@ -170,6 +170,18 @@ def path_step(study: dict) -> float:
     return step if endpoints.of(study["endpoint"]).larger_is_weaker else 1.0 / step
 
 
+#: a subgroup column has at most this many levels at a site (more: a continuous column, no subgroups)
+MAX_SUBGROUP_LEVELS = 6
+
+
+def subgroup_columns(study: dict) -> list[str]:
+    """Columns whose levels define the subgroups of the validation metrics (TRIPOD+AI: performance across
+    subgroups): the ComBat categorical covariates and the clinical columns, each used at a site only when it has at
+    most :data:`MAX_SUBGROUP_LEVELS` levels there."""
+    harm = study["harmonization"]
+    return list(dict.fromkeys(list(harm["categorical"]) + list(study["model"]["clinical"])))
+
+
 def prepare_spec(study: dict) -> dict:
     """What ``study_prepare`` needs, from the plan: endpoint, required and clinical columns, feature prefixes and
     the cohort table's columns."""

@@ -1037,8 +1037,36 @@ def validation_section(results: dict) -> str:
                        rs.get("reason") or ""])
         parts.append("<h3>Risk groups of the radiomic signature at held-out sites</h3>")
         parts.append(_table(hr, ["held-out site", "hazard ratio high vs low risk", "95% CI", "log-rank p", "note"]))
+    parts.append(_subgroup_table(results))
     parts.append(_penalty_section(results))
     return "".join(parts)
+
+
+def _subgroup_table(results: dict) -> str:
+    """TRIPOD+AI fairness: each model's headline statistic by subgroup level, pooled over the held-out sites that
+    released the level (a level, or the rest of a site, under k patients is withheld there)."""
+    sub = (results.get("pooled") or {}).get("subgroups") or {}
+    if not sub:
+        return ""
+    key, stat, label = _metric_key(results["endpoint"])
+    kinds = [k for k in MODEL_KINDS if k in (results.get("pooled") or {})]
+    rows = []
+    for col, levels in sub.items():
+        for level, e in levels.items():
+            cells = [f"{col} = {level}", e.get("sites", 0), e.get("n", 0)]
+            for kind in kinds:
+                p = e.get(kind) or {}
+                cells.append(f"{p['pooled']:.3f} ({_fmt(p.get('ci_low'), 2)}–{_fmt(p.get('ci_high'), 2)})"
+                             if p.get("pooled") is not None else NA)
+            rows.append(cells)
+    if not rows:
+        return ""
+    return (f"<h3>External {label} by subgroup (pooled over the held-out sites)</h3><p>Performance across "
+            f"subgroups (TRIPOD+AI): every held-out site computed each model's {label} within each level of the "
+            f"study's categorical and clinical columns; a level with fewer than k patients (or outcome cells), or "
+            f"whose complement at the site is under k, is withheld there. Pooled by random effects as the "
+            f"whole-site estimate.</p>"
+            + _table(rows, ["subgroup", "sites", "patients"] + [LABELS[k] for k in kinds]))
 
 
 def _penalty_section(results: dict) -> str:

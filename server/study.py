@@ -523,4 +523,26 @@ def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
         entry = ep.pool_headline(list(vals), list(ses), list(per_site.values()), kind)
         entry.update(ep.pool_curves(kind, list(per_site.values())))
         pooled[kind] = to_plain(entry)
+    pooled["subgroups"] = to_plain(pool_subgroups(ep, per_site, kinds))
     return pooled
+
+
+def pool_subgroups(ep, per_site: dict[str, dict], kinds: list[str]) -> dict:
+    """Per subgroup column and level: the held-out sites that released it and each model's headline statistic
+    pooled over them (random effects, as the whole-site estimate)."""
+    out: dict = {}
+    cols = list(dict.fromkeys(c for m in per_site.values() for c in (m.get("subgroups") or {})))
+    for col in cols:
+        levels = list(dict.fromkeys(lv for m in per_site.values() for lv in (m.get("subgroups") or {}).get(col, {})))
+        out[col] = {}
+        for level in levels:
+            entries = [m["subgroups"][col][level] for m in per_site.values()
+                       if (m.get("subgroups") or {}).get(col, {}).get(level, {}).get("n")]
+            entry = {"sites": len(entries), "n": sum(e["n"] for e in entries)}
+            for kind in kinds:
+                have = [e for e in entries if kind in e]
+                if have:
+                    vals, ses = zip(*(ep.headline(e[kind]) for e in have))
+                    entry[kind] = ep.pool_headline(list(vals), list(ses), have, kind)
+            out[col][level] = entry
+    return out

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import candidate_features, inner_fold_usable, path_shape, study_plan
+from fedrad.common.plan import candidate_features, inner_fold_usable, path_shape, study_plan, subgroup_columns
 from fedrad.common import endpoints
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
                                     model_features, screen_candidates)
@@ -160,7 +160,8 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
         chosen[kind] = kind_of.fit_pooled(train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))
     return {"signature": signature,
             "metrics": evaluate_site(endpoint, chosen, harmonized[held_out], min_cell_size=min_cell_size,
-                                     km_grid=vcfg["km_times"]),
+                                     km_grid=vcfg["km_times"],
+                                     subgroups=subgroup_columns(study_plan(cfg)["study"])),
             "models": {kind: m.to_dict() for kind, m in chosen.items()}, "paths": paths}
 
 

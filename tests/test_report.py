@@ -685,3 +685,27 @@ def test_covariate_balance_from_the_cohort_equals_the_rows(response_study):
     worst = {c: v["max_abs"] for c, v in bal["columns"].items()}
     assert (("Imbalanced covariate(s) ComBat does not model" in plain)
             == any(w is not None and w > bal["threshold"] and c not in ("age", "sex") for c, w in worst.items()))
+
+
+def test_subgroup_performance_pooled_over_the_sites_that_released_each_level(response_study):
+    """TRIPOD+AI fairness: every held-out site's AUC per level of sex and stage (age, continuous, has no subgroups);
+    site2's 3 patients at stage 4 are withheld there; each pooled level is the random-effects pooling of the sites'
+    released AUCs (as the whole-site estimate) and the report shows it."""
+    from fedrad.common.metrics import pool_proportion_like
+
+    res = response_study["results"]
+    sub = res["pooled"]["subgroups"]
+    assert set(sub) == {"sex", "stage"} and set(sub["sex"]) == {"F", "M"}
+    assert "4" not in res["external"]["site2"]["subgroups"]["stage"]
+    for col, levels in sub.items():
+        for level, e in levels.items():
+            site_aucs = [m["subgroups"][col][level]["radiomics"]["auc"] for m in res["external"].values()
+                         if (m["subgroups"].get(col, {}).get(level) or {}).get("n")]
+            assert e["sites"] == len(site_aucs)
+            if len(site_aucs) >= 2:
+                want = pool_proportion_like([a["auc"] for a in site_aucs], [a["se"] for a in site_aucs])["pooled"]
+                assert abs(e["radiomics"]["pooled"] - want) < 1e-12
+    text, parsed = _parse(response_study["report"])
+    table = next(t for t in parsed.tables if t and t[0][:3] == ["subgroup", "sites", "patients"])
+    row = next(r for r in table if r[0] == "sex = F")
+    assert row[3].startswith(f"{sub['sex']['F']['radiomics']['pooled']:.3f}")
