@@ -21,7 +21,7 @@ def check_levels(rows, categorical, k: int) -> None:
         if col not in rows.columns:
             continue  # reported by the ComBat step as a missing column
         counts = rows[col].value_counts(dropna=True)
-        small = [lvl for lvl, c in counts.items() if c < k or n - c < k]
+        small = [lvl for lvl, c in counts.items() if c < k or 0 < n - c < k]  # a level of everyone: constant
         if small:
             raise PolicyRefusal(f"categorical covariate {col!r}: {len(small)} level(s) with fewer than {k} patients "
                                 f"(or fewer than {k} outside the level) at this site", code="min-cell-size")
@@ -31,7 +31,11 @@ def combat_stats(site: Site, payload: dict) -> dict:
     """ComBat round 1: the site's regression statistics (aggregates only)."""
     request = payload["request"]
     rows = site.table(payload.get("table"))
-    check_levels(rows, list(request.get("categorical", [])), site.policy.min_cell_size)
+    batch_col = request.get("batch_col")
+    # the level counts go per batch: every level, within every batch of the site, covers >= k patients
+    for part in ([rows] if not batch_col or batch_col not in rows.columns
+                 else [g for _, g in rows.groupby(batch_col, sort=True)]):
+        check_levels(part, list(request.get("categorical", [])), site.policy.min_cell_size)
     if payload.get("impute"):  # a study with missing values: statistics of each fold's imputed table
         from fedrad.client.study_steps import impute_fold
 

@@ -64,13 +64,24 @@ def study_prepare(site: Site, payload: dict) -> dict:
     kind = endpoints.of(endpoint)
     k = site.policy.min_cell_size
     clinical = list(payload.get("clinical", []))
-    covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical]
+    batch = payload.get("batch")  # [harmonization] batch: a missing value is its own batch, never an exclusion
+    covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical and c != batch]
     _, reasons = exclusion_reasons(rows, endpoint, clinical, covariates)
     for reason, count in reasons.items():  # the exact counts stay in the site's own log
         site.log_local("data", f"site {site.name}: {count} row(s) excluded ({reason}; complete-case rule)",
                        "study_prepare")
     complete = complete_rows(rows, endpoint, clinical, site.name, covariates)
     dropped = len(rows) - len(complete)
+    if batch:
+        from fedrad.common.plan import site_batch_labels
+
+        labels = site_batch_labels(complete[batch], site.name, k)
+        merged = sum(1 for a, b in zip(complete[batch].astype(str), labels) if b != f"{site.name}/{a}")
+        if merged:  # the exact counts stay in the site's own log
+            site.log_local("data", f"site {site.name}: {merged} patient(s) of batches under {k} patients joined "
+                           f"another batch ({batch}; the site's batches: {', '.join(sorted(set(labels)))})",
+                           "study_prepare")
+        complete = complete.assign(**{batch: labels})
     site.save_table("raw", complete)
     if source.get("robustness") and payload.get("robustness_needed"):  # perturbed features for ICC, kept here
         site.save_table("robustness", read_feature_file(Path(source["robustness"]), site.name))

@@ -68,6 +68,8 @@ def study_plan(cfg: dict) -> dict:
     # rehearsal-only paths of [sites] (local / simulation runtimes) are not part of what a site approves
     study["sites"] = {name: ({"source": s["source"]} if isinstance(s, dict) and "source" in s else {})
                       for name, s in (study.get("sites") or {}).items()}
+    if study.get("harmonization", {}).get("batch", 0) is None:  # batch = site: the plan as before the key
+        study["harmonization"].pop("batch")
     if study.get("study", {}).get("kind", "prediction") == "prediction":  # a prediction plan as before the
         study.get("study", {}).pop("kind", None)                          # association kind existed (same id)
         study.pop("association", None)
@@ -170,6 +172,29 @@ def path_step(study: dict) -> float:
     return step if endpoints.of(study["endpoint"]).larger_is_weaker else 1.0 / step
 
 
+#: the batch a site's small scanner batches join (``<site>/other``)
+OTHER_BATCH = "other"
+
+
+def site_batch_labels(values, site: str, min_cell_size: int) -> list[str]:
+    """A site's ComBat batch labels from its batch column (``[harmonization] batch``): ``<site>/<value>`` (batches are
+    the site's own; a missing value is ``unknown``); the values with fewer than ``min_cell_size`` patients join
+    ``<site>/other``, and when that is still under ``min_cell_size`` it joins the site's largest batch (a batch of
+    fewer than k patients would let its ComBat sums describe them). The site and the pooled twin both use this."""
+    import pandas as pd
+
+    raw = ["unknown" if pd.isna(v) else str(v) for v in values]
+    counts = pd.Series(raw).value_counts()
+    small = {v for v, c in counts.items() if c < min_cell_size}
+    labels = [OTHER_BATCH if v in small else v for v in raw]
+    n_other = sum(1 for v in labels if v == OTHER_BATCH)
+    kept = counts[[v not in small for v in counts.index]]
+    if 0 < n_other < min_cell_size and len(kept):
+        largest = sorted(kept.items(), key=lambda vc: (-vc[1], vc[0]))[0][0]
+        labels = [largest if v == OTHER_BATCH else v for v in labels]
+    return [f"{site}/{v}" for v in labels]
+
+
 #: a subgroup column has at most this many levels at a site (more: a continuous column, no subgroups)
 MAX_SUBGROUP_LEVELS = 6
 
@@ -189,8 +214,9 @@ def prepare_spec(study: dict) -> dict:
     harm, model = study["harmonization"], study["model"]
     clinical = list(model["clinical"])
     covariates = list(harm["covariates"]) if harm["enabled"] else []
-    required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep)))
-    return {"endpoint": ep, "required_columns": required, "clinical": clinical,
+    batch = [harm["batch"]] if harm["enabled"] and harm.get("batch") else []
+    required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep) + batch))
+    return {"endpoint": ep, "required_columns": required, "clinical": clinical, "batch": batch[0] if batch else None,
             "feature_prefixes": list(study["selection"].get("feature_prefixes") or []),
             "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]))),
                        "categorical": list(harm["categorical"])}}
@@ -293,7 +319,8 @@ def plan_columns(plan: dict) -> dict[str, list[str]]:
         ep = endpoint(study)
         harm = study["harmonization"]
         return {"outcome": outcome_columns(ep), "clinical": list(study["model"]["clinical"]),
-                "covariates": list(harm["covariates"]) if harm["enabled"] else [],
+                "covariates": (list(harm["covariates"]) + ([harm["batch"]] if harm.get("batch") else []))
+                if harm["enabled"] else [],
                 "categorical": list(harm["categorical"]) if harm["enabled"] else []}
     if task == "harmonize":
         req = plan["request"]

@@ -471,6 +471,11 @@ def harmonization_section(results: dict) -> str:
         text += "<p>Harmonization is disabled in this study: the models use the raw features.</p>"
     elif harm:
         cov = ", ".join(harm.get("covariates", [])) or "none"
+        batches = ((results.get("harmonization") or {}).get("final") or {}).get("batch_sizes")
+        if harm.get("batch"):
+            text += (f"<p>ComBat batches: the scanners within each site (column {_e(harm['batch'])}; a scanner "
+                     f"with fewer than k patients at a site joined that site's other batch)"
+                     + (f", {len(batches)} batches in the final fit" if batches else "") + ".</p>")
         text += (f"<p>ComBat settings: covariates preserved: {_e(cov)}; "
                  f"{'parametric' if harm.get('parametric') else 'non-parametric'} empirical Bayes; "
                  f"{'location only' if harm.get('mean_only') else 'location and scale'}. Site differences that "

@@ -229,7 +229,8 @@ class Study:
             self._phase("imputation", t0, r0)
             return
         request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
-                               parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+                               batch_col=harm.get("batch"), parametric=bool(harm["parametric"]),
+                               mean_only=bool(harm["mean_only"]))
         ask = {"request": request, "table": "raw"}
         if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
             ask["impute"] = impute

@@ -33,6 +33,9 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     categorical = ["sex"]
     parametric = true
     mean_only = false
+    # batch = "scanner"                 # batches within sites (a site column: scanner, kernel, protocol); each
+                                        # site's batch labels are its own ("site1/GE"); a batch with fewer than
+                                        # k patients at a site joins the site's "other" batch (then its largest)
 
     [selection]
     # features: by default every numeric column that is not case_id / a file column, the outcome, time or
@@ -101,7 +104,7 @@ DEFAULTS = {
     "endpoint": {"type": "response", "outcome": "response", "time": "os_time", "event": "os_event"},
     "sites": {},
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
-                      "mean_only": False},
+                      "mean_only": False, "batch": None},
     "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
@@ -242,6 +245,12 @@ def validate(cfg: dict) -> dict:
         _boolean(cfg, "harmonization", key)
     for key in ("covariates", "categorical"):
         _strings(cfg, "harmonization", key)
+    batch = harm.get("batch")
+    if batch is not None:
+        _text(cfg, "harmonization", "batch")
+        if batch in harm["covariates"] or batch in cfg["model"]["clinical"]:
+            raise StudyConfigError(f"[harmonization] batch = {_toml(batch)} is also a covariate or clinical column; "
+                                   "the batch is what ComBat removes, a covariate what it preserves")
     sel = cfg["selection"]
     for key in ("feature_prefixes", "feature_columns", "exclude"):
         _strings(cfg, "selection", key)

@@ -423,3 +423,34 @@ def test_attack8_penalty_path_values_and_path_requests_are_the_plans(path_study)
     refused(node, "study_select", select, "outside-plan")  # a path request over a non-model column
     reply = ask(node, "study_evaluate", evaluate(honest))  # the honest path: every variant evaluated
     assert len(reply["folds"][fold]["models"]["volume"]) == 12
+
+
+def test_combat_level_counts_are_checked_within_every_scanner_batch(tmp_path):
+    """With batches within sites, ComBat's level counts go per batch: a sex level with fewer than k patients on
+    one scanner of a site is refused there (the whole site has enough of both), and a plan's batch column cannot be
+    swapped by the coordinator's request."""
+    from fedrad.server.study_config import validate
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, scanners=True)
+    node = nodes[2]
+    d = tables["hosp2"]
+    d.loc[d["scanner"] == "Siemens", "sex"] = "F"
+    d.loc[d.index[d["scanner"] == "Siemens"][:3], "sex"] = "M"  # 3 men on hosp2's Siemens
+    d.to_parquet(node["table"])
+    cfg["harmonization"]["batch"] = "scanner"
+    cfg = validate(cfg)
+    approve_at_sites(study_plan(cfg), [node])
+    pid = plan_id(study_plan(cfg))
+    ask(node, "study_prepare", {"plan": pid})
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    from fedrad.common.combat import make_request
+
+    honest = make_request(feats, ["age", "sex"], ["sex"], batch_col="scanner")
+    refused(node, "combat_stats", {"plan": pid, "request": honest, "table": "raw"}, "min-cell-size")
+    # the coordinator's batch column is ignored (one batch per patient would be refused): the plan's is used
+    clean = nodes[0]
+    approve_at_sites(study_plan(cfg), [clean])
+    ask(clean, "study_prepare", {"plan": pid})
+    swapped = make_request(feats, ["age", "sex"], ["sex"], batch_col="case_id")
+    reply = ask(clean, "combat_stats", {"plan": pid, "request": swapped, "table": "raw"})
+    assert [b["batch"] for b in reply["stats"]["batches"]] == ["hosp0/GE", "hosp0/Siemens"]

@@ -16,7 +16,7 @@ SIZES = (91, 73, 112, 64)
 
 
 def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None = (0.01, 0.1, 1.0),
-               continuous: bool = False):
+               continuous: bool = False, scanners: bool = False):
     """Four synthetic sites; ``grid=None``: the study's default data-driven penalty path. ``continuous``: the
     endpoint is ``immune_score``, a continuous outcome of the same biology (its noise from a separate stream, so
     the other columns do not depend on it)."""
@@ -38,6 +38,14 @@ def make_sites(tmp_path, survival: bool, seed: int = 0, grid: list[float] | None
         mutant = np.random.default_rng([seed, k, 8]).random(n) < 1 / (1 + np.exp(-(-0.6 + 1.5 * bio[:, 2])))
         d["egfr_mutant"] = mutant.astype(int)
         d["case_id"] = [f"s{k}-{i}" for i in range(n)]
+        if scanners:  # two scanners per hospital (a third, with 4 patients at hosp1, joins hosp1/other), each
+            u = np.random.default_rng([seed, k, 9]).random(n)  # with its own offset and scale of the features
+            d["scanner"] = np.where(u < 0.55, "GE", "Siemens")
+            if k == 1:
+                d.loc[d.index[:4], "scanner"] = "Philips"
+            feats = [c for c in d.columns if c.startswith("original_glcm_")]
+            b = (d["scanner"] == "Siemens").to_numpy()
+            d.loc[b, feats] = d.loc[b, feats] * 1.4 + 2.0
         name = f"hosp{k}"
         path = tmp_path / name / "features.parquet"
         path.parent.mkdir(parents=True)
@@ -121,6 +129,47 @@ def test_continuous_endpoint_loso_equals_pooled_twin(tmp_path):
     sse = sum(res["external"][s]["radiomics"]["sse"] for s in tables)
     n = sum(res["external"][s]["radiomics"]["n"] for s in tables)
     assert abs(res["pooled"]["radiomics"]["rmse"] - np.sqrt(sse / n)) < 1e-12
+
+
+def test_scanner_batches_within_sites_equal_neurocombat_and_the_pooled_twin(tmp_path, monkeypatch):
+    """[harmonization] batch = "scanner": every hospital's scanners are its own ComBat batches (hosp1's 4-patient
+    third scanner joins its "other" batch, then, still under k, its largest), the final fold's harmonized tables
+    equal neuroCombat with batch = site/scanner on the pooled rows (1e-8), and every held-out site's metrics equal
+    the pooled twin's (its own scanners on the unseen-site path)."""
+    import contextlib
+    import io
+
+    from neuroCombat import neuroCombat
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, scanners=True)
+    for node in nodes:  # neuroCombat casts covariates to float32: make age exactly representable
+        t = tables[node["site-name"]]
+        t["age"] = t["age"].astype(np.float32).astype(float)
+        t.to_parquet(node["table"])
+    cfg["harmonization"]["batch"] = "scanner"
+    cfg = validate(cfg)
+    res = run_study_in_process(cfg, nodes)
+    assert res["harmonization"]["final"]["batch_sizes"] is not None
+    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
+         for n in nodes}
+    assert set(h["hosp1"]["scanner"]) == {"hosp1/GE", "hosp1/Siemens"}
+    feats = [c for c in h["hosp0"].columns if c.startswith("original_")]  # the candidates ComBat harmonizes
+    raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    raw["batch"] = raw["site"] + "/" + raw["scanner"].where(raw["scanner"] != "Philips", "GE")
+    monkeypatch.setattr(np, "int", int, raising=False)
+    with contextlib.redirect_stdout(io.StringIO()):
+        ref = neuroCombat(np.ascontiguousarray(raw[feats].to_numpy(dtype=float).T),
+                          raw[["batch", "age", "sex"]].copy(), "batch", categorical_cols=["sex"],
+                          continuous_cols=["age"])["data"].T
+    got = pd.concat([h[s] for s in tables], ignore_index=True)
+    assert (got["case_id"].to_numpy() == raw["case_id"].to_numpy()).all()
+    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
+    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - ref) / scale) < 1e-8
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        got_m, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got_m) == set(want)
+        assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
 
 
 def test_rounds_do_not_grow_with_sites(tmp_path):

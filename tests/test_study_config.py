@@ -42,6 +42,7 @@ BAD = [
     ("validation", "km_times", "[-1, 3, 6]"), ("validation", "km_times", "[0, 6, 3]"),
     ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
     ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
+    ("harmonization", "batch", '""'), ("harmonization", "batch", "3"),
     ("study", "kind", '"radiogenomics"'), ("association", "markers", '"immune_score"'),
     ("association", "volume_adjusted", '"yes"'), ("association", "discovery", "[1]"),
     ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
@@ -101,6 +102,28 @@ def test_association_study_rules():
     ]:
         with pytest.raises(StudyConfigError, match=message):
             validate(_merge(user))
+
+
+def test_batch_column_rules():
+    cfg = validate(_merge({"harmonization": {"batch": "scanner", "covariates": ["age"]}}))
+    assert cfg["harmonization"]["batch"] == "scanner"
+    from fedrad.common.plan import named_columns, study_plan
+
+    assert "scanner" in named_columns(study_plan(cfg)["study"])  # never a feature
+    assert "batch" not in study_plan(validate(_merge({})))["study"]["harmonization"]  # ids of plans without it
+    with pytest.raises(StudyConfigError, match="also a covariate"):
+        validate(_merge({"harmonization": {"batch": "age", "covariates": ["age"]}}))
+
+
+def test_site_batch_labels_merge_small_scanners():
+    from fedrad.common.plan import site_batch_labels
+
+    values = ["GE"] * 30 + ["Siemens"] * 12 + ["Philips"] * 4 + ["Canon"] * 7 + [None] * 2
+    labels = site_batch_labels(values, "s1", 10)
+    assert labels[:30] == ["s1/GE"] * 30 and labels[30:42] == ["s1/Siemens"] * 12
+    assert set(labels[42:]) == {"s1/other"}  # 4 + 7 + 2 = 13 >= 10: their own "other" batch
+    labels = site_batch_labels(["GE"] * 30 + ["Philips"] * 4, "s1", 10)
+    assert set(labels) == {"s1/GE"}  # "other" would have 4 < 10: it joins the largest batch
 
 
 def test_defaults_and_derived_values():
