@@ -379,8 +379,8 @@ class Response(Endpoint):
                 # observed vs mean predicted in the released ROC bins (each >= min_cell_size patients)
                 "calibration_bins": (calibration_bins(y, p, bins["edges"]) if bins.get("edges") is not None
                                      else {"n": None, "reason": bins.get("reason")}),
-                # true / false positives at the decision-curve thresholds (a threshold with a cell under k withheld)
-                "decision": metrics.decision_counts(y, p, min_cell_size)}
+                # true / false positives at the decision-curve thresholds: partial sums of the released bins
+                "decision": metrics.decision_counts(bins)}
 
     def paired(self, lp_a, lp_b, outcome):
         from fedrad.common import metrics

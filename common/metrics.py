@@ -1472,26 +1472,30 @@ def calibration_groups(y: Any, pred: Any, min_cell_size: int, groups: int = 10) 
 DCA_THRESHOLDS = tuple(round(0.05 * i, 2) for i in range(1, 17))  # 0.05 .. 0.80
 
 
-def decision_counts(y: Any, p: Any, min_cell_size: int, thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict:
-    r"""A site's counts for the decision curve: at each threshold :math:`t`, true and false positives of "treat
-    when :math:`p \ge t`". A threshold is withheld (``None``) unless each cell of its 2 x 2 table (treated or not x
-    outcome) is 0 or at least ``min_cell_size`` patients; ``n`` and ``positives`` are released with the site's
-    outcome counts (each class at least ``min_cell_size``)."""
-    yv, pv = _binary(y, "y"), _probabilities(p, "p")
-    _same_length(y=yv, p=pv)
-    k = int(min_cell_size)
-    n, pos = len(yv), int(yv.sum())
-    released = min(pos, n - pos) >= k
-    tp, fp = [], []
+def decision_counts(bins: Mapping, thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict:
+    r"""A site's counts for the decision curve, from its released probability-binned ROC table (the bins of
+    :func:`roc_bins` after :func:`suppress_small_cells`: each holds at least k patients; nothing beyond them is
+    released). At a threshold :math:`t` that is an edge of the table, the true and false positives of "treat when
+    :math:`p \ge t`" are the sums of the bins at or above it (``exact``); inside a merged bin they are interpolated
+    linearly, as :func:`pooled_roc_interpolated` does (scores taken as uniform within the bin). ``n`` and
+    ``positives``: the table's totals; everything None when the site withheld its table."""
+    k_t = len(thresholds)
+    edges = bins.get("edges")
+    if edges is None or bins.get("pos_counts") is None:
+        return {"thresholds": [float(t) for t in thresholds], "tp": [None] * k_t, "fp": [None] * k_t,
+                "exact": [False] * k_t, "n": None, "positives": None}
+    e = _edges(edges)
+    pos, neg = _counts(bins, "pos_counts").astype(float), _counts(bins, "neg_counts").astype(float)
+    tp, fp, exact = [], [], []
     for t in thresholds:
-        treat = pv >= t
-        a, b = int((treat & (yv == 1)).sum()), int((treat & (yv == 0)).sum())
-        cells = (a, b, pos - a, n - pos - b)
-        ok = released and all(c == 0 or c >= k for c in cells)
-        tp.append(a if ok else None)
-        fp.append(b if ok else None)
-    return {"thresholds": [float(t) for t in thresholds], "tp": tp, "fp": fp,
-            "n": n if released else None, "positives": pos if released else None}
+        j = int(np.clip(np.searchsorted(e, t + 1e-12, side="right") - 1, 0, len(pos) - 1))  # edges are linspace
+        hit = abs(e[j] - t) <= 1e-12
+        frac = 1.0 if hit else float(np.clip((e[j + 1] - t) / (e[j + 1] - e[j]), 0.0, 1.0))
+        tp.append(float(pos[j + 1:].sum() + frac * pos[j]))
+        fp.append(float(neg[j + 1:].sum() + frac * neg[j]))
+        exact.append(bool(hit))
+    return {"thresholds": [float(t) for t in thresholds], "tp": tp, "fp": fp, "exact": exact,
+            "n": int(pos.sum() + neg.sum()), "positives": int(pos.sum())}
 
 
 def net_benefit(tp: float, fp: float, n: float, t: float) -> float:
@@ -1501,24 +1505,20 @@ def net_benefit(tp: float, fp: float, n: float, t: float) -> float:
 
 
 def pooled_decision_curve(tables: Sequence[Mapping]) -> dict:
-    """Pooled net benefit at each threshold from the sites' :func:`decision_counts` (sums over the sites that
-    released the threshold: exact), with treat-all over the same sites; ``sites`` per threshold."""
+    """Pooled net benefit at each threshold from the sites' :func:`decision_counts` (sums over every site that
+    released its table), with treat-all over the same sites; ``exact`` where every site had the threshold as a bin
+    edge (there the value equals the pooled rows'), else within merged bins interpolated."""
     tabs = [t for t in tables if t and t.get("n")]
     if not tabs:
         return {"thresholds": list(DCA_THRESHOLDS), "net_benefit": [None] * len(DCA_THRESHOLDS),
-                "treat_all": [None] * len(DCA_THRESHOLDS), "sites": [0] * len(DCA_THRESHOLDS),
-                "reason": "no site released decision-curve counts"}
+                "treat_all": [None] * len(DCA_THRESHOLDS), "exact": [False] * len(DCA_THRESHOLDS), "sites": 0,
+                "reason": "no site released its probability-binned counts"}
     thresholds = list(tabs[0]["thresholds"])
-    nb, alln, sites = [], [], []
-    for j, t in enumerate(thresholds):
-        use = [x for x in tabs if x["tp"][j] is not None]
-        sites.append(len(use))
-        if not use:
-            nb.append(None)
-            alln.append(None)
-            continue
-        n = sum(x["n"] for x in use)
-        pos = sum(x["positives"] for x in use)
-        nb.append(net_benefit(sum(x["tp"][j] for x in use), sum(x["fp"][j] for x in use), n, t))
-        alln.append(net_benefit(pos, n - pos, n, t))
-    return {"thresholds": thresholds, "net_benefit": nb, "treat_all": alln, "sites": sites, "reason": None}
+    n = sum(x["n"] for x in tabs)
+    pos = sum(x["positives"] for x in tabs)
+    nb = [net_benefit(sum(x["tp"][j] for x in tabs), sum(x["fp"][j] for x in tabs), n, t)
+          for j, t in enumerate(thresholds)]
+    return {"thresholds": thresholds, "net_benefit": nb,
+            "treat_all": [net_benefit(pos, n - pos, n, t) for t in thresholds],
+            "exact": [all(x["exact"][j] for x in tabs) for j in range(len(thresholds))], "sites": len(tabs),
+            "reason": None}

@@ -763,7 +763,6 @@ def decision_curve_figure(results: dict) -> str:
     curves = {k: c for k, c in curves.items() if c and any(v is not None for v in c.get("net_benefit", []))}
     if not curves:
         return ""
-    n_sites = len(results.get("external", {}))
     with plt.rc_context(STYLE):
         fig, ax = plt.subplots(figsize=(7.4, 4.4))
         first = next(iter(curves.values()))
@@ -774,7 +773,7 @@ def decision_curve_figure(results: dict) -> str:
         top = 0.0
         for kind, c in curves.items():
             nb = np.array([np.nan if v is None else v for v in c["net_benefit"]], dtype=float)
-            full = np.array([s == n_sites for s in c["sites"]])
+            full = np.array(c.get("exact") or [False] * len(nb), dtype=bool)
             ax.plot(t, nb, color=COLORS[kind], lw=1.6, label=LABELS[kind])
             ax.plot(t[full], nb[full], "o", color=COLORS[kind], ms=3.5)
             ax.plot(t[~full], nb[~full], "o", mfc="white", color=COLORS[kind], ms=3.5)
@@ -983,10 +982,11 @@ def validation_section(results: dict) -> str:
                              "AUCs in the forest plot.", "fig-roc"))
         parts.append(_figure(decision_curve_figure(results),
                              "Decision curves: net benefit = TP/n − FP/n · t/(1 − t) of treating the patients whose "
-                             "predicted probability is at least t, summed over the held-out sites' released counts; "
-                             "filled points: every held-out site released the threshold, open points: a site withheld "
-                             "it (a cell of its 2 × 2 table under k). Above both reference lines, the model helps "
-                             "decide at that threshold.", "fig-decision"))
+                             "predicted probability is at least t, summed over the held-out sites, from the same "
+                             "probability-binned counts as the ROC curves (nothing else is released); filled points: "
+                             "t is a bin edge at every site (exact), open points: inside a bin some site merged to "
+                             "reach k patients (interpolated within it). Above both reference lines, the model "
+                             "helps decide at that threshold.", "fig-decision"))
         parts.append(_figure(calibration_figure(results),
                              "Calibration: in each released probability bin of a held-out site, the observed share "
                              "of positives against the mean predicted probability (point area ∝ patients in the "

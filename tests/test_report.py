@@ -476,14 +476,20 @@ def test_report_content_response(response_study):
     from fedrad.common.metrics import net_benefit
 
     dc = pooled["decision_curve"]
+    tabs = [m["radiomics"]["decision"] for m in res["external"].values() if m["radiomics"]["decision"]["n"]]
+    assert dc["sites"] == len(tabs) == 4
+    n = sum(u["n"] for u in tabs)
     for j, t in enumerate(dc["thresholds"]):
-        use = [m["radiomics"]["decision"] for m in res["external"].values() if m["radiomics"]["decision"]["tp"][j]
-               is not None]
-        assert dc["sites"][j] == len(use)
-        if use:
-            want = net_benefit(sum(u["tp"][j] for u in use), sum(u["fp"][j] for u in use), sum(u["n"] for u in use), t)
-            assert abs(dc["net_benefit"][j] - want) < 1e-15
-    assert sum(s > 0 for s in dc["sites"]) >= 5
+        want = net_benefit(sum(u["tp"][j] for u in tabs), sum(u["fp"][j] for u in tabs), n, t)
+        assert abs(dc["net_benefit"][j] - want) < 1e-15
+        assert dc["exact"][j] == all(u["exact"][j] for u in tabs)
+        # the counts are partial sums of the released ROC bins, interpolated inside a merged bin
+        for m in res["external"].values():
+            b, d = m["radiomics"]["roc_bins"], m["radiomics"]["decision"]
+            edges = np.asarray(b["edges"])
+            if d["exact"][j]:
+                assert d["tp"][j] == sum(c for c, lo in zip(b["pos_counts"], edges[:-1]) if lo >= t - 1e-12)
+    assert sum(sum(m["radiomics"]["decision"]["exact"]) for m in res["external"].values()) >= 8
     # provenance: versions at the coordinator and every site, rounds with the failed one
     soft = next(t for t in parsed.tables if t[0][:2] == ["software", "coordinator"])
     row = next(r for r in soft if r[0] == "pyradiomics")
