@@ -220,3 +220,38 @@ def test_association_replication_and_small_marker_cells(tmp_path):
     assert "hosp3" not in assoc["pairs"]["egfr_mutant"]["original_glcm_F2"]["spearman"]["sites"]
     log = (tmp_path / "hosp3" / "work" / "site.log").read_text()
     assert "marker egfr_mutant has a level with fewer than 10 patients" in log
+
+
+def test_association_requests_are_the_plans_kind_once_per_attempt(tmp_path):
+    """The site answers study_associate only under an association plan, once per attempt and on the final table,
+    and refuses the prediction requests under it; a prediction plan refuses study_associate."""
+    from fedrad.common.plan import plan_id, study_plan
+    from fedrad.local import approve_at_sites
+    from tests.test_site_guard import ask, refused
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    pred = plan_id(study_plan(cfg))
+    approve_at_sites(study_plan(cfg), [node])
+    ask(node, "study_prepare", {"plan": pred})
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    refused(node, "study_associate", {"plan": pred, "table": "raw", "features": feats}, "outside-plan")
+    acfg = _association_cfg(cfg, volume_adjusted=False)
+    pid = plan_id(study_plan(acfg))
+    approve_at_sites(study_plan(acfg), [node])
+    ask(node, "study_prepare", {"plan": pid})
+    refused(node, "study_associate", {"plan": pid, "table": "raw", "features": feats}, "outside-plan")  # not final
+    refused(node, "study_select", {"plan": pid, "folds": {}}, "outside-plan")
+    refused(node, "study_associate", {"plan": pid, "table": "h-final", "features": feats + ["case_id"]},
+            "outside-plan")
+    # no harmonized table yet, so make one: the final fold's table is the raw table when harmonization is off
+    off = _association_cfg({**cfg, "harmonization": {**cfg["harmonization"], "enabled": False}})
+    pid = plan_id(study_plan(off))
+    approve_at_sites(study_plan(off), [node])
+    ask(node, "study_prepare", {"plan": pid})
+    reply = ask(node, "study_associate", {"plan": pid, "table": "raw", "features": feats})
+    assert np.asarray(reply["fm"]).shape == (9, 2) and "ff" in reply and "ffx" not in reply
+    # the plan's covariates and, as the plan adjusts for volume, the site's own volume column
+    assert reply["adjust"] == ["age", "stage", "original_shape_VoxelVolume"]
+    refused(node, "study_associate", {"plan": pid, "table": "raw", "features": feats}, "outside-plan")  # twice
