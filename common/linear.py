@@ -275,6 +275,18 @@ class LinearModel:
         k_mat[1:, 1:] = self.gram_std_ + (self.n_ * self.alpha if self.penalty else 0.0) * np.eye(p)
         return self.sigma2_ * np.linalg.inv(k_mat)
 
+    @property
+    def summary(self) -> pd.DataFrame:
+        """Per feature: coefficient on the original scale, per SD (standardized), and that one's approximate SE
+        (:meth:`covariance_std`; NaN for an L1 / elastic-net fit)."""
+        cov = self.covariance_std()
+        se = np.full(len(self.coef_std_), np.nan)
+        if cov is not None:
+            for i, j in enumerate(self.kept_):
+                se[j] = math.sqrt(max(cov[i + 1, i + 1], 0.0))
+        return pd.DataFrame({"coef": self.coef_, "coef_per_sd": self.coef_std_, "se_per_sd": se},
+                            index=pd.Index(self.feature_names_, name="feature"))
+
     def to_dict(self) -> dict:
         return {"kind": _MODEL_KIND, "version": _VERSION,
                 "params": {"penalty": self.penalty, "alpha": float(self.alpha), "l1_ratio": self.l1_ratio},

@@ -554,9 +554,11 @@ def harmonize(
 def fit(
     input: Path = typer.Argument(..., help="Feature table (.csv or .parquet) with a site column."),
     site_col: str = typer.Option(..., "--site-col", help="Column naming each row's site."),
-    model: str = typer.Option(..., "--model", help="logistic (binary response) or cox (survival, site strata)."),
+    model: str = typer.Option(..., "--model", help="logistic (binary response), cox (survival, site strata) or "
+                              "linear (continuous outcome)."),
     out: Path = typer.Option(..., "--out", help="Model file (JSON)."),
-    outcome: Optional[str] = typer.Option(None, "--outcome", help="0/1 outcome column (logistic)."),
+    outcome: Optional[str] = typer.Option(None, "--outcome", help="Outcome column: 0/1 (logistic) or numeric "
+                                          "(linear)."),
     time: Optional[str] = typer.Option(None, "--time", help="Survival time column (cox)."),
     event: Optional[str] = typer.Option(None, "--event", help="Event indicator column, 1 = event (cox)."),
     features: Optional[str] = typer.Option(None, "--features", help="Feature columns, comma-separated "
@@ -565,7 +567,8 @@ def fit(
                                                  help="Use columns starting with these prefixes (comma-separated)."),
     penalty: str = typer.Option("l2", "--penalty", help="l2, l1, elasticnet or none."),
     c: float = typer.Option(1.0, "--C", help="logistic: inverse penalty strength (scikit-learn's C); "
-                                            "cox: the penalizer (lifelines')."),
+                                            "cox: the penalizer (lifelines'); linear: alpha (scikit-learn's "
+                                            "ElasticNet; Ridge's alpha is n times it)."),
     l1_ratio: Optional[float] = typer.Option(None, "--l1-ratio", help="Elastic-net mixing (0 = L2, 1 = L1)."),
     federated: bool = typer.Option(False, "--federated", help="Each site a site agent; Flower's message layer "
                                    "in-process; only sums, gradients and Hessians leave a site."),
@@ -588,7 +591,8 @@ def fit(
                                                help="DP: target epsilon; sets the noise multiplier that spends "
                                                     "exactly this over --rounds (instead of --dp-noise)."),
 ) -> None:
-    """Fit a penalized logistic or site-stratified Cox model (pooled, or federated with identical results)."""
+    """Fit a penalized logistic, site-stratified Cox or linear model (pooled, or federated with identical
+    results)."""
     import json
 
     from fedrad.local import fit_table, select_features
@@ -596,8 +600,8 @@ def fit(
 
     df = _read_table(input)
     model = model.lower()
-    if model not in ("logistic", "cox"):
-        _fail(f"--model {model!r}: use logistic or cox")
+    if model not in ("logistic", "cox", "linear"):
+        _fail(f"--model {model!r}: use logistic, cox or linear")
     pen = None if penalty.lower() == "none" else penalty.lower()
     if pen not in (None, "l2", "l1", "elasticnet"):
         _fail(f"--penalty {penalty!r}: use l2, l1, elasticnet or none")
@@ -640,7 +644,7 @@ def fit(
     except (SiteError, ValueError) as exc:
         _fail(str(exc))
     doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
-           "outcome": {"outcome": outcome} if model == "logistic" else {"time": time, "event": event},
+           "outcome": {"time": time, "event": event} if model == "cox" else {"outcome": outcome},
            "site_col": site_col, "features": feats, "harmonization": None, "params": fitted.to_dict(),
            "source": str(input)}
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -803,14 +807,16 @@ def load_model(path: Path):
     if not isinstance(doc, dict) or doc.get("fedrad_model") != 1:
         _fail(f"{path} is not a fedrad model file (no \"fedrad_model\": 1); pass the file `fedrad fit --out` wrote")
     lacking = [k for k in ("model", "features", "params") if k not in doc]
-    if lacking or doc["model"] not in ("logistic", "cox"):
+    if lacking or doc["model"] not in ("logistic", "cox", "linear"):
         what = f"lacks {', '.join(lacking)}" if lacking else f"model {doc['model']!r}"
         _fail(f"model file {path} is incomplete or damaged ({what}); fit it again with `fedrad fit`")
     from fedrad.common.cox import CoxError, CoxModel
     from fedrad.common.glm import GLMError, LogisticModel
+    from fedrad.common.linear import LinearModel
 
     try:
-        return doc, (LogisticModel if doc["model"] == "logistic" else CoxModel).from_dict(doc["params"])
+        kind = {"logistic": LogisticModel, "cox": CoxModel, "linear": LinearModel}[doc["model"]]
+        return doc, kind.from_dict(doc["params"])
     except (GLMError, CoxError, KeyError, TypeError, AttributeError) as exc:
         _fail(f"model file {path}: its parameters are damaged ({exc.__class__.__name__}: {exc}); fit it again "
               "with `fedrad fit`")
@@ -840,6 +846,8 @@ def predict(
     if doc["model"] == "logistic":
         res["probability"] = fitted.predict_proba(X)[:, 1]
         res["linear_predictor"] = fitted.decision_function(X)
+    elif doc["model"] == "linear":
+        res["prediction"] = fitted.predict(X)
     else:
         res["log_partial_hazard"] = np.asarray(fitted.predict_log_partial_hazard(X), dtype=float)
     if out is None:

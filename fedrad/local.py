@@ -230,7 +230,8 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
               time: str | None = None, event: str | None = None, penalty: str | None = "l2", C: float = 1.0,
               l1_ratio: float | None = None, federated: bool = False, min_cell_size: int | None = None,
               log=None, secure_aggregation: bool = False, workdir: Path | None = None) -> tuple[object, dict]:
-    """Fit a logistic or site-stratified Cox model on a table, pooled or federated (each site a site agent).
+    """Fit a logistic, site-stratified Cox or linear model on a table, pooled or federated (each site a site
+    agent).
 
     ``secure_aggregation`` (federated logistic only, >= 3 sites): every round's sums are combined with Flower's
     SecAgg+, so the coordinator only learns their total over all sites (fedrad.server.secure; docs/PRIVACY.md).
@@ -241,9 +242,9 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
                          "(--model logistic --federated)")
     if site_col not in df.columns:
         raise ValueError(f"column {site_col!r} not in the table")
-    outcome_cols = [outcome] if model == "logistic" else [time, event]
+    outcome_cols = [time, event] if model == "cox" else [outcome]
     if any(c is None for c in outcome_cols):
-        raise ValueError("logistic needs --outcome; cox needs --time and --event")
+        raise ValueError(f"{model} needs --outcome" if model != "cox" else "cox needs --time and --event")
     for col in outcome_cols:
         if col not in df.columns:
             raise ValueError(f"outcome column {col!r} not in the table")
@@ -264,8 +265,16 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
             return fitted, {"mode": "pooled"}
         server = CoxFit(features, duration_col=time, event_col=event, penalizer=C, l1_ratio=l1_ratio or 0.0)
         data = {"model": "cox", "features": features, "time": time, "event": event}
+    elif model == "linear":
+        from fedrad.common.linear import LinearModel, LinearServer
+
+        if not federated:
+            est = LinearModel(penalty=penalty, alpha=C, l1_ratio=l1_ratio)
+            return est.fit(df[features], df[outcome].to_numpy(dtype=float)), {"mode": "pooled"}
+        server = LinearServer(features, penalty=penalty, alpha=C, l1_ratio=l1_ratio)
+        data = {"model": "linear", "features": features, "outcome": outcome}
     else:
-        raise ValueError(f"unknown model {model!r}; use logistic or cox")
+        raise ValueError(f"unknown model {model!r}; use logistic, cox or linear")
     from fedrad.server.fitting import FitTask, run_fits
 
     if secure_aggregation:

@@ -102,7 +102,7 @@ def test_bad_inputs_give_clear_errors(tmp_path):
     r = _fit(tmp_path, df, "--model", "logistic", "--out", str(tmp_path / "e.json"))
     assert r.exit_code == 1 and "needs --outcome" in r.output
     r = _fit(tmp_path, df, "--model", "tree", "--outcome", "response", "--out", str(tmp_path / "e.json"))
-    assert r.exit_code == 1 and "use logistic or cox" in r.output
+    assert r.exit_code == 1 and "use logistic, cox or linear" in r.output
 
 
 def _survival_table(seed=4):
@@ -155,3 +155,36 @@ def test_fedavg_option_is_approximate_but_close(tmp_path, strategy):
     r3 = _fit(tmp_path, df, "--model", "cox", "--time", "response", "--event", "response", "--federated",
               "--strategy", strategy, "--out", str(tmp_path / "x.json"))
     assert r3.exit_code == 1 and "logistic --penalty l2 --federated only" in r3.output
+
+
+def test_linear_fit_federated_equals_pooled_and_scikit_learn_and_predicts(tmp_path):
+    """`fedrad fit --model linear`: a continuous outcome, federated (2 round trips) equal to pooled and to
+    scikit-learn's ElasticNet on the standardized pooled rows; `fedrad predict` writes each row's prediction."""
+    from sklearn.linear_model import ElasticNet
+    from sklearn.preprocessing import StandardScaler
+
+    df = _table()
+    df["score"] = df["original_glcm_f0"] * 2.0 - df["original_glcm_f1"] + 0.05 * df["age"] + \
+        np.random.default_rng(3).normal(size=len(df))
+    base = ["--model", "linear", "--outcome", "score", "--penalty", "elasticnet", "--l1-ratio", "0.5",
+            "--C", "0.05", "--features", "original_glcm_f0,original_glcm_f1,original_glcm_f2,age"]
+    r = _fit(tmp_path, df, *base, "--federated", "--out", str(tmp_path / "fed.json"))
+    assert r.exit_code == 0, r.output
+    assert "federated, 2 round trips" in r.output
+    r = _fit(tmp_path, df, *base, "--out", str(tmp_path / "pooled.json"))
+    assert r.exit_code == 0, r.output
+    fed = json.loads((tmp_path / "fed.json").read_text())
+    pooled = json.loads((tmp_path / "pooled.json").read_text())
+    np.testing.assert_allclose(fed["params"]["coef"], pooled["params"]["coef"], rtol=1e-9, atol=1e-12)
+    feats = fed["features"]
+    z = StandardScaler().fit_transform(df[feats])
+    ref = ElasticNet(alpha=0.05, l1_ratio=0.5, tol=1e-14, max_iter=1_000_000).fit(z, df["score"])
+    np.testing.assert_allclose(fed["params"]["coef_std"], ref.coef_, atol=1e-8)
+    src = tmp_path / "site.csv"
+    df[df.site == "s1"].to_csv(src, index=False)
+    r = RUNNER.invoke(app, ["predict", str(tmp_path / "fed.json"), str(src), "--out", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    scores = pd.read_csv(tmp_path / "p.csv")
+    assert list(scores.columns) == ["case_id", "prediction"] and len(scores) == 60
+    want = ref.predict(StandardScaler().fit(df[feats]).transform(df[df.site == "s1"][feats]))
+    np.testing.assert_allclose(scores["prediction"], want, atol=1e-6)
