@@ -76,7 +76,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
         from fedrad.common.plan import site_batch_labels
 
         labels = site_batch_labels(complete[batch], site.name, k)
-        merged = sum(1 for a, b in zip(complete[batch].astype(str), labels) if b != f"{site.name}/{a}")
+        merged = sum(a != b for a, b in zip(site_batch_labels(complete[batch], site.name, 0), labels))
         if merged:  # the exact counts stay in the site's own log
             site.log_local("data", f"site {site.name}: {merged} patient(s) of batches under {k} patients joined "
                            f"another batch ({batch}; the site's batches: {', '.join(sorted(set(labels)))})",
@@ -215,17 +215,15 @@ def study_associate(site: Site, payload: dict) -> dict:
     feature x marker cross-products adjusted for the plan's covariates (and the site's volume column), and the
     site's Spearman correlations. A refusal (a covariate level under k) is the site's policy."""
     from fedrad.client.policy import PolicyRefusal
-    from fedrad.common.association import AssociationError, site_association
+    from fedrad.common.association import SmallCellError, site_association
 
     rows = site.table(payload["table"])
     adjust = list(payload["adjust"]) + ([payload["volume"]] if payload.get("volume") else [])
     try:
         out = site_association(rows, payload["features"], payload["markers"], adjust,
                                min_cell_size=site.policy.min_cell_size, site=site.name)
-    except AssociationError as exc:
-        if "fewer than" in str(exc):
-            raise PolicyRefusal(str(exc), code="min-cell-size") from None
-        raise
+    except SmallCellError as exc:
+        raise PolicyRefusal(str(exc), code="min-cell-size") from None
     for marker in out["withheld_markers"]:
         site.log_local("policy", f"site {site.name}: marker {marker} has a level with fewer than "
                        f"{site.policy.min_cell_size} patients; its associations are withheld", "study_associate")

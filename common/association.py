@@ -38,6 +38,10 @@ class AssociationError(ValueError):
     """Bad input for an association statistic (the message names the column or site)."""
 
 
+class SmallCellError(AssociationError):
+    """The aggregate would describe fewer patients than the site's minimum cell size (the site refuses)."""
+
+
 def _few_off_the_mode(x: np.ndarray, k: int) -> bool:
     """Fewer than ``k`` patients differ from the column's most common value: a 0/1 status with a level under k, or
     an indicator in disguise (all patients but a few share one value), whose cross-products would describe those
@@ -68,11 +72,11 @@ def site_association(rows: pd.DataFrame, features: Sequence[str], markers: Seque
     n = len(x)
     k = int(min_cell_size)
     if n < k:
-        raise AssociationError(f"{where}: {n} patients, fewer than the minimum cell size {k}")
+        raise SmallCellError(f"{where}: {n} patients, fewer than the minimum cell size {k}")
     p, q = len(feats), len(marks)
     for j, c in enumerate(adj):
         if _few_off_the_mode(x[:, p + q + j], k):
-            raise AssociationError(f"{where}: covariate {c!r} has a level with fewer than {k} patients; the site "
+            raise SmallCellError(f"{where}: covariate {c!r} has a level with fewer than {k} patients; the site "
                                    "does not release cross-products of so few patients")
     withheld = [c for j, c in enumerate(marks) if _few_off_the_mode(x[:, p + j], k)]
     keep_m = [j for j, c in enumerate(marks) if c not in withheld]

@@ -710,9 +710,6 @@ class Continuous(Endpoint):
             raise ValueError(f"site {site}: outcome column {col!r} differs from its most common value in fewer "
                              f"patients than the site's minimum cell size; it cannot be a continuous outcome here")
 
-    def event_count(self, rows):
-        return int(len(rows))
-
     def outcome_counts(self, rows):
         return {}
 
@@ -830,9 +827,6 @@ class Markers(Endpoint):
             if rows[col].nunique() < 2:
                 raise ValueError(f"site {site}: marker column {col!r} is constant; an association needs varying "
                                  "values")
-
-    def event_count(self, rows):
-        return int(len(rows))
 
     def outcome_counts(self, rows):
         return {}

@@ -4,11 +4,10 @@ matrix, a forest plot of every top pair across sites, the table of the FDR survi
 Helpers (figures as inline SVG, tables, number formats) come from :mod:`fedrad.server.report`."""
 from __future__ import annotations
 
-import math
-
 import matplotlib.pyplot as plt
 import numpy as np
 
+from fedrad.common.metrics import SPEARMAN_Z_VARIANCE, _correlation_entry
 from fedrad.server.report import NA, STYLE, _e, _figure, _fmt, _p, _short, _site_colors, _svg, _table
 
 #: rows of the heat map: the features with the strongest association (smallest p over the markers)
@@ -92,9 +91,10 @@ def forest_figure(results: dict) -> str:
             y -= 1
             for s in sites:
                 e = sp["sites"].get(s)
-                if e and e.get("rho") is not None and e.get("n", 0) > 3 and abs(e["rho"]) < 1:
-                    z, se = math.atanh(e["rho"]), math.sqrt(1.06 / (e["n"] - 3))
-                    lo, hi = math.tanh(z - 1.96 * se), math.tanh(z + 1.96 * se)
+                ci = (_correlation_entry(e["rho"], e["n"], SPEARMAN_Z_VARIANCE, 0.95, "rho")
+                      if e and e.get("rho") is not None else {})
+                if ci.get("ci_low") is not None:
+                    lo, hi = ci["ci_low"], ci["ci_high"]
                     ax.plot([lo, hi], [y, y], color=colors.get(s, "grey"), lw=1.3)
                     ax.plot(e["rho"], y, "s", color=colors.get(s, "grey"), ms=4)
                     role = " (replication)" if s in assoc["replication"] else ""

@@ -255,3 +255,26 @@ def test_association_requests_are_the_plans_kind_once_per_attempt(tmp_path):
     # the plan's covariates and, as the plan adjusts for volume, the site's own volume column
     assert reply["adjust"] == ["age", "stage", "original_shape_VoxelVolume"]
     refused(node, "study_associate", {"plan": pid, "table": "raw", "features": feats}, "outside-plan")  # twice
+
+
+def test_a_covariate_level_under_k_makes_the_site_refuse_the_association_request(tmp_path):
+    """Through the real site agent: a plan adjusting for a 0/1 covariate that 3 of a site's patients have gets a
+    min-cell-size refusal (audited, no value in the reply), not the cross-products of those 3 patients."""
+    from fedrad.common.plan import plan_id, study_plan
+    from fedrad.local import approve_at_sites
+    from tests.test_site_guard import ask, refused
+    from tests.test_study import make_sites
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    d = tables["hosp0"].assign(smoker=0)
+    d.loc[d.index[:3], "smoker"] = 1
+    d.to_parquet(node["table"])
+    cfg = {**cfg, "harmonization": {**cfg["harmonization"], "enabled": False},
+           "model": {**cfg["model"], "clinical": ["age", "smoker"]}}
+    acfg = _association_cfg(cfg, volume_adjusted=False)
+    pid = plan_id(study_plan(acfg))
+    approve_at_sites(study_plan(acfg), [node])
+    ask(node, "study_prepare", {"plan": pid})
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    refused(node, "study_associate", {"plan": pid, "table": "raw", "features": feats}, "min-cell-size")
