@@ -110,11 +110,14 @@ __all__ = [
     "ComBatReference",
     "ComBat",
     "FederatedComBat",
+    "BatchSums",
     "location_scale",
     "eb_priors",
     "parametric_posterior",
     "nonparametric_posterior",
     "fit_batch_adjustment",
+    "covbat_options",
+    "covbat_adjust",
     "make_request",
     "site_combat_stats",
     "combine_combat_stats",
@@ -375,13 +378,40 @@ def _wire(obj: Any) -> Any:
 # ----------------------------------------------------------------------------------------------
 # Empirical Bayes: per batch, site-local
 # ----------------------------------------------------------------------------------------------
-def location_scale(s: np.ndarray, mean_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
+@dataclass(frozen=True)
+class BatchSums:
+    r"""A batch's standardized data summarized by its sufficient statistics: ``n`` rows, per-feature
+    ``mean`` :math:`\bar s_g` and centred sum of squares ``css`` :math:`\sum_i (s_{ig}-\bar s_g)^2`.
+
+    Everything ComBat's empirical Bayes step needs of a batch (location/scale, priors, the parametric
+    iteration's :math:`\sum_i (s_i-\gamma)^2 = css + n(\bar s-\gamma)^2`, the non-parametric integral), so
+    the server can compute a batch's posterior when the batch's rows are at several sites
+    (:func:`combine_combat_stats` with ``shared_batches``)."""
+
+    n: int
+    mean: np.ndarray
+    css: np.ndarray
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.n), int(len(self.mean))
+
+    @classmethod
+    def of(cls, s: np.ndarray) -> "BatchSums":
+        m = s.mean(axis=0)
+        return cls(int(s.shape[0]), m, ((s - m) ** 2).sum(axis=0))
+
+    def sum2(self, g: np.ndarray) -> np.ndarray:
+        return self.css + self.n * (self.mean - g) ** 2
+
+
+def location_scale(s: np.ndarray | BatchSums, mean_only: bool = False) -> tuple[np.ndarray, np.ndarray]:
     r"""Per-feature location and scale of one batch's standardized data.
 
     Parameters
     ----------
-    s : ndarray, shape (n_samples, n_features)
-        Standardized data :math:`s_{ig}` of one batch.
+    s : ndarray, shape (n_samples, n_features), or :class:`BatchSums`
+        Standardized data :math:`s_{ig}` of one batch (or its sufficient statistics).
     mean_only : bool
         If True, :math:`\hat\delta = 1`.
 
@@ -393,11 +423,13 @@ def location_scale(s: np.ndarray, mean_only: bool = False) -> tuple[np.ndarray, 
         :math:`\hat\delta_g = \frac1{n-1}\sum_i (s_{ig}-\hat\gamma_g)^2` (zeros replaced by 1, as
         neuroCombat's ``convert_zeroes``).
     """
-    gamma_hat = s.mean(axis=0)
-    if mean_only:
-        delta_hat = np.ones(s.shape[1])
+    if isinstance(s, BatchSums):
+        gamma_hat = np.asarray(s.mean, dtype=float).copy()
+        delta_hat = np.ones(len(gamma_hat)) if mean_only else np.asarray(s.css, dtype=float) / (s.n - 1)
     else:
-        delta_hat = s.var(axis=0, ddof=1)
+        gamma_hat = s.mean(axis=0)
+        delta_hat = np.ones(s.shape[1]) if mean_only else s.var(axis=0, ddof=1)
+    if not mean_only:
         delta_hat[delta_hat == 0] = 1.0
     return gamma_hat, delta_hat
 
@@ -454,6 +486,7 @@ def parametric_posterior(s: np.ndarray, gamma_hat: np.ndarray, delta_hat: np.nda
     n_iter : int
     """
     n = s.shape[0]
+    sum2_at = s.sum2 if isinstance(s, BatchSums) else (lambda g: ((s - g) ** 2).sum(axis=0))
     g_old = gamma_hat.copy()
     d_old = delta_hat.copy()
     change = 1.0
@@ -461,7 +494,7 @@ def parametric_posterior(s: np.ndarray, gamma_hat: np.ndarray, delta_hat: np.nda
     with np.errstate(divide="ignore", invalid="ignore"):
         while change > conv:
             g_new = _postmean(gamma_hat, gamma_bar, n, d_old, t2)
-            sum2 = ((s - g_new) ** 2).sum(axis=0)
+            sum2 = sum2_at(g_new)
             d_new = _postvar(sum2, n, a_prior, b_prior)
             change = max((abs(g_new - g_old) / g_old).max(), (abs(d_new - d_old) / d_old).max())
             g_old, d_old = g_new, d_new
@@ -487,9 +520,9 @@ def nonparametric_posterior(s: np.ndarray, gamma_hat: np.ndarray, delta_hat: np.
     Computed in the log domain with :math:`\sum_i (s_{ig}-\hat\gamma_j)^2 = \sum_i (s_{ig}-\bar s_g)^2
     + n(\bar s_g-\hat\gamma_j)^2`, so large batches do not underflow.
     """
-    n, f = s.shape
-    m = s.mean(axis=0)
-    ss = ((s - m) ** 2).sum(axis=0)
+    sums = s if isinstance(s, BatchSums) else BatchSums.of(s)
+    n, f = sums.shape
+    m, ss = sums.mean, sums.css
     log_norm = -0.5 * n * np.log(2 * np.pi * delta_hat)
     gamma_star = np.empty(f)
     delta_star = np.empty(f)
@@ -555,12 +588,13 @@ class BatchAdjustment:
                 "excluded_features": dict(self.excluded_features)}
 
 
-def fit_batch_adjustment(s: np.ndarray, *, batch: Any = None, features: Sequence[str] | None = None,
+def fit_batch_adjustment(s: np.ndarray | BatchSums, *, batch: Any = None, features: Sequence[str] | None = None,
                          eb: bool = True, parametric: bool = True, mean_only: bool = False,
                          is_reference: bool = False, conv: float = 1e-4,
                          max_iter: int = 10000) -> BatchAdjustment:
     """Location/scale, priors and posterior of one batch from its standardized rows ``s``
-    (n_samples, n_features), exactly as neuroCombat does per batch.
+    (n_samples, n_features), exactly as neuroCombat does per batch, or from their
+    :class:`BatchSums` (the same numbers to rounding).
 
     ``is_reference``: the batch is ``ref_batch``; estimates are reported but the adjustment is
     ``gamma_star = 0``, ``delta_star = 1`` (data left unchanged).
@@ -602,8 +636,130 @@ def _standardize(y, d, grand, coef, var):
     return (y - grand - d @ coef) / np.sqrt(var)
 
 
+def _from_z(z, d, grand, coef, var):
+    return z * np.sqrt(var) + grand + d @ coef
+
+
 def _destandardize(s, gamma_star, delta_star, d, grand, coef, var):
     return (s - gamma_star) / np.sqrt(delta_star) * np.sqrt(var) + grand + d @ coef
+
+
+# ----------------------------------------------------------------------------------------------
+# CovBat (Chen et al., Hum Brain Mapp 2022): site effects in the features' covariance
+# ----------------------------------------------------------------------------------------------
+def covbat_options(covbat: Any) -> dict | None:
+    """Normalized CovBat options (the R package's defaults): ``percent_var`` 0.95 (adjust the first principal
+    components explaining more than this share), ``n_pc`` (overrides it when > 0), ``std_var`` True (PCA of the
+    correlation, not the covariance, of the ComBat residuals).  ``covbat`` is None/False (off), True or a dict."""
+    if not covbat:
+        return None
+    opts = dict(covbat) if isinstance(covbat, Mapping) else {}
+    pct, n_pc = float(opts.get("percent_var", 0.95)), int(opts.get("n_pc") or 0)
+    if not 0.0 < pct <= 1.0:
+        raise CombatError(f"CovBat percent_var must be in (0, 1], got {pct}")
+    if n_pc < 0:
+        raise CombatError(f"CovBat n_pc must be a positive number of components (or 0: by percent_var), got {n_pc}")
+    return {"percent_var": pct, "n_pc": n_pc, "std_var": bool(opts.get("std_var", True))}
+
+
+def _covbat_n_pc(eigenvalues: np.ndarray, opts: Mapping) -> int:
+    ratio = np.cumsum(eigenvalues) / eigenvalues.sum()
+    if opts["n_pc"]:
+        if opts["n_pc"] > len(eigenvalues):
+            raise CombatError(f"CovBat n_pc = {opts['n_pc']} but there are only {len(eigenvalues)} harmonized "
+                              f"features; lower n_pc")
+        return int(opts["n_pc"])
+    above = np.flatnonzero(ratio > opts["percent_var"])
+    return int(above[0]) + 1 if above.size else len(eigenvalues)   # R: which(cumsum(var) > percent.var)[1]
+
+
+def _covbat_model(center, unit, vals, vecs, opts, batch_mean_u, batch_scatter_u, sizes) -> dict:
+    """The CovBat message from the PCA of u = (z − centre)/unit: components, and per batch the score mean and
+    variance (ComBat without covariates and without EB on the scores, as the R package's default)."""
+    order = np.argsort(vals)[::-1]
+    vals, vecs = np.clip(vals[order], 0.0, None), vecs[:, order]
+    npc = _covbat_n_pc(vals, opts)
+    comps = vecs[:, :npc]
+    comps = comps * np.where(comps[np.abs(comps).argmax(axis=0), range(npc)] < 0, -1.0, 1.0)  # sign: largest > 0
+    sizes = np.asarray(sizes, dtype=float)
+    m = np.vstack([mu @ comps for mu in batch_mean_u])
+    v = np.vstack([np.einsum("fk,fg,gk->k", comps, w, comps) / (n - 1) for w, n in zip(batch_scatter_u, sizes)])
+    var_pooled = ((sizes - 1)[:, None] * v).sum(axis=0) / sizes.sum()
+    v[v == 0] = 1.0
+    return {"percent_var": opts["percent_var"], "n_pc_requested": opts["n_pc"], "std_var": opts["std_var"],
+            "n_pc": npc, "explained": (vals[:npc] / vals.sum()).tolist(), "center": np.asarray(center).tolist(),
+            "unit": np.asarray(unit).tolist(), "components": comps.T.tolist(), "batch_mean": m.tolist(),
+            "batch_var": v.tolist(), "var_pooled": var_pooled.tolist(),
+            "grand_mean": ((sizes[:, None] * m).sum(axis=0) / sizes.sum()).tolist()}
+
+
+def _covbat_from_sums(blocks, sizes, sd, gamma_star, delta_star, covbat) -> dict:
+    r"""The CovBat model from the sites' sums (federated form of :func:`_covbat_from_rows`).
+
+    ``blocks``: (batch index, n, C, d) per (site, batch) block with ``C`` the block's centred cross-product of the
+    ComBat residuals :math:`y - \hatlpha - x^	opeta` (feature units) and ``d`` their block mean.  With
+    :math:`z = (s - \gamma^*_b)/\sqrt{\delta^*_b}`, :math:`s = r/\hat\sigma`, a block's centred z scatter is
+    :math:`E\,C\,E` (:math:`E = \mathrm{diag}(1/(\hat\sigma\sqrt{\delta^*}))`) and its mean :math:`(d/\hat\sigma -
+    \gamma^*)/\sqrt{\delta^*}`; batches and the pool add block scatters plus their offsets from the joint mean."""
+    opts = covbat_options(covbat)
+    k, f = len(sizes), len(sd)
+    n_b = np.asarray(sizes, dtype=float)
+    zbar, scat = np.zeros((k, f)), np.zeros((k, f, f))
+    parts: list[list] = [[] for _ in range(k)]
+    for b, n, c, d in blocks:
+        e = 1.0 / (sd * np.sqrt(delta_star[b]))
+        zb = (d / sd - gamma_star[b]) / np.sqrt(delta_star[b])
+        parts[b].append((n, zb))
+        scat[b] += c * np.outer(e, e)
+        zbar[b] += n * zb / n_b[b]
+    for b in range(k):
+        for n, zb in parts[b]:
+            scat[b] += n * np.outer(zb - zbar[b], zb - zbar[b])
+    center = (n_b[:, None] * zbar).sum(axis=0) / n_b.sum()
+    total = scat.sum(axis=0) + sum(n * np.outer(zb - center, zb - center) for n, zb in zip(n_b, zbar))
+    unit = np.sqrt(np.diag(total) / (n_b.sum() - 1)) if opts["std_var"] else 1.0 / sd
+    unit = np.where(unit > 0, unit, 1.0)
+    vals, vecs = np.linalg.eigh(total / np.outer(unit, unit) / (n_b.sum() - 1))
+    return _covbat_model(center, unit, vals, vecs, opts, [(zb - center) / unit for zb in zbar],
+                         [w / np.outer(unit, unit) for w in scat], sizes)
+
+
+def _covbat_from_rows(z: np.ndarray, idx: Sequence[np.ndarray], sd: np.ndarray, covbat) -> dict:
+    """The CovBat model of pooled rows ``z`` (ComBat-adjusted standardized data, every batch), by SVD."""
+    opts = covbat_options(covbat)
+    center = z.mean(axis=0)
+    unit = z.std(axis=0, ddof=1) if opts["std_var"] else 1.0 / sd
+    unit = np.where(unit > 0, unit, 1.0)
+    u = (z - center) / unit
+    _, sv, vt = np.linalg.svd(u, full_matrices=False)
+    return _covbat_model(center, unit, sv ** 2 / (len(z) - 1), vt.T, opts, [u[i].mean(axis=0) for i in idx],
+                         [(u[i] - u[i].mean(axis=0)).T @ (u[i] - u[i].mean(axis=0)) for i in idx],
+                         [len(i) for i in idx])
+
+
+def covbat_adjust(z: np.ndarray, covbat: Mapping, batch_index: int | None = None) -> np.ndarray:
+    r"""CovBat's PCA step on one batch's ComBat-adjusted standardized rows ``z``.
+
+    With :math:`u = (z - c)/\mathrm{unit}` and scores :math:`t = uV` of the first ``n_pc`` components, each score
+    is moved to the pooled location/scale (ComBat without covariates or EB):
+    :math:`t' = (t - m_b)\sqrt{v_p/v_b} + ar m`, then :math:`z' = c + (u + (t'-t)V^	op)\,\mathrm{unit}`
+    (the other components are left as they are).  ``batch_index``: the batch's row of the model's per-batch
+    moments; None (a batch not in the fit) estimates them from ``z`` itself."""
+    comps = np.asarray(covbat["components"], dtype=float).T
+    center, unit = np.asarray(covbat["center"], dtype=float), np.asarray(covbat["unit"], dtype=float)
+    u = (z - center) / unit
+    t = u @ comps
+    if batch_index is None:
+        if len(z) < 2:
+            raise CombatError("CovBat needs at least 2 rows in a batch to estimate its score variance")
+        m, v = t.mean(axis=0), t.var(axis=0, ddof=1)
+        v[v == 0] = 1.0
+    else:
+        m = np.asarray(covbat["batch_mean"][batch_index], dtype=float)
+        v = np.asarray(covbat["batch_var"][batch_index], dtype=float)
+    t_new = (t - m) * np.sqrt(np.asarray(covbat["var_pooled"], dtype=float) / v) \
+        + np.asarray(covbat["grand_mean"], dtype=float)
+    return center + (u + (t_new - t) @ comps.T) * unit
 
 
 # ----------------------------------------------------------------------------------------------
@@ -640,6 +796,15 @@ class ComBatReference:
         Options the sites use for their local step.
     excluded_features : dict
         Feature -> reason; these columns pass through unchanged.
+    shared_batches : bool
+        Batch labels are global (one scanner model at several sites is one batch).
+    posterior_gamma, posterior_delta : ndarray (n_batches, n_kept_features) or None
+        The server's EB posterior :math:`\gamma^*, \delta^*` of every batch of the fit, from the batches' sums
+        (:class:`BatchSums`); set with ``shared_batches`` or CovBat, and then used by the sites instead of their
+        own estimate. None: each site estimates its batches' posterior from its rows (equal to rounding).
+    covbat : dict or None
+        The CovBat step (:func:`covbat_adjust`): PCA centre, unit and components of the ComBat-adjusted
+        standardized data, and the per-batch score location/scale.
     """
 
     features: list
@@ -658,6 +823,10 @@ class ComBatReference:
     conv: float = 1e-4
     min_cell_size: int = 2
     excluded_features: dict = field(default_factory=dict)
+    shared_batches: bool = False
+    posterior_gamma: np.ndarray | None = None
+    posterior_delta: np.ndarray | None = None
+    covbat: dict | None = None
 
     @property
     def kept_features(self) -> list:
@@ -692,7 +861,20 @@ class ComBatReference:
             "parametric": bool(self.parametric), "mean_only": bool(self.mean_only),
             "conv": float(self.conv), "min_cell_size": int(self.min_cell_size),
             "excluded_features": dict(self.excluded_features),
+            **({"shared_batches": True} if self.shared_batches else {}),
+            **({"posterior_gamma": np.asarray(self.posterior_gamma, dtype=float).tolist(),
+                "posterior_delta": np.asarray(self.posterior_delta, dtype=float).tolist()}
+               if self.posterior_gamma is not None else {}),
+            **({"covbat": _wire(self.covbat)} if self.covbat else {}),
         }
+
+    def posterior(self, batch: Any) -> tuple[np.ndarray, np.ndarray] | None:
+        """The server's (γ*, δ*) of ``batch``, or None when the site estimates it (not set, or a batch not in
+        the fit)."""
+        if self.posterior_gamma is None or batch not in self.batches:
+            return None
+        i = self.batches.index(batch)
+        return np.asarray(self.posterior_gamma[i], dtype=float), np.asarray(self.posterior_delta[i], dtype=float)
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ComBatReference":
@@ -712,7 +894,12 @@ class ComBatReference:
                    batch_col=d.get("batch_col"), eb=bool(d.get("eb", True)),
                    parametric=bool(d.get("parametric", True)), mean_only=bool(d.get("mean_only", False)),
                    conv=float(d.get("conv", 1e-4)), min_cell_size=int(d.get("min_cell_size", 2)),
-                   excluded_features=excluded)
+                   excluded_features=excluded, shared_batches=bool(d.get("shared_batches", False)),
+                   posterior_gamma=(np.asarray(d["posterior_gamma"], dtype=float).reshape(-1, n_kept)
+                                    if d.get("posterior_gamma") is not None else None),
+                   posterior_delta=(np.asarray(d["posterior_delta"], dtype=float).reshape(-1, n_kept)
+                                    if d.get("posterior_delta") is not None else None),
+                   covbat=dict(d["covbat"]) if d.get("covbat") else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -742,6 +929,9 @@ class ComBat:
         Convergence threshold of the parametric iteration.
     max_iter : int, default 10000
         Safety cap on the parametric iteration.
+    covbat : bool or dict, optional
+        Follow ComBat by CovBat's PCA step (:func:`covbat_options`: ``percent_var``, ``n_pc``, ``std_var``),
+        as the CovBat R package's ``covbat`` with its defaults (score ComBat without EB).
 
     Attributes
     ----------
@@ -767,8 +957,9 @@ class ComBat:
 
     def __init__(self, covariates: Sequence[str] = (), categorical: Sequence[str] = (), *, eb: bool = True,
                  parametric: bool = True, mean_only: bool = False, ref_batch: Any = None,
-                 min_cell_size: int = 2, conv: float = 1e-4, max_iter: int = 10000):
+                 min_cell_size: int = 2, conv: float = 1e-4, max_iter: int = 10000, covbat: Any = None):
         self.covariates = covariates
+        self.covbat = covbat
         self.categorical = categorical
         self.eb = eb
         self.parametric = parametric
@@ -909,6 +1100,15 @@ class ComBat:
         self.a_prior_ = np.array([a.a_prior for a in adj])
         self.b_prior_ = np.array([a.b_prior for a in adj])
         self.n_iter_ = np.array([a.n_iter for a in adj])
+        if covbat_options(self.covbat):
+            if ref is not None:
+                raise CombatError("CovBat with a reference batch is not defined (CovBat's PCA step adjusts every "
+                                  "batch); leave ref_batch out or turn CovBat off")
+            z = np.empty_like(s)
+            for b, i in zip(batches, idx):
+                z[i] = (s[i] - self.adjustments_[b].gamma_star) / np.sqrt(self.adjustments_[b].delta_star)
+            self.reference_.posterior_gamma, self.reference_.posterior_delta = self.gamma_star_, self.delta_star_
+            self.reference_.covbat = _covbat_from_rows(z, idx, np.sqrt(self.var_pooled_), self.covbat)
         return self
 
     def transform(self, X, batch, covars=None):
@@ -932,8 +1132,10 @@ class ComBat:
                 continue
             a = self.adjustments_[b]
             s = _standardize(y[np.ix_(i, kept)], d[i], ref.grand_mean, ref.coef, ref.var_pooled)
-            out[np.ix_(i, kept)] = _destandardize(s, a.gamma_star, a.delta_star, d[i], ref.grand_mean,
-                                                  ref.coef, ref.var_pooled)
+            z = (s - a.gamma_star) / np.sqrt(a.delta_star)
+            if ref.covbat:
+                z = covbat_adjust(z, ref.covbat, self.batches_.index(b))
+            out[np.ix_(i, kept)] = _from_z(z, d[i], ref.grand_mean, ref.coef, ref.var_pooled)
         return self._output(X, out)
 
     def fit_transform(self, X, batch, covars=None):
@@ -946,9 +1148,13 @@ class ComBat:
 # ----------------------------------------------------------------------------------------------
 def make_request(features: Sequence[str], covariates: Sequence[str] = (), categorical: Sequence[str] = (), *,
                  batch_col: str | None = None, ref_batch: Any = None, eb: bool = True, parametric: bool = True,
-                 mean_only: bool = False, min_cell_size: int = 2, conv: float = 1e-4) -> dict:
+                 mean_only: bool = False, min_cell_size: int = 2, conv: float = 1e-4, shared_batches: bool = False,
+                 covbat: Any = None) -> dict:
     """Message 1 (server → sites): what to compute.  ``covariates``/``categorical`` as in
-    :class:`ComBat`.  ``batch_col=None`` means each site is one batch named by the site."""
+    :class:`ComBat`.  ``batch_col=None`` means each site is one batch named by the site.
+    ``shared_batches``: a ``batch_col`` label is global, so one scanner model at several sites is one batch (the
+    server then computes every batch's posterior from its sums).  ``covbat``: add CovBat's PCA step
+    (:func:`covbat_options`); the sites then also send their residual scatter (F×F per batch)."""
     features = [str(f) for f in _names(features)]
     if not features:
         raise CombatError("no features to harmonize")
@@ -961,10 +1167,17 @@ def make_request(features: Sequence[str], covariates: Sequence[str] = (), catego
         raise CombatError(f"{clash} listed both as features and covariates")
     if int(min_cell_size) < 2:
         raise CombatError(f"min_cell_size must be at least 2, got {min_cell_size}")
+    if shared_batches and batch_col is None:
+        raise CombatError("shared_batches needs a batch column (the scanner labels shared across sites)")
+    opts = covbat_options(covbat)
+    if opts and ref_batch is not None:
+        raise CombatError("CovBat with a reference batch is not defined (CovBat's PCA step adjusts every batch); "
+                          "leave ref_batch out or turn CovBat off")
     return {"kind": "fedrad.combat.request", "version": _PROTOCOL_VERSION, "features": features,
             "continuous": continuous, "categorical": cat, "batch_col": batch_col,
             "ref_batch": _py(ref_batch), "eb": bool(eb), "parametric": bool(parametric),
-            "mean_only": bool(mean_only), "min_cell_size": int(min_cell_size), "conv": float(conv)}
+            "mean_only": bool(mean_only), "min_cell_size": int(min_cell_size), "conv": float(conv),
+            **({"shared_batches": True} if shared_batches else {}), **({"covbat": opts} if opts else {})}
 
 
 def _site_batches(rows: pd.DataFrame, batch_col: str | None, site: Any, batch: Any) -> tuple[list, np.ndarray]:
@@ -989,18 +1202,21 @@ def _local_columns(levels: Mapping[str, Sequence], continuous: Sequence[str]) ->
     return [(c, lvl) for c, lv in levels.items() for lvl in list(lv)[1:]] + [(c, None) for c in continuous]
 
 
-def _sqrt_regression(xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _sqrt_regression(xc: np.ndarray, yc: np.ndarray, scatter: bool = False) -> tuple:
     """Square-root form of the within-batch regression of ``yc`` on ``xc`` (both centred).
 
     Returns ``R`` (r×p), ``Z`` (r×F), ``rss`` (F) with ``xc = Q R`` (``Q`` n×r orthonormal, r the
     numerical rank), ``Z = Qᵀ yc``, ``rss = ‖yc − Q Z‖²``; so ``‖yc − xc β‖² = ‖Z − R β‖² + rss``
     for every β.  Pivoted Householder QR on unit-norm columns; rows sign-normalized (diagonal > 0)
-    so the message is a function of the data distribution, not of the row order."""
+    so the message is a function of the data distribution, not of the row order.  ``scatter``: also return
+    the full cross-product ``P = Eᵀ E`` of ``E = yc − Q Z`` (F×F; ``rss`` is its diagonal), so that the
+    residual cross-product at any β is ``(Z − Rβ)ᵀ(Z − Rβ) + P`` (CovBat's PCA needs it)."""
     n, p = xc.shape
     norms = np.linalg.norm(xc, axis=0)
     nz = np.flatnonzero(norms > 0)
     if nz.size == 0:
-        return np.zeros((0, p)), np.zeros((0, yc.shape[1])), (yc ** 2).sum(axis=0)
+        out = np.zeros((0, p)), np.zeros((0, yc.shape[1])), (yc ** 2).sum(axis=0)
+        return out + (yc.T @ yc,) if scatter else out
     q, r, piv = scipy.linalg.qr(xc[:, nz] / norms[nz], mode="economic", pivoting=True)
     rank = int((np.abs(np.diag(r)) > _RANK_TOL).sum())
     q, r = q[:, :rank], r[:rank]
@@ -1010,8 +1226,9 @@ def _sqrt_regression(xc: np.ndarray, yc: np.ndarray) -> tuple[np.ndarray, np.nda
     cols = nz[piv]
     big_r[:, cols] = r * norms[cols]
     z = q.T @ yc
-    rss = ((yc - q @ z) ** 2).sum(axis=0)
-    return big_r, z, rss
+    e = yc - q @ z
+    rss = (e ** 2).sum(axis=0)
+    return (big_r, z, rss, e.T @ e) if scatter else (big_r, z, rss)
 
 
 def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None, batch: Any = None,
@@ -1074,12 +1291,13 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
             if local else np.zeros((len(sub), 0))
         xc, _ = _centre_within(x)
         ymean = y.mean(axis=0)
-        big_r, z, rss = _sqrt_regression(xc, y - ymean)
+        big_r, z, rss, *scatter = _sqrt_regression(xc, y - ymean, scatter=bool(request.get("covbat")))
         out.append({
             "batch": _py(label), "n": int(len(sub)), "mean": ymean.tolist(),
             "cont_mean": [float(sub[c].to_numpy(dtype=np.float64).mean()) for c in continuous],
             "levels": {c: levels[c] for c in categorical}, "level_counts": counts,
             "R": big_r.tolist(), "Z": z.tolist(), "rss": rss.tolist(),
+            **({"scatter": scatter[0].tolist()} if scatter else {}),
         })
     return {"kind": "fedrad.combat.stats", "version": _PROTOCOL_VERSION, "site": _py(site),
             "features": features, "batches": out}
@@ -1129,6 +1347,11 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
     features, continuous, categorical = list(request["features"]), list(request["continuous"]), list(request["categorical"])
     min_n = max(int(request.get("min_cell_size", 2)), int(min_cell_size or 0))
     ref = request.get("ref_batch")
+    shared = bool(request.get("shared_batches", False))
+    covbat = request.get("covbat")
+    if covbat and ref is not None:
+        raise CombatError("CovBat with a reference batch is not defined (CovBat's PCA step adjusts every batch); "
+                          "leave ref_batch out or turn CovBat off")
     entries, owners = [], {}
     for agg in aggregates:
         if agg.get("kind") != "fedrad.combat.stats":
@@ -1138,20 +1361,27 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
                               f"expected {features[:5]}...")
         for e in agg["batches"]:
             b = e["batch"]
-            if b in owners:
-                raise CombatError(f"batch {b!r} reported by sites {owners[b]!r} and {agg.get('site')!r}; "
-                                  f"a batch must be held by one site (use distinct batch labels)")
-            owners[b] = agg.get("site")
+            key = (b, agg.get("site")) if shared else b
+            if key in owners:
+                raise CombatError(f"batch {b!r} reported twice by site {agg.get('site')!r}" if shared else
+                                  f"batch {b!r} reported by sites {owners[key]!r} and {agg.get('site')!r}; "
+                                  f"a batch must be held by one site (use distinct batch labels, or shared_batches "
+                                  f"for a scanner model at several sites)")
+            owners[key] = agg.get("site")
             _check_min_cell(int(e["n"]), b, min_n, _where(site=agg.get("site")))
+            if covbat and e.get("scatter") is None:
+                raise CombatError(f"site {agg.get('site')!r} sent no residual scatter for batch {b!r}, which CovBat "
+                                  f"needs; the site must answer the CovBat request")
             entries.append(e)
     if not entries:
         raise CombatError("no site statistics to combine")
     try:
-        entries.sort(key=lambda e: e["batch"])
+        batches = sorted({e["batch"] for e in entries})
     except TypeError:
         raise CombatError(f"batch labels mix types {[e['batch'] for e in entries]}; use strings") from None
-    batches = [e["batch"] for e in entries]
-    sizes = [int(e["n"]) for e in entries]
+    of_batch = [batches.index(e["batch"]) for e in entries]   # block -> its batch
+    n_block = np.array([int(e["n"]) for e in entries])
+    sizes = [int(n_block[[j for j, k in enumerate(of_batch) if k == b]].sum()) for b in range(len(batches))]
     if ref is not None and ref not in batches:
         raise UnknownLevelError(f"ref_batch {ref!r} is not one of the batches {batches}")
     levels = {}
@@ -1174,18 +1404,35 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
         xb = [dict(zip(e["levels"][c], e["level_counts"][c])).get(lvl, 0) / n
               for c in levels for lvl in levels[c][1:]]
         xbar.append(np.array(xb + list(e["cont_mean"]), dtype=float))
+    xbar = np.vstack(xbar) if p else np.zeros((len(entries), 0))
     zs = [np.asarray(e["Z"], dtype=float).reshape(len(e["Z"]), f) for e in entries]
-    a = np.vstack(r_glob) if r_glob else np.zeros((0, p))
+    block_means = np.vstack([np.asarray(e["mean"], dtype=float) for e in entries])
+    # a batch of several blocks (one scanner model at several sites): the within-batch regression adds each block's
+    # offset from its batch's mean, weighted by sqrt(n) (exact: within-batch = within-block + between-block sums)
+    w = n_block / np.asarray(sizes, dtype=float)[of_batch]
+    onehot = np.zeros((len(entries), len(batches)))
+    onehot[np.arange(len(entries)), of_batch] = 1.0
+    xbar_b, ybar_b = onehot.T @ (w[:, None] * xbar), onehot.T @ (w[:, None] * block_means)
+    multi = [j for j, k in enumerate(of_batch) if (onehot[:, k].sum() > 1)]
+    root = np.sqrt(n_block[multi])[:, None]
+    between_x = root * (xbar[multi] - xbar_b[np.asarray(of_batch)[multi]]) if multi else np.zeros((0, p))
+    between_y = root * (block_means[multi] - ybar_b[np.asarray(of_batch)[multi]]) if multi else np.zeros((0, f))
+    a = np.vstack(r_glob + [between_x]) if r_glob else np.zeros((0, p))
     _check_rank(a, dnames, downer)
     if p:
-        beta = np.linalg.lstsq(a, np.vstack(zs), rcond=None)[0]
+        beta = np.linalg.lstsq(a, np.vstack(zs + [between_y]), rcond=None)[0]
     else:
         beta = np.zeros((0, f))
-    rss = np.vstack([((z - rg @ beta) ** 2).sum(axis=0) + np.asarray(e["rss"], dtype=float)
-                     for z, rg, e in zip(zs, r_glob, entries)])
-    means = np.vstack([np.asarray(e["mean"], dtype=float) for e in entries])
-    tss = np.vstack([(z ** 2).sum(axis=0) + np.asarray(e["rss"], dtype=float) for z, e in zip(zs, entries)])
-    intercepts = means - np.vstack(xbar) @ beta if p else means
+    block_resid = [z - rg @ beta for z, rg in zip(zs, r_glob)]
+    block_rss = np.vstack([(r ** 2).sum(axis=0) + np.asarray(e["rss"], dtype=float)
+                           for r, e in zip(block_resid, entries)])
+    block_tss = np.vstack([(z ** 2).sum(axis=0) + np.asarray(e["rss"], dtype=float) for z, e in zip(zs, entries)])
+    block_ic = block_means - xbar @ beta if p else block_means
+    intercepts = onehot.T @ (w[:, None] * block_ic)
+    ic_off, y_off = block_ic - intercepts[of_batch], block_means - ybar_b[of_batch]
+    rss = onehot.T @ (block_rss + n_block[:, None] * ic_off ** 2)
+    tss = onehot.T @ (block_tss + n_block[:, None] * y_off ** 2)
+    means = ybar_b
     n_tot = int(sum(sizes))
     if ref is not None:
         k = batches.index(ref)
@@ -1196,13 +1443,33 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
     excluded = _exclusions(features, batches, sizes, rss, tss, means, ref, bool(request.get("mean_only", False)))
     kept = np.array([x not in excluded for x in features], dtype=bool)
     _check_eb_features(int(kept.sum()), bool(request.get("eb", True)))
-    return ComBatReference(
+    reference = ComBatReference(
         features=features, continuous=continuous, categorical=levels, coef=beta[:, kept],
         grand_mean=grand[kept], var_pooled=var[kept], batches=batches, batch_sizes=sizes, ref_batch=ref,
         batch_col=request.get("batch_col"), eb=bool(request.get("eb", True)),
         parametric=bool(request.get("parametric", True)), mean_only=bool(request.get("mean_only", False)),
         conv=float(request.get("conv", 1e-4)), min_cell_size=int(request.get("min_cell_size", 2)),
-        excluded_features=excluded)
+        excluded_features=excluded, shared_batches=shared)
+    if not (shared or covbat):
+        return reference   # every batch at one site: each site computes its own posterior from its rows
+    # the posterior of every batch from its sums: mean (intercept − α)/σ, centred sum of squares RSS/σ²
+    kept_names = [x for x, kk in zip(features, kept) if kk]
+    sd = np.sqrt(var[kept])
+    adjustments = [fit_batch_adjustment(
+        BatchSums(sizes[b], (intercepts[b, kept] - grand[kept]) / sd, rss[b, kept] / var[kept]), batch=batches[b],
+        features=kept_names, eb=reference.eb, parametric=reference.parametric, mean_only=reference.mean_only,
+        is_reference=(ref is not None and batches[b] == ref), conv=reference.conv) for b in range(len(batches))]
+    reference.posterior_gamma = np.array([adj.gamma_star for adj in adjustments])
+    reference.posterior_delta = np.array([adj.delta_star for adj in adjustments])
+    if covbat:
+        blocks = []
+        for j, e in enumerate(entries):
+            scatter = np.asarray(e["scatter"], dtype=float).reshape(f, f)[np.ix_(kept, kept)]
+            resid = block_resid[j][:, kept]
+            blocks.append((of_batch[j], int(e["n"]), resid.T @ resid + scatter, block_ic[j, kept] - grand[kept]))
+        reference.covbat = _covbat_from_sums(blocks, sizes, sd, reference.posterior_gamma,
+                                             reference.posterior_delta, covbat)
+    return reference
 
 
 def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, site: Any = None,
@@ -1249,6 +1516,17 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
         is_ref = ref.ref_batch is not None and label == ref.ref_batch
         local_excl: dict[str, str] = {}
         use = np.ones(len(kept), dtype=bool)
+        given = ref.posterior(label)
+        if given is not None:  # the server's posterior of the whole batch (at several sites, or CovBat)
+            gamma_hat, delta_hat = location_scale(s, ref.mean_only)
+            nan = math.nan
+            adjustments[label] = BatchAdjustment(label, len(sub), list(kept), gamma_hat, delta_hat, nan, nan, nan, nan,
+                                                 given[0], given[1])
+            z = (s - given[0]) / np.sqrt(given[1])
+            if ref.covbat:
+                z = covbat_adjust(z, ref.covbat, ref.batches.index(label))
+            out.loc[mask, kept] = _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled)
+            continue
         if not is_ref and not ref.mean_only:
             ymean = y.mean(axis=0)
             const = _zero_var(((y - ymean) ** 2).sum(axis=0), len(sub), ymean)
@@ -1264,6 +1542,13 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
         a.excluded_features = local_excl
         adjustments[label] = a
         if is_ref or not use.any():
+            continue
+        if ref.covbat:  # a batch not in the fit: its own posterior, then its own score location/scale
+            if not use.all():
+                raise CombatError(f"feature(s) {', '.join(k for k, u in zip(kept, use) if not u)} are constant "
+                                  f"{where}, and CovBat's PCA step needs every harmonized feature; leave them out")
+            z = covbat_adjust((s - a.gamma_star) / np.sqrt(a.delta_star), ref.covbat)
+            out.loc[mask, kept] = _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled)
             continue
         harmonized = _destandardize(s[:, use], a.gamma_star, a.delta_star, d, ref.grand_mean[use],
                                     ref.coef[:, use], ref.var_pooled[use])
@@ -1306,7 +1591,8 @@ def fit_federated(site_tables: Mapping[str, pd.DataFrame], features: Sequence[st
                   covariates: Sequence[str] = (), categorical: Sequence[str] = (), *,
                   batch_col: str | None = None, ref_batch: Any = None, eb: bool = True, parametric: bool = True,
                   mean_only: bool = False, min_cell_size: int = 2, conv: float = 1e-4,
-                  site_min_cell_size: Mapping[str, int] | None = None) -> FederatedComBat:
+                  site_min_cell_size: Mapping[str, int] | None = None, shared_batches: bool = False,
+                  covbat: Any = None) -> FederatedComBat:
     """Run federated ComBat in-process, exactly as the Flower handlers will.
 
     Each site function sees only its own table; every message passes through strict JSON.
@@ -1327,7 +1613,8 @@ def fit_federated(site_tables: Mapping[str, pd.DataFrame], features: Sequence[st
     FederatedComBat
     """
     request = make_request(features, covariates, categorical, batch_col=batch_col, ref_batch=ref_batch, eb=eb,
-                           parametric=parametric, mean_only=mean_only, min_cell_size=min_cell_size, conv=conv)
+                           parametric=parametric, mean_only=mean_only, min_cell_size=min_cell_size, conv=conv,
+                           shared_batches=shared_batches, covbat=covbat)
     policy = dict(site_min_cell_size or {})
     round_trips = 0
     # round trip 1: request down, statistics up
