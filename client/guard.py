@@ -197,8 +197,9 @@ def _combat_stats(site, record, payload, ledger, cache):
     _require(payload.get("table") == "raw", "a table outside the plan")
     req = payload["request"]
     feats = _subset(req.get("features"), _site_candidates(site, study, cache), "ComBat features")
-    want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]), batch_col=harm.get("batch"),
-                        parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+    from fedrad.common.plan import combat_options
+
+    want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]), **combat_options(harm))
     impute = _impute_values(site, study, payload.get("impute"), ledger, cache, trains_only=True)
     return {"request": want, "table": "raw", **({"impute": impute} if payload.get("impute") else {})}
 

@@ -75,8 +75,9 @@ def study_prepare(site: Site, payload: dict) -> dict:
     if batch:
         from fedrad.common.plan import site_batch_labels
 
-        labels = site_batch_labels(complete[batch], site.name, k)
-        merged = sum(a != b for a, b in zip(site_batch_labels(complete[batch], site.name, 0), labels))
+        shared = bool(payload["_plan"]["study"]["harmonization"].get("shared_batches"))
+        labels = site_batch_labels(complete[batch], site.name, k, shared)
+        merged = sum(a != b for a, b in zip(site_batch_labels(complete[batch], site.name, 0, shared), labels))
         if merged:  # the exact counts stay in the site's own log
             site.log_local("data", f"site {site.name}: {merged} patient(s) of batches under {k} patients joined "
                            f"another batch ({batch}; the site's batches: {', '.join(sorted(set(labels)))})",

@@ -70,6 +70,9 @@ def study_plan(cfg: dict) -> dict:
                       for name, s in (study.get("sites") or {}).items()}
     if study.get("harmonization", {}).get("batch", 0) is None:  # batch = site: the plan as before the key
         study["harmonization"].pop("batch")
+    for key, default in HARMONIZATION_OPTIONS.items():  # options at their default: the plan as before the key
+        if key in study.get("harmonization", {}) and study["harmonization"][key] == default:
+            study["harmonization"].pop(key)
     if study.get("study", {}).get("kind", "prediction") == "prediction":  # a prediction plan as before the
         study.get("study", {}).pop("kind", None)                          # association kind existed (same id)
         study.pop("association", None)
@@ -175,12 +178,46 @@ def path_step(study: dict) -> float:
 #: the batch a site's small scanner batches join (``<site>/other``)
 OTHER_BATCH = "other"
 
+#: ``[harmonization]`` options beyond neuroCombat's and their defaults (left out of a plan at their default, so a
+#: plan written before the option keeps its id)
+HARMONIZATION_OPTIONS = {"shared_batches": False, "covbat": False, "covbat_percent_var": 0.95, "covbat_n_pc": 0}
 
-def site_batch_labels(values, site: str, min_cell_size: int) -> list[str]:
+
+def combat_options(harm: dict) -> dict:
+    """The ComBat request options (``fedrad.common.combat.make_request`` keywords) of a plan's ``[harmonization]``:
+    the batch column, whether its labels are shared across sites, CovBat."""
+    get = {**HARMONIZATION_OPTIONS, **harm}.get
+    covbat = ({"percent_var": float(get("covbat_percent_var")), "n_pc": int(get("covbat_n_pc"))}
+              if get("covbat") else None)
+    return {"batch_col": harm.get("batch"), "shared_batches": bool(harm.get("batch") and get("shared_batches")),
+            "covbat": covbat, "parametric": bool(harm["parametric"]), "mean_only": bool(harm["mean_only"])}
+
+
+def harmonization_method(harm: dict) -> str:
+    """What the report says was used, e.g. "ComBat (parametric EB), batch = scanner shared across sites + CovBat
+    (PCs explaining 95%)"."""
+    if not harm.get("enabled", True):
+        return "none"
+    opts = combat_options(harm)
+    eb = "mean only" if opts["mean_only"] else ("parametric EB" if opts["parametric"] else "non-parametric EB")
+    batch = ("batch = site" if not opts["batch_col"] else
+             f"batch = {opts['batch_col']} " + ("(one batch per model across sites)" if opts["shared_batches"]
+                                                else "within each site"))
+    text = f"ComBat ({eb}), {batch}"
+    if opts["covbat"]:
+        cb = opts["covbat"]
+        text += " + CovBat (" + (f"first {cb['n_pc']} PCs" if cb["n_pc"] else
+                                 f"PCs explaining {cb['percent_var']:.0%} of the variance") + ")"
+    return text
+
+
+def site_batch_labels(values, site: str, min_cell_size: int, shared: bool = False) -> list[str]:
     """A site's ComBat batch labels from its batch column (``[harmonization] batch``): ``<site>/<value>`` (batches are
     the site's own; a missing value is ``unknown``); the values with fewer than ``min_cell_size`` patients join
     ``<site>/other``, and when that is still under ``min_cell_size`` it joins the site's largest batch (a batch of
-    fewer than k patients would let its ComBat sums describe them). The site and the pooled twin both use this."""
+    fewer than k patients would let its ComBat sums describe them). The site and the pooled twin both use this.
+    ``shared`` (``shared_batches``): a value is a batch across sites (one scanner model), so its label is the value
+    itself; ``unknown`` and ``other`` stay the site's own."""
     import pandas as pd
 
     raw = ["unknown" if pd.isna(v) else str(v) for v in values]
@@ -192,6 +229,8 @@ def site_batch_labels(values, site: str, min_cell_size: int) -> list[str]:
     if 0 < n_other < min_cell_size and len(kept):
         largest = sorted(kept.items(), key=lambda vc: (-vc[1], vc[0]))[0][0]
         labels = [largest if v == OTHER_BATCH else v for v in labels]
+    if shared:
+        return [f"{site}/{v}" if v in (OTHER_BATCH, "unknown") else v for v in labels]
     return [f"{site}/{v}" for v in labels]
 
 

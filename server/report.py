@@ -472,10 +472,22 @@ def harmonization_section(results: dict) -> str:
     elif harm:
         cov = ", ".join(harm.get("covariates", [])) or "none"
         batches = ((results.get("harmonization") or {}).get("final") or {}).get("batch_sizes")
-        if harm.get("batch"):
+        final = (results.get("harmonization") or {}).get("final") or {}
+        text += f"<p>Method: {_e(results.get('harmonization_method') or 'ComBat')}.</p>"
+        if harm.get("batch") and harm.get("shared_batches"):
+            text += (f"<p>ComBat batches: the scanner models (column {_e(harm['batch'])}), one batch per model "
+                     f"across the sites that have it (a model with fewer than k patients at a site joined that "
+                     f"site's other batch)" + (f", {len(batches)} batches in the final fit" if batches else "")
+                     + ".</p>")
+        elif harm.get("batch"):
             text += (f"<p>ComBat batches: the scanners within each site (column {_e(harm['batch'])}; a scanner "
                      f"with fewer than k patients at a site joined that site's other batch)"
                      + (f", {len(batches)} batches in the final fit" if batches else "") + ".</p>")
+        if final.get("covbat_n_pc"):
+            text += (f"<p>CovBat (Chen et al., Hum Brain Mapp 2022) after ComBat: the first {final['covbat_n_pc']} "
+                     f"principal components of the ComBat residuals ({100 * final['covbat_explained']:.0f}% of their "
+                     "variance, final fit) had their location and scale harmonized across batches, which removes "
+                     "site differences in the features' covariance; fitted inside every fold.</p>")
         text += (f"<p>ComBat settings: covariates preserved: {_e(cov)}; "
                  f"{'parametric' if harm.get('parametric') else 'non-parametric'} empirical Bayes; "
                  f"{'location only' if harm.get('mean_only') else 'location and scale'}. Site differences that "
@@ -1164,7 +1176,8 @@ def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
         ("8", "Sample size", REPORTED, f"{n} patients{epv}"),
         ("9", "Missing data", REPORTED, missing_data_text(results, any(d != 0 for d in dropped))),
         ("10a", "Handling of predictors", REPORTED,
-         ("ComBat harmonization (covariates " + (", ".join(harm.get("covariates", [])) or "none") + ")"
+         ((results.get("harmonization_method") or "ComBat") + " harmonization (covariates "
+          + (", ".join(harm.get("covariates", [])) or "none") + ")"
           if harm.get("enabled", True) else "no harmonization") + "; features standardized in the model"),
         ("10b", "Model type, building, internal validation", REPORTED,
          f"{kind.model_words} "

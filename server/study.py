@@ -42,7 +42,7 @@ import time
 from fedrad.common import endpoints
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import grid_strong_to_weak, path_shape, uses_loso
+from fedrad.common.plan import combat_options, grid_strong_to_weak, harmonization_method, path_shape, uses_loso
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
                                     common_volume, penalty_choice, pick_variants,
                                     screen_candidates)
@@ -229,8 +229,7 @@ class Study:
             self._phase("imputation", t0, r0)
             return
         request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
-                               batch_col=harm.get("batch"), parametric=bool(harm["parametric"]),
-                               mean_only=bool(harm["mean_only"]))
+                               **combat_options(harm))
         ask = {"request": request, "table": "raw"}
         if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
             ask["impute"] = impute
@@ -249,7 +248,11 @@ class Study:
         self.scores = {s: r["selection"] for s, r in replies.items()}
         self._site_effect({s: r["moments"] for s, r in replies.items()}, None)
         self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},
-                                             "batch_sizes": refs[f].get("batch_sizes")} for f in refs}
+                                             "batch_sizes": refs[f].get("batch_sizes"),
+                                             **({"covbat_n_pc": refs[f]["covbat"]["n_pc"],
+                                                 "covbat_explained": float(sum(refs[f]["covbat"]["explained"]))}
+                                                if refs[f].get("covbat") else {})} for f in refs}
+        self.results["harmonization_method"] = harmonization_method(harm)
         self._phase("harmonization", t0, r0)
 
     def _site_effect(self, after: dict | None, reason: str | None) -> None:

@@ -36,6 +36,11 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     # batch = "scanner"                 # batches within sites (a site column: scanner, kernel, protocol); each
                                         # site's batch labels are its own ("site1/GE"); a batch with fewer than
                                         # k patients at a site joins the site's "other" batch (then its largest)
+    # shared_batches = true             # with batch: a value is one batch across sites (the same scanner model
+                                        # at several hospitals); the sites must write the same labels
+    # covbat = true                     # CovBat after ComBat: site effects in the features' covariance (PCA of
+    # covbat_percent_var = 0.95         # the ComBat residuals; the first PCs explaining this share, or
+    # covbat_n_pc = 0                   # covbat_n_pc of them when > 0, get their location/scale harmonized)
 
     [selection]
     # features: by default every numeric column that is not case_id / a file column, the outcome, time or
@@ -104,7 +109,8 @@ DEFAULTS = {
     "endpoint": {"type": "response", "outcome": "response", "time": "os_time", "event": "os_event"},
     "sites": {},
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
-                      "mean_only": False, "batch": None},
+                      "mean_only": False, "batch": None, "shared_batches": False, "covbat": False,
+                      "covbat_percent_var": 0.95, "covbat_n_pc": 0},
     "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
@@ -241,8 +247,13 @@ def validate(cfg: dict) -> dict:
         raise StudyConfigError(f"[endpoint] time and event are both {ep['time']!r}: name the time column and the "
                                "event column")
     harm = cfg["harmonization"]
-    for key in ("enabled", "parametric", "mean_only"):
+    for key in ("enabled", "parametric", "mean_only", "shared_batches", "covbat"):
         _boolean(cfg, "harmonization", key)
+    _number(cfg, "harmonization", "covbat_percent_var", 0.0, 1.0, "(0, 1]")
+    _integer(cfg, "harmonization", "covbat_n_pc", 0, "0 means: as many as covbat_percent_var needs")
+    if harm["shared_batches"] and harm.get("batch") is None:
+        raise StudyConfigError("[harmonization] shared_batches = true needs batch = \"<column>\" (the scanner "
+                               "labels the sites share); without it each site is one batch")
     for key in ("covariates", "categorical"):
         _strings(cfg, "harmonization", key)
     batch = harm.get("batch")

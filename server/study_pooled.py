@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import (candidate_features, inner_fold_usable, path_shape, site_batch_labels, study_plan,
+from fedrad.common.plan import (candidate_features, combat_options, inner_fold_usable, path_shape, site_batch_labels, study_plan,
                                 subgroup_columns)
 from fedrad.common import endpoints
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
@@ -43,7 +43,9 @@ def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size
     covariates = [c for c in covariates if c != batch]
     tables = {s: complete_rows(t, endpoint, clinical, s, covariates) for s, t in site_tables.items()}
     if batch:  # the site's own batch labels, small batches merged (common.plan.site_batch_labels)
-        tables = {s: t.assign(**{batch: site_batch_labels(t[batch], s, min_cell_size)}) for s, t in tables.items()}
+        shared = bool(harm.get("shared_batches"))
+        tables = {s: t.assign(**{batch: site_batch_labels(t[batch], s, min_cell_size, shared)})
+                  for s, t in tables.items()}
     study = study_plan(cfg)["study"]
     sites = sorted(tables)
     first = candidate_features(tables[sites[0]], study)
@@ -75,13 +77,17 @@ def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: l
     if not harm["enabled"]:
         return set(), tables
     pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
+    opts = combat_options(harm)
     combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
-                    parametric=bool(harm["parametric"]), mean_only=bool(harm["mean_only"]))
+                    parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"])
     batch = harm.get("batch") or "site"  # batches within sites: the site's own labels (the tables hold them)
     combat.fit(pooled[candidates], pooled[batch], pooled[list(harm["covariates"])] if harm["covariates"] else None)
     ref = combat.reference_
     if harm.get("batch"):
         ref.batch_col = harm["batch"]
+    if opts["shared_batches"]:  # a held-out site's scanner model in the fit takes the fit's posterior
+        ref.shared_batches = True
+        ref.posterior_gamma, ref.posterior_delta = combat.gamma_star_, combat.delta_star_
     return (set(ref.excluded_features or {}),
             {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in tables})
 

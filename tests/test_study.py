@@ -172,6 +172,55 @@ def test_scanner_batches_within_sites_equal_neurocombat_and_the_pooled_twin(tmp_
         assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
 
 
+def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_twin(tmp_path, monkeypatch):
+    """[harmonization] batch = "scanner", shared_batches, covbat: one ComBat batch per scanner model across the
+    hospitals (hosp1's 4-patient Philips joins its other batch, then its largest), CovBat after it. The final
+    fold's harmonized tables equal the CovBat R algorithm (neuroCombat with batch = scanner, scikit-learn PCA,
+    neuroCombat on the scores) on the pooled rows (1e-8), harmonization still takes 2 round trips, and every
+    held-out site (its scanners in the fit: the fit's posterior and score moments) equals the pooled twin."""
+    from .test_harmonization_variants import covbat_oracle
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, scanners=True)
+    for node in nodes:  # neuroCombat casts covariates to float32: make age exactly representable
+        t = tables[node["site-name"]]
+        t["age"] = t["age"].astype(np.float32).astype(float)
+        t.to_parquet(node["table"])
+    cfg["harmonization"].update(batch="scanner", shared_batches=True, covbat=True)
+    cfg = validate(cfg)
+    res = run_study_in_process(cfg, nodes)
+    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
+    assert res["harmonization"]["final"]["covbat_n_pc"] >= 1
+    assert "CovBat" in res["harmonization_method"] and "across sites" in res["harmonization_method"]
+    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
+         for n in nodes}
+    assert set(h["hosp1"]["scanner"]) == {"GE", "Siemens"}
+    feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
+    raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    raw["batch"] = raw["scanner"].where(raw["scanner"] != "Philips", "GE")
+    monkeypatch.setattr(np, "int", int, raising=False)
+
+    def neurocombat(y, cov, batch_col, categorical=("sex",), continuous=("age",), **opts):
+        import contextlib
+        import io
+
+        from neuroCombat import neuroCombat
+        with contextlib.redirect_stdout(io.StringIO()):
+            return neuroCombat(np.ascontiguousarray(y.T), cov.copy(), batch_col, categorical_cols=list(categorical),
+                               continuous_cols=list(continuous), **opts)
+
+    ref, npc = covbat_oracle(raw[feats].to_numpy(dtype=float), raw[["batch", "age", "sex"]].copy(), "batch",
+                             neurocombat)
+    assert npc == res["harmonization"]["final"]["covbat_n_pc"]
+    got = pd.concat([h[s] for s in tables], ignore_index=True)
+    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
+    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - ref) / scale) < 1e-8
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        got_m, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got_m) == set(want)
+        assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
+
+
 def test_rounds_do_not_grow_with_sites(tmp_path):
     cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=3)
     three = run_study_in_process(cfg, nodes[:3])["round_trips"]

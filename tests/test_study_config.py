@@ -43,6 +43,9 @@ BAD = [
     ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
     ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
     ("harmonization", "batch", '""'), ("harmonization", "batch", "3"),
+    ("harmonization", "shared_batches", "1"), ("harmonization", "covbat", '"yes"'),
+    ("harmonization", "covbat_percent_var", "1.5"), ("harmonization", "covbat_percent_var", "0"),
+    ("harmonization", "covbat_n_pc", "-1"), ("harmonization", "covbat_n_pc", "2.5"),
     ("study", "kind", '"radiogenomics"'), ("association", "markers", '"immune_score"'),
     ("association", "volume_adjusted", '"yes"'), ("association", "discovery", "[1]"),
     ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
@@ -113,6 +116,18 @@ def test_batch_column_rules():
     assert "batch" not in study_plan(validate(_merge({})))["study"]["harmonization"]  # ids of plans without it
     with pytest.raises(StudyConfigError, match="also a covariate"):
         validate(_merge({"harmonization": {"batch": "age", "covariates": ["age"]}}))
+    with pytest.raises(StudyConfigError, match="shared_batches = true needs batch"):
+        validate(_merge({"harmonization": {"shared_batches": True}}))
+    plain = study_plan(validate(_merge({})))["study"]["harmonization"]
+    assert not {"shared_batches", "covbat", "covbat_percent_var", "covbat_n_pc"} & set(plain)  # same plan ids
+    covbat = study_plan(validate(_merge({"harmonization": {"covbat": True, "covbat_n_pc": 3}})))["study"]
+    assert covbat["harmonization"]["covbat"] is True and covbat["harmonization"]["covbat_n_pc"] == 3
+    from fedrad.common.plan import combat_options, harmonization_method
+
+    opts = combat_options(covbat["harmonization"])
+    assert opts["covbat"] == {"percent_var": 0.95, "n_pc": 3} and not opts["shared_batches"]
+    assert harmonization_method(covbat["harmonization"]) == ("ComBat (parametric EB), batch = site + CovBat "
+                                                             "(first 3 PCs)")
 
 
 def test_site_batch_labels_merge_small_scanners():
@@ -124,6 +139,8 @@ def test_site_batch_labels_merge_small_scanners():
     assert set(labels[42:]) == {"s1/other"}  # 4 + 7 + 2 = 13 >= 10: their own "other" batch
     labels = site_batch_labels(["GE"] * 30 + ["Philips"] * 4, "s1", 10)
     assert set(labels) == {"s1/GE"}  # "other" would have 4 < 10: it joins the largest batch
+    shared = site_batch_labels(values, "s1", 10, shared=True)  # scanner models shared across sites
+    assert shared[:42] == ["GE"] * 30 + ["Siemens"] * 12 and set(shared[42:]) == {"s1/other"}
 
 
 def test_defaults_and_derived_values():
