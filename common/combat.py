@@ -283,6 +283,64 @@ def _encode(rows: pd.DataFrame, continuous: Sequence[str], levels: Mapping[str, 
     return np.column_stack(cols)
 
 
+def smooth_options(smooth: Any, alphas: Any = None) -> tuple[dict, list[float] | None]:
+    """Normalized ComBat-GAM smooth terms ``{covariate: {"knots": full knot vector, "degree": 3}}`` (knots agreed
+    in the plan: :func:`fedrad.common.smooth.full_knots`) and the alpha grid searched by GCV (statsmodels' scale;
+    default :data:`fedrad.common.smooth.DEFAULT_ALPHAS`)."""
+    from fedrad.common import smooth as sm
+
+    if not smooth:
+        return {}, None
+    out = {}
+    for name, spec in dict(smooth).items():
+        spec = dict(spec) if isinstance(spec, Mapping) else {"knots": spec}
+        degree = int(spec.get("degree", 3))
+        try:
+            knots = sm._check_knots(spec.get("knots"), degree)
+        except (sm.SmoothError, TypeError, ValueError) as exc:
+            raise CombatError(f"smooth term {name!r}: {exc}") from None
+        out[str(name)] = {"knots": [float(k) for k in knots], "degree": degree}
+    grid = np.atleast_1d(np.asarray(sm.DEFAULT_ALPHAS if alphas is None else alphas, dtype=float))
+    if grid.ndim != 1 or not grid.size or not np.isfinite(grid).all() or (grid < 0).any():
+        raise CombatError(f"smooth alphas must be non-negative numbers, got {alphas!r}")
+    return out, [float(a) for a in grid]
+
+
+def _basis_columns(smooth: Mapping) -> list[str]:
+    from fedrad.common.smooth import basis_names
+
+    return [c for name, spec in smooth.items() for c in basis_names(name, spec["knots"], spec["degree"])]
+
+
+def _with_basis(rows: pd.DataFrame, smooth: Mapping, where: str) -> pd.DataFrame:
+    """``rows`` with the B-spline basis columns of every smooth term (``age_s0`` ...; values outside the plan's
+    boundary knots clipped to them)."""
+    if not smooth:
+        return rows
+    from fedrad.common.smooth import SmoothError, basis_names, bspline_basis
+
+    _check_columns(rows, list(smooth), "smooth covariate(s)", where)
+    extra = {}
+    for name, spec in smooth.items():
+        try:
+            basis = bspline_basis(rows[name].to_numpy(dtype=np.float64), spec["knots"], spec["degree"], name=name)
+        except (SmoothError, TypeError, ValueError) as exc:
+            raise CombatError(f"{exc} {where}") from None
+        extra.update(dict(zip(basis_names(name, spec["knots"], spec["degree"]), basis.T)))
+    return rows.assign(**extra)
+
+
+def _smooth_penalty(smooth: Mapping, names: Sequence[str]) -> np.ndarray:
+    """The roughness penalty on the design columns ``names`` (zero on the unpenalized ones)."""
+    from fedrad.common.smooth import basis_names, penalty_matrix
+
+    pen = np.zeros((len(names), len(names)))
+    for name, spec in smooth.items():
+        cols = [list(names).index(c) for c in basis_names(name, spec["knots"], spec["degree"])]
+        pen[np.ix_(cols, cols)] += penalty_matrix(spec["knots"], spec["degree"])
+    return pen
+
+
 def _centre_within(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Centre the columns of ``x`` on their mean; columns constant to rounding become exactly 0."""
     mean = x.mean(axis=0) if len(x) else np.zeros(x.shape[1])
@@ -805,6 +863,9 @@ class ComBatReference:
     covbat : dict or None
         The CovBat step (:func:`covbat_adjust`): PCA centre, unit and components of the ComBat-adjusted
         standardized data, and the per-batch score location/scale.
+    smooth, smooth_alpha : dict, list
+        ComBat-GAM smooth terms (:func:`smooth_options`; their basis columns are the last ``continuous``
+        design columns) and each kept feature's GCV-chosen smoothing alpha.
     """
 
     features: list
@@ -827,6 +888,8 @@ class ComBatReference:
     posterior_gamma: np.ndarray | None = None
     posterior_delta: np.ndarray | None = None
     covbat: dict | None = None
+    smooth: dict = field(default_factory=dict)
+    smooth_alpha: list | None = None
 
     @property
     def kept_features(self) -> list:
@@ -843,7 +906,8 @@ class ComBatReference:
         return int(sum(self.batch_sizes))
 
     def encode(self, rows: pd.DataFrame, where: str = "in the data") -> np.ndarray:
-        """Covariate design block of ``rows`` in this reference's encoding."""
+        """Covariate design block of ``rows`` in this reference's encoding (smooth terms: their basis columns)."""
+        rows = _with_basis(rows, self.smooth, where)
         _check_covariates(rows, self.continuous, list(self.categorical), where)
         return _encode(rows, self.continuous, self.categorical, where)
 
@@ -866,6 +930,8 @@ class ComBatReference:
                 "posterior_delta": np.asarray(self.posterior_delta, dtype=float).tolist()}
                if self.posterior_gamma is not None else {}),
             **({"covbat": _wire(self.covbat)} if self.covbat else {}),
+            **({"smooth": _wire(self.smooth), "smooth_alpha": [float(a) for a in self.smooth_alpha]}
+               if self.smooth else {}),
         }
 
     def posterior(self, batch: Any) -> tuple[np.ndarray, np.ndarray] | None:
@@ -899,7 +965,8 @@ class ComBatReference:
                                     if d.get("posterior_gamma") is not None else None),
                    posterior_delta=(np.asarray(d["posterior_delta"], dtype=float).reshape(-1, n_kept)
                                     if d.get("posterior_delta") is not None else None),
-                   covbat=dict(d["covbat"]) if d.get("covbat") else None)
+                   covbat=dict(d["covbat"]) if d.get("covbat") else None,
+                   smooth=dict(d.get("smooth") or {}), smooth_alpha=d.get("smooth_alpha"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -932,6 +999,10 @@ class ComBat:
     covbat : bool or dict, optional
         Follow ComBat by CovBat's PCA step (:func:`covbat_options`: ``percent_var``, ``n_pc``, ``std_var``),
         as the CovBat R package's ``covbat`` with its defaults (score ComBat without EB).
+    smooth : dict, optional
+        ComBat-GAM (neuroHarmonize's ``smooth_terms``): covariate → full B-spline knot vector (or
+        ``{"knots", "degree"}``); the covariate (a column of ``covars``, not in ``covariates``) enters as its
+        basis with a roughness penalty, each feature's alpha chosen by GCV over ``smooth_alphas``.
 
     Attributes
     ----------
@@ -957,9 +1028,12 @@ class ComBat:
 
     def __init__(self, covariates: Sequence[str] = (), categorical: Sequence[str] = (), *, eb: bool = True,
                  parametric: bool = True, mean_only: bool = False, ref_batch: Any = None,
-                 min_cell_size: int = 2, conv: float = 1e-4, max_iter: int = 10000, covbat: Any = None):
+                 min_cell_size: int = 2, conv: float = 1e-4, max_iter: int = 10000, covbat: Any = None,
+                 smooth: Any = None, smooth_alphas: Any = None):
         self.covariates = covariates
         self.covbat = covbat
+        self.smooth = smooth
+        self.smooth_alphas = smooth_alphas
         self.categorical = categorical
         self.eb = eb
         self.parametric = parametric
@@ -1012,7 +1086,11 @@ class ComBat:
             raise CombatError(f"min_cell_size must be at least 2 (a batch variance needs 2 samples), "
                               f"got {self.min_cell_size}")
         continuous, categorical = _split_covariates(self.covariates, self.categorical)
+        terms, grid = smooth_options(self.smooth, self.smooth_alphas)
         y, fnames, labels, covars = self._inputs(X, batch, covars)
+        if terms:
+            covars = _with_basis(covars, terms, "")
+            continuous = continuous + _basis_columns(terms)
         batches = _sorted_levels(labels, "batch")
         idx = [np.flatnonzero(labels == b) for b in batches]
         sizes = [len(i) for i in idx]
@@ -1031,7 +1109,8 @@ class ComBat:
                                           f"{lv[0]!r} in all batches; drop it from the covariates")
         d = _encode(covars, continuous, levels, "")
         dnames, downer = _design_names(continuous, levels), _design_owner(continuous, levels)
-        _check_rank(np.vstack([_centre_within(d[i])[0] for i in idx]), dnames, downer)
+        if not terms:
+            _check_rank(np.vstack([_centre_within(d[i])[0] for i in idx]), dnames, downer)
 
         # pooled OLS on the full design (batch one-hot, ref column = intercept), Y shifted by its
         # overall mean (exact: the batch columns span the constant) for precision with large values
@@ -1047,13 +1126,24 @@ class ComBat:
         dmean = d.mean(axis=0) if d.shape[1] else np.zeros(0)
         design = np.hstack([onehot, d - dmean])
         shift = y.mean(axis=0)
-        coef_all = np.linalg.lstsq(design, y - shift, rcond=None)[0]
-        resid = (y - shift) - design @ coef_all
-        if r is not None:
-            coef_all[r] += shift - dmean @ coef_all[k:]
+        alpha = None
+        if terms:  # ComBat-GAM: the penalized within-batch regression (batch intercepts unpenalized)
+            coef, alpha = _penalized_beta(np.vstack([_centre_within(d[i])[0] for i in idx]),
+                                          np.vstack([y[i] - y[i].mean(axis=0) for i in idx]), np.zeros(y.shape[1]),
+                                          len(y), k, terms, {"smooth_alphas": grid}, dnames, downer)
+            bcoef = np.vstack([y[i].mean(axis=0) - d[i].mean(axis=0) @ coef for i in idx])
+            row_batch = np.empty(len(y), dtype=int)
+            for j, i in enumerate(idx):
+                row_batch[i] = j
+            resid = y - bcoef[row_batch] - d @ coef
         else:
-            coef_all[:k] += shift - dmean @ coef_all[k:]
-        bcoef, coef = coef_all[:k], coef_all[k:]
+            coef_all = np.linalg.lstsq(design, y - shift, rcond=None)[0]
+            resid = (y - shift) - design @ coef_all
+            if r is not None:
+                coef_all[r] += shift - dmean @ coef_all[k:]
+            else:
+                coef_all[:k] += shift - dmean @ coef_all[k:]
+            bcoef, coef = coef_all[:k], coef_all[k:]
         n_tot = len(y)
         grand = bcoef[r].copy() if r is not None else (np.asarray(sizes) / float(n_tot)) @ bcoef
         rss = np.vstack([(resid[i] ** 2).sum(axis=0) for i in idx])
@@ -1080,7 +1170,8 @@ class ComBat:
             batch_sizes=list(sizes), ref_batch=ref, batch_col=batch if isinstance(batch, str) else None,
             eb=self.eb, parametric=self.parametric,
             mean_only=self.mean_only, conv=self.conv, min_cell_size=self.min_cell_size,
-            excluded_features=dict(excluded))
+            excluded_features=dict(excluded), smooth=terms,
+            smooth_alpha=[float(x) for x in alpha[kept]] if terms else None)
 
         kept_names = [f for f, kk in zip(fnames, kept) if kk]
         s = _standardize(y[:, kept], d, self.grand_mean_, self.coef_, self.var_pooled_)
@@ -1149,12 +1240,14 @@ class ComBat:
 def make_request(features: Sequence[str], covariates: Sequence[str] = (), categorical: Sequence[str] = (), *,
                  batch_col: str | None = None, ref_batch: Any = None, eb: bool = True, parametric: bool = True,
                  mean_only: bool = False, min_cell_size: int = 2, conv: float = 1e-4, shared_batches: bool = False,
-                 covbat: Any = None) -> dict:
+                 covbat: Any = None, smooth: Any = None, smooth_alphas: Any = None) -> dict:
     """Message 1 (server → sites): what to compute.  ``covariates``/``categorical`` as in
     :class:`ComBat`.  ``batch_col=None`` means each site is one batch named by the site.
     ``shared_batches``: a ``batch_col`` label is global, so one scanner model at several sites is one batch (the
     server then computes every batch's posterior from its sums).  ``covbat``: add CovBat's PCA step
-    (:func:`covbat_options`); the sites then also send their residual scatter (F×F per batch)."""
+    (:func:`covbat_options`); the sites then also send their residual scatter (F×F per batch).  ``smooth``:
+    ComBat-GAM smooth terms (:func:`smooth_options`: covariate → full knot vector agreed in the plan); a smooth
+    covariate is not also a linear one.  ``smooth_alphas``: the GCV grid."""
     features = [str(f) for f in _names(features)]
     if not features:
         raise CombatError("no features to harmonize")
@@ -1173,7 +1266,13 @@ def make_request(features: Sequence[str], covariates: Sequence[str] = (), catego
     if opts and ref_batch is not None:
         raise CombatError("CovBat with a reference batch is not defined (CovBat's PCA step adjusts every batch); "
                           "leave ref_batch out or turn CovBat off")
+    terms, grid = smooth_options(smooth, smooth_alphas)
+    clash = sorted(set(terms) & set(continuous + cat + features))
+    if clash:
+        raise CombatError(f"{clash} listed both as smooth terms and as features or linear/categorical covariates; "
+                          "a smooth term replaces the linear effect")
     return {"kind": "fedrad.combat.request", "version": _PROTOCOL_VERSION, "features": features,
+            **({"smooth": terms, "smooth_alphas": grid} if terms else {}),
             "continuous": continuous, "categorical": cat, "batch_col": batch_col,
             "ref_batch": _py(ref_batch), "eb": bool(eb), "parametric": bool(parametric),
             "mean_only": bool(mean_only), "min_cell_size": int(min_cell_size), "conv": float(conv),
@@ -1270,6 +1369,9 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
     if not isinstance(rows, pd.DataFrame):
         raise CombatError(f"site rows {where_site} must be a pandas DataFrame")
     labels_sorted, labels = _site_batches(rows, request.get("batch_col"), site, batch)
+    smooth = dict(request.get("smooth") or {})
+    continuous = continuous + _basis_columns(smooth)
+    rows = _with_basis(rows, smooth, where_site)
     out = []
     for label in labels_sorted:
         sub = rows[labels == label] if request.get("batch_col") is not None else rows
@@ -1325,6 +1427,21 @@ def _local_to_global(levels_local: Mapping[str, Sequence], levels_global: Mappin
     return t
 
 
+def _penalized_beta(a, z, rho2, n_total, n_batches, smooth, request, dnames, downer):
+    """β of the penalized (ComBat-GAM) within-batch regression and each feature's alpha."""
+    from fedrad.common.smooth import SmoothError, penalized_within_fit
+
+    basis = set(_basis_columns(smooth))
+    plain = [j for j, c in enumerate(dnames) if c not in basis]  # the spline columns: the penalty makes them full rank
+    _check_rank(a[:, plain], [dnames[j] for j in plain], [downer[j] for j in plain])
+    try:
+        fit = penalized_within_fit(a, z, rho2, n_total, n_batches, _smooth_penalty(smooth, dnames),
+                                   request.get("smooth_alphas"), names=dnames)
+    except SmoothError as exc:
+        raise SingularDesignError(f"ComBat-GAM: {exc}") from None
+    return fit.beta, np.asarray(fit.alpha, dtype=float)
+
+
 def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
                          min_cell_size: int | None = None) -> ComBatReference:
     r"""Server step after message 2: the global reference from the sites' statistics.
@@ -1346,6 +1463,8 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
     """
     features, continuous, categorical = list(request["features"]), list(request["continuous"]), list(request["categorical"])
     min_n = max(int(request.get("min_cell_size", 2)), int(min_cell_size or 0))
+    smooth = dict(request.get("smooth") or {})
+    continuous = continuous + _basis_columns(smooth)
     ref = request.get("ref_batch")
     shared = bool(request.get("shared_batches", False))
     covbat = request.get("covbat")
@@ -1418,11 +1537,14 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
     between_x = root * (xbar[multi] - xbar_b[np.asarray(of_batch)[multi]]) if multi else np.zeros((0, p))
     between_y = root * (block_means[multi] - ybar_b[np.asarray(of_batch)[multi]]) if multi else np.zeros((0, f))
     a = np.vstack(r_glob + [between_x]) if r_glob else np.zeros((0, p))
-    _check_rank(a, dnames, downer)
-    if p:
-        beta = np.linalg.lstsq(a, np.vstack(zs + [between_y]), rcond=None)[0]
+    alpha = None
+    if smooth:  # ComBat-GAM: penalized within-batch regression, each feature's alpha by GCV from the sums
+        beta, alpha = _penalized_beta(a, np.vstack(zs + [between_y]), sum(np.asarray(e["rss"], dtype=float)
+                                      for e in entries), int(n_block.sum()), len(batches), smooth, request,
+                                      dnames, downer)
     else:
-        beta = np.zeros((0, f))
+        _check_rank(a, dnames, downer)
+        beta = np.linalg.lstsq(a, np.vstack(zs + [between_y]), rcond=None)[0] if p else np.zeros((0, f))
     block_resid = [z - rg @ beta for z, rg in zip(zs, r_glob)]
     block_rss = np.vstack([(r ** 2).sum(axis=0) + np.asarray(e["rss"], dtype=float)
                            for r, e in zip(block_resid, entries)])
@@ -1449,7 +1571,8 @@ def combine_combat_stats(aggregates: Sequence[Mapping], request: Mapping, *,
         batch_col=request.get("batch_col"), eb=bool(request.get("eb", True)),
         parametric=bool(request.get("parametric", True)), mean_only=bool(request.get("mean_only", False)),
         conv=float(request.get("conv", 1e-4)), min_cell_size=int(request.get("min_cell_size", 2)),
-        excluded_features=excluded, shared_batches=shared)
+        excluded_features=excluded, shared_batches=shared, smooth=smooth,
+        smooth_alpha=[float(x) for x in alpha[kept]] if smooth else None)
     if not (shared or covbat):
         return reference   # every batch at one site: each site computes its own posterior from its rows
     # the posterior of every batch from its sums: mean (intercept − α)/σ, centred sum of squares RSS/σ²
@@ -1592,7 +1715,7 @@ def fit_federated(site_tables: Mapping[str, pd.DataFrame], features: Sequence[st
                   batch_col: str | None = None, ref_batch: Any = None, eb: bool = True, parametric: bool = True,
                   mean_only: bool = False, min_cell_size: int = 2, conv: float = 1e-4,
                   site_min_cell_size: Mapping[str, int] | None = None, shared_batches: bool = False,
-                  covbat: Any = None) -> FederatedComBat:
+                  covbat: Any = None, smooth: Any = None, smooth_alphas: Any = None) -> FederatedComBat:
     """Run federated ComBat in-process, exactly as the Flower handlers will.
 
     Each site function sees only its own table; every message passes through strict JSON.
@@ -1614,7 +1737,7 @@ def fit_federated(site_tables: Mapping[str, pd.DataFrame], features: Sequence[st
     """
     request = make_request(features, covariates, categorical, batch_col=batch_col, ref_batch=ref_batch, eb=eb,
                            parametric=parametric, mean_only=mean_only, min_cell_size=min_cell_size, conv=conv,
-                           shared_batches=shared_batches, covbat=covbat)
+                           shared_batches=shared_batches, covbat=covbat, smooth=smooth, smooth_alphas=smooth_alphas)
     policy = dict(site_min_cell_size or {})
     round_trips = 0
     # round trip 1: request down, statistics up

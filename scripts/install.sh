@@ -13,6 +13,10 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "numpy>=1.26" versioneer setuptools wheel
 python -m pip install -q --no-build-isolation "pyradiomics==3.0.1"
 python -m pip install -q -e ".[test]"
+# neuroHarmonize (the ComBat-GAM reference of the tests) pins numpy<2 but runs on numpy 2: installed without its
+# dependency pins so it cannot downgrade numpy for everything else (pyproject.toml, test extra)
+python -m pip install -q "nibabel>=5"
+python -m pip install -q --no-deps "neuroHarmonize==2.5.2"
 
 # Headless chromium for the report's browser test (tests/test_report.py skips it without chromium). Optional:
 # time-bounded and never fatal, so the set-up (and CI) cannot fail because of it.
