@@ -180,7 +180,13 @@ OTHER_BATCH = "other"
 
 #: ``[harmonization]`` options beyond neuroCombat's and their defaults (left out of a plan at their default, so a
 #: plan written before the option keeps its id)
-HARMONIZATION_OPTIONS = {"shared_batches": False, "covbat": False, "covbat_percent_var": 0.95, "covbat_n_pc": 0}
+HARMONIZATION_OPTIONS = {"shared_batches": False, "covbat": False, "covbat_percent_var": 0.95, "covbat_n_pc": 0,
+                         "smooth": {}, "smooth_alphas": None}
+
+
+def smooth_columns(harm: dict) -> list[str]:
+    """The ComBat-GAM smooth covariates of a plan's ``[harmonization]`` (``smooth = {age = [...]}``)."""
+    return list((harm.get("smooth") or {}) if harm.get("enabled", True) else {})
 
 
 def combat_options(harm: dict) -> dict:
@@ -189,8 +195,13 @@ def combat_options(harm: dict) -> dict:
     get = {**HARMONIZATION_OPTIONS, **harm}.get
     covbat = ({"percent_var": float(get("covbat_percent_var")), "n_pc": int(get("covbat_n_pc"))}
               if get("covbat") else None)
+    from fedrad.common.smooth import full_knots
+
+    smooth = {name: [float(k) for k in full_knots(knots[1:-1], knots[0], knots[-1])]
+              for name, knots in (get("smooth") or {}).items()}
     return {"batch_col": harm.get("batch"), "shared_batches": bool(harm.get("batch") and get("shared_batches")),
-            "covbat": covbat, "parametric": bool(harm["parametric"]), "mean_only": bool(harm["mean_only"])}
+            "covbat": covbat, "parametric": bool(harm["parametric"]), "mean_only": bool(harm["mean_only"]),
+            "smooth": smooth or None, "smooth_alphas": get("smooth_alphas")}
 
 
 def harmonization_method(harm: dict) -> str:
@@ -204,6 +215,10 @@ def harmonization_method(harm: dict) -> str:
              f"batch = {opts['batch_col']} " + ("(one batch per model across sites)" if opts["shared_batches"]
                                                 else "within each site"))
     text = f"ComBat ({eb}), {batch}"
+    if opts["smooth"]:
+        text += ("; smooth " + ", ".join(f"{name} (cubic B-spline, knots {', '.join(f'{k:g}' for k in knots)}; "
+                                         "penalty by GCV per feature)"
+                                         for name, knots in (harm.get("smooth") or {}).items()) + " (ComBat-GAM)")
     if opts["covbat"]:
         cb = opts["covbat"]
         text += " + CovBat (" + (f"first {cb['n_pc']} PCs" if cb["n_pc"] else
@@ -252,12 +267,12 @@ def prepare_spec(study: dict) -> dict:
     ep = endpoint(study)
     harm, model = study["harmonization"], study["model"]
     clinical = list(model["clinical"])
-    covariates = list(harm["covariates"]) if harm["enabled"] else []
+    covariates = (list(harm["covariates"]) + smooth_columns(harm)) if harm["enabled"] else []
     batch = [harm["batch"]] if harm["enabled"] and harm.get("batch") else []
     required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep) + batch))
     return {"endpoint": ep, "required_columns": required, "clinical": clinical, "batch": batch[0] if batch else None,
             "feature_prefixes": list(study["selection"].get("feature_prefixes") or []),
-            "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]))),
+            "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]) + smooth_columns(harm))),
                        "categorical": list(harm["categorical"])}}
 
 
@@ -358,12 +373,14 @@ def plan_columns(plan: dict) -> dict[str, list[str]]:
         ep = endpoint(study)
         harm = study["harmonization"]
         return {"outcome": outcome_columns(ep), "clinical": list(study["model"]["clinical"]),
-                "covariates": (list(harm["covariates"]) + ([harm["batch"]] if harm.get("batch") else []))
+                "covariates": (list(harm["covariates"]) + smooth_columns(harm)
+                               + ([harm["batch"]] if harm.get("batch") else []))
                 if harm["enabled"] else [],
                 "categorical": list(harm["categorical"]) if harm["enabled"] else []}
     if task == "harmonize":
         req = plan["request"]
-        return {"outcome": [], "clinical": [], "covariates": list(req["continuous"]) + list(req["categorical"]),
+        return {"outcome": [], "clinical": [], "covariates": list(req["continuous"]) + list(req["categorical"])
+                + list(req.get("smooth") or {}),
                 "categorical": list(req["categorical"]), "features": list(req["features"])}
     data = plan["data"]
     return {"outcome": endpoints.of_data(data).columns(), "clinical": [], "covariates": [], "categorical": [],

@@ -42,7 +42,8 @@ import time
 from fedrad.common import endpoints
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import combat_options, grid_strong_to_weak, harmonization_method, path_shape, uses_loso
+from fedrad.common.plan import (combat_options, grid_strong_to_weak, harmonization_method, path_shape, smooth_columns,
+                               uses_loso)
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
                                     common_volume, penalty_choice, pick_variants,
                                     screen_candidates)
@@ -158,7 +159,7 @@ class Study:
         self.results["cohort"] = {s: replies[s].get("cohort") for s in self.sites}
         harm = cfg["harmonization"]
         self.results["covariate_balance"] = covariate_balance(
-            self.results["cohort"], modelled=list(harm["covariates"]) if harm["enabled"] else [])
+            self.results["cohort"], modelled=list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
         if self.results["covariate_balance"]["unmodelled_imbalanced"]:
             self.log(f"warning: {', '.join(self.results['covariate_balance']['unmodelled_imbalanced'])} differ "
                      f"between sites (|SMD| > {self.results['covariate_balance']['threshold']}) and ComBat does not "

@@ -41,6 +41,10 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     # covbat = true                     # CovBat after ComBat: site effects in the features' covariance (PCA of
     # covbat_percent_var = 0.95         # the ComBat residuals; the first PCs explaining this share, or
     # covbat_n_pc = 0                   # covbat_n_pc of them when > 0, get their location/scale harmonized)
+    # smooth = { age = [18, 45, 55, 65, 95] }   # ComBat-GAM: a covariate's effect as a cubic B-spline (not also in
+                                        # covariates): lower boundary, interior knots, upper boundary (values
+                                        # outside are clipped to the boundary); the penalty is chosen per feature
+                                        # by GCV over smooth_alphas (default 41 values 1 ... 1e7)
 
     [selection]
     # features: by default every numeric column that is not case_id / a file column, the outcome, time or
@@ -110,7 +114,7 @@ DEFAULTS = {
     "sites": {},
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
                       "mean_only": False, "batch": None, "shared_batches": False, "covbat": False,
-                      "covbat_percent_var": 0.95, "covbat_n_pc": 0},
+                      "covbat_percent_var": 0.95, "covbat_n_pc": 0, "smooth": {}, "smooth_alphas": None},
     "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
@@ -227,6 +231,26 @@ def _numbers(cfg: dict, section: str, key: str, positive: bool) -> None:
         raise _bad(section, key, value, f"write a non-empty list of {sign} numbers")
 
 
+def _smooth(cfg: dict) -> None:
+    harm = cfg["harmonization"]
+    smooth = harm["smooth"]
+    example = "smooth = { age = [18, 45, 55, 65, 95] }"
+    if not isinstance(smooth, dict):
+        raise StudyConfigError(f"[harmonization] smooth = {_toml(smooth)}: write a table of covariate = knots, "
+                               f"e.g. {example}")
+    for name, knots in smooth.items():
+        if (not isinstance(knots, list) or len(knots) < 2 or any(not _is_number(k) for k in knots)
+                or any(b <= a for a, b in zip(knots, knots[1:]))):
+            raise StudyConfigError(f"[harmonization] smooth.{name} = {_toml(knots)}: write increasing numbers: the "
+                                   f"lower boundary, the interior knots, the upper boundary, e.g. {example}")
+        if name in harm["covariates"] or name in harm["categorical"] or name == harm.get("batch"):
+            raise StudyConfigError(f"[harmonization] smooth.{name}: {name!r} is also a covariate or the batch; a "
+                                   "smooth term replaces its linear effect, so list it in smooth only")
+    alphas = harm["smooth_alphas"]
+    if alphas is not None:
+        _numbers(cfg, "harmonization", "smooth_alphas", positive=False)
+
+
 def validate(cfg: dict) -> dict:
     """Check types and consistency; fill derived defaults (model type from the endpoint).
 
@@ -251,6 +275,7 @@ def validate(cfg: dict) -> dict:
         _boolean(cfg, "harmonization", key)
     _number(cfg, "harmonization", "covbat_percent_var", 0.0, 1.0, "(0, 1]")
     _integer(cfg, "harmonization", "covbat_n_pc", 0, "0 means: as many as covbat_percent_var needs")
+    _smooth(cfg)
     if harm["shared_batches"] and harm.get("batch") is None:
         raise StudyConfigError("[harmonization] shared_batches = true needs batch = \"<column>\" (the scanner "
                                "labels the sites share); without it each site is one batch")

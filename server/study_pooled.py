@@ -15,7 +15,8 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import (candidate_features, combat_options, inner_fold_usable, path_shape, site_batch_labels, study_plan,
+from fedrad.common.plan import (candidate_features, combat_options, inner_fold_usable, path_shape, site_batch_labels,
+                                smooth_columns, study_plan,
                                 subgroup_columns)
 from fedrad.common import endpoints
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
@@ -38,7 +39,8 @@ def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size
     endpoint = endpoint_of(cfg)
     clinical = list(cfg["model"]["clinical"])
     harm = cfg["harmonization"]
-    covariates = [c for c in (harm["covariates"] if harm["enabled"] else []) if c not in clinical]
+    covariates = [c for c in (list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
+                  if c not in clinical]
     batch = harm.get("batch") if harm["enabled"] else None
     covariates = [c for c in covariates if c != batch]
     tables = {s: complete_rows(t, endpoint, clinical, s, covariates) for s, t in site_tables.items()}
@@ -79,9 +81,11 @@ def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: l
     pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
     opts = combat_options(harm)
     combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
-                    parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"])
+                    parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"],
+                    smooth=opts["smooth"], smooth_alphas=opts["smooth_alphas"])
     batch = harm.get("batch") or "site"  # batches within sites: the site's own labels (the tables hold them)
-    combat.fit(pooled[candidates], pooled[batch], pooled[list(harm["covariates"])] if harm["covariates"] else None)
+    covs = list(harm["covariates"]) + smooth_columns(harm)
+    combat.fit(pooled[candidates], pooled[batch], pooled[covs] if covs else None)
     ref = combat.reference_
     if harm.get("batch"):
         ref.batch_col = harm["batch"]

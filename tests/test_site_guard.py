@@ -121,6 +121,38 @@ def test_attack2_combat_with_a_patient_level_categorical_is_refused(tmp_path):
             secrets=["M0001", "M0090"])
 
 
+def test_combat_options_come_from_the_plan_not_the_request(tmp_path):
+    """A coordinator cannot switch on the CovBat residual scatter (feature x feature cross-products) or choose
+    ComBat-GAM knots the plan did not name: the site computes the plan's request. Under a plan with CovBat and a
+    smooth age term, the scatter is sent, the knots are the plan's, and age is no linear covariate."""
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    node = nodes[0]
+    approve_at_sites(study_plan(cfg), [node])
+    pid = plan_id(study_plan(cfg))
+    ask(node, "study_prepare", {"plan": pid})
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    from fedrad.common.combat import make_request
+    from fedrad.common.smooth import full_knots
+
+    greedy = make_request(feats, ["age"], covbat=True, smooth=None)
+    reply = ask(node, "combat_stats", {"plan": pid, "request": greedy, "table": "raw"})
+    assert "scatter" not in reply["stats"]["batches"][0]
+    planned = {**cfg, "harmonization": {**cfg["harmonization"], "covariates": ["sex"], "covbat": True,
+                                        "smooth": {"age": [20, 55, 65, 100]}}}
+    from fedrad.server.study_config import validate
+
+    planned = validate(planned)
+    approve_at_sites(study_plan(planned), [node])
+    pid2 = plan_id(study_plan(planned))
+    ask(node, "study_prepare", {"plan": pid2})
+    sneaky = make_request(feats, ["sex"], ["sex"], smooth={"age": list(full_knots([59.9, 60.0, 60.1], 59, 61))})
+    reply = ask(node, "combat_stats", {"plan": pid2, "request": sneaky, "table": "raw"})
+    block = reply["stats"]["batches"][0]
+    assert np.asarray(block["scatter"]).shape == (9, 9)
+    # the plan's knots: 2 interior knots -> 5 basis columns after sex; narrow coordinator knots would give 6
+    assert np.asarray(block["R"]).shape[1] == 1 + 5
+
+
 def test_attack3_differencing_with_coordinator_chosen_folds_is_refused(study):
     """Attack 3: 200 inner folds (all-rows sum minus all-but-one-fold sums) -- folds come from the plan only, and a
     fold whose left-out rows are fewer than k is skipped (code only, no count)."""

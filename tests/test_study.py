@@ -221,6 +221,35 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
         assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
 
 
+def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path):
+    """[harmonization] smooth = {age = [...]}: ComBat-GAM inside every fold (2 round trips). The final fold's
+    harmonized tables equal the pooled ComBat-GAM (same knots, each feature's GCV alpha) on the pooled rows, and
+    every held-out site's metrics equal the pooled twin's."""
+    from fedrad.common.combat import ComBat
+    from fedrad.common.smooth import full_knots
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    cfg["harmonization"].update(covariates=["sex"], categorical=["sex"], smooth={"age": [20, 50, 60, 70, 100]})
+    cfg = validate(cfg)
+    res = run_study_in_process(cfg, nodes)
+    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
+    assert "ComBat-GAM" in res["harmonization_method"]
+    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
+         for n in nodes}
+    feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
+    raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    pooled = ComBat(["sex"], ["sex"], smooth={"age": list(full_knots([50, 60, 70], 20, 100))})
+    want = pooled.fit_transform(raw[feats].to_numpy(dtype=float), "site", raw)
+    got = pd.concat([h[s] for s in tables], ignore_index=True)
+    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
+    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - want) / scale) < 1e-8
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        got_m, want_m = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got_m) == set(want_m)
+        assert max(abs(got_m[k] - want_m[k]) / max(1.0, abs(want_m[k])) for k in got_m) < 1e-6
+
+
 def test_rounds_do_not_grow_with_sites(tmp_path):
     cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=3)
     three = run_study_in_process(cfg, nodes[:3])["round_trips"]

@@ -46,6 +46,8 @@ BAD = [
     ("harmonization", "shared_batches", "1"), ("harmonization", "covbat", '"yes"'),
     ("harmonization", "covbat_percent_var", "1.5"), ("harmonization", "covbat_percent_var", "0"),
     ("harmonization", "covbat_n_pc", "-1"), ("harmonization", "covbat_n_pc", "2.5"),
+    ("harmonization", "smooth", '"age"'), ("harmonization", "smooth", "{ age = [50, 40] }"),
+    ("harmonization", "smooth", '{ age = [20, "x", 90] }'), ("harmonization", "smooth_alphas", "[-1]"),
     ("study", "kind", '"radiogenomics"'), ("association", "markers", '"immune_score"'),
     ("association", "volume_adjusted", '"yes"'), ("association", "discovery", "[1]"),
     ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
@@ -116,6 +118,10 @@ def test_batch_column_rules():
     assert "batch" not in study_plan(validate(_merge({})))["study"]["harmonization"]  # ids of plans without it
     with pytest.raises(StudyConfigError, match="also a covariate"):
         validate(_merge({"harmonization": {"batch": "age", "covariates": ["age"]}}))
+    with pytest.raises(StudyConfigError, match="also a covariate or the batch; a smooth term replaces"):
+        validate(_merge({"harmonization": {"covariates": ["age"], "smooth": {"age": [20, 50, 90]}}}))
+    gam = study_plan(validate(_merge({"harmonization": {"smooth": {"age": [20, 50, 90]}}})))["study"]
+    assert "age" in named_columns(gam)  # a smooth covariate is a required column, never a feature
     with pytest.raises(StudyConfigError, match="shared_batches = true needs batch"):
         validate(_merge({"harmonization": {"shared_batches": True}}))
     plain = study_plan(validate(_merge({})))["study"]["harmonization"]
