@@ -890,6 +890,7 @@ class ComBatReference:
     covbat: dict | None = None
     smooth: dict = field(default_factory=dict)
     smooth_alpha: list | None = None
+    posterior_batches: list | None = None
 
     @property
     def kept_features(self) -> list:
@@ -929,6 +930,8 @@ class ComBatReference:
             **({"posterior_gamma": np.asarray(self.posterior_gamma, dtype=float).tolist(),
                 "posterior_delta": np.asarray(self.posterior_delta, dtype=float).tolist()}
                if self.posterior_gamma is not None else {}),
+            **({"posterior_batches": [_py(b) for b in self.posterior_batches]}
+               if self.posterior_batches is not None else {}),
             **({"covbat": _wire(self.covbat)} if self.covbat else {}),
             **({"smooth": _wire(self.smooth), "smooth_alpha": [float(a) for a in self.smooth_alpha]}
                if self.smooth else {}),
@@ -937,10 +940,34 @@ class ComBatReference:
     def posterior(self, batch: Any) -> tuple[np.ndarray, np.ndarray] | None:
         """The server's (γ*, δ*) of ``batch``, or None when the site estimates it (not set, or a batch not in
         the fit)."""
-        if self.posterior_gamma is None or batch not in self.batches:
+        held = self.batches if self.posterior_batches is None else self.posterior_batches
+        if self.posterior_gamma is None or batch not in held:
             return None
-        i = self.batches.index(batch)
+        i = list(held).index(batch)
         return np.asarray(self.posterior_gamma[i], dtype=float), np.asarray(self.posterior_delta[i], dtype=float)
+
+    def covbat_index(self, batch: Any) -> int | None:
+        """Row of ``batch`` in the CovBat per-batch score moments (None: not in the fit, the site estimates them)."""
+        held = list(self.covbat.get("batches", self.batches)) if self.covbat else []
+        return held.index(batch) if batch in held else None
+
+    def for_site(self, labels: Sequence) -> dict:
+        """:meth:`to_dict` for one site: the per-batch posteriors and CovBat score moments of the batches the site
+        holds (``labels``) only, so no site receives another site's batch-level estimates."""
+        d = self.to_dict()
+        if self.posterior_gamma is not None:
+            held = list(self.batches if self.posterior_batches is None else self.posterior_batches)
+            rows = [i for i, b in enumerate(held) if b in set(labels)]
+            d["posterior_gamma"] = [d["posterior_gamma"][i] for i in rows]
+            d["posterior_delta"] = [d["posterior_delta"][i] for i in rows]
+            d["posterior_batches"] = [d.get("posterior_batches", d["batches"])[i] for i in rows]
+        if self.covbat:
+            held = list(self.covbat.get("batches", self.batches))
+            rows = [i for i, b in enumerate(held) if b in set(labels)]
+            d["covbat"] = {**d["covbat"], "batch_mean": [d["covbat"]["batch_mean"][i] for i in rows],
+                           "batch_var": [d["covbat"]["batch_var"][i] for i in rows],
+                           "batches": [_py(held[i]) for i in rows]}
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping) -> "ComBatReference":
@@ -966,7 +993,8 @@ class ComBatReference:
                    posterior_delta=(np.asarray(d["posterior_delta"], dtype=float).reshape(-1, n_kept)
                                     if d.get("posterior_delta") is not None else None),
                    covbat=dict(d["covbat"]) if d.get("covbat") else None,
-                   smooth=dict(d.get("smooth") or {}), smooth_alpha=d.get("smooth_alpha"))
+                   smooth=dict(d.get("smooth") or {}), smooth_alpha=d.get("smooth_alpha"),
+                   posterior_batches=list(d["posterior_batches"]) if d.get("posterior_batches") is not None else None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1647,7 +1675,7 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
                                                  given[0], given[1])
             z = (s - given[0]) / np.sqrt(given[1])
             if ref.covbat:
-                z = covbat_adjust(z, ref.covbat, ref.batches.index(label))
+                z = covbat_adjust(z, ref.covbat, ref.covbat_index(label))
             out.loc[mask, kept] = _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled)
             continue
         if not is_ref and not ref.mean_only:
@@ -1747,9 +1775,9 @@ def fit_federated(site_tables: Mapping[str, pd.DataFrame], features: Sequence[st
     round_trips += 1
     reference = combine_combat_stats(list(uploads.values()), request)
     # round trip 2: reference down, sites harmonize locally, summary up
-    down = _wire(reference.to_dict())
     harmonized, adjustments, summaries = {}, {}, {}
-    for site, table in site_tables.items():
+    for site, table in site_tables.items():  # batch-level estimates only for the site's own batches
+        down = _wire(reference.for_site({e["batch"] for e in uploads[site]["batches"]}))
         out, adj = apply_combat(table, ComBatReference.from_dict(down), site=site,
                                 min_cell_size=policy.get(site))
         harmonized[site], adjustments[site] = out, adj

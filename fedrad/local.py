@@ -160,21 +160,27 @@ def split_into_sites(df: pd.DataFrame, site_col: str, workdir: Path | None = Non
 def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None = None,
                     covariates: list[str] = (), categorical: list[str] = (), *, ref_batch=None, eb: bool = True,
                     parametric: bool = True, mean_only: bool = False, federated: bool = False,
-                    min_cell_size: int | None = None, log=None, workdir: Path | None = None
-                    ) -> tuple[pd.DataFrame, dict]:
+                    min_cell_size: int | None = None, log=None, workdir: Path | None = None,
+                    site_col: str | None = None, covbat=None, smooth: dict | None = None,
+                    smooth_alphas=None) -> tuple[pd.DataFrame, dict]:
     """ComBat on a table: pooled, or federated with each batch value as a site. Same columns and row order.
+
+    ``site_col``: the sites are this column's values and ``batch_col`` (e.g. the scanner model) is shared across
+    them (one batch per model); ``covbat``: CovBat after ComBat; ``smooth``: ComBat-GAM smooth terms (covariate →
+    full knot vector).
 
     ``workdir`` keeps the sites' folders (tables, audit logs, harmonized outputs) for inspection; by default
     they live in a temporary directory removed afterwards.
     """
     from fedrad.common.combat import ComBat, make_request
 
-    for col in [batch_col, *covariates, *categorical]:
+    smooth = dict(smooth or {})
+    for col in [batch_col, *covariates, *categorical, *smooth, *([site_col] if site_col else [])]:
         if col not in df.columns:
             raise ValueError(f"column {col!r} not in the table")
     covariates = list(dict.fromkeys([*covariates, *categorical]))
     if features is None:
-        features = default_features(df, {batch_col, *covariates})
+        features = default_features(df, {batch_col, *covariates, *smooth, *([site_col] if site_col else [])})
     missing = [f for f in features if f not in df.columns]
     if missing:
         raise ValueError(f"feature column(s) not in the table: {', '.join(missing[:5])}")
@@ -182,8 +188,10 @@ def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None
         raise ValueError("no feature columns to harmonize; pass --features")
     if not federated:
         model = ComBat(covariates=covariates, categorical=list(categorical), eb=eb, parametric=parametric,
-                       mean_only=mean_only, ref_batch=ref_batch, min_cell_size=min_cell_size or 2)
-        out = model.fit_transform(df[features], df[batch_col], df[covariates] if covariates else None)
+                       mean_only=mean_only, ref_batch=ref_batch, min_cell_size=min_cell_size or 2, covbat=covbat,
+                       smooth=smooth or None, smooth_alphas=smooth_alphas)
+        covs = covariates + list(smooth)
+        out = model.fit_transform(df[features], df[batch_col], df[covs] if covs else None)
         result = df.copy()
         result[features] = np.asarray(out, dtype=float)
         return result, {"mode": "pooled", "excluded": getattr(model, "excluded_features_", {}),
@@ -192,9 +200,11 @@ def harmonize_table(df: pd.DataFrame, batch_col: str, features: list[str] | None
 
     request = make_request(features, covariates, list(categorical), ref_batch=ref_batch, eb=eb,
                            parametric=parametric, mean_only=mean_only,
-                           min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
+                           min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE,
+                           batch_col=batch_col if site_col else None, shared_batches=bool(site_col),
+                           covbat=covbat, smooth=smooth or None, smooth_alphas=smooth_alphas)
     with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
-        sites = split_into_sites(df, batch_col, Path(tmp) if workdir is None else Path(workdir),
+        sites = split_into_sites(df, site_col or batch_col, Path(tmp) if workdir is None else Path(workdir),
                                  min_cell_size=min_cell_size or DEFAULT_MIN_CELL_SIZE)
         from fedrad.common.plan import harmonize_plan
         fed = sites.federation(log=log, plan=harmonize_plan(request, "harmonized"))

@@ -16,6 +16,11 @@ def run_federated_combat(fed: Federation, request: dict, output: str = "harmoniz
     """
     replies = fed.ask("combat_stats", {"request": request}, phase="harmonization")
     reference = combine_combat_stats([r["stats"] for r in replies.values()], request)
-    summaries = fed.ask("combat_apply", {"reference": reference.to_dict(), "output": output},
-                        phase="harmonization")
+    if reference.posterior_gamma is not None:  # batch-level estimates go only to the site holding the batch
+        summaries = fed.ask("combat_apply", per_site={
+            s: {"reference": reference.for_site({e["batch"] for e in r["stats"]["batches"]}), "output": output}
+            for s, r in replies.items()}, phase="harmonization")
+    else:
+        summaries = fed.ask("combat_apply", {"reference": reference.to_dict(), "output": output},
+                            phase="harmonization")
     return reference, summaries

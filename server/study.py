@@ -93,6 +93,12 @@ def fold_plan(sites: list[str], loso: bool) -> dict[str, dict]:
     return folds
 
 
+def site_batch_labels_of(stats: dict, per_fold: bool) -> set:
+    """The batch labels a site reported in its ComBat statistics (one message, or one per fold)."""
+    messages = list(stats.values()) if per_fold else [stats]
+    return {e["batch"] for m in messages for e in m["batches"]}
+
+
 def endpoint_of(cfg: dict) -> dict:
     """The endpoint of a study configuration (the same function the sites apply to their copy of the plan)."""
     from fedrad.common.plan import endpoint
@@ -235,17 +241,25 @@ class Study:
         if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
             ask["impute"] = impute
         stats = self.fed.ask("combat_stats", ask, phase="harmonization")
-        refs = {}
+        refs, fitted = {}, {}
         for fold, spec in self.folds.items():
             per_site = [stats[s]["stats"][fold] if impute else stats[s]["stats"] for s in spec["train"]]
-            refs[fold] = combine_combat_stats(per_site, request).to_dict()
+            fitted[fold] = combine_combat_stats(per_site, request)
+            refs[fold] = fitted[fold].to_dict()
         self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
         # the sites compute the selection's score tests on the tables they just harmonized (same round trip)
         ask = {"references": refs, "selection": self._score_specs(),
                "moments": {"fold": "final", "features": self.candidates}}
         if impute:
             ask["impute"] = impute
-        replies = self.fed.ask("study_harmonize", ask, phase="harmonization")
+        if any(r.posterior_gamma is not None for r in fitted.values()):
+            # batch-level estimates (shared batches, CovBat) go only to the site that holds the batch
+            labels = {s: site_batch_labels_of(st["stats"], impute) for s, st in stats.items()}
+            per_site = {s: {**ask, "references": {f: r.for_site(labels[s]) for f, r in fitted.items()}}
+                        for s in stats}
+            replies = self.fed.ask("study_harmonize", per_site=per_site, phase="harmonization")
+        else:
+            replies = self.fed.ask("study_harmonize", ask, phase="harmonization")
         self.scores = {s: r["selection"] for s, r in replies.items()}
         self._site_effect({s: r["moments"] for s, r in replies.items()}, None)
         self.results["harmonization"] = {f: {"excluded_features": refs[f].get("excluded_features") or {},

@@ -379,3 +379,18 @@ def test_combat_gam_guards():
     clipped = tables["A"].assign(age=tables["A"]["age"].clip(upper=60.0))
     req = make_request(names, [], CAT, smooth={"age": narrow})
     assert site_combat_stats(far, req, site="A") == site_combat_stats(clipped, req, site="A")
+
+
+def test_a_site_receives_only_its_own_batches_estimates(scanners):
+    """With shared batches and CovBat the server computes every batch's posterior and score moments; each site is
+    sent those of the batches it holds only (another site's batch-level estimates are not its business)."""
+    cov, y, names = scanners
+    tables = site_tables(cov, y, names)
+    fed = fit_federated(tables, names, CONT, CAT, batch_col="scanner", shared_batches=True, covbat=True)
+    mine = fed.reference.for_site({"GE", "Philips"})  # site B's scanners
+    assert mine["posterior_batches"] == ["GE", "Philips"] and len(mine["posterior_gamma"]) == 2
+    assert mine["covbat"]["batches"] == ["GE", "Philips"] and len(mine["covbat"]["batch_mean"]) == 2
+    full = fed.reference.to_dict()
+    assert mine["posterior_gamma"][1] == full["posterior_gamma"][1]  # Philips is the 2nd of GE, Philips, Siemens
+    out, _ = apply_combat(tables["B"], mine, site="B")
+    np.testing.assert_allclose(out[names].to_numpy(), fed.harmonized["B"][names].to_numpy(), atol=1e-12)
