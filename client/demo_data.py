@@ -45,6 +45,19 @@ Molecular markers (the pathology lab's, for association studies; their own rando
 no other value): a CD8 T-cell ``immune_score = -0.75 h + 0.65 e_imm`` (a z-scored expression signature: hot tumours
 are less heterogeneous) and ``egfr_mutant`` with ``logit P = -1.0 + 1.1 a`` (aggressive tumours carry it).
 
+Several scanners per site (``scanners_per_site = S >= 2``; the default ``S = 1`` is the model above, where a
+site's profile is its one scanner, and leaves every output unchanged). Scanner *models* ``m = 1..M`` with
+``M = max(S, K - 1)`` (named ``scannerA``, ``scannerB``, ...) take the scanner parameters above (intensity scale
+and offset, noise, blur, voxel spacing), stratified over the same ranges across the models; site ``k`` runs the
+models ``(k - 1 + j) mod M`` for ``j = 0..S-1`` (a ring, so with ``K >= M`` every model is at ``>= 2`` sites:
+5 sites share 4 models), with a site protocol that shifts each model's intensity offset by ``U(-3, 3)`` HU and
+multiplies its noise SD by ``exp(U(-0.1, 0.1))``. A site splits its patients between its scanners with shares
+``w_j`` proportional to ``1 + U(-0.3, 0.3)`` (35-65 % for two scanners); each patient's scanner is an
+independent draw. The site's case mix, every patient's biology, covariates and outcomes, and the phantom are the
+same as with ``S = 1`` (only the rendering scanner changes); the manifest, ``truth.csv`` and the table gain a
+``scanner`` column. These draws use their own random stream (``(seed, 0, 0, 5)`` for the models, ``(seed, k, 0,
+5)`` for a site's protocol and shares, ``(seed, k, i, 5)`` for patient ``i``'s scanner).
+
 The outcomes depend on ``a`` and ``h``, which the images express through shape irregularity and
 texture, and only weakly through lesion volume, so a radiomic signature can beat a volume-only
 baseline.
@@ -66,8 +79,9 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import string
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,11 +94,14 @@ from scipy.special import expit
 
 from fedrad.common.files import atomic_write_bytes
 
-__all__ = ["MANIFEST_COLUMNS", "simulate_demo_table", "write_demo_cohort"]
+__all__ = ["MANIFEST_COLUMNS", "SCANNER_COLUMN", "simulate_demo_table", "write_demo_cohort"]
 
 MANIFEST_COLUMNS = ("case_id", "image", "mask", "mask_label", "age", "sex", "stage",
                     "response", "os_time", "os_event", "immune_score", "egfr_mutant")
 """Columns of every site's ``manifest.csv``, in order."""
+
+SCANNER_COLUMN = "scanner"
+"""Column naming each patient's scanner model, appended to the manifest with ``scanners_per_site >= 2``."""
 
 _TRUTH_COLUMNS = ("site", "case_id", "aggressiveness", "heterogeneity", "diameter_mm", "irregularity",
                   "texture_sd_hu", "texture_scale_mm", "lesion_mean_hu", "lp_response", "lp_hazard")
@@ -92,6 +109,7 @@ _TRUTH_COLUMNS = ("site", "case_id", "aggressiveness", "heterogeneity", "diamete
 # Random streams: (seed, site, patient, stream). Keys always have four entries because SeedSequence
 # treats trailing zeros as absent ((s, k) and (s, k, 0) would collide).
 _STREAM_SITES, _STREAM_TABLE, _STREAM_PHANTOM, _STREAM_SCANNER, _STREAM_MARKERS = 0, 1, 2, 3, 4
+_STREAM_SCANNER_MODELS = 5  # scanners_per_site >= 2: models (seed, 0, 0), site protocols (seed, k, 0), patients
 
 _MARGIN_MM = 12.0           # background between the lesion's bounding box and the image border
 _TEXTURE_GRID_MM = 1.0      # phantom grid of the lesion texture
@@ -134,12 +152,20 @@ _SITE_RANGES = {
 }
 
 
+_SCANNER_FIELDS = ("intensity_scale", "intensity_offset_hu", "noise_sd_hu", "blur_sigma_vox",
+                   "inplane_spacing_mm", "slice_spacing_mm")
+_PROTOCOL_OFFSET_HU = 3.0    # a site's protocol shifts a model's intensity offset by U(-3, 3) HU
+_PROTOCOL_NOISE_LOG = 0.1    # ... and multiplies its noise SD by exp(U(-0.1, 0.1))
+_SCANNER_SHARE_SPREAD = 0.3  # scanner shares at a site are proportional to 1 + U(-0.3, 0.3)
+
+
 def _rng(seed: int, site: int, patient: int, stream: int) -> np.random.Generator:
     return np.random.default_rng([seed, site, patient, stream])
 
 
-def _validate(n_sites: int, n_patients: int, seed: int) -> None:
-    for name, value, low in (("n_sites", n_sites, 1), ("n_patients", n_patients, 1), ("seed", seed, 0)):
+def _validate(n_sites: int, n_patients: int, seed: int, scanners_per_site: int = 1) -> None:
+    for name, value, low in (("n_sites", n_sites, 1), ("n_patients", n_patients, 1), ("seed", seed, 0),
+                             ("scanners_per_site", scanners_per_site, 1)):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
 
@@ -153,6 +179,81 @@ def _site_profiles(n_sites: int, seed: int) -> list[_SiteProfile]:
         values[name] = np.round(low + (high - low) * strata, 3)
     return [_SiteProfile(name=f"site{k + 1}", **{name: float(v[k]) for name, v in values.items()})
             for k in range(n_sites)]
+
+
+@dataclass(frozen=True)
+class _ScannerModel:
+    """One scanner model (``scanners_per_site >= 2``): the scanner fields of :class:`_SiteProfile`."""
+
+    name: str
+    intensity_scale: float
+    intensity_offset_hu: float
+    noise_sd_hu: float
+    blur_sigma_vox: float
+    inplane_spacing_mm: float
+    slice_spacing_mm: float
+
+
+@dataclass(frozen=True)
+class _SiteScanners:
+    """A site's scanners (``scanners_per_site >= 2``): models, the site's rendering profile of each, shares."""
+
+    models: tuple[str, ...]
+    profiles: tuple[_SiteProfile, ...]
+    shares: tuple[float, ...]
+
+
+def _model_name(m: int) -> str:
+    """``scannerA`` .. ``scannerZ``, ``scannerAA``, ... (bijective base 26)."""
+    letters, m = "", m + 1
+    while m:
+        m, r = divmod(m - 1, 26)
+        letters = string.ascii_uppercase[r] + letters
+    return f"scanner{letters}"
+
+
+def _n_scanner_models(n_sites: int, scanners_per_site: int) -> int:
+    return max(scanners_per_site, n_sites - 1)
+
+
+def _scanner_models(n_sites: int, scanners_per_site: int, seed: int) -> list[_ScannerModel]:
+    """Stratified draw of the scanner parameters over the models (own random stream)."""
+    n_models = _n_scanner_models(n_sites, scanners_per_site)
+    rng = _rng(seed, 0, 0, _STREAM_SCANNER_MODELS)
+    values = {}
+    for name in _SCANNER_FIELDS:
+        low, high = _SITE_RANGES[name]
+        strata = (rng.permutation(n_models) + rng.random(n_models)) / n_models
+        values[name] = np.round(low + (high - low) * strata, 3)
+    return [_ScannerModel(name=_model_name(m), **{name: float(v[m]) for name, v in values.items()})
+            for m in range(n_models)]
+
+
+def _site_scanners(sites: list[_SiteProfile], scanners_per_site: int, seed: int) -> list[_SiteScanners] | None:
+    """Each site's scanners, or ``None`` for one scanner per site (the site profile is the scanner)."""
+    if scanners_per_site == 1:
+        return None
+    models = _scanner_models(len(sites), scanners_per_site, seed)
+    result = []
+    for k, site in enumerate(sites, start=1):
+        rng = _rng(seed, k, 0, _STREAM_SCANNER_MODELS)
+        offset = rng.uniform(-_PROTOCOL_OFFSET_HU, _PROTOCOL_OFFSET_HU, scanners_per_site)
+        noise = np.exp(rng.uniform(-_PROTOCOL_NOISE_LOG, _PROTOCOL_NOISE_LOG, scanners_per_site))
+        weights = 1.0 + rng.uniform(-_SCANNER_SHARE_SPREAD, _SCANNER_SHARE_SPREAD, scanners_per_site)
+        chosen = [models[(k - 1 + j) % len(models)] for j in range(scanners_per_site)]
+        profiles = tuple(replace(site, **{**{name: getattr(m, name) for name in _SCANNER_FIELDS},
+                                          "intensity_offset_hu": round(m.intensity_offset_hu + float(offset[j]), 3),
+                                          "noise_sd_hu": round(m.noise_sd_hu * float(noise[j]), 3)})
+                         for j, m in enumerate(chosen))
+        result.append(_SiteScanners(models=tuple(m.name for m in chosen), profiles=profiles,
+                                    shares=tuple(float(w) for w in weights / weights.sum())))
+    return result
+
+
+def _patient_scanner(seed: int, site_index: int, patient: int, scanners: _SiteScanners) -> int:
+    """Index (into the site's scanners) of the scanner that imaged this patient."""
+    u = _rng(seed, site_index, patient, _STREAM_SCANNER_MODELS).random()
+    return min(int(np.searchsorted(np.cumsum(scanners.shares), u, side="right")), len(scanners.shares) - 1)
 
 
 def _case_id(site: _SiteProfile, patient: int) -> str:
@@ -199,7 +300,7 @@ def _patient_row(seed: int, site_index: int, patient: int, site: _SiteProfile) -
     }
 
 
-def simulate_demo_table(n_sites: int, n_patients: int, seed: int = 0) -> pd.DataFrame:
+def simulate_demo_table(n_sites: int, n_patients: int, seed: int = 0, scanners_per_site: int = 1) -> pd.DataFrame:
     """Draw the per-patient table of the demo cohort without rendering any image.
 
     The rows are exactly those behind :func:`write_demo_cohort` with the same arguments, which
@@ -213,6 +314,9 @@ def simulate_demo_table(n_sites: int, n_patients: int, seed: int = 0) -> pd.Data
         Patients per site (>= 1).
     seed : int, default 0
         Non-negative random seed.
+    scanners_per_site : int, default 1
+        Scanners per site: 1, each site its own scanner (no ``scanner`` column); ``S >= 2``, scanner models
+        shared across sites (see the module docstring) and a ``scanner`` column after ``case_id``.
 
     Returns
     -------
@@ -229,10 +333,16 @@ def simulate_demo_table(n_sites: int, n_patients: int, seed: int = 0) -> pd.Data
     ValueError
         If an argument is not an integer in range.
     """
-    _validate(n_sites, n_patients, seed)
+    _validate(n_sites, n_patients, seed, scanners_per_site)
     sites = _site_profiles(n_sites, seed)
-    return pd.DataFrame([_patient_row(seed, k + 1, i, site)
-                         for k, site in enumerate(sites) for i in range(1, n_patients + 1)])
+    table = pd.DataFrame([_patient_row(seed, k + 1, i, site)
+                          for k, site in enumerate(sites) for i in range(1, n_patients + 1)])
+    scanners = _site_scanners(sites, scanners_per_site, seed)
+    if scanners is not None:
+        names = [sc.models[_patient_scanner(seed, k + 1, i, sc)]
+                 for k, sc in enumerate(scanners) for i in range(1, n_patients + 1)]
+        table.insert(table.columns.get_loc("case_id") + 1, SCANNER_COLUMN, names)
+    return table
 
 
 def _random_rotation(rng: np.random.Generator) -> np.ndarray:
@@ -388,12 +498,30 @@ def _write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
-def _readme(sites: list[_SiteProfile], n_patients: int, seed: int) -> str:
+def _readme(sites: list[_SiteProfile], n_patients: int, seed: int,
+            scanners: list[_SiteScanners] | None = None) -> str:
     header = f"{'site':<8}{'spacing x/y/z (mm)':>22}{'blur (vox)':>12}{'noise SD':>10}{'scale':>8}" \
              f"{'offset':>8}{'age shift':>11}"
     lines = [f"{s.name:<8}{f'{s.inplane_spacing_mm:.3f}/{s.inplane_spacing_mm:.3f}/{s.slice_spacing_mm:.3f}':>22}"
              f"{s.blur_sigma_vox:>12.2f}{s.noise_sd_hu:>10.1f}{s.intensity_scale:>8.3f}"
              f"{s.intensity_offset_hu:>8.1f}{s.age_shift_years:>11.1f}" for s in sites]
+    columns = MANIFEST_COLUMNS
+    scanner_text = ["Each site has its own scanner (batch effects in raw features, which ComBat should remove):",
+                    header, *lines]
+    if scanners is not None:
+        columns = MANIFEST_COLUMNS + (SCANNER_COLUMN,)
+        header = f"{'site':<8}{'scanner':<14}{'share':>6}{'spacing x/y/z (mm)':>22}{'blur (vox)':>12}" \
+                 f"{'noise SD':>10}{'scale':>8}{'offset':>8}{'age shift':>11}"
+        lines = [f"{s.name:<8}{m:<14}{w:>6.2f}"
+                 f"{f'{p.inplane_spacing_mm:.3f}/{p.inplane_spacing_mm:.3f}/{p.slice_spacing_mm:.3f}':>22}"
+                 f"{p.blur_sigma_vox:>12.2f}{p.noise_sd_hu:>10.1f}{p.intensity_scale:>8.3f}"
+                 f"{p.intensity_offset_hu:>8.1f}{s.age_shift_years:>11.1f}"
+                 for s, sc in zip(sites, scanners) for m, p, w in zip(sc.models, sc.profiles, sc.shares)]
+        scanner_text = [f"Each site runs {len(scanners[0].models)} scanners; the scanner models are shared across "
+                        f"sites (column {SCANNER_COLUMN}),",
+                        "with a site protocol shifting each model's offset and noise a little. Batch effects in the",
+                        "raw features follow the scanner, which ComBat should remove (share = the site's patients",
+                        "on that scanner, expected):", header, *lines]
     return "\n".join([
         "fedrad synthetic demo cohort",
         "============================",
@@ -402,7 +530,7 @@ def _readme(sites: list[_SiteProfile], n_patients: int, seed: int) -> str:
         "",
         "Each site directory holds manifest.csv (paths relative to it), images/<case>.nii.gz (CT-like",
         "int16 HU) and masks/<case>.nii.gz (uint8, lesion label 1). Manifest columns:",
-        "  " + ", ".join(MANIFEST_COLUMNS),
+        "  " + ", ".join(columns),
         "(age in years, sex F/M, stage 1-4, response 0/1, os_time in months, os_event 1 = death).",
         "",
         "Every patient has a latent aggressiveness a and heterogeneity h (standard normal). Aggressive",
@@ -411,9 +539,7 @@ def _readme(sites: list[_SiteProfile], n_patients: int, seed: int) -> str:
         "survival depend on a, h, age and stage by the same law at every site, so a radiomic signature",
         "(shape + texture) can beat a volume-only baseline. About a third of survival times are censored.",
         "",
-        "Each site has its own scanner (batch effects in raw features, which ComBat should remove):",
-        header,
-        *lines,
+        *scanner_text,
         "",
         "truth.csv holds the ground truth for tests and demos only (latent a and h, phantom parameters,",
         "true linear predictors): a real site would never have it. Do not use it as a feature.",
@@ -425,7 +551,7 @@ def _readme(sites: list[_SiteProfile], n_patients: int, seed: int) -> str:
 
 
 def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: int = 100, seed: int = 0,
-                      progress: bool = False) -> list[Path]:
+                      progress: bool = False, scanners_per_site: int = 1) -> list[Path]:
     """Write a synthetic multi-site CT radiomics cohort (see the module docstring for the model).
 
     Layout: ``OUT/siteK/manifest.csv``, ``OUT/siteK/images/<case>.nii.gz`` and
@@ -446,6 +572,10 @@ def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: 
         Non-negative random seed; the output is identical for identical arguments.
     progress : bool, default False
         Show a progress bar (patients written / total) on stderr; ``False`` prints nothing.
+    scanners_per_site : int, default 1
+        1: each site has one scanner of its own (the manifest has no ``scanner`` column). ``S >= 2``: each site
+        runs ``S`` scanner models shared across sites and splits its patients between them; the manifest and
+        ``truth.csv`` get a ``scanner`` column (the model's name). See the module docstring.
 
     Returns
     -------
@@ -459,12 +589,17 @@ def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: 
     FileExistsError
         If a ``siteK`` directory already exists and is not empty.
     """
-    _validate(n_sites, n_patients, seed)
+    _validate(n_sites, n_patients, seed, scanners_per_site)
     out = Path(out_dir)
     sites = _site_profiles(n_sites, seed)
+    scanners = _site_scanners(sites, scanners_per_site, seed)
     _check_out_dir(out, sites)
     out.mkdir(parents=True, exist_ok=True)
-    table = simulate_demo_table(n_sites, n_patients, seed)
+    table = simulate_demo_table(n_sites, n_patients, seed, scanners_per_site)
+    manifest_columns, truth_columns = list(MANIFEST_COLUMNS), list(_TRUTH_COLUMNS)
+    if scanners is not None:
+        manifest_columns.append(SCANNER_COLUMN)
+        truth_columns.insert(truth_columns.index("case_id") + 1, SCANNER_COLUMN)
 
     manifests = []
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -480,7 +615,9 @@ def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: 
                 (tmp / "masks").mkdir()
                 for patient, row in enumerate(rows, start=1):
                     phantom = _Phantom(row, _rng(seed, k, patient, _STREAM_PHANTOM))
-                    image, mask = _render(phantom, site, _rng(seed, k, patient, _STREAM_SCANNER))
+                    scanner = site if scanners is None else \
+                        scanners[k - 1].profiles[scanners[k - 1].models.index(row[SCANNER_COLUMN])]
+                    image, mask = _render(phantom, scanner, _rng(seed, k, patient, _STREAM_SCANNER))
                     sitk.WriteImage(image, str(tmp / "images" / f"{row['case_id']}.nii.gz"), useCompression=True)
                     sitk.WriteImage(mask, str(tmp / "masks" / f"{row['case_id']}.nii.gz"), useCompression=True)
                     bar.advance(task)
@@ -488,7 +625,7 @@ def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: 
                 manifest["image"] = "images/" + manifest["case_id"] + ".nii.gz"
                 manifest["mask"] = "masks/" + manifest["case_id"] + ".nii.gz"
                 manifest["mask_label"] = 1
-                manifest[list(MANIFEST_COLUMNS)].to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
+                manifest[manifest_columns].to_csv(tmp / "manifest.csv", index=False, lineterminator="\n")
                 final = out / site.name
                 if final.is_dir():  # empty (checked above); os.replace onto a directory is not portable
                     final.rmdir()
@@ -498,6 +635,6 @@ def write_demo_cohort(out_dir: str | os.PathLike, n_sites: int = 5, n_patients: 
                 raise
             manifests.append(final / "manifest.csv")
 
-    _write_text(out / "truth.csv", table[list(_TRUTH_COLUMNS)].to_csv(index=False, lineterminator="\n"))
-    _write_text(out / "README.txt", _readme(sites, n_patients, seed))
+    _write_text(out / "truth.csv", table[truth_columns].to_csv(index=False, lineterminator="\n"))
+    _write_text(out / "README.txt", _readme(sites, n_patients, seed, scanners))
     return manifests

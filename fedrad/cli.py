@@ -67,12 +67,17 @@ def demo_data(
     sites: int = typer.Option(5, "--sites", min=1, help="Number of hospitals (sites)."),
     patients: int = typer.Option(100, "--patients", min=1, help="Patients per site."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the cohort is deterministic for a seed."),
+    scanners_per_site: int = typer.Option(1, "--scanners-per-site", min=1, help="Scanners per site: 1 (default), "
+                                          "each site its own scanner; 2 or more, scanner models shared across "
+                                          "sites, each site's patients split between its scanners, and a "
+                                          "scanner column in the manifests."),
 ) -> None:
     """Write a synthetic multi-site cohort (NIfTI images + masks, one manifest per site)."""
     from fedrad.client.demo_data import write_demo_cohort
 
     try:
-        manifests = write_demo_cohort(out, n_sites=sites, n_patients=patients, seed=seed, progress=True)
+        manifests = write_demo_cohort(out, n_sites=sites, n_patients=patients, seed=seed, progress=True,
+                                      scanners_per_site=scanners_per_site)
     except (FileExistsError, ValueError) as exc:
         _fail(str(exc) if exc.__class__ is not FileExistsError or exc.filename is None else
               f"--out {out}: {exc.strerror} and is not a directory; pass an empty or new directory")
@@ -501,7 +506,8 @@ def _read_table(path: Path):
 @app.command("harmonize")
 def harmonize(
     input: Path = typer.Argument(..., help="Feature table (.csv or .parquet), one row per case."),
-    batch_col: str = typer.Option(..., "--batch-col", help="Column naming the batch (site/scanner)."),
+    batch_col: str = typer.Option(..., "--batch-col", help="Column naming the batch (site/scanner); several, "
+                                  "comma-separated, run nested ComBat: one pass per column in that order."),
     out: Path = typer.Option(..., "--out", help="Output table (.csv or .parquet): same columns and row order."),
     covariates: Optional[str] = typer.Option(None, "--covariates", help="Covariates to preserve, comma-separated."),
     categorical: Optional[str] = typer.Option(None, "--categorical", help="Which covariates are categorical."),
@@ -516,14 +522,26 @@ def harmonize(
         "message layer in-process (aggregates only between sites and coordinator)."),
     min_cell_size: Optional[int] = typer.Option(
         None, "--min-cell-size", help="Smallest batch a site describes (default 10 with --federated, else 2)."),
+    site_col: Optional[str] = typer.Option(
+        None, "--site-col", help="With --federated: the sites are this column's values and --batch-col (e.g. the "
+        "scanner model) is one batch across the sites that have it."),
+    covbat: bool = typer.Option(False, "--covbat", help="CovBat after ComBat (site effects in the covariance)."),
+    covbat_percent_var: float = typer.Option(0.95, "--covbat-percent-var",
+                                             help="CovBat: adjust the PCs explaining more than this share."),
+    covbat_n_pc: int = typer.Option(0, "--covbat-n-pc", help="CovBat: adjust this many PCs (0: by percent)."),
+    smooth: Optional[str] = typer.Option(
+        None, "--smooth", help="ComBat-GAM smooth term(s): COLUMN=lower,knot,...,upper (';' between terms), e.g. "
+        "age=18,45,55,65,95; values outside the boundaries are clipped to them."),
 ) -> None:
     """ComBat harmonization of a feature table (pooled, or federated with identical results)."""
     from fedrad.client.extract import write_table
     from fedrad.common.combat import CombatError
-    from fedrad.local import harmonize_table
+    from fedrad.local import harmonize_nested
     from fedrad.server.federation import SiteError
 
     df = _read_table(input)
+    batch_cols = _csv_list(batch_col)
+    batch_col = batch_cols[0] if batch_cols else batch_col
     cats = _csv_list(categorical)
     covs = list(dict.fromkeys(_csv_list(covariates) + cats))
     ref = ref_batch
@@ -531,11 +549,27 @@ def harmonize(
         ref = type(df[batch_col].iloc[0].item())(ref_batch)
     if out.suffix.lower() not in (".csv", ".parquet"):
         _fail(f"output {out} must end in .csv or .parquet")
+    if site_col and not federated:
+        _fail("--site-col needs --federated (pooled ComBat has no sites; --batch-col alone is the batch)")
+    terms = {}
+    from fedrad.common.smooth import SmoothError, full_knots
+
+    for term in [t for t in (smooth or "").split(";") if t.strip()]:
+        name, _, values = term.partition("=")
+        try:
+            knots = [float(v) for v in values.split(",")]
+            terms[name.strip()] = list(full_knots(knots[1:-1], knots[0], knots[-1]))
+        except (ValueError, IndexError, SmoothError) as exc:
+            _fail(f"--smooth {term!r}: {exc}; write COLUMN=lower,knot,...,upper, e.g. age=18,45,55,65,95")
     try:
-        result, info = harmonize_table(
-            df, batch_col, _csv_list(features) or None, covs, cats, ref_batch=ref, eb=not no_eb,
+        if ref is not None and len(batch_cols) > 1:
+            raise ValueError("--ref-batch names a batch of one column; nested ComBat (several --batch-col) has none")
+        result, info = harmonize_nested(
+            df, batch_cols, _csv_list(features) or None, covs, cats, ref_batch=ref, eb=not no_eb,
             parametric=not nonparametric, mean_only=mean_only, federated=federated, min_cell_size=min_cell_size,
-            log=lambda line: typer.echo(f"coordinator: {line}", err=True))
+            log=lambda line: typer.echo(f"coordinator: {line}", err=True), site_col=site_col,
+            covbat={"percent_var": covbat_percent_var, "n_pc": covbat_n_pc} if covbat else None,
+            smooth=terms or None)
     except (CombatError, SiteError, ValueError) as exc:
         _fail(str(exc))
     write_table(result, out, {"harmonization": info["mode"]})
@@ -543,8 +577,17 @@ def harmonize(
     n_feat = len(ref_d.get("features", []))
     excluded = ref_d.get("excluded_features") or {}
     mode = (f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled")
+    if ref_d.get("covbat"):
+        mode += (f"; CovBat: {ref_d['covbat']['n_pc']} PCs ({100 * sum(ref_d['covbat']['explained']):.0f}% of the "
+                 "ComBat residual variance)")
+    if ref_d.get("smooth"):
+        alphas = ref_d.get("smooth_alpha") or []
+        mode += (f"; ComBat-GAM smooth {', '.join(ref_d['smooth'])}, GCV alpha per feature "
+                 f"{min(alphas):.3g}-{max(alphas):.3g}" if alphas else "")
     typer.echo(f"harmonized: {out} ({n_feat} features x {len(result)} rows, "
                f"{df[batch_col].nunique()} batches, {mode})")
+    if len(batch_cols) > 1:
+        typer.echo("nested ComBat: " + ", then ".join(f"{c} ({df[c].nunique()} batches)" for c in batch_cols))
     if excluded:
         shown = "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5])
         typer.echo(f"left unchanged (zero variance): {len(excluded)} features ({shown})")

@@ -1,6 +1,7 @@
 """Tests for the synthetic multi-site demo cohort (fedrad.client.demo_data)."""
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from scipy import stats
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from fedrad.client.demo_data import MANIFEST_COLUMNS, simulate_demo_table, write_demo_cohort
+from fedrad.client.demo_data import MANIFEST_COLUMNS, SCANNER_COLUMN, simulate_demo_table, write_demo_cohort
 
 N_SITES, N_PATIENTS = 3, 12
 
@@ -211,6 +212,7 @@ def test_interrupted_run_leaves_no_partial_site(tmp_path, monkeypatch):
     ({"n_patients": 0}, "n_patients must be an integer >= 1, got 0"),
     ({"n_patients": 2.5}, "n_patients must be an integer >= 1, got 2.5"),
     ({"seed": -1}, "seed must be an integer >= 0, got -1"),
+    ({"scanners_per_site": 0}, "scanners_per_site must be an integer >= 1, got 0"),
 ])
 def test_invalid_arguments(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -249,3 +251,78 @@ def test_survival_model_identifiable(big_table):
     c_volume = _harrell_c(time, event, big_table["diameter_mm"].to_numpy())
     assert 0.66 <= c_true <= 0.78
     assert c_true > c_volume + 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# scanners_per_site: the default is unchanged, two scanners per site share models across sites
+# ----------------------------------------------------------------------------------------------
+# Digests of the default output, computed with the code before scanners_per_site existed (commit dd1914d). They
+# must not change when demo_data gains an option; only a dependency that renders differently (numpy, scipy,
+# SimpleITK) may move the voxel digest, and then every pinned demo number moves with it.
+_PINNED_TEXT_FILES = "2e31eba63b216577e6afacffef86ff1ebc2ac70aa0c19b94ab887549c72cace6"  # README, truth, manifests
+_PINNED_VOXELS = "4fca035a07427300b91e2239871a50c65cfc2ef0284aaeb2d7752ef5965b2958"      # arrays + geometry
+_PINNED_TABLE_5x100 = "c11b166f076c219eb741fbbb958dcb96bc6a0e924de5a031f117aa7d4e866efe"  # simulate_demo_table(5, 100)
+
+
+def test_default_output_unchanged_by_the_scanner_option(cohort):
+    out, manifests = cohort  # write_demo_cohort(out, 3, 12, seed=0), no scanners_per_site
+    text = hashlib.sha256()
+    for path in [out / "README.txt", out / "truth.csv", *manifests]:
+        text.update(path.read_bytes())
+    assert text.hexdigest() == _PINNED_TEXT_FILES
+    voxels = hashlib.sha256()
+    for manifest in manifests:
+        df = pd.read_csv(manifest)
+        assert SCANNER_COLUMN not in df.columns
+        for p in list(df["image"]) + list(df["mask"]):
+            image = sitk.ReadImage(str(manifest.parent / p))
+            voxels.update(sitk.GetArrayFromImage(image).tobytes())
+            voxels.update(repr((image.GetSpacing(), image.GetOrigin(), image.GetDirection())).encode())
+    assert voxels.hexdigest() == _PINNED_VOXELS
+    table = simulate_demo_table(5, 100, seed=0)
+    assert hashlib.sha256(table.to_csv(index=False).encode()).hexdigest() == _PINNED_TABLE_5x100
+    pd.testing.assert_frame_equal(simulate_demo_table(5, 100, seed=0, scanners_per_site=1), table)
+
+
+def test_two_scanners_per_site_share_models_across_sites():
+    table = simulate_demo_table(5, 100, seed=0, scanners_per_site=2)  # the default cohort size
+    per_site = table.groupby("site")[SCANNER_COLUMN].nunique()
+    assert (per_site == 2).all()
+    sites_per_model = table.groupby(SCANNER_COLUMN)["site"].nunique()
+    assert len(sites_per_model) == 4 and (sites_per_model >= 2).all()  # 4 models over 5 sites
+    assert table.groupby(["site", SCANNER_COLUMN]).size().min() >= 10
+    # the patients are those of the default cohort; only the scanner that imaged them is added
+    pd.testing.assert_frame_equal(table.drop(columns=SCANNER_COLUMN), simulate_demo_table(5, 100, seed=0))
+    assert list(table.columns).index(SCANNER_COLUMN) == list(table.columns).index("case_id") + 1
+
+
+def test_two_scanner_cohort_files(tmp_path):
+    manifests = write_demo_cohort(tmp_path, n_sites=3, n_patients=6, seed=0, scanners_per_site=2)
+    table = simulate_demo_table(3, 6, seed=0, scanners_per_site=2)
+    spacing = {}
+    for manifest in manifests:
+        df = pd.read_csv(manifest)
+        assert tuple(df.columns) == MANIFEST_COLUMNS + (SCANNER_COLUMN,)
+        for row in df.itertuples():
+            image = sitk.ReadImage(str(manifest.parent / row.image))
+            spacing.setdefault(row.scanner, set()).add(image.GetSpacing())
+    written = pd.concat([pd.read_csv(m) for m in manifests], ignore_index=True)
+    assert list(written[SCANNER_COLUMN]) == list(table[SCANNER_COLUMN])
+    assert all(len(v) == 1 for v in spacing.values())  # a scanner model has one protocol at every site
+    assert len({next(iter(v)) for v in spacing.values()}) == len(spacing)
+    truth = pd.read_csv(tmp_path / "truth.csv")
+    assert list(truth[SCANNER_COLUMN]) == list(table[SCANNER_COLUMN])
+    readme = (tmp_path / "README.txt").read_text()
+    assert "Each site runs 2 scanners" in readme and "scannerA" in readme
+
+
+def test_cli_scanners_per_site(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app
+
+    result = CliRunner().invoke(app, ["demo-data", "--out", str(tmp_path), "--sites", "2", "--patients", "2",
+                                      "--scanners-per-site", "2"])
+    assert result.exit_code == 0, result.output
+    df = pd.read_csv(tmp_path / "site1" / "manifest.csv")
+    assert df[SCANNER_COLUMN].str.startswith("scanner").all()
