@@ -330,6 +330,26 @@ def _with_basis(rows: pd.DataFrame, smooth: Mapping, where: str) -> pd.DataFrame
     return rows.assign(**extra)
 
 
+def _check_basis_support(rows: pd.DataFrame, smooth: Mapping, min_cell_size: int, where: str) -> None:
+    """Every B-spline piece of every smooth term, the dropped first one included (it is 1 minus the others, so in
+    the span of the batch intercept), is non-zero for none or at least ``min_cell_size`` of the batch's patients: a
+    piece covering one patient's age would make the regression sums describe that patient, like a categorical level
+    of one patient (a piece covering nobody is an all-zero column, which the site's QR drops)."""
+    import scipy.interpolate
+
+    for name, spec in smooth.items():
+        t, degree = np.asarray(spec["knots"], dtype=float), int(spec["degree"])
+        x = np.clip(rows[name].to_numpy(dtype=np.float64), t[0], t[-1])
+        full = scipy.interpolate.BSpline(t, np.eye(t.size - degree - 1), degree, extrapolate=True)(x)
+        covered = (np.abs(full) > 1e-12).sum(axis=0)
+        thin = [j for j, c in enumerate(covered) if 0 < c < min_cell_size]  # none covered: an all-zero column
+        if thin:
+            j = thin[0]
+            raise SmallBatchError(f"smooth term {name!r}: the spline piece over {name} {t[j]:g}-{t[j + degree + 1]:g} "
+                                  f"covers fewer than {min_cell_size} patients {where}; widen the knots of the plan "
+                                  f"(fewer interior knots, or boundaries closer to where the patients are)")
+
+
 def _smooth_penalty(smooth: Mapping, names: Sequence[str]) -> np.ndarray:
     """The roughness penalty on the design columns ``names`` (zero on the unpenalized ones)."""
     from fedrad.common.smooth import basis_names, penalty_matrix
@@ -1407,6 +1427,7 @@ def site_combat_stats(rows: pd.DataFrame, request: Mapping, *, site: Any = None,
         _check_min_cell(len(sub), label, min_n, where)
         y = _feature_values(sub, features, where)
         _check_covariates(sub, continuous, categorical, where)
+        _check_basis_support(sub, smooth, min_n, where)
         levels = {c: _sorted_levels(sub[c], f"covariate {c!r}") for c in categorical}
         counts = {c: [int((sub[c] == lvl).sum()) for lvl in levels[c]] for c in categorical}
         for c in categorical:  # opt-in: a small level's share of the sums is refused (the site's min-events)

@@ -264,9 +264,11 @@ def test_covbat_messages_and_refusals(covcohort):
 # ComBat-GAM (smooth covariate effects)
 # ------------------------------------------------------------------------------------------------
 def gam_cohort(seed: int = 11):
-    """The scanner cohort with a nonlinear (sine-shaped) age effect on every feature."""
+    """The scanner cohort with ages spread over 30-80 at every site (so that every spline piece covers several
+    patients of every site and scanner) and a nonlinear (sine-shaped) age effect on every feature."""
     cov, y, names = scanner_cohort(seed)
     rng = np.random.default_rng(seed + 1)
+    cov["age"] = np.round(rng.uniform(30, 80, len(cov)), 1)
     amp = rng.normal(0, 4, y.shape[1])
     y = y + np.outer(np.sin((cov["age"].to_numpy() - 45) / 8.0), amp)
     return cov, y, names
@@ -275,7 +277,7 @@ def gam_cohort(seed: int = 11):
 def age_knots(age: np.ndarray) -> list[float]:
     from fedrad.common.smooth import full_knots
 
-    return list(full_knots([35.0, 45.0, 55.0, 65.0], np.floor(age.min()) - 1, np.ceil(age.max()) + 1))
+    return list(full_knots([45.0, 55.0, 65.0], np.floor(age.min()) - 1, np.ceil(age.max()) + 1))
 
 
 def test_combat_gam_unpenalized_equals_neurocombat_with_the_basis_as_covariates(neurocombat):
@@ -394,3 +396,24 @@ def test_a_site_receives_only_its_own_batches_estimates(scanners):
     assert mine["posterior_gamma"][1] == full["posterior_gamma"][1]  # Philips is the 2nd of GE, Philips, Siemens
     out, _ = apply_combat(tables["B"], mine, site="B")
     np.testing.assert_allclose(out[names].to_numpy(), fed.harmonized["B"][names].to_numpy(), atol=1e-12)
+
+
+def test_a_spline_piece_over_fewer_than_k_patients_is_refused_at_the_site():
+    """A knot placed so that the last B-spline piece covers only a site's 3 oldest patients would make the regression
+    sums describe them (like a categorical level of 3 patients): the site refuses under k = 5 and answers under
+    k = 3; a piece covering nobody there (an all-zero column) is fine."""
+    from fedrad.common.combat import SmallBatchError
+    from fedrad.common.smooth import full_knots
+
+    cov, y, names = gam_cohort()
+    table = site_tables(cov, y, names)["A"]
+    ages = np.sort(table["age"].to_numpy())
+    knot = (ages[-3] + ages[-4]) / 2
+    knots = list(full_knots([ages[len(ages) // 2], knot], ages[0] - 1, ages[-1] + 1))
+    request = make_request(names, [], CAT, smooth={"age": knots})
+    with pytest.raises(SmallBatchError, match="smooth term 'age': the spline piece .* covers fewer than 5 patients"):
+        site_combat_stats(table, request, site="A", min_cell_size=5)
+    assert site_combat_stats(table, request, site="A", min_cell_size=3)["batches"][0]["n"] == len(table)
+    far = list(full_knots([ages[len(ages) // 2], ages[-1] + 10, ages[-1] + 20], ages[0] - 1, ages[-1] + 30))
+    stats = site_combat_stats(table, make_request(names, [], CAT, smooth={"age": far}), site="A", min_cell_size=5)
+    assert stats["batches"][0]["n"] == len(table)  # the pieces beyond the oldest patient cover nobody

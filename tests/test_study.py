@@ -131,6 +131,23 @@ def test_continuous_endpoint_loso_equals_pooled_twin(tmp_path):
     assert abs(res["pooled"]["radiomics"]["rmse"] - np.sqrt(sse / n)) < 1e-12
 
 
+def assert_final_tables_equal(harmonized: dict, tables: dict, raw: pd.DataFrame, feats: list, expected) -> None:
+    """The sites' final-fold harmonized tables, stacked in site order, equal ``expected`` (rows of ``raw``) to
+    1e-8 of each feature's SD."""
+    got = pd.concat([harmonized[s] for s in tables], ignore_index=True)
+    assert (got["case_id"].to_numpy() == raw["case_id"].to_numpy()).all()
+    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
+    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - expected) / scale) < 1e-8
+
+
+def assert_every_held_out_site_equals_the_pooled_twin(cfg: dict, tables: dict, res: dict) -> None:
+    for site in tables:
+        twin = pooled_loso(cfg, tables, site)
+        got, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
+        assert set(got) == set(want)
+        assert max(abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got) < 1e-6
+
+
 def test_scanner_batches_within_sites_equal_neurocombat_and_the_pooled_twin(tmp_path, monkeypatch):
     """[harmonization] batch = "scanner": every hospital's scanners are its own ComBat batches (hosp1's 4-patient
     third scanner joins its "other" batch, then, still under k, its largest), the final fold's harmonized tables
@@ -161,15 +178,8 @@ def test_scanner_batches_within_sites_equal_neurocombat_and_the_pooled_twin(tmp_
         ref = neuroCombat(np.ascontiguousarray(raw[feats].to_numpy(dtype=float).T),
                           raw[["batch", "age", "sex"]].copy(), "batch", categorical_cols=["sex"],
                           continuous_cols=["age"])["data"].T
-    got = pd.concat([h[s] for s in tables], ignore_index=True)
-    assert (got["case_id"].to_numpy() == raw["case_id"].to_numpy()).all()
-    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
-    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - ref) / scale) < 1e-8
-    for site in tables:
-        twin = pooled_loso(cfg, tables, site)
-        got_m, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
-        assert set(got_m) == set(want)
-        assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
+    assert_final_tables_equal(h, tables, raw, feats, ref)
+    assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
 
 
 def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_twin(tmp_path, monkeypatch):
@@ -211,14 +221,8 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
     ref, npc = covbat_oracle(raw[feats].to_numpy(dtype=float), raw[["batch", "age", "sex"]].copy(), "batch",
                              neurocombat)
     assert npc == res["harmonization"]["final"]["covbat_n_pc"]
-    got = pd.concat([h[s] for s in tables], ignore_index=True)
-    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
-    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - ref) / scale) < 1e-8
-    for site in tables:
-        twin = pooled_loso(cfg, tables, site)
-        got_m, want = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
-        assert set(got_m) == set(want)
-        assert max(abs(got_m[k] - want[k]) / max(1.0, abs(want[k])) for k in got_m) < 1e-6
+    assert_final_tables_equal(h, tables, raw, feats, ref)
+    assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
 
 
 def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path):
@@ -229,7 +233,7 @@ def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path)
     from fedrad.common.smooth import full_knots
 
     cfg, nodes, tables = make_sites(tmp_path, survival=False)
-    cfg["harmonization"].update(covariates=["sex"], categorical=["sex"], smooth={"age": [20, 50, 60, 70, 100]})
+    cfg["harmonization"].update(covariates=["sex"], categorical=["sex"], smooth={"age": [20, 55, 60, 65, 100]})
     cfg = validate(cfg)
     res = run_study_in_process(cfg, nodes)
     assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
@@ -238,16 +242,10 @@ def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path)
          for n in nodes}
     feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
     raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
-    pooled = ComBat(["sex"], ["sex"], smooth={"age": list(full_knots([50, 60, 70], 20, 100))})
+    pooled = ComBat(["sex"], ["sex"], smooth={"age": list(full_knots([55, 60, 65], 20, 100))})
     want = pooled.fit_transform(raw[feats].to_numpy(dtype=float), "site", raw)
-    got = pd.concat([h[s] for s in tables], ignore_index=True)
-    scale = raw[feats].to_numpy(dtype=float).std(axis=0)
-    assert np.max(np.abs(got[feats].to_numpy(dtype=float) - want) / scale) < 1e-8
-    for site in tables:
-        twin = pooled_loso(cfg, tables, site)
-        got_m, want_m = flatten_metrics(res["external"][site]), flatten_metrics(twin["metrics"])
-        assert set(got_m) == set(want_m)
-        assert max(abs(got_m[k] - want_m[k]) / max(1.0, abs(want_m[k])) for k in got_m) < 1e-6
+    assert_final_tables_equal(h, tables, raw, feats, want)
+    assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
 
 
 def test_rounds_do_not_grow_with_sites(tmp_path):
