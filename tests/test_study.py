@@ -201,6 +201,11 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
     assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
     assert res["harmonization"]["final"]["covbat_n_pc"] >= 1
     assert "CovBat" in res["harmonization_method"] and "across sites" in res["harmonization_method"]
+    from fedrad.server.report import harmonization_section
+
+    html = harmonization_section(res)  # the report states the method, the batches and CovBat's components
+    assert "one batch per model across the sites that have it" in html
+    assert f"the first {res['harmonization']['final']['covbat_n_pc']} principal components" in html
     h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
          for n in nodes}
     assert set(h["hosp1"]["scanner"]) == {"GE", "Siemens"}
