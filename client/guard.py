@@ -196,12 +196,31 @@ def _combat_stats(site, record, payload, ledger, cache):
     _require(harm["enabled"], "harmonization is not in the plan")
     _require(payload.get("table") == "raw", "a table outside the plan")
     req = payload["request"]
-    feats = _subset(req.get("features"), _site_candidates(site, study, cache), "ComBat features")
-    from fedrad.common.plan import combat_options
+    cand = _site_candidates(site, study, cache)
+    feats = _subset(req.get("features"), cand, "ComBat features")
+    from fedrad.common.plan import combat_passes
 
-    want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]), **combat_options(harm))
+    passes = combat_passes(harm)
+    step = payload.get("pass", 0)
+    _require(isinstance(step, int) and not isinstance(step, bool) and 0 <= step < len(passes),
+             "a ComBat pass outside the plan")
+    want = make_request(feats, list(harm["covariates"]), list(harm["categorical"]), **passes[step])
     impute = _impute_values(site, study, payload.get("impute"), ledger, cache, trains_only=True)
-    return {"request": want, "table": "raw", **({"impute": impute} if payload.get("impute") else {})}
+    out = {"request": want, "table": "raw", **({"impute": impute} if payload.get("impute") else {})}
+    if step:  # nested ComBat: each fold's earlier passes, checked against the plan's pass by pass
+        previous = payload.get("previous")
+        _require(isinstance(previous, dict) and bool(previous), "nested ComBat without its earlier passes")
+        out["previous"] = {}
+        for fold, chain in previous.items():
+            check_fold(study, fold, ledger)
+            _require(isinstance(chain, list) and len(chain) == step, "nested ComBat passes outside the plan")
+            if fold == f"loso:{site.name}":
+                continue  # held out: no training statistics for its own fold
+            for j, ref in enumerate(chain):
+                check_reference(ref, make_request(cand, list(harm["covariates"]), list(harm["categorical"]),
+                                                  **passes[j]), cand)
+            out["previous"][fold] = chain
+    return out
 
 
 def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
@@ -244,9 +263,57 @@ def _study_select(site, record, payload, ledger, cache):
     return {"folds": _selection_specs(site, record["plan"]["study"], payload.get("folds") or {}, ledger, cache)}
 
 
+def check_reference(ref: dict, request: dict, features) -> None:
+    """A ComBat reference the coordinator sends for the site to harmonize with is a fit of the plan's ComBat: the
+    plan's covariates, categorical columns, smooth terms (their knots), batch column, CovBat and EB options, features
+    among the site's candidates, finite parameters. A reference naming another column (a patient-level one), knots
+    around one patient's age or a covariance step the plan has not would make the harmonized table, whose moments
+    and score tests the site then sends, carry a patient's values."""
+    import numpy as np
+
+    from fedrad.common.combat import CombatError, ComBatReference, _basis_columns
+
+    try:
+        r = ComBatReference.from_dict(ref)
+    except (CombatError, KeyError, TypeError, ValueError):
+        raise PlanViolation("a ComBat reference that is not one") from None
+    smooth = dict(request.get("smooth") or {})
+    _require(list(r.continuous) == list(request["continuous"]) + _basis_columns(smooth)
+             and list(r.categorical) == list(request["categorical"]) and dict(r.smooth or {}) == smooth,
+             "ComBat reference covariates")
+    _require(r.batch_col == request.get("batch_col") and bool(r.shared_batches) == bool(request.get("shared_batches"))
+             and bool(r.covbat) == bool(request.get("covbat")) and r.ref_batch == request.get("ref_batch")
+             and (r.mean_only, r.parametric, r.eb) == (bool(request["mean_only"]), bool(request["parametric"]),
+                                                      bool(request.get("eb", True))), "ComBat reference options")
+    _subset(r.features, features, "ComBat reference features")
+    arrays = [r.coef, r.grand_mean, r.var_pooled] + ([r.posterior_gamma, r.posterior_delta]
+                                                     if r.posterior_gamma is not None else [])
+    _require(all(np.isfinite(np.asarray(a, dtype=float)).all() for a in arrays) and (r.var_pooled > 0).all()
+             and (r.posterior_delta is None or (r.posterior_delta > 0).all()), "ComBat reference values")
+    if r.covbat:
+        _require(r.covbat.get("n_pc_requested") == request["covbat"]["n_pc"]
+                 and r.covbat.get("percent_var") == request["covbat"]["percent_var"], "ComBat reference options")
+
+
 def _study_harmonize(site, record, payload, ledger, cache):
     study = record["plan"]["study"]
     refs = payload.get("references") or {}
+    if study["harmonization"]["enabled"]:
+        given = [ref for ref in refs.values() if ref is not None]
+        if given:
+            cand = _site_candidates(site, study, cache)
+            _require(bool(cand), "a ComBat reference without candidate features")
+            from fedrad.common.combat import make_request
+            from fedrad.common.plan import combat_passes
+
+            passes = combat_passes(study["harmonization"])
+            harm = study["harmonization"]
+            for ref in given:  # one reference, or nested ComBat's chain of one per pass
+                chain = ref if isinstance(ref, list) else [ref]
+                _require(len(chain) == len(passes), "nested ComBat passes outside the plan")
+                for j, r in enumerate(chain):
+                    check_reference(r, make_request(cand, list(harm["covariates"]), list(harm["categorical"]),
+                                                    **passes[j]), cand)
     impute = _impute_values(site, study, payload.get("impute"), ledger, cache, trains_only=False)
     # without harmonization in the plan the request may only make each fold's imputed table
     _require(study["harmonization"]["enabled"] or (bool(impute) and all(r is None for r in refs.values())),
@@ -417,6 +484,7 @@ def _harmonize_plan(site, record, request, payload, ledger, cache):
         return {"request": plan["request"], "table": None}
     if request == "combat_apply":
         _require(payload.get("table") is None, "a table outside the plan")
+        check_reference(payload.get("reference") or {}, plan["request"], plan["request"]["features"])
         return {"reference": payload["reference"], "output": plan["output"], "table": None}
     raise PlanViolation("a request outside the plan")
 

@@ -36,13 +36,16 @@ def combat_stats(site: Site, payload: dict) -> dict:
     for part in ([rows] if not batch_col or batch_col not in rows.columns
                  else [g for _, g in rows.groupby(batch_col, sort=True)]):
         check_levels(part, list(request.get("categorical", [])), site.policy.min_cell_size)
-    if payload.get("impute"):  # a study with missing values: statistics of each fold's imputed table
-        from fedrad.client.study_steps import impute_fold
+    if payload.get("impute") or payload.get("previous"):
+        # statistics of each fold's own table: imputed with the fold's values (missing values), and harmonized by
+        # the fold's earlier passes (nested ComBat)
+        from fedrad.client.study_steps import apply_chain, impute_fold
 
-        return {"stats": {fold: site_combat_stats(impute_fold(site, rows, values), request, site=site.name,
-                                                  min_cell_size=site.policy.min_cell_size,
-                                                  min_level_size=site.policy.min_events)
-                          for fold, values in payload["impute"].items()}}
+        impute, previous = payload.get("impute") or {}, payload.get("previous")
+        return {"stats": {fold: site_combat_stats(
+            apply_chain(site, impute_fold(site, rows, impute.get(fold)), previous[fold] if previous else []),
+            request, site=site.name, min_cell_size=site.policy.min_cell_size, min_level_size=site.policy.min_events)
+            for fold in (previous if previous else impute)}}
     return {"stats": site_combat_stats(rows, request, site=site.name, min_cell_size=site.policy.min_cell_size,
                                        min_level_size=site.policy.min_events)}
 

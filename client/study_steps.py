@@ -65,14 +65,15 @@ def study_prepare(site: Site, payload: dict) -> dict:
     k = site.policy.min_cell_size
     clinical = list(payload.get("clinical", []))
     batch = payload.get("batch")  # [harmonization] batch: a missing value is its own batch, never an exclusion
-    covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical and c != batch]
+    batches = [] if not batch else [batch] if isinstance(batch, str) else list(batch)
+    covariates = [c for c in required if c not in outcome_columns(endpoint) and c not in clinical and c not in batches]
     _, reasons = exclusion_reasons(rows, endpoint, clinical, covariates)
     for reason, count in reasons.items():  # the exact counts stay in the site's own log
         site.log_local("data", f"site {site.name}: {count} row(s) excluded ({reason}; complete-case rule)",
                        "study_prepare")
     complete = complete_rows(rows, endpoint, clinical, site.name, covariates)
     dropped = len(rows) - len(complete)
-    if batch:
+    for batch in batches:
         from fedrad.common.plan import site_batch_labels
 
         shared = bool(payload["_plan"]["study"]["harmonization"].get("shared_batches"))
@@ -129,6 +130,16 @@ def impute_fold(site: Site, rows: pd.DataFrame, values: dict | None) -> pd.DataF
         raise PolicyRefusal(str(exc), code="min-cell-size") from None
 
 
+def apply_chain(site: Site, rows, chain: list):
+    """``rows`` harmonized by each reference of ``chain`` in turn (the earlier passes of nested ComBat)."""
+    from fedrad.common.combat import ComBatReference, apply_combat
+
+    for ref in chain:
+        rows = apply_combat(rows, ComBatReference.from_dict(ref), site=site.name,
+                            min_cell_size=site.policy.min_cell_size)[0]
+    return rows
+
+
 def study_harmonize(site: Site, payload: dict) -> dict:
     """Harmonize the raw table once per validation fold (in the fit, or as the unseen held-out site), then
     answer the selection's score-test requests on the folds this site trains in, and send per-feature moments
@@ -141,8 +152,10 @@ def study_harmonize(site: Site, payload: dict) -> dict:
         if ref is None:  # harmonization disabled: the fold's imputed table only
             site.save_table(f"h-{fold}", table)
             folds[fold] = {"n_rows": int(len(table))}
-        else:
-            folds[fold] = harmonize_locally(site, table, ref, f"h-{fold}")
+        else:  # nested ComBat: the fold's chain of references, one per pass, in order
+            chain = ref if isinstance(ref, list) else [ref]
+            table = apply_chain(site, table, chain[:-1])
+            folds[fold] = harmonize_locally(site, table, chain[-1], f"h-{fold}")
     selection = study_select(site, {"folds": payload["selection"]})["folds"] if payload.get("selection") else {}
     out = {"folds": folds, "selection": selection}
     spec = payload.get("moments")

@@ -184,6 +184,24 @@ HARMONIZATION_OPTIONS = {"shared_batches": False, "covbat": False, "covbat_perce
                          "smooth": {}, "smooth_alphas": None}
 
 
+def batch_columns(harm: dict) -> list[str]:
+    """The ComBat batch columns of a plan's ``[harmonization] batch``: none (batch = site), one, or several (nested
+    ComBat, one pass per column in order)."""
+    batch = harm.get("batch") if harm.get("enabled", True) else None
+    return [] if not batch else [batch] if isinstance(batch, str) else list(batch)
+
+
+def combat_passes(harm: dict) -> list[dict]:
+    """The ComBat request options (:func:`combat_options`) of each pass: one pass, or with several batch columns
+    nested ComBat (Horng et al., Sci Rep 2022), each pass on the previous one's output with the same covariates and
+    smooth terms; CovBat, when asked, follows the last pass."""
+    cols = batch_columns(harm)
+    if len(cols) <= 1:
+        return [combat_options(harm)]
+    return [{**combat_options({**harm, "batch": col}), **({} if i == len(cols) - 1 else {"covbat": None})}
+            for i, col in enumerate(cols)]
+
+
 def smooth_columns(harm: dict) -> list[str]:
     """The ComBat-GAM smooth covariates of a plan's ``[harmonization]`` (``smooth = {age = [...]}``)."""
     return list((harm.get("smooth") or {}) if harm.get("enabled", True) else {})
@@ -214,6 +232,10 @@ def harmonization_method(harm: dict) -> str:
     batch = ("batch = site" if not opts["batch_col"] else
              f"batch = {opts['batch_col']} " + ("(one batch per model across sites)" if opts["shared_batches"]
                                                 else "within each site"))
+    cols = batch_columns(harm)
+    if len(cols) > 1:
+        batch = "nested: " + ", then ".join(cols) + (" (labels shared across sites)" if opts["shared_batches"]
+                                                      else " (each site's own labels)")
     text = f"ComBat ({eb}), {batch}"
     if opts["smooth"]:
         text += ("; smooth " + ", ".join(f"{name} (cubic B-spline, knots {', '.join(f'{k:g}' for k in knots)}; "
@@ -268,9 +290,10 @@ def prepare_spec(study: dict) -> dict:
     harm, model = study["harmonization"], study["model"]
     clinical = list(model["clinical"])
     covariates = (list(harm["covariates"]) + smooth_columns(harm)) if harm["enabled"] else []
-    batch = [harm["batch"]] if harm["enabled"] and harm.get("batch") else []
+    batch = batch_columns(harm) if harm["enabled"] else []
     required = list(dict.fromkeys(clinical + covariates + outcome_columns(ep) + batch))
-    return {"endpoint": ep, "required_columns": required, "clinical": clinical, "batch": batch[0] if batch else None,
+    return {"endpoint": ep, "required_columns": required, "clinical": clinical,
+            "batch": (batch[0] if len(batch) == 1 else batch) if batch else None,
             "feature_prefixes": list(study["selection"].get("feature_prefixes") or []),
             "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]) + smooth_columns(harm))),
                        "categorical": list(harm["categorical"])}}
@@ -374,7 +397,7 @@ def plan_columns(plan: dict) -> dict[str, list[str]]:
         harm = study["harmonization"]
         return {"outcome": outcome_columns(ep), "clinical": list(study["model"]["clinical"]),
                 "covariates": (list(harm["covariates"]) + smooth_columns(harm)
-                               + ([harm["batch"]] if harm.get("batch") else []))
+                               + batch_columns(harm))
                 if harm["enabled"] else [],
                 "categorical": list(harm["categorical"]) if harm["enabled"] else []}
     if task == "harmonize":

@@ -474,7 +474,11 @@ def harmonization_section(results: dict) -> str:
         batches = ((results.get("harmonization") or {}).get("final") or {}).get("batch_sizes")
         final = (results.get("harmonization") or {}).get("final") or {}
         text += f"<p>Method: {_e(results.get('harmonization_method') or 'ComBat')}.</p>"
-        if harm.get("batch") and harm.get("shared_batches"):
+        if isinstance(harm.get("batch"), list):
+            text += (f"<p>Nested ComBat (Horng et al., Sci Rep 2022): one pass per batch column, "
+                     f"{_e(', then '.join(harm['batch']))}, each on the previous pass's output, fitted inside every "
+                     "fold.</p>")
+        elif harm.get("batch") and harm.get("shared_batches"):
             text += (f"<p>ComBat batches: the scanner models (column {_e(harm['batch'])}), one batch per model "
                      f"across the sites that have it (a model with fewer than k patients at a site joined that "
                      f"site's other batch)" + (f", {len(batches)} batches in the final fit" if batches else "")

@@ -42,7 +42,7 @@ import time
 from fedrad.common import endpoints
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import (combat_options, grid_strong_to_weak, harmonization_method, path_shape, smooth_columns,
+from fedrad.common.plan import (combat_passes, grid_strong_to_weak, harmonization_method, path_shape, smooth_columns,
                                uses_loso)
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
                                     common_volume, penalty_choice, pick_variants,
@@ -235,28 +235,43 @@ class Study:
             self._site_effect(None, "harmonization is disabled in study.toml: no harmonized table")
             self._phase("imputation", t0, r0)
             return
-        request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]),
-                               **combat_options(harm))
-        ask = {"request": request, "table": "raw"}
-        if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
-            ask["impute"] = impute
-        stats = self.fed.ask("combat_stats", ask, phase="harmonization")
-        refs, fitted = {}, {}
-        for fold, spec in self.folds.items():
-            per_site = [stats[s]["stats"][fold] if impute else stats[s]["stats"] for s in spec["train"]]
-            fitted[fold] = combine_combat_stats(per_site, request)
-            refs[fold] = fitted[fold].to_dict()
+        passes = combat_passes(harm)
+        chains: dict[str, list] = {f: [] for f in self.folds}   # per fold, the fitted reference of each pass
+        stats: dict = {}
+        held: dict[str, set] = {}  # per site, the batch labels it reported (in any pass)
+
+        def down(ref, s):  # batch-level estimates (shared batches, CovBat) only for the site holding the batch
+            return ref.for_site(held[s]) if ref.posterior_gamma is not None else ref.to_dict()
+        for step, opts in enumerate(passes):  # nested ComBat: one statistics round per batch column
+            request = make_request(self.candidates, list(harm["covariates"]), list(harm["categorical"]), **opts)
+            ask = {"request": request, "table": "raw", **({"pass": step} if step else {})}
+            if impute:  # ComBat runs on each fold's imputed table: statistics per fold the site trains in
+                ask["impute"] = impute
+            per_fold = bool(impute) or step > 0
+            if step:
+                per_site = {s: {**ask, "previous": {f: [down(r, s) for r in c] for f, c in chains.items()}}
+                            for s in stats}
+                stats = self.fed.ask("combat_stats", per_site=per_site, phase="harmonization")
+            else:
+                stats = self.fed.ask("combat_stats", ask, phase="harmonization")
+            for s, st in stats.items():
+                held.setdefault(s, set()).update(site_batch_labels_of(st["stats"], per_fold))
+            for fold, spec in self.folds.items():
+                chains[fold].append(combine_combat_stats(
+                    [stats[s]["stats"][fold] if per_fold else stats[s]["stats"] for s in spec["train"]], request))
+        fitted = {f: c[-1] for f, c in chains.items()}
+        refs = {f: r.to_dict() for f, r in fitted.items()}
         self.excluded = {f: set((refs[f].get("excluded_features") or {})) for f in refs}
         # the sites compute the selection's score tests on the tables they just harmonized (same round trip)
         ask = {"references": refs, "selection": self._score_specs(),
                "moments": {"fold": "final", "features": self.candidates}}
         if impute:
             ask["impute"] = impute
-        if any(r.posterior_gamma is not None for r in fitted.values()):
-            # batch-level estimates (shared batches, CovBat) go only to the site that holds the batch
-            labels = {s: site_batch_labels_of(st["stats"], impute) for s, st in stats.items()}
-            per_site = {s: {**ask, "references": {f: r.for_site(labels[s]) for f, r in fitted.items()}}
-                        for s in stats}
+        nested = len(passes) > 1
+        if nested or any(r.posterior_gamma is not None for r in fitted.values()):
+            # batch-level estimates go only to the site holding the batch; nested ComBat sends each fold's chain
+            per_site = {s: {**ask, "references": {f: ([down(r, s) for r in chains[f]] if nested else down(fitted[f], s))
+                                                  for f in fitted}} for s in stats}
             replies = self.fed.ask("study_harmonize", per_site=per_site, phase="harmonization")
         else:
             replies = self.fed.ask("study_harmonize", ask, phase="harmonization")

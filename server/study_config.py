@@ -36,6 +36,8 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     # batch = "scanner"                 # batches within sites (a site column: scanner, kernel, protocol); each
                                         # site's batch labels are its own ("site1/GE"); a batch with fewer than
                                         # k patients at a site joins the site's "other" batch (then its largest)
+    # batch = ["manufacturer", "kernel"]  # nested ComBat (Horng et al. 2022): one pass per column, in order, each on
+                                        # the previous output (one more round trip per extra column)
     # shared_batches = true             # with batch: a value is one batch across sites (the same scanner model
                                         # at several hospitals); the sites must write the same labels
     # covbat = true                     # CovBat after ComBat: site effects in the features' covariance (PCA of
@@ -243,7 +245,8 @@ def _smooth(cfg: dict) -> None:
                 or any(b <= a for a, b in zip(knots, knots[1:]))):
             raise StudyConfigError(f"[harmonization] smooth.{name} = {_toml(knots)}: write increasing numbers: the "
                                    f"lower boundary, the interior knots, the upper boundary, e.g. {example}")
-        if name in harm["covariates"] or name in harm["categorical"] or name == harm.get("batch"):
+        batches = harm.get("batch") if isinstance(harm.get("batch"), list) else [harm.get("batch")]
+        if name in harm["covariates"] or name in harm["categorical"] or name in batches:
             raise StudyConfigError(f"[harmonization] smooth.{name}: {name!r} is also a covariate or the batch; a "
                                    "smooth term replaces its linear effect, so list it in smooth only")
     alphas = harm["smooth_alphas"]
@@ -282,11 +285,17 @@ def validate(cfg: dict) -> dict:
     for key in ("covariates", "categorical"):
         _strings(cfg, "harmonization", key)
     batch = harm.get("batch")
-    if batch is not None:
+    if isinstance(batch, list):  # nested ComBat: one pass per column
+        _strings(cfg, "harmonization", "batch")
+        if len(batch) < 2 or len(set(batch)) != len(batch):
+            raise _bad("harmonization", "batch", batch, "write one column, or two or more distinct columns for nested "
+                       "ComBat (one pass per column, in order)")
+    elif batch is not None:
         _text(cfg, "harmonization", "batch")
-        if batch in harm["covariates"] or batch in cfg["model"]["clinical"]:
-            raise StudyConfigError(f"[harmonization] batch = {_toml(batch)} is also a covariate or clinical column; "
-                                   "the batch is what ComBat removes, a covariate what it preserves")
+    for col in ([batch] if isinstance(batch, str) else batch or []):
+        if col in harm["covariates"] or col in cfg["model"]["clinical"]:
+            raise StudyConfigError(f"[harmonization] batch = {_toml(batch)}: {col!r} is also a covariate or clinical "
+                                   "column; the batch is what ComBat removes, a covariate what it preserves")
     sel = cfg["selection"]
     for key in ("feature_prefixes", "feature_columns", "exclude"):
         _strings(cfg, "selection", key)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import (candidate_features, combat_options, inner_fold_usable, path_shape, site_batch_labels,
+from fedrad.common.plan import (batch_columns, candidate_features, combat_passes, inner_fold_usable, path_shape, site_batch_labels,
                                 smooth_columns, study_plan,
                                 subgroup_columns)
 from fedrad.common import endpoints
@@ -41,10 +41,10 @@ def _study_tables(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size
     harm = cfg["harmonization"]
     covariates = [c for c in (list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
                   if c not in clinical]
-    batch = harm.get("batch") if harm["enabled"] else None
-    covariates = [c for c in covariates if c != batch]
+    batches = batch_columns(harm)
+    covariates = [c for c in covariates if c not in batches]
     tables = {s: complete_rows(t, endpoint, clinical, s, covariates) for s, t in site_tables.items()}
-    if batch:  # the site's own batch labels, small batches merged (common.plan.site_batch_labels)
+    for batch in batches:  # the site's own batch labels, small batches merged (common.plan.site_batch_labels)
         shared = bool(harm.get("shared_batches"))
         tables = {s: t.assign(**{batch: site_batch_labels(t[batch], s, min_cell_size, shared)})
                   for s, t in tables.items()}
@@ -78,22 +78,22 @@ def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: l
     harm = cfg["harmonization"]
     if not harm["enabled"]:
         return set(), tables
-    pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
-    opts = combat_options(harm)
-    combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
-                    parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"],
-                    smooth=opts["smooth"], smooth_alphas=opts["smooth_alphas"])
-    batch = harm.get("batch") or "site"  # batches within sites: the site's own labels (the tables hold them)
-    covs = list(harm["covariates"]) + smooth_columns(harm)
-    combat.fit(pooled[candidates], pooled[batch], pooled[covs] if covs else None)
-    ref = combat.reference_
-    if harm.get("batch"):
-        ref.batch_col = harm["batch"]
-    if opts["shared_batches"]:  # a held-out site's scanner model in the fit takes the fit's posterior
-        ref.shared_batches = True
-        ref.posterior_gamma, ref.posterior_delta = combat.gamma_star_, combat.delta_star_
-    return (set(ref.excluded_features or {}),
-            {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in tables})
+    for opts in combat_passes(harm):  # nested ComBat: each pass on the previous pass's harmonized tables
+        pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
+        combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
+                        parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"],
+                        smooth=opts["smooth"], smooth_alphas=opts["smooth_alphas"])
+        batch = opts["batch_col"] or "site"  # batches within sites: the site's own labels (the tables hold them)
+        covs = list(harm["covariates"]) + smooth_columns(harm)
+        combat.fit(pooled[candidates], pooled[batch], pooled[covs] if covs else None)
+        ref = combat.reference_
+        if opts["batch_col"]:
+            ref.batch_col = opts["batch_col"]
+        if opts["shared_batches"]:  # a held-out site's scanner model in the fit takes the fit's posterior
+            ref.shared_batches = True
+            ref.posterior_gamma, ref.posterior_delta = combat.gamma_star_, combat.delta_star_
+        tables = {s: apply_combat(tables[s], ref, site=s, min_cell_size=min_cell_size)[0] for s in tables}
+    return set(ref.excluded_features or {}), tables
 
 
 def pooled_site_effect(cfg: dict, site_tables: dict[str, pd.DataFrame], min_cell_size: int = 10) -> dict:

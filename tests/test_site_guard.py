@@ -153,6 +153,53 @@ def test_combat_options_come_from_the_plan_not_the_request(tmp_path):
     assert np.asarray(block["R"]).shape[1] == 1 + 5
 
 
+def test_attack9_harmonization_references_are_fits_of_the_plans_combat(tmp_path):
+    """Attack 9: the site harmonizes with the reference the coordinator sends, then sends moments and score tests of
+    the harmonized table. A reference naming a patient-level column, carrying ComBat-GAM knots around one
+    patient's age, a CovBat step the plan has not, or a zero variance would put that patient's values into those
+    sums: each is refused; the honest fit of the plan's ComBat is used."""
+    from fedrad.common.combat import combine_combat_stats, make_request
+    from fedrad.common.smooth import full_knots
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    plan = study_plan(cfg)
+    pid = plan_id(plan)
+    approve_at_sites(plan, nodes[:2])
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+    harm = cfg["harmonization"]
+    request = make_request(feats, list(harm["covariates"]), list(harm["categorical"]))
+    stats = []
+    for node in nodes[:2]:
+        ask(node, "study_prepare", {"plan": pid})
+        stats.append(ask(node, "combat_stats", {"plan": pid, "request": request, "table": "raw"})["stats"])
+    honest = combine_combat_stats(stats, request).to_dict()
+    node = nodes[0]
+
+    def harmonize(ref):
+        return {"plan": pid, "references": {"final": ref}, "moments": {"fold": "final", "features": feats}}
+
+    ages = tables["hosp0"]["age"].to_numpy()
+    narrow = {"age": {"knots": list(full_knots([ages[0] - 0.01, ages[0] + 0.01], ages[0] - 1, ages[0] + 1)),
+                      "degree": 3}}
+    tampered = {
+        "patient-level column": {**honest, "categorical": {**honest["categorical"],
+                                                           "case_id": sorted(tables["hosp0"]["case_id"])},
+                                 "coef": honest["coef"] + [[1e3] * 9] * 90},
+        "knots around one age": {**honest, "smooth": narrow, "smooth_alpha": [1.0] * 9,
+                                 "continuous": honest["continuous"] + [f"age_s{i}" for i in range(5)],
+                                 "coef": honest["coef"] + [[1e3] * 9] * 5},
+        "covariance step": {**honest, "covbat": {"n_pc": 1, "components": [[1.0] + [0.0] * 8]}},
+        "zero variance": {**honest, "var_pooled": [0.0] * 9},
+    }
+    for what, ref in tampered.items():
+        refused(node, "study_harmonize", harmonize(ref), "outside-plan")
+    log = (Site.from_node_config(node).workdir / "site.log").read_text()
+    assert "ComBat reference covariates" in log and "ComBat reference options" in log
+    assert "ComBat reference values" in log
+    reply = ask(node, "study_harmonize", harmonize(honest))
+    assert reply["moments"]["n"][0] == 91
+
+
 def test_attack3_differencing_with_coordinator_chosen_folds_is_refused(study):
     """Attack 3: 200 inner folds (all-rows sum minus all-but-one-fold sums) -- folds come from the plan only, and a
     fold whose left-out rows are fewer than k is skipped (code only, no count)."""

@@ -230,6 +230,45 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
     assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
 
 
+def test_nested_combat_study_equals_sequential_neurocombat_and_the_pooled_twin(tmp_path, monkeypatch):
+    """[harmonization] batch = ["scanner", "kernel"], shared_batches: nested ComBat (Horng et al.) inside every fold,
+    one statistics round per column (3 harmonization round trips). The final fold's harmonized tables equal
+    neuroCombat by scanner, then neuroCombat by kernel, on the pooled rows; every held-out site equals the pooled
+    twin."""
+    import contextlib
+    import io
+
+    from neuroCombat import neuroCombat
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False, scanners=True)
+    for k, node in enumerate(nodes):
+        t = tables[node["site-name"]]
+        t["age"] = t["age"].astype(np.float32).astype(float)
+        kernel = np.random.default_rng([k, 11]).random(len(t)) < 0.5
+        t["kernel"] = np.where(kernel, "sharp", "soft")
+        feats = [c for c in t.columns if c.startswith("original_glcm_")]
+        t.loc[kernel, feats] = t.loc[kernel, feats] * 0.7 - 1.0
+        t.to_parquet(node["table"])
+    cfg["harmonization"].update(batch=["scanner", "kernel"], shared_batches=True)
+    cfg = validate(cfg)
+    res = run_study_in_process(cfg, nodes)
+    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [3]
+    assert "nested: scanner, then kernel" in res["harmonization_method"]
+    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
+         for n in nodes}
+    feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
+    raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    raw["scanner"] = raw["scanner"].where(raw["scanner"] != "Philips", "GE")
+    expect = raw[feats].to_numpy(dtype=float)
+    monkeypatch.setattr(np, "int", int, raising=False)
+    for col in ("scanner", "kernel"):
+        with contextlib.redirect_stdout(io.StringIO()):
+            expect = neuroCombat(np.ascontiguousarray(expect.T), raw[[col, "age", "sex"]].copy(), col,
+                                 categorical_cols=["sex"], continuous_cols=["age"])["data"].T
+    assert_final_tables_equal(h, tables, raw, feats, expect)
+    assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
+
+
 def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path):
     """[harmonization] smooth = {age = [...]}: ComBat-GAM inside every fold (2 round trips). The final fold's
     harmonized tables equal the pooled ComBat-GAM (same knots, each feature's GCV alpha) on the pooled rows, and

@@ -43,6 +43,8 @@ BAD = [
     ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
     ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
     ("harmonization", "batch", '""'), ("harmonization", "batch", "3"),
+    ("harmonization", "batch", '["scanner"]'), ("harmonization", "batch", '["kernel", "kernel"]'),
+    ("harmonization", "batch", '["kernel", 3]'),
     ("harmonization", "shared_batches", "1"), ("harmonization", "covbat", '"yes"'),
     ("harmonization", "covbat_percent_var", "1.5"), ("harmonization", "covbat_percent_var", "0"),
     ("harmonization", "covbat_n_pc", "-1"), ("harmonization", "covbat_n_pc", "2.5"),
@@ -122,6 +124,13 @@ def test_batch_column_rules():
         validate(_merge({"harmonization": {"covariates": ["age"], "smooth": {"age": [20, 50, 90]}}}))
     gam = study_plan(validate(_merge({"harmonization": {"smooth": {"age": [20, 50, 90]}}})))["study"]
     assert "age" in named_columns(gam)  # a smooth covariate is a required column, never a feature
+    nested = study_plan(validate(_merge({"harmonization": {"batch": ["scanner", "kernel"]}})))["study"]
+    assert {"scanner", "kernel"} <= named_columns(nested)
+    from fedrad.common.plan import combat_passes
+
+    assert [p["batch_col"] for p in combat_passes(nested["harmonization"])] == ["scanner", "kernel"]
+    with pytest.raises(StudyConfigError, match="'age' is also a covariate"):
+        validate(_merge({"harmonization": {"batch": ["scanner", "age"], "covariates": ["age"]}}))
     with pytest.raises(StudyConfigError, match="shared_batches = true needs batch"):
         validate(_merge({"harmonization": {"shared_batches": True}}))
     plain = study_plan(validate(_merge({})))["study"]["harmonization"]
