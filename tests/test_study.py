@@ -131,6 +131,17 @@ def test_continuous_endpoint_loso_equals_pooled_twin(tmp_path):
     assert abs(res["pooled"]["radiomics"]["rmse"] - np.sqrt(sse / n)) < 1e-12
 
 
+def run_and_read_final(cfg: dict, nodes: list, tmp_path, harmonization_rounds: int):
+    """Validate and run the study in process; check the harmonization phase's round trips; the sites' final-fold
+    harmonized tables."""
+    cfg = validate(cfg)
+    res = run_study_in_process(cfg, nodes)
+    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [harmonization_rounds]
+    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
+         for n in nodes}
+    return cfg, res, h
+
+
 def assert_final_tables_equal(harmonized: dict, tables: dict, raw: pd.DataFrame, feats: list, expected) -> None:
     """The sites' final-fold harmonized tables, stacked in site order, equal ``expected`` (rows of ``raw``) to
     1e-8 of each feature's SD."""
@@ -196,9 +207,7 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
         t["age"] = t["age"].astype(np.float32).astype(float)
         t.to_parquet(node["table"])
     cfg["harmonization"].update(batch="scanner", shared_batches=True, covbat=True)
-    cfg = validate(cfg)
-    res = run_study_in_process(cfg, nodes)
-    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
+    cfg, res, h = run_and_read_final(cfg, nodes, tmp_path, harmonization_rounds=2)
     assert res["harmonization"]["final"]["covbat_n_pc"] >= 1
     assert "CovBat" in res["harmonization_method"] and "across sites" in res["harmonization_method"]
     from fedrad.server.report import harmonization_section
@@ -206,8 +215,6 @@ def test_shared_scanner_batches_with_covbat_equal_the_reference_and_the_pooled_t
     html = harmonization_section(res)  # the report states the method, the batches and CovBat's components
     assert "one batch per model across the sites that have it" in html
     assert f"the first {res['harmonization']['final']['covbat_n_pc']} principal components" in html
-    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
-         for n in nodes}
     assert set(h["hosp1"]["scanner"]) == {"GE", "Siemens"}
     feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
     raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
@@ -250,12 +257,8 @@ def test_nested_combat_study_equals_sequential_neurocombat_and_the_pooled_twin(t
         t.loc[kernel, feats] = t.loc[kernel, feats] * 0.7 - 1.0
         t.to_parquet(node["table"])
     cfg["harmonization"].update(batch=["scanner", "kernel"], shared_batches=True)
-    cfg = validate(cfg)
-    res = run_study_in_process(cfg, nodes)
-    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [3]
+    cfg, res, h = run_and_read_final(cfg, nodes, tmp_path, harmonization_rounds=3)
     assert "nested: scanner, then kernel" in res["harmonization_method"]
-    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
-         for n in nodes}
     feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
     raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
     raw["scanner"] = raw["scanner"].where(raw["scanner"] != "Philips", "GE")
@@ -278,12 +281,8 @@ def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path)
 
     cfg, nodes, tables = make_sites(tmp_path, survival=False)
     cfg["harmonization"].update(covariates=["sex"], categorical=["sex"], smooth={"age": [20, 55, 60, 65, 100]})
-    cfg = validate(cfg)
-    res = run_study_in_process(cfg, nodes)
-    assert [p["round_trips"] for p in res["phases"] if p["phase"] == "harmonization"] == [2]
+    cfg, res, h = run_and_read_final(cfg, nodes, tmp_path, harmonization_rounds=2)
     assert "ComBat-GAM" in res["harmonization_method"]
-    h = {n["site-name"]: pd.read_parquet(tmp_path / n["site-name"] / "work" / "harmonized" / "h-final.parquet")
-         for n in nodes}
     feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
     raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
     pooled = ComBat(["sex"], ["sex"], smooth={"age": list(full_knots([55, 60, 65], 20, 100))})
