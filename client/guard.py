@@ -12,8 +12,13 @@ study_prepare      everything derived from the plan (endpoint, columns, feature 
 combat_stats       table ``raw``; covariates, categorical covariates and options equal the plan's; features are
                    the site's own candidate features; every categorical level has >= k patients (ComBat step);
                    imputation values (missing cells) per plan fold, for candidate features only, finite; the
-                   site fills fewer than k missing cells of a feature with its own mean (fedrad.common.missing)
-study_harmonize    folds are ``final`` / ``loso:<site>`` of the plan; selection requests as study_select
+                   site fills fewer than k missing cells of a feature with its own mean (fedrad.common.missing);
+                   the plan's ComBat options (batch column, shared batches, CovBat, smooth knots); nested ComBat:
+                   the pass index of the plan, each fold's earlier passes checked as study_harmonize's references
+study_harmonize    folds are ``final`` / ``loso:<site>`` of the plan; selection requests as study_select; every
+                   reference (nested: every pass of its chain) is a fit of the plan's ComBat
+                   (:func:`check_reference`: covariates, categorical columns, knots, batch column, options,
+                   candidate features, finite positive variances)
 study_select       tables ``h-<fold>`` (or ``raw``); score tests on the plan's outcome, features among the site's
                    candidates; ICC only when the plan filters by ICC; correlation requests of at most
                    5 x max_features candidates; never for the site's own held-out fold
