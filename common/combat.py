@@ -36,7 +36,30 @@ Because every batch has its own indicator column, the OLS covariate effects equa
 :math:`X_b^c, Y_b^c` centred on the batch's own means, and :math:`B_b = \bar y_b - \bar x_b^\top\beta`.
 The pooled residuals are the within-batch residuals.  Everything after :math:`\hat\alpha, \beta,
 \hat\sigma^2` (standardization, :math:`\hat\gamma, \hat\delta`, priors, posterior, adjustment) uses
-only the batch's own rows, so it runs at the site.  Hence each batch must live at one site.
+only the batch's own rows, so it runs at the site when the batch lives at one site.
+
+A batch at several sites (one scanner model at several hospitals, ``shared_batches``): the within-batch sums are
+the within-block sums plus each block's offset from the batch mean, :math:`\sum_e n_e(\bar x_e-\bar x_b)
+(\bar y_e-\bar y_b)^\top`, so the server adds the rows :math:`\sqrt{n_e}(\bar x_e-\bar x_b)`,
+:math:`\sqrt{n_e}(\bar y_e-\bar y_b)` to the stacked least squares below.  The batch's standardized mean and
+centred sum of squares follow from the blocks' means and residual sums (:class:`BatchSums`), which is all the EB
+step needs (parametric iteration: :math:`\sum_i(s_i-\gamma)^2 = css + n(\bar s-\gamma)^2`; non-parametric:
+the same sums), so the server computes every batch's posterior and sends it with the reference.
+
+Extensions, all exact and in the same 2 round trips:
+
+* **CovBat** (``covbat``; Chen et al., Hum Brain Mapp 2022, the R package's defaults): sites also send the full
+  residual cross-product :math:`E^\top E` of each batch (only the diagonal otherwise), so the server has every
+  block's centred cross-product of the ComBat residuals :math:`(Z-R\beta)^\top(Z-R\beta)+E^\top E`; with the
+  posteriors it forms the scatter of :math:`z=(s-\gamma^*)/\sqrt{\delta^*}`, does the PCA (of the correlation,
+  ``std_var``) and the per-batch location/scale of the first components' scores (ComBat without covariates or
+  EB); sites apply :func:`covbat_adjust`.
+* **ComBat-GAM** (``smooth``; neuroHarmonize): a smooth covariate enters as its B-spline basis on knots from the
+  plan (:mod:`fedrad.common.smooth`), the server solves the penalized within-batch regression, each feature's
+  alpha by GCV from the same sums.  A site refuses a spline piece covering 1 to k-1 of a batch's patients.
+* **Nested ComBat** over several batch columns is a sequence of fits (``fedrad.local.harmonize_nested``; in the
+  study one statistics round per column).
+* Batch-level estimates go to the site holding the batch only (:meth:`ComBatReference.for_site`).
 
 Numerical stability.  A site sends its regression in square-root (QR) form: with the pivoted,
 rank-truncated Householder factorization :math:`X_b^c = Q_b R_b` it sends :math:`R_b`,
