@@ -193,6 +193,31 @@ def _site_candidates(site, study, cache: dict):
     return cache["candidates"]
 
 
+def _auto_knots(study, request, ledger) -> dict | None:
+    """The knots of the plan's smooth terms whose knots come from the sites' histograms: from the request's
+    ComBat request (``None``: from the ledger), checked against the plan (range, number of interior knots) and
+    pinned for the study attempt (a second set of knots is refused)."""
+    from fedrad.common.plan import check_auto_knots, smooth_auto
+
+    auto = smooth_auto(study["harmonization"])
+    if not auto:
+        return None
+    pinned = ledger.data.setdefault("smooth_knots", {})
+    out = {}
+    for name, (n, lo, hi) in auto.items():
+        if request is None:
+            _require(name in pinned, "ComBat-GAM knots before the ComBat statistics")
+            out[name] = pinned[name]
+            continue
+        spec = (request.get("smooth") or {}).get(name) or {}
+        knots = spec.get("knots") if isinstance(spec, dict) else None
+        _require(check_auto_knots(knots, n, lo, hi), "ComBat-GAM knots outside the plan")
+        knots = [float(v) for v in knots]
+        _require(pinned.setdefault(name, knots) == knots, "a second set of ComBat-GAM knots")
+        out[name] = knots
+    return out
+
+
 def _combat_stats(site, record, payload, ledger, cache):
     from fedrad.common.combat import make_request
 
@@ -205,7 +230,7 @@ def _combat_stats(site, record, payload, ledger, cache):
     feats = _subset(req.get("features"), cand, "ComBat features")
     from fedrad.common.plan import combat_passes
 
-    passes = combat_passes(harm)
+    passes = combat_passes(harm, _auto_knots(study, req, ledger))
     step = payload.get("pass", 0)
     _require(isinstance(step, int) and not isinstance(step, bool) and 0 <= step < len(passes),
              "a ComBat pass outside the plan")
@@ -311,7 +336,7 @@ def _study_harmonize(site, record, payload, ledger, cache):
             from fedrad.common.combat import make_request
             from fedrad.common.plan import combat_passes
 
-            passes = combat_passes(study["harmonization"])
+            passes = combat_passes(study["harmonization"], _auto_knots(study, None, ledger))
             harm = study["harmonization"]
             for ref in given:  # one reference, or nested ComBat's chain of one per pass
                 chain = ref if isinstance(ref, list) else [ref]

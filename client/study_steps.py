@@ -99,7 +99,17 @@ def study_prepare(site: Site, payload: dict) -> dict:
     cohort = cohort_summary(complete, endpoint=endpoint, columns=list(spec.get("columns", payload.get("clinical", []))),
                             categorical=list(spec.get("categorical", [])), k=k)
     outcome = cohort["outcome"]  # events and non-events, withheld together when either is under k
+    histograms = {}
+    for name, edges in (payload.get("smooth_histograms") or {}).items():  # ComBat-GAM knots from aggregates
+        from fedrad.common.smooth import site_histogram
+
+        hist = site_histogram(complete[name].to_numpy(dtype=float), edges, k, name=name)
+        histograms[name] = hist.message()
+        if hist.n_below or hist.n_above:  # the exact counts stay in the site's own log
+            site.log_local("data", f"site {site.name}: {hist.n_below + hist.n_above} value(s) of {name} outside the "
+                           "plan's range count in its outermost bins", "study_prepare")
     return {"n": int(len(complete)), "n_dropped_incomplete": _small_or_zero(dropped, k),
+            **({"smooth_histograms": histograms} if histograms else {}),
             "exclusions": {reason: _small_or_zero(count, k) for reason, count in reasons.items()},
             "n_events": outcome.get("events"), "n_nonevents": outcome.get("non_events"),
             "features": features, "columns": unmatched_numeric(complete, study), "volume": volume,

@@ -191,15 +191,46 @@ def batch_columns(harm: dict) -> list[str]:
     return [] if not batch else [batch] if isinstance(batch, str) else list(batch)
 
 
-def combat_passes(harm: dict) -> list[dict]:
+def combat_passes(harm: dict, knots: dict | None = None) -> list[dict]:
     """The ComBat request options (:func:`combat_options`) of each pass: one pass, or with several batch columns
     nested ComBat (Horng et al., Sci Rep 2022), each pass on the previous one's output with the same covariates and
     smooth terms; CovBat, when asked, follows the last pass."""
     cols = batch_columns(harm)
     if len(cols) <= 1:
-        return [combat_options(harm)]
-    return [{**combat_options({**harm, "batch": col}), **({} if i == len(cols) - 1 else {"covbat": None})}
+        return [combat_options(harm, knots)]
+    return [{**combat_options({**harm, "batch": col}, knots), **({} if i == len(cols) - 1 else {"covbat": None})}
             for i, col in enumerate(cols)]
+
+
+#: plan-fixed bins of a smooth covariate whose knots come from the sites' histograms (``smooth = {age = {knots = 3,
+#: range = [18, 95]}}``): the range split into this many equal bins, merged at each site to >= k patients
+SMOOTH_BINS = 32
+
+
+def smooth_auto(harm: dict) -> dict:
+    """The smooth terms whose knots the study derives from the sites' histograms: name -> (interior knot count,
+    lower, upper)."""
+    return {name: (int(spec["knots"]), float(spec["range"][0]), float(spec["range"][1]))
+            for name, spec in (harm.get("smooth") or {}).items() if isinstance(spec, dict)}
+
+
+def smooth_edges(lower: float, upper: float) -> list[float]:
+    """The plan-fixed histogram edges of a smooth covariate's range."""
+    return [float(v) for v in np.linspace(lower, upper, SMOOTH_BINS + 1)]
+
+
+def check_auto_knots(knots, n_interior: int, lower: float, upper: float, degree: int = 3) -> bool:
+    """Whether ``knots`` is a full cubic knot vector with the plan's boundaries and number of interior knots,
+    strictly increasing inside the range (the study's knots from the sites' histograms, which no site can recompute
+    alone; the spline-piece rule of ``combat.site_combat_stats`` bounds what any such knots can describe)."""
+    try:
+        t = [float(v) for v in knots]
+    except (TypeError, ValueError):
+        return False
+    inner = t[degree + 1:len(t) - degree - 1]
+    return (len(t) == 2 * (degree + 1) + n_interior and t[:degree + 1] == [lower] * (degree + 1)
+            and t[-degree - 1:] == [upper] * (degree + 1) and all(lower < v < upper for v in inner)
+            and all(a < b for a, b in zip(inner, inner[1:])))
 
 
 def smooth_columns(harm: dict) -> list[str]:
@@ -207,16 +238,24 @@ def smooth_columns(harm: dict) -> list[str]:
     return list((harm.get("smooth") or {}) if harm.get("enabled", True) else {})
 
 
-def combat_options(harm: dict) -> dict:
+def combat_options(harm: dict, knots: dict | None = None) -> dict:
     """The ComBat request options (``fedrad.common.combat.make_request`` keywords) of a plan's ``[harmonization]``:
-    the batch column, whether its labels are shared across sites, CovBat."""
+    the batch column, whether its labels are shared across sites, CovBat, smooth terms (``knots``: the full knot
+    vectors of the terms the study derives from the sites' histograms)."""
     get = {**HARMONIZATION_OPTIONS, **harm}.get
     covbat = ({"percent_var": float(get("covbat_percent_var")), "n_pc": int(get("covbat_n_pc"))}
               if get("covbat") else None)
     from fedrad.common.smooth import full_knots
 
-    smooth = {name: [float(k) for k in full_knots(knots[1:-1], knots[0], knots[-1])]
-              for name, knots in (get("smooth") or {}).items()}
+    smooth = {}
+    for name, spec in (get("smooth") or {}).items():
+        if isinstance(spec, dict):  # knots from the sites' histograms, known once the prepare round is in
+            if knots is None or name not in knots:
+                raise ValueError(f"the knots of smooth term {name!r} come from the sites' histograms; "
+                                 "pass them (after the prepare round)")
+            smooth[name] = [float(k) for k in knots[name]]
+        else:
+            smooth[name] = [float(k) for k in full_knots(spec[1:-1], spec[0], spec[-1])]
     return {"batch_col": harm.get("batch"), "shared_batches": bool(harm.get("batch") and get("shared_batches")),
             "covbat": covbat, "parametric": bool(harm["parametric"]), "mean_only": bool(harm["mean_only"]),
             "smooth": smooth or None, "smooth_alphas": get("smooth_alphas")}
@@ -227,7 +266,7 @@ def harmonization_method(harm: dict) -> str:
     (PCs explaining 95%)"."""
     if not harm.get("enabled", True):
         return "none"
-    opts = combat_options(harm)
+    opts = combat_options(harm, {name: [] for name in smooth_auto(harm)})
     eb = "mean only" if opts["mean_only"] else ("parametric EB" if opts["parametric"] else "non-parametric EB")
     batch = ("batch = site" if not opts["batch_col"] else
              f"batch = {opts['batch_col']} " + ("(one batch per model across sites)" if opts["shared_batches"]
@@ -237,10 +276,13 @@ def harmonization_method(harm: dict) -> str:
         batch = "nested: " + ", then ".join(cols) + (" (labels shared across sites)" if opts["shared_batches"]
                                                       else " (each site's own labels)")
     text = f"ComBat ({eb}), {batch}"
-    if opts["smooth"]:
-        text += ("; smooth " + ", ".join(f"{name} (cubic B-spline, knots {', '.join(f'{k:g}' for k in knots)}; "
-                                         "penalty by GCV per feature)"
-                                         for name, knots in (harm.get("smooth") or {}).items()) + " (ComBat-GAM)")
+    if harm.get("smooth"):
+        def shown(spec):
+            return (f"{spec['knots']} interior knots at the pooled quantiles of the sites' histograms over "
+                    f"{spec['range'][0]:g}-{spec['range'][1]:g}" if isinstance(spec, dict)
+                    else "knots " + ", ".join(f"{k:g}" for k in spec))
+        text += ("; smooth " + ", ".join(f"{name} (cubic B-spline, {shown(spec)}; penalty by GCV per feature)"
+                                         for name, spec in harm["smooth"].items()) + " (ComBat-GAM)")
     if opts["covbat"]:
         cb = opts["covbat"]
         text += " + CovBat (" + (f"first {cb['n_pc']} PCs" if cb["n_pc"] else
@@ -295,6 +337,8 @@ def prepare_spec(study: dict) -> dict:
     return {"endpoint": ep, "required_columns": required, "clinical": clinical,
             "batch": (batch[0] if len(batch) == 1 else batch) if batch else None,
             "feature_prefixes": list(study["selection"].get("feature_prefixes") or []),
+            "smooth_histograms": {name: smooth_edges(lo, hi) for name, (_, lo, hi) in smooth_auto(harm).items()}
+            if harm["enabled"] else {},
             "cohort": {"columns": list(dict.fromkeys(clinical + list(harm["covariates"]) + smooth_columns(harm))),
                        "categorical": list(harm["categorical"])}}
 

@@ -42,7 +42,7 @@ import time
 from fedrad.common import endpoints
 from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
-from fedrad.common.plan import (combat_passes, grid_strong_to_weak, harmonization_method, path_shape, smooth_columns,
+from fedrad.common.plan import (combat_passes, grid_strong_to_weak, smooth_auto, harmonization_method, path_shape, smooth_columns,
                                uses_loso)
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
                                     common_volume, penalty_choice, pick_variants,
@@ -164,6 +164,16 @@ class Study:
         self.results["n_candidate_features"] = len(self.candidates)
         self.results["cohort"] = {s: replies[s].get("cohort") for s in self.sites}
         harm = cfg["harmonization"]
+        auto = smooth_auto(harm) if harm["enabled"] else {}
+        if auto:  # ComBat-GAM knots: pooled quantiles of the sites' histograms (bins of >= k patients each)
+            from fedrad.common.smooth import pooled_quantile_knots
+
+            self.smooth_knots = {name: [float(v) for v in pooled_quantile_knots(
+                [replies[s]["smooth_histograms"][name] for s in self.sites], n)] for name, (n, _, _) in auto.items()}
+            self.results["smooth_knots"] = self.smooth_knots
+            self.log("ComBat-GAM knots from the sites' histograms: " + "; ".join(
+                f"{name} {', '.join(f'{v:.4g}' for v in sorted(set(k)))}" for name, k in self.smooth_knots.items()))
+        harm = cfg["harmonization"]
         self.results["covariate_balance"] = covariate_balance(
             self.results["cohort"], modelled=list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
         if self.results["covariate_balance"]["unmodelled_imbalanced"]:
@@ -235,7 +245,7 @@ class Study:
             self._site_effect(None, "harmonization is disabled in study.toml: no harmonized table")
             self._phase("imputation", t0, r0)
             return
-        passes = combat_passes(harm)
+        passes = combat_passes(harm, getattr(self, "smooth_knots", None))
         chains: dict[str, list] = {f: [] for f in self.folds}   # per fold, the fitted reference of each pass
         stats: dict = {}
         held: dict[str, set] = {}  # per site, the batch labels it reported (in any pass)

@@ -47,6 +47,8 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
                                         # covariates): lower boundary, interior knots, upper boundary (values
                                         # outside are clipped to the boundary); the penalty is chosen per feature
                                         # by GCV over smooth_alphas (default 41 values 1 ... 1e7)
+    # smooth = { age = { knots = 3, range = [18, 95] } }  # or: interior knots at the pooled quantiles of the sites'
+                                        # age histograms (32 plan bins over the range, merged to >= k per bin)
 
     [selection]
     # features: by default every numeric column that is not case_id / a file column, the outcome, time or
@@ -241,7 +243,15 @@ def _smooth(cfg: dict) -> None:
         raise StudyConfigError(f"[harmonization] smooth = {_toml(smooth)}: write a table of covariate = knots, "
                                f"e.g. {example}")
     for name, knots in smooth.items():
-        if (not isinstance(knots, list) or len(knots) < 2 or any(not _is_number(k) for k in knots)
+        if isinstance(knots, dict):  # knots from the sites' histograms: {knots = 3, range = [18, 95]}
+            rng = knots.get("range")
+            if (set(knots) != {"knots", "range"} or not _is_int(knots.get("knots")) or knots["knots"] < 1
+                    or not isinstance(rng, list) or len(rng) != 2 or not all(_is_number(v) for v in rng)
+                    or rng[0] >= rng[1]):
+                raise StudyConfigError(f"[harmonization] smooth.{name} = {_toml(knots)}: write the knots, or "
+                                       f"{{ knots = 3, range = [18, 95] }} (interior knots at the pooled quantiles "
+                                       "of the sites' histograms over the range)")
+        elif (not isinstance(knots, list) or len(knots) < 2 or any(not _is_number(k) for k in knots)
                 or any(b <= a for a, b in zip(knots, knots[1:]))):
             raise StudyConfigError(f"[harmonization] smooth.{name} = {_toml(knots)}: write increasing numbers: the "
                                    f"lower boundary, the interior knots, the upper boundary, e.g. {example}")

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import (batch_columns, candidate_features, combat_passes, inner_fold_usable, path_shape, site_batch_labels,
+from fedrad.common.plan import (batch_columns, candidate_features, combat_passes, smooth_auto, smooth_edges, inner_fold_usable, path_shape, site_batch_labels,
                                 smooth_columns, study_plan,
                                 subgroup_columns)
 from fedrad.common import endpoints
@@ -78,7 +78,14 @@ def _harmonize_pooled(cfg: dict, tables: dict[str, pd.DataFrame], train_sites: l
     harm = cfg["harmonization"]
     if not harm["enabled"]:
         return set(), tables
-    for opts in combat_passes(harm):  # nested ComBat: each pass on the previous pass's harmonized tables
+    knots = None
+    if smooth_auto(harm):  # ComBat-GAM knots from every site's histogram, as the study's prepare phase
+        from fedrad.common.smooth import pooled_quantile_knots, site_histogram
+
+        knots = {name: [float(v) for v in pooled_quantile_knots(
+            [site_histogram(tables[s][name].to_numpy(dtype=float), smooth_edges(lo, hi), min_cell_size)
+             for s in sorted(tables)], n)] for name, (n, lo, hi) in smooth_auto(harm).items()}
+    for opts in combat_passes(harm, knots):  # nested ComBat: each pass on the previous pass's harmonized tables
         pooled = pd.concat([tables[s].assign(site=s) for s in train_sites], ignore_index=True)
         combat = ComBat(covariates=list(harm["covariates"]), categorical=list(harm["categorical"]),
                         parametric=opts["parametric"], mean_only=opts["mean_only"], covbat=opts["covbat"],

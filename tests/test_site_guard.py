@@ -200,6 +200,33 @@ def test_attack9_harmonization_references_are_fits_of_the_plans_combat(tmp_path)
     assert reply["moments"]["n"][0] == 91
 
 
+def test_combat_gam_knots_from_histograms_are_the_plans_shape_and_pinned(tmp_path):
+    """With smooth = {age = {knots = 3, range = [...]}}, the site releases a histogram of >= k patients per bin, and
+    takes only knots with the plan's range and number of interior knots, the same ones for the whole attempt."""
+    from fedrad.common.combat import make_request
+    from fedrad.common.smooth import full_knots
+    from fedrad.server.study_config import validate
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    cfg = validate({**cfg, "harmonization": {**cfg["harmonization"], "covariates": ["sex"],
+                                             "smooth": {"age": {"knots": 3, "range": [20, 100]}}}})
+    node = nodes[0]
+    approve_at_sites(study_plan(cfg), [node])
+    pid = plan_id(study_plan(cfg))
+    hist = ask(node, "study_prepare", {"plan": pid})["smooth_histograms"]["age"]
+    assert min(hist["counts"]) >= node["min-cell-size"] and sum(hist["counts"]) == 91
+    assert hist["edges"][0] == 20 and hist["edges"][-1] == 100
+    feats = [f"original_glcm_F{i}" for i in range(9)]
+
+    def stats(knots):
+        return {"plan": pid, "table": "raw", "request": make_request(feats, ["sex"], ["sex"], smooth={"age": knots})}
+    refused(node, "combat_stats", stats(list(full_knots([50, 60], 20, 100))), "outside-plan")       # 2, not 3
+    refused(node, "combat_stats", stats(list(full_knots([50, 60, 70], 10, 100))), "outside-plan")   # other range
+    assert ask(node, "combat_stats", stats(list(full_knots([52, 60, 68], 20, 100))))["stats"]["batches"]
+    refused(node, "combat_stats", stats(list(full_knots([59.9, 60, 60.1], 20, 100))), "outside-plan")  # a 2nd set
+    assert "a second set of ComBat-GAM knots" in (Site.from_node_config(node).workdir / "site.log").read_text()
+
+
 def test_attack3_differencing_with_coordinator_chosen_folds_is_refused(study):
     """Attack 3: 200 inner folds (all-rows sum minus all-but-one-fold sums) -- folds come from the plan only, and a
     fold whose left-out rows are fewer than k is skipped (code only, no count)."""

@@ -291,6 +291,29 @@ def test_combat_gam_study_equals_pooled_combat_gam_and_the_pooled_twin(tmp_path)
     assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
 
 
+def test_combat_gam_knots_from_the_sites_histograms(tmp_path):
+    """smooth = {age = {knots = 3, range = [20, 100]}}: each site releases its age histogram on the plan's 32 bins,
+    merged to >= k patients per bin, in the prepare round; the interior knots are the pooled histogram's quartiles
+    (within one bin of the pooled ages' own quartiles); the study then equals pooled ComBat-GAM with those knots
+    and the pooled twin (which derives the same knots from the rows)."""
+    from fedrad.common.combat import ComBat
+
+    cfg, nodes, tables = make_sites(tmp_path, survival=False)
+    cfg["harmonization"].update(covariates=["sex"], categorical=["sex"],
+                                smooth={"age": {"knots": 3, "range": [20, 100]}})
+    cfg, res, h = run_and_read_final(cfg, nodes, tmp_path, harmonization_rounds=2)
+    knots = res["smooth_knots"]["age"]
+    raw = pd.concat([t.assign(site=s) for s, t in tables.items()], ignore_index=True)
+    inner = np.array(knots[4:-4])
+    assert len(inner) == 3 and np.all(np.abs(inner - np.quantile(raw["age"], [0.25, 0.5, 0.75])) < 80 / 32)
+    assert "3 interior knots at the pooled quantiles" in res["harmonization_method"]
+    feats = [c for c in h["hosp0"].columns if c.startswith("original_")]
+    want = ComBat(["sex"], ["sex"], smooth={"age": knots}).fit_transform(raw[feats].to_numpy(dtype=float), "site",
+                                                                          raw)
+    assert_final_tables_equal(h, tables, raw, feats, want)
+    assert_every_held_out_site_equals_the_pooled_twin(cfg, tables, res)
+
+
 def test_rounds_do_not_grow_with_sites(tmp_path):
     cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=3)
     three = run_study_in_process(cfg, nodes[:3])["round_trips"]
