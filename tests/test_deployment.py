@@ -315,3 +315,30 @@ def test_association_study_on_the_deployment_runtime(tmp_path):
     assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want)
     assert dep["association"]["survivors"] == json.loads(json.dumps(local["association"]["survivors"]))
     assert (tmp_path / "deployment" / "out" / "report.html").read_text().count("fig-association") == 2
+
+
+@pytest.mark.slow
+def test_harmonization_variants_study_on_the_deployment_runtime(tmp_path):
+    """Shared scanner batches + CovBat + ComBat-GAM with knots from the sites' histograms, on a real SuperLink and 4
+    SuperNodes (per-site payloads of the references): the same round trips and bit-identical results as in-process."""
+    from benchmarks.rounds import run_deployment
+    from fedrad.local import run_study_in_process
+    from fedrad.server.study_config import validate
+    from fedrad.server.study_pooled import flatten_metrics
+    from tests.test_study import make_sites
+
+    def study(path):
+        cfg, nodes, _ = make_sites(path, survival=False, scanners=True)
+        cfg["harmonization"].update(covariates=["sex"], categorical=["sex"], batch="scanner", shared_batches=True,
+                                    covbat=True, smooth={"age": {"knots": 2, "range": [20, 100]}})
+        return validate(cfg), nodes
+
+    cfg, nodes = study(tmp_path / "deployment")
+    rounds, _ = run_deployment(cfg, nodes, tmp_path / "deployment", fast=True)
+    dep = json.loads((tmp_path / "deployment" / "out" / "results.json").read_text())
+    local = run_study_in_process(*study(tmp_path / "local"))
+    assert rounds == local["round_trips"]
+    assert dep["smooth_knots"] == local["smooth_knots"]
+    for part in ("external", "pooled"):
+        want, got = flatten_metrics(local[part]), flatten_metrics(dep[part])
+        assert want and got.keys() == want.keys() and all(got[k] == want[k] for k in want), part
