@@ -1133,90 +1133,8 @@ def _penalty_section(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # 5. TRIPOD and RQS
 # ----------------------------------------------------------------------------------------------
-REPORTED, PARTLY, AUTHORS, NOT_APPLICABLE = "reported here", "partly here", "authors to report", "not applicable"
-
-
 def _cfg(results: dict) -> dict:
     return (results.get("provenance") or {}).get("config") or {}
-
-
-def tripod_items(results: dict) -> list[tuple[str, str, str, str]]:
-    """``(item, topic, status, where / what)`` for the TRIPOD 2015 checklist (development and external
-    validation, type 3/4 studies), filled from the study."""
-    cfg = _cfg(results)
-    ep = results["endpoint"]
-    info = results.get("sites", {})
-    n = sum(int(v.get("n") or 0) for v in info.values())
-    events = [v.get("n_events") for v in info.values()]
-    ev_txt = str(sum(events)) if all(e is not None for e in events) else "≥ " + str(sum(e for e in events if e))
-    missing = results.get("missing_sites") or {}
-    loso = bool(results.get("external"))
-    kind = endpoints.of(ep)
-    outcome = kind.describe()
-    model = (cfg.get("model") or {})
-    harm = cfg.get("harmonization") or {}
-    dropped = [v.get("n_dropped_incomplete") for v in info.values()]
-    n_sig = len(results.get("signature", []))
-    what = kind.events_word
-    epv = (f"; {ev_txt} {what} for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected"
-           if what else f" for {results.get('n_candidate_features', NA)} candidate features and {n_sig} selected")
-    return [
-        ("1", "Title", AUTHORS, "identify the study as developing and validating a radiomic prediction model"),
-        ("2", "Abstract", AUTHORS, "the headline of this report gives the pooled estimates"),
-        ("3a", "Background", AUTHORS, ""),
-        ("3b", "Objectives", PARTLY, f"develop a radiomic model of {outcome} and validate it externally "
-                                     "(leave-one-site-out)"),
-        ("4a", "Source of data", PARTLY, f"{len(info)} sites, each keeping its data (federated analysis)"),
-        ("4b", "Study dates", AUTHORS, "recruitment and follow-up dates"),
-        ("5a", "Participants: setting", PARTLY, ", ".join(sorted(info)) + " — see Cohort"),
-        ("5b", "Eligibility", PARTLY, "complete outcome and clinical data; other criteria: authors"),
-        ("5c", "Treatments", AUTHORS, ""),
-        ("6a", "Outcome", REPORTED, outcome),
-        ("6b", "Blinding of outcome assessment", AUTHORS, ""),
-        ("7a", "Predictors", REPORTED, f"{results.get('n_candidate_features', NA)} radiomic features (pyradiomics, "
-                                       f"parameter hash in Provenance); clinical: "
-                                       f"{', '.join(model.get('clinical', [])) or 'none'}"),
-        ("7b", "Blinding of predictor assessment", AUTHORS, "segmentation blinded to outcome?"),
-        ("8", "Sample size", REPORTED, f"{n} patients{epv}"),
-        ("9", "Missing data", REPORTED, missing_data_text(results, any(d != 0 for d in dropped))),
-        ("10a", "Handling of predictors", REPORTED,
-         ((results.get("harmonization_method") or "ComBat") + " harmonization (covariates "
-          + (", ".join(harm.get("covariates", [])) or "none") + ")"
-          if harm.get("enabled", True) else "no harmonization") + "; features standardized in the model"),
-        ("10b", "Model type, building, internal validation", REPORTED,
-         f"{kind.model_words} "
-         f"({model.get('penalty', 'l2')}); selection by score test + BH-FDR, redundancy filter; penalty by "
-         f"{(cfg.get('validation') or {}).get('inner_folds', NA)}-fold federated inner cross-validation"),
-        ("10c", "Predictions in validation", REPORTED if loso else NOT_APPLICABLE,
-         "held-out site harmonized against its fold's reference (unseen-site ComBat), predictions of the fold's "
-         "model" if loso else "no external validation"),
-        ("10d", "Performance measures", REPORTED, kind.performance_words),
-        ("10e", "Model updating", NOT_APPLICABLE, "no recalibration or updating"),
-        ("11", "Risk groups", REPORTED if kind.risk_groups else NOT_APPLICABLE, kind.risk_groups or ""),
-        ("12", "Development vs validation", REPORTED if loso else NOT_APPLICABLE,
-         "each held-out site differs from the training sites in centre and scanner" if loso else ""),
-        ("13a", "Participant flow", PARTLY,
-         f"{len(info)} sites analysed" + (f"; missing: {', '.join(f'{s} ({r})' for s, r in missing.items())}"
-                                          if missing else "; no site lost")),
-        ("13b", "Participant characteristics", REPORTED, "Cohort table"),
-        ("13c", "Comparison with development data", REPORTED if loso else NOT_APPLICABLE,
-         "per-site columns of the Cohort table; site effect in Harmonization"),
-        ("14a", "Participants and events in each analysis", REPORTED, "per site in Cohort and Validation tables"),
-        ("14b", "Unadjusted associations", PARTLY, f"univariate q-values of the {n_sig} selected features"),
-        ("15a", "Full model", REPORTED if kind.calibrated else PARTLY,
-         "coefficients and intercept (Signature section)" if kind.calibrated else
-         "coefficients; baseline hazards are site-specific (stratified Cox)"),
-        ("15b", "How to use the model", PARTLY, "harmonize with the study's ComBat reference, then apply the "
-                                                "coefficients"),
-        ("16", "Model performance", REPORTED, "per site and pooled, with 95% CIs"),
-        ("17", "Model updating results", NOT_APPLICABLE, ""),
-        ("18", "Limitations", AUTHORS, ""),
-        ("19a", "Interpretation of validation", PARTLY, "paired comparison with volume and clinical baselines"),
-        ("19b", "Interpretation", AUTHORS, ""),
-        ("20", "Implications", AUTHORS, ""),
-        ("21", "Supplementary information", REPORTED, "results.json, study configuration and round-trip log"),
-        ("22", "Funding", AUTHORS, ""),
-    ] + ([("", "(missing sites)", REPORTED, "; ".join(f"{s}: {r}" for s, r in missing.items()))] if missing else [])
 
 
 def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
@@ -1277,14 +1195,35 @@ def _rqs_total(items) -> int:
     return total
 
 
+def _status_tag(status: str) -> str:
+    from fedrad.server import checklists as cl
+
+    cls = {cl.REPORTED: "ok", cl.PARTLY: "part", cl.AUTHORS: "todo", cl.NOT_APPLICABLE: "na"}[status]
+    return f"<span class='tag {cls}'>{_e(status)}</span>"
+
+
 def checklist_section(results: dict) -> str:
-    rows = []
-    for item, topic, status, what in tripod_items(results):
-        cls = {REPORTED: "ok", PARTLY: "part", AUTHORS: "todo", NOT_APPLICABLE: "na"}[status]
-        rows.append([item, _e(topic), f"<span class='tag {cls}'>{_e(status)}</span>", _e(what)])
-    tripod = ("<h3 id='tripod'>TRIPOD checklist (Collins et al. 2015), prediction model development and "
-              "validation</h3>" + _table(rows, ["item", "topic", "status", "from this study"], cls="checklist",
-                                         raw=True))
+    """TRIPOD+AI (main checklist and abstract), the METRICS score and the radiomics quality score."""
+    from fedrad.server import checklists as cl
+
+    dropped = [v.get("n_dropped_incomplete") for v in (results.get("sites") or {}).values()]
+    missing_words = missing_data_text(results, any(d != 0 for d in dropped))
+    rows = [[item, _e(topic), _status_tag(status), _e(what)]
+            for item, topic, status, what in cl.tripod_ai_items(results, missing_words)]
+    counts = {s: sum(r[2] == s for r in cl.tripod_ai_items(results, missing_words) if r[0]) for s in cl.STATUSES}
+    tripod = ("<h3 id='tripod'>TRIPOD+AI checklist (Collins et al., BMJ 2024;385:e078378), prediction model "
+              "development and external validation</h3>"
+              f"<p>Of its {len(cl.TRIPOD_AI_ITEMS)} items and parts, this report covers "
+              f"{counts[cl.REPORTED]} and part of {counts[cl.PARTLY]}; {counts[cl.AUTHORS]} are for the authors "
+              f"and {counts[cl.NOT_APPLICABLE]} do not apply. Topics are paraphrased: the statement's wording is "
+              "at tripod-statement.org.</p>"
+              + _table(rows, ["item", "topic", "status", "from this study"], cls="checklist", raw=True))
+    abstract_rows = [[item, _e(topic), _status_tag(status), _e(what)]
+                     for item, topic, status, what in cl.tripod_ai_abstract_items(results, headline(results))]
+    tripod += ("<h3 id='tripod-abstract'>TRIPOD+AI for Abstracts</h3>"
+               + _table(abstract_rows, ["abstract item", "topic", "status", "from this study"], cls="checklist",
+                        raw=True))
+    tripod += metrics_section(results)
     items = rqs_items(results)
     def tag(met: str) -> str:
         return "ok" if met.startswith("+") else "todo" if met == "authors" else "na"
@@ -1296,6 +1235,34 @@ def checklist_section(results: dict) -> str:
            "study's documentation and can add to it).</p>"
            + _table(rq_rows, ["RQS item", "points available", "met here", "how"], cls="checklist", raw=True))
     return tripod + rqs
+
+
+def metrics_section(results: dict) -> str:
+    """METRICS: every item with the run's answer, and the score with the authors' items "no" and "yes"."""
+    from fedrad.server import checklists as cl
+
+    summary = cl.metrics_summary(results)
+    low, high = summary["low"], summary["high"]
+    tags = {cl.YES: "ok", cl.NO: "na", cl.AUTHORS_DECIDE: "todo", cl.INAPPLICABLE: "na"}
+    rows = [[f"#{item.number}", _e(item.category), _e(item.title), f"{item.weight:.4f}",
+             f"<span class='tag {tags[answer]}'>{_e(answer)}</span>", _e(how)]
+            for item, answer, how in cl.metrics_items(results)]
+    conds = "; ".join(f"{_e(q)} <b>{'yes' if v else 'no'}</b>" + ("" if v is not None else " (authors; the tool's "
+                                                                                               "default)")
+                      for q, v in ((cl.METRICS_CONDITIONS[c], cl.metrics_conditions(results)[c])
+                                   for c in cl.METRICS_CONDITIONS))
+    return ("<h3 id='metrics'>METRICS, methodological radiomics score (Kocak et al., Insights Imaging "
+            "2024;15:8)</h3>"
+            f"<p>METRICS score from what this run shows, the other items answered “no” as the online tool does: "
+            f"<b>{low['score']:.1f}%</b> ({_e(low['band'])}; {low['yes_weight']:.4f} of the applicable weight "
+            f"{low['applicable_weight']:.4f}). With every item marked “authors” answered “yes”: at most "
+            f"<b>{high['score']:.1f}%</b> ({_e(high['band'])}). The run answers {summary['n_yes']} items yes and "
+            f"{summary['n_no']} no; {summary['n_authors']} are for the authors. Score = weights of the applicable "
+            "items answered yes / weights of the applicable items; bands: very low &lt; 20%, low &lt; 40%, "
+            "moderate &lt; 60%, good &lt; 80%, excellent ≥ 80%.</p>"
+            f"<p>Conditions: {conds}.</p>"
+            + _table(rows, ["METRICS item", "category", "item", "weight", "answer", "how"], cls="checklist",
+                     raw=True))
 
 
 # ----------------------------------------------------------------------------------------------

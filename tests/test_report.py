@@ -463,12 +463,35 @@ def test_report_content_response(response_study):
     pooled = res["pooled"]["radiomics"]
     assert f"{pooled['pooled']:.3f} ({pooled['ci_low']:.2f}–{pooled['ci_high']:.2f}); I² {100 * pooled['i2']:.0f}%" \
         in plain
-    # TRIPOD: every item 1-22 with a status; RQS with the study's validation points
+    # TRIPOD+AI: every item and part 1 … 27c with a status; heterogeneity (23b) with the pooled I² as computed
     tripod = next(t for t in parsed.tables if t[0] == ["item", "topic", "status", "from this study"])
     items = [r[0] for r in tripod[1:] if r[0]]
-    assert items[0] == "1" and items[-1] == "22" and len(items) == 37  # TRIPOD 2015: 22 items, 37 with parts
+    assert items[0] == "1" and items[-1] == "27c" and len(items) == 52  # TRIPOD+AI: 27 items, 52 with parts
+    assert {"12d", "14", "18f", "20c", "23b", "27a"} <= set(items)
     assert {r[2] for r in tripod[1:]} <= {"reported here", "partly here", "authors to report", "not applicable"}
-    assert any(r[0] == "13a" and LOST in r[3] for r in tripod[1:])
+    assert any(r[0] == "20a" and LOST in r[3] for r in tripod[1:])
+    row = {r[0]: r for r in tripod[1:]}
+    assert f"I² {100 * pooled['i2']:.0f}%" in row["23b"][3] and row["23b"][2] == "reported here"
+    assert row["14"][2] == "partly here" and "sex, stage" in row["14"][3]  # the plan's subgroup columns
+    imbalanced = res["covariate_balance"]["unmodelled_imbalanced"]  # covariates ComBat does not model
+    assert ("not modelled by ComBat: " + ", ".join(imbalanced) in row["16"][3]) == bool(imbalanced)
+    abstract = next(t for t in parsed.tables if t[0][0] == "abstract item")
+    assert [r[0] for r in abstract[1:]] == [str(i) for i in range(1, 14)]
+    assert f"{pooled['pooled']:.3f}" in abstract[11][3]
+    # METRICS: 30 items with the run's answers; the score printed is the one computed from them
+    from fedrad.server.checklists import metrics_summary
+
+    mt = next(t for t in parsed.tables if t[0][0] == "METRICS item")
+    answers = {r[0]: r[4] for r in mt[1:]}
+    assert list(answers) == [f"#{i}" for i in range(1, 31)]
+    assert answers["#4"] == answers["#18"] == answers["#27"] == answers["#22"] == "yes"
+    assert answers["#14"] == "no" and answers["#17"] == "not applicable" and answers["#12"] == "authors"
+    summary = metrics_summary(res)
+    words = " ".join(plain.split())
+    assert f"the other items answered “no” as the online tool does: {summary['low']['score']:.1f}% " \
+           f"({summary['low']['band']};" in words and f"at most {summary['high']['score']:.1f}%" in words
+    yes_weight = sum(float(r[3]) for r in mt[1:] if r[4] == "yes")
+    assert abs(summary["low"]["yes_weight"] - yes_weight) < 1e-12
     rqs = next(t for t in parsed.tables if t[0][0] == "RQS item")
     assert ["12. Validation", "−5 … +5", "+5"] == next(r for r in rqs if r[0].startswith("12."))[:3]
     # decision curves (RQS item 14): the pooled net benefit is the sum over the sites that released each threshold
@@ -540,6 +563,11 @@ def test_report_content_survival(survival_study):
         assert r[1] == f"{res['external'][r[0]]['radiomics']['risk_split']['hr']:.2f}"
     assert "+1" not in next(r for r in next(t for t in parsed.tables if t[0][0] == "RQS item")
                             if r[0].startswith("10."))[2]
+    # no absolute risk from a site-stratified Cox model: METRICS calibration "no", TRIPOD+AI 22 only in part
+    mt = next(t for t in parsed.tables if t[0][0] == "METRICS item")
+    assert next(r for r in mt if r[0] == "#22")[4] == "no"
+    tripod = next(t for t in parsed.tables if t[0] == ["item", "topic", "status", "from this study"])
+    assert next(r for r in tripod if r[0] == "22")[2] == "partly here"
 
 
 def test_signature_icc_is_the_robustness_filters_and_reaches_the_report(response_study, tmp_path):
