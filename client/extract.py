@@ -104,6 +104,21 @@ def params_digest(params_path: Path) -> str:
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
+
+def shipped_params(phash: str | None) -> dict | None:
+    """The parameter file shipped with fedrad whose effective settings have the hash ``phash`` (as every site
+    reported it): ``{"file", "settings", "image_types", "feature_classes"}``, or None for any other file (a
+    site's own parameter file, whose content never leaves the site)."""
+    if not phash:
+        return None
+    for name, path in SHIPPED_PARAMS.items():
+        if params_digest(path) == phash:
+            ex = build_extractor(path)
+            return {"file": f"{path.name} (fedrad --params {name})",
+                    "settings": {k: v for k, v in sorted(ex.settings.items()) if not callable(v)},
+                    "image_types": sorted(ex.enabledImagetypes), "feature_classes": sorted(ex.enabledFeatures)}
+    return None
+
 # ----------------------------------------------------------------------------------------------- cropping
 
 

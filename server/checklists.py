@@ -134,6 +134,7 @@ class _Facts:
     redundancy: object
     extracted: bool
     params_hash: str | None
+    params_file: str | None
     fedrad_version: str | None
     subgroups: tuple[str, ...]
     i2: float | None
@@ -188,7 +189,8 @@ def facts(results: Mapping) -> _Facts:
         covariates=tuple(harm.get("covariates") or ()), inner_folds=val.get("inner_folds", NA),
         penalty=str(model.get("penalty", "l2")), icc=sel.get("icc_threshold"), redundancy=sel.get("redundancy"),
         extracted=any((v or {}).get("extraction") for v in info.values()) or bool(prov.get("params_hash")),
-        params_hash=prov.get("params_hash"), fedrad_version=(prov.get("coordinator") or {}).get("fedrad"),
+        params_hash=prov.get("params_hash"), params_file=(prov.get("params") or {}).get("file"),
+        fedrad_version=(prov.get("coordinator") or {}).get("fedrad"),
         subgroups=subgroups, i2=None if i2 is None else float(i2),
         pi=None if None in pi else (float(pi[0]), float(pi[1])),
         imbalanced=tuple((results.get("covariate_balance") or {}).get("unmodelled_imbalanced") or ()),
@@ -236,8 +238,9 @@ def tripod_ai_items(results: Mapping, missing_data: str = "") -> list[tuple[str,
         "6a": (PARTLY, f"{f.n_sites} centres: {site_list} (see Cohort); care setting: authors"),
         "6b": (PARTLY, "complete outcome, clinical and covariate data (Cohort); other criteria: authors"),
         "6c": (AUTHORS, ""),
-        "7": (REPORTED, (f"features extracted at each site with pyradiomics, parameter file hash "
-                         f"{f.params_hash[:12]}… (Provenance); " if f.params_hash else
+        "7": (REPORTED, (f"features extracted at each site with pyradiomics, parameter file "
+                         f"{f.params_file or 'hash ' + f.params_hash[:12] + '…'} (Provenance); "
+                         if f.params_hash else
                          "feature tables supplied by the sites (extraction settings: authors); ")
               + f"{harm}; site effect before and after per feature (Harmonization)"),
         "8a": (REPORTED, outcome),
@@ -473,12 +476,16 @@ def metrics_items(results: Mapping) -> list[tuple[MetricsItem, str, str]]:
              "continuous": "patients"}.get(k.type, "patients")
     decided: dict[int, tuple[str, str]] = {
         4: (YES, f"{f.n_sites} centres") if f.n_sites > 1 else (NO, "a single centre"),
-        11: ((YES, "resampling, intensity discretization and normalization in the pyradiomics parameter file "
-                   "(Provenance)") if f.params_hash else (AUTHORS_DECIDE, "feature tables supplied by the sites")),
+        11: ((YES, f"resampling, re-segmentation, discretization and normalization settings of {f.params_file} "
+                   "(Provenance)") if f.params_file else
+             (AUTHORS_DECIDE, "a site parameter file of the study's own (hash in Provenance): publish it")
+             if f.params_hash else (AUTHORS_DECIDE, "feature tables supplied by the sites")),
         12: ((YES, "pyradiomics (IBSI-aligned; checked against the IBSI phantoms)") if f.extracted else
              (AUTHORS_DECIDE, "feature tables supplied by the sites")),
-        13: ((YES, f"parameter file hash {f.params_hash[:12]}…, settings in Provenance") if f.params_hash else
-             (AUTHORS_DECIDE, "feature tables supplied by the sites")),
+        13: ((YES, f"every setting of {f.params_file} in Provenance, hash checked identical at every site")
+             if f.params_file else
+             (AUTHORS_DECIDE, "a site parameter file of the study's own (hash in Provenance): publish it")
+             if f.params_hash else (AUTHORS_DECIDE, "feature tables supplied by the sites")),
         14: ((YES, f"ICC(1,1) under image and mask perturbations, features under {f.icc} removed")
              if f.icc is not None else (NO, "no robustness filter in this study ([selection] icc_threshold)")),
         15: ((YES, f"greedy filter of feature pairs with |r| > {f.redundancy} inside every fold")

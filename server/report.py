@@ -1280,6 +1280,16 @@ def provenance_section(results: dict) -> str:
     parts.append(f"<p>Extraction parameter hash (identical at every site, checked): "
                  f"<code>{_e(prov.get('params_hash') or 'none: the sites supplied feature tables')}</code>. "
                  f"Report of the run finished {_e(prov.get('finished_utc', NA))}.</p>")
+    params = prov.get("params")
+    if params:
+        parts.append(f"<p>The hash is that of fedrad's shipped parameter file <code>{_e(params['file'])}</code>: "
+                     f"image types {_e(', '.join(params['image_types']))}; feature classes "
+                     f"{_e(', '.join(params['feature_classes']))}; settings "
+                     + "; ".join(f"<code>{_e(k)}</code> {_e(json.dumps(v))}" for k, v in params["settings"].items())
+                     + ".</p>")
+    elif prov.get("params_hash"):
+        parts.append("<p>The sites used a parameter file of their own (not one shipped with fedrad): the authors "
+                     "publish it with the hash above.</p>")
     history = results.get("rounds") or []
     if history:
         rows = []

@@ -184,6 +184,13 @@ class Study:
         self._missing_values({s: int(replies[s]["n"]) for s in self.sites})
         self.results["provenance"] = {"params_hash": next(iter(hashes)) if hashes else None,
                                       "sites": {s: replies[s].get("versions") for s in self.sites}}
+        if hashes:  # one of fedrad's own parameter files: its settings go into the report (METRICS 11, 13)
+            try:
+                from fedrad.client.extract import shipped_params
+            except ImportError:  # a coordinator without pyradiomics: the hash alone
+                shipped_params = None  # noqa: N806
+            if shipped_params is not None:
+                self.results["provenance"]["params"] = shipped_params(next(iter(hashes)))
         if cfg["selection"]["icc_threshold"] is not None:
             lacking = [s for s in self.sites if not replies[s].get("has_robustness")]
             if lacking:

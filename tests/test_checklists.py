@@ -97,10 +97,17 @@ def test_metrics_answers_follow_what_the_run_did(results):
     # feature tables from the sites: the extraction items are the authors'
     assert base[11] == base[12] == base[13] == base[23] == "authors"
     assert base[14] == "no" and base[26] == "no" and base[17] == "not applicable" and base[9] == "authors"
-    # a run whose sites extracted with pyradiomics (a parameter hash) and filtered by ICC
+    # sites that extracted with a parameter file of their own (only its hash is known) and filtered by ICC
     res = copy.deepcopy(results)
     res["provenance"]["params_hash"] = "ab" * 32
     res["provenance"]["config"]["selection"]["icc_threshold"] = 0.75
+    got = _answers(res)
+    assert got[12] == got[23] == got[14] == "yes" and got[11] == got[13] == "authors"
+    # ... or with one of fedrad's shipped files, whose settings the report prints
+    from fedrad.client.extract import SHIPPED_PARAMS, params_digest, shipped_params
+
+    res["provenance"]["params_hash"] = params_digest(SHIPPED_PARAMS["ct-original"])
+    res["provenance"]["params"] = shipped_params(res["provenance"]["params_hash"])
     got = _answers(res)
     assert got[11] == got[12] == got[13] == got[23] == got[14] == "yes"
     low = cl.metrics_summary(res)["low"]
@@ -139,3 +146,15 @@ def test_tripod_ai_items_follow_what_the_run_did(results):
     rows = {r[0]: r for r in cl.tripod_ai_items(res)}
     assert rows["12d"][2] == rows["23b"][2] == rows["12g"][2] == "not applicable"
     assert "site9 (no answer)" in rows["20a"][3] and rows[""][3] == "site9 (no answer)"
+
+
+def test_shipped_parameter_files_are_recognized_by_their_hash():
+    from fedrad.client.extract import SHIPPED_PARAMS, params_digest, shipped_params
+
+    got = shipped_params(params_digest(SHIPPED_PARAMS["mr"]))
+    assert got["file"] == "mr.yaml (fedrad --params mr)"
+    assert got["settings"]["normalize"] is True and got["settings"]["normalizeScale"] == 100
+    ct = shipped_params(params_digest(SHIPPED_PARAMS["ct-original"]))
+    assert ct["settings"]["binWidth"] == 25 and ct["settings"]["resegmentRange"] == [-1000, 400]
+    assert ct["image_types"] == ["Original"] and "glcm" in ct["feature_classes"]
+    assert shipped_params("0" * 64) is None and shipped_params(None) is None
