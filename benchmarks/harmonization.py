@@ -94,9 +94,11 @@ class NoHarmonization(Method):
         return train[feats].to_numpy(float), test[feats].to_numpy(float)
 
 
-#: ComBat-GAM knots for age (the demo's ages are 25-90; interior knots at its quartiles' neighbourhood), as a
-#: study plan would write them: lower boundary, interior knots, upper boundary
+#: ComBat-GAM knots for age as a study plan writes them (lower boundary, interior knots, upper boundary): set by
+#: :func:`choose_age_knots` from the cohort's k-respecting histograms, as the study does
 AGE_KNOTS = [25.0, 55.0, 63.0, 71.0, 90.0]
+#: the plan's age range and histogram bins for the knots (the demo's ages are 25-90)
+AGE_RANGE, AGE_BINS = (25.0, 90.0), 32
 
 
 class ComBatMethod(Method):
@@ -239,6 +241,32 @@ def cohort(args, work: Path) -> tuple[pd.DataFrame, dict]:
     return df, times
 
 
+def choose_age_knots(df: pd.DataFrame, feats: list[str], methods: list) -> str:
+    """The ComBat-GAM knots as a study derives them (``smooth = {age = {knots = n, range = [25, 90]}}``): interior
+    knots at the pooled quantiles of the sites' histograms (plan bins merged to >= k per bin); the most interior
+    knots (3, 2, 1) whose every spline piece covers none or >= k patients of every batch of every smooth method
+    (the site refuses a piece over fewer). Sets :data:`AGE_KNOTS`; returns what it chose, in words."""
+    from fedrad.common.combat import SmallBatchError
+    from fedrad.common.smooth import pooled_quantile_knots, site_histogram
+
+    edges = np.linspace(*AGE_RANGE, AGE_BINS + 1)
+    hists = [site_histogram(g["age"].to_numpy(float), edges, 2, name="age") for _, g in df.groupby(SITE)]
+    smooth = [m for m in methods if getattr(m, "smooth", False)]
+    refused = []
+    for n in (3, 2, 1):
+        full = pooled_quantile_knots(hists, n)
+        AGE_KNOTS[:] = [float(full[0])] + [float(v) for v in full[4:-4]] + [float(full[-1])]
+        try:
+            for m in smooth:
+                m.harmonize(df, feats)
+        except SmallBatchError as exc:
+            refused.append(f"{n} interior: {exc}")
+            continue
+        return (f"age knots {', '.join(f'{v:g}' for v in AGE_KNOTS)} ({n} interior, pooled quantiles)"
+                + (f"; refused first: {'; '.join(refused)}" if refused else ""))
+    raise SystemExit("no ComBat-GAM knots for age pass the sites' spline-piece rule: " + "; ".join(refused))
+
+
 def candidate_features(df: pd.DataFrame) -> list[str]:
     """original_ and LoG features that vary within every site x scanner group."""
     feats = [c for c in df.columns if str(c).startswith(("original_", "log-sigma"))]
@@ -265,6 +293,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     feats = candidate_features(df)
+    print(choose_age_knots(df, feats, methods), flush=True)
     harmonized, excluded, round_trips = {}, {}, 0
     for _ in range(2):  # a feature a fit excludes (zero variance) is dropped for every method, then all refit
         for m in methods:
