@@ -85,7 +85,7 @@ TRIPOD_AI_ITEMS: tuple[tuple[str, str, str], ...] = (
     ("27c", "Discussion", "Next steps: applicability and generalisability"),
 )
 
-#: (item, topic) of TRIPOD+AI for Abstracts (Collins et al. 2024, Table 2)
+#: (item, topic) of the 13 items of TRIPOD+AI for Abstracts (Collins et al. 2024), topics paraphrased
 TRIPOD_AI_ABSTRACT: tuple[tuple[str, str], ...] = (
     ("1", "Title"),
     ("2", "Background"),

@@ -1220,7 +1220,7 @@ def checklist_section(results: dict) -> str:
               + _table(rows, ["item", "topic", "status", "from this study"], cls="checklist", raw=True))
     abstract_rows = [[item, _e(topic), _status_tag(status), _e(what)]
                      for item, topic, status, what in cl.tripod_ai_abstract_items(results, headline(results))]
-    tripod += ("<h3 id='tripod-abstract'>TRIPOD+AI for Abstracts</h3>"
+    tripod += ("<h3 id='tripod-abstract'>TRIPOD+AI for Abstracts (13 items, topics paraphrased)</h3>"
                + _table(abstract_rows, ["abstract item", "topic", "status", "from this study"], cls="checklist",
                         raw=True))
     tripod += metrics_section(results)
