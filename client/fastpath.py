@@ -17,6 +17,9 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
   directory runs :func:`superexec_main`) polls the SuperNode for tasks every 1 s instead of every 0.1 s, and is
   woken at once by a datagram on its "doorbell" socket, which the SuperNode sends when it has stored a message.
   Each 0.1 s poll cost both processes CPU: ~6 % of a core per site, a core for 20 sites on one machine.
+  The shim itself asks the zygote below to fork the SuperExec (:func:`superexec_shim`): a fresh SuperExec imports
+  Flower for ~1 s of CPU, 3-8 s of wall time while every site of a machine starts at once, and the first round
+  trip of a study waited for it (the demo's first round on extracted tables: 4.5-5.1 s before, 1.3-3.3 s after).
 * The zygote (:func:`zygote_main`): one process per SuperNode that has already imported Flower's ClientApp
   runner, the scientific stack and the installed fedrad site agent. fedrad's pinned ``flwr-clientapp`` launcher
   (:func:`fedrad.client.app_trust.launch_clientapp`) passes its argv, environment, working directory and
@@ -66,7 +69,8 @@ OWNER_FILE = "supernode.pid"
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.serverapp",
            "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
            "scipy.special", "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519",
-           "tomllib", "flwr.cli.build", "fedrad.client.client_app")
+           "tomllib", "flwr.cli.build", "flwr.supercore.cli", "flwr.supercore.superexec.run_superexec",
+           "fedrad.client.client_app")
 #: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~0.4 s of imports on an
 #: idle machine, ~8 s seen under load, and ~250 MB per zygote, for the one extraction message of a study) and
 #: this module
@@ -265,14 +269,24 @@ def superexec_main(argv: list[str] | None = None) -> int:
     return flower_superexec() or 0
 
 
+def superexec_shim(argv: list[str] | None = None) -> int:
+    """The ``flower-superexec`` the fast SuperNode finds on its PATH: :func:`superexec_main` forked from the
+    node's zygote, which has Flower's SuperExec imported already (a fresh SuperExec process imports Flower for
+    ~1 s of CPU, several seconds while every site of a machine starts at once); in this process when no
+    zygote answers."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    code = run_via_zygote(argv, entry="superexec")
+    return superexec_main(argv) if code is None else code
+
+
 def _install_superexec_shim(directory: str) -> str:
     """A ``flower-superexec`` that runs :func:`superexec_main`, in ``directory/bin``; returns that bin."""
     bindir = os.path.join(directory, "bin")
     os.makedirs(bindir, mode=0o700, exist_ok=True)
     shim = os.path.join(bindir, "flower-superexec")
     with open(shim, "w") as f:
-        f.write(f"#!{sys.executable}\nimport sys\nfrom fedrad.client.fastpath import superexec_main\n"
-                "sys.exit(superexec_main())\n")
+        f.write(f"#!{sys.executable}\nimport sys\nfrom fedrad.client.fastpath import superexec_shim\n"
+                "sys.exit(superexec_shim())\n")
     os.chmod(shim, 0o700)
     return bindir
 
@@ -390,9 +404,10 @@ def _starting(pid: int) -> bool:
 
 
 # ------------------------------------------------------------------------------------------- launcher side
-def run_via_zygote(argv: list[str]) -> int | None:
-    """Run ``flwr-clientapp argv`` in a child of the zygote; its exit status, or None when no zygote answers
-    (the caller then runs in-process). Signals to this process are relayed to the child."""
+def run_via_zygote(argv: list[str], entry: str = "clientapp") -> int | None:
+    """Run ``flwr-clientapp argv`` (``entry="superexec"``: ``flower-superexec argv``) in a child of the zygote;
+    its exit status, or None when no zygote answers (the caller then runs in-process). Signals to this process
+    are relayed to the child."""
     path = os.environ.get(SOCKET_ENV)
     if not path:
         return None
@@ -412,7 +427,8 @@ def run_via_zygote(argv: list[str]) -> int | None:
             if not (pid and _starting(pid) and not os.path.exists(path) and time.monotonic() < deadline):
                 return None
             time.sleep(0.02)
-    payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd()}).encode()
+    payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd(),
+                          "entry": entry}).encode()
     socket.send_fds(sock, [_STATUS.pack(len(payload)) + payload], [0, 1, 2])
 
     def relay(signum, frame):
@@ -455,13 +471,19 @@ def _recv_request(conn: socket.socket) -> tuple[dict, list[int]]:
     conn.settimeout(None)
     req = json.loads(body)
     if not (isinstance(req.get("argv"), list) and isinstance(req.get("env"), dict) and isinstance(req.get("cwd"), str)
-            and len(fds) == 3):
+            and len(fds) == 3 and req.get("entry", "clientapp") in ENTRIES):
         raise ValueError("malformed request")
     return req, fds
 
 
+#: what a zygote's child may run: the pinned ClientApp entry, or the node's SuperExec (which keeps the runtime's
+#: environment: it starts the ClientApp launchers, which look for this zygote)
+ENTRIES = ("clientapp", "superexec")
+
+
 def _child(req: dict, fds: list[int]) -> None:
-    """In the forked child: become the launcher's process (stdio, cwd, env, argv) and run the pinned entry."""
+    """In the forked child: become the launcher's process (stdio, cwd, env, argv) and run the pinned entry (or
+    the SuperExec)."""
     code = 1
     try:
         for target, fd in enumerate(fds):
@@ -474,11 +496,15 @@ def _child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-        for name in RUNTIME_ENV:
-            os.environ.pop(name, None)
-        from fedrad.client.app_trust import clientapp_main
+        if req.get("entry") == "superexec":
+            sys.argv = ["flower-superexec", *map(str, req["argv"])]
+            code = superexec_main([str(a) for a in req["argv"]])
+        else:
+            for name in RUNTIME_ENV:
+                os.environ.pop(name, None)
+            from fedrad.client.app_trust import clientapp_main
 
-        code = clientapp_main([str(a) for a in req["argv"]])
+            code = clientapp_main([str(a) for a in req["argv"]])
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - report and exit like a crashed process
@@ -595,7 +621,10 @@ def zygote_main(path: str, parent_pid: int) -> int:
                     for fd in fds:
                         os.close(fd)
                     workers[conn], by_pid[pid] = pid, conn
-                    notice(f"ClientApp of launcher pid {peer} runs as pre-forked pid {pid}")
+                    if req.get("entry") == "superexec":
+                        notice(f"SuperExec (shim pid {peer}) forked from the zygote as pid {pid}")
+                    else:
+                        notice(f"ClientApp of launcher pid {peer} runs as pre-forked pid {pid}")
                 else:
                     pid = workers[sock]
                     try:

@@ -3,9 +3,11 @@ clock, and the zygote's launcher protocol (exit status and stdio relayed, malfor
 its SuperNode). tests/test_deployment.py runs a whole study on it against the stock runtime."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -103,6 +105,33 @@ def test_zygote_refuses_malformed_requests_and_keeps_serving(zygote):
     assert s.recv(4) == b""  # closed without forking
     s.close()
     assert _launch(path, "--help").returncode == 0 and proc.poll() is None
+
+
+def test_the_superexec_shim_runs_flowers_superexec_forked_from_the_zygote(zygote, tmp_path):
+    """The SuperNode's ``flower-superexec`` (the shim) asks the zygote, which has Flower's SuperExec imported, to
+    fork it: the same argument errors as Flower's own entry point, the zygote's log names the fork, and a request
+    for any other entry is refused."""
+    path, proc = zygote
+    shim = [sys.executable, "-c", "import sys; from fedrad.client.fastpath import superexec_shim; "
+                                  "sys.exit(superexec_shim(sys.argv[1:]))", "--no-such-flag"]
+    env = {**os.environ, fastpath.SOCKET_ENV: path, fastpath.DOORBELL_ENV: str(tmp_path / "bell.sock")}
+    forked = subprocess.run(shim, capture_output=True, text=True, timeout=120, env=env)
+    direct = subprocess.run(shim, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in env.items() if k != fastpath.SOCKET_ENV})
+    assert forked.returncode == direct.returncode == 2
+    assert "flower-superexec: error:" in forked.stderr
+    assert forked.stderr.splitlines()[-1] == direct.stderr.splitlines()[-1]
+    # the entry is checked: a request for something else is closed without a fork
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(path)
+    body = json.dumps({"argv": [], "env": {}, "cwd": "/", "entry": "shell"}).encode()
+    socket.send_fds(s, [struct.pack("!i", len(body)) + body], [0, 1, 2])
+    s.settimeout(20)
+    assert s.recv(4) == b""
+    s.close()
+    proc.terminate()
+    log = proc.communicate(timeout=20)[1]
+    assert "SuperExec (shim pid" in log and "forked from the zygote" in log and "malformed request" in log
 
 
 def test_without_a_zygote_the_launcher_runs_in_process(tmp_path, monkeypatch):
