@@ -283,3 +283,76 @@ def test_the_horizon_is_a_plan_key_left_out_when_absent():
     with_h = study_plan(validate(_merge({**base, "validation": {"dca_horizon": 24}})))
     assert with_h["study"]["validation"]["dca_horizon"] == 24 and plan_id(with_h) != plan_id(plan)
     assert dca_horizon(with_h["study"]) == 24.0 and dca_horizon(plan["study"]) is None
+
+
+def test_attack_a_curious_coordinator_cannot_choose_the_horizon_or_get_small_cells_by_the_baseline(tmp_path):
+    """Through the real site agent (plan check, policy, step, audit): the horizon is the plan's whatever the fit and
+    evaluation requests say; a baseline that is not a finite positive number is refused; a baseline crafted from
+    the held-out site's own risk scores (the coordinator knows the model) still releases only groups of 0 or at
+    least k patients, 0 or at least k apart; inner-CV fits carry no baseline."""
+    from fedrad.client.client_app import app
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+    from fedrad.server.federation import Federation, LocalGrid
+    from fedrad.server.study import Study
+    from fedrad.server.study_config import validate
+    from tests.test_site_guard import ask, refused
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=True)
+    cfg = validate({**cfg, "validation": {**cfg["validation"], "dca_horizon": 12}})
+    approve_at_sites(study_plan(cfg), nodes)
+    st = Study(Federation(LocalGrid(app, nodes)), cfg)
+    for phase in (st.prepare, st.harmonize, st.select):
+        phase()
+    # a fit round whose data spec names another horizon (and asks an inner-CV fit for a baseline): the site's
+    # baselines are at the plan's horizon, for full-fold fits only
+    feats = st.signatures["loso:hosp0"]
+    node = nodes[1]
+    spec = st.kind.data_spec(feats, st.tables["loso:hosp0"], None)
+    inner = st.kind.data_spec(feats, st.tables["loso:hosp0"], {"k": 3, "seed": 0, "fold": 0, "keep": "train"})
+    fit = st.kind.make_fit(feats, "l2", 0.1, 0.5)
+    payload = {"plan": st.plan_id, "tasks": [
+        {"id": "loso:hosp0|radiomics|0|all", "request": fit.start(), "data": {**spec, "dca_horizon": 0.01},
+         "sites": ["hosp1"]},
+        {"id": "loso:hosp0|radiomics|0|0", "request": fit.start(), "data": {**inner, "dca_horizon": 12},
+         "sites": ["hosp1"]}]}
+    reply = ask(node, "fit_round", payload)
+    assert reply["results"]["loso:hosp0|radiomics|0|all"]["baseline"]["horizon"] == 12.0
+    assert reply["results"]["loso:hosp0|radiomics|0|all"]["baseline"]["log_cumhaz"] is not None
+    assert "baseline" not in reply["results"]["loso:hosp0|radiomics|0|0"]
+
+    st.fit_models()
+    site = "hosp1"
+    fold = f"loso:{site}"
+    honest = {str(gi): st.fits[f"{fold}|radiomics|{gi}|all"].to_dict() for gi in range(3)}
+    base = {"plan": st.plan_id, "endpoint": st.endpoint, "items": [], "km_times": cfg["validation"]["km_times"],
+            "dca_horizon": 0.5}
+
+    def evaluate(baselines):
+        return {**base, "folds": {fold: {"models": {"radiomics": honest}, "baselines": {"radiomics": baselines},
+                                         "table": f"h-{fold}", "eval_sites": [site]}}}
+
+    for bad in (-1.0, 0.0, float("nan"), float("inf"), "1.0", True, [1.0]):
+        refused(node, "study_evaluate", evaluate({"0": bad}), "outside-plan")
+    refused(node, "study_evaluate", evaluate({"7": 1.0}), "outside-plan")  # a variant the request does not evaluate
+    # the crafted baseline: threshold 0.5 falls between the two highest-risk patients of the held-out site
+    # (worst case: the coordinator knows every patient's features, so their risk scores, but not the outcomes)
+    from fedrad.client.site import Site
+
+    model = st.kind.model_from_dict(honest["0"])
+    k = 10
+    h_rows = Site.from_node_config(node).table(f"h-{fold}")
+    lp = np.sort(np.asarray(model.predict_log_partial_hazard(h_rows[list(model.feature_names_)])))
+    crafted = float(-np.log(0.5) / np.exp(0.5 * (lp[-1] + lp[-2])))  # risk >= 0.5: the top patient only
+    got = ask(node, "study_evaluate", evaluate({"0": crafted, "1": 1e-6, "2": 1e6}))
+    released = got["folds"][fold]["models"]["radiomics"]
+    for gi, entry in released.items():
+        dec = entry["decision"]
+        assert dec["horizon"] == 12.0  # the plan's, not the request's 0.5
+        sizes = [dec["n"]] + [m for m in dec["treated"] if m is not None] + [0]
+        assert all(a - b == 0 or a - b >= k for a in sizes for b in sizes if a >= b), (gi, sizes)
+    j = metrics.DCA_THRESHOLDS.index(0.5)
+    assert released["0"]["decision"]["treated"][j] is None and released["0"]["decision"]["survival"][j] is None
+    assert set(released["1"]["decision"]["treated"]) == {0}  # nobody at risk: empty groups, nothing about anyone
+    assert set(released["2"]["decision"]["treated"]) == {len(h_rows)}  # everyone: the whole site
