@@ -466,7 +466,8 @@ class Study:
                 if self.horizon is not None:  # the training sites' combined baseline at the horizon
                     base = self.fit_tasks[tid].server.baseline()
                     folds[fold].setdefault("baselines", {}).setdefault(kind, {})[gi] = base and base["cumhaz"]
-                    baselines.setdefault(fold, {}).setdefault(kind, {})[gi] = base
+                    baselines.setdefault(fold, {}).setdefault(kind, {})[gi] = base and {
+                        key: v for key, v in base.items() if key != "rule"}  # the rule: once, below
                 continue
             items.append({"id": tid, "model": model.to_dict(), "table": self.tables[fold],
                           "rows": {"k": k, "seed": seed, "fold": int(inner)}, "sites": self.folds[fold]["train"]})

@@ -356,3 +356,34 @@ def test_attack_a_curious_coordinator_cannot_choose_the_horizon_or_get_small_cel
     assert released["0"]["decision"]["treated"][j] is None and released["0"]["decision"]["survival"][j] is None
     assert set(released["1"]["decision"]["treated"]) == {0}  # nobody at risk: empty groups, nothing about anyone
     assert set(released["2"]["decision"]["treated"]) == {len(h_rows)}  # everyone: the whole site
+
+
+def test_survival_report_has_the_decision_curve_with_its_horizon_and_baseline_rule_and_rqs_14(tmp_path):
+    """The survival study's report: the decision-curve figure after the Kaplan-Meier curves, its caption naming the
+    horizon and the baseline rule, the pooled curve equal to the sites' released counts summed, RQS 14 at +2."""
+    import html as htmlmod
+    import re
+
+    from fedrad.common.cox import BASELINE_RULE
+    from fedrad.server.study_config import validate
+    from tests.test_report import _parse, _study_in_process, study_cfg
+
+    cfg = study_cfg({"type": "survival", "time": "os_time", "event": "os_event"}, [0.1])
+    cfg = validate({**cfg, "validation": {**cfg["validation"], "dca_horizon": 24}})
+    study = _study_in_process(tmp_path, 3, 70, 1, cfg)
+    res = study["results"]
+    text, parsed = _parse(study["report"])
+    assert parsed.figures == ["fig-harmonization", "fig-feature-moments", "fig-coefficients", "fig-forest",
+                              "fig-km", "fig-decision", "fig-paired"]
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", text)).split())
+    assert "Decision curves at time 24" in plain and BASELINE_RULE in plain
+    assert "risk by time 24" in text  # the figure's own title
+    rqs = next(t for t in parsed.tables if t[0][0] == "RQS item")
+    row = next(r for r in rqs if r[0].startswith("14."))
+    assert row[:3] == ["14. Potential clinical utility", "+2", "+2"] and "by time 24" in row[3]
+    for kind in ("radiomics", "volume", "clinical", "combined"):
+        tabs = [m[kind]["decision"] for m in res["external"].values()]
+        want = metrics.pooled_survival_decision_curve(tabs)
+        got = res["pooled"][kind]["decision_curve"]
+        assert got["net_benefit"] == want["net_benefit"] and got["treat_all"] == want["treat_all"]
+        assert sum(v is not None for v in got["net_benefit"]) >= 4
