@@ -98,6 +98,13 @@ Federated protocol (patient rows never leave a site; sites send aggregates only)
    stratum at ``beta``.  Server (:meth:`CoxServer.step`): sums, adds the penalty, takes a
    (proximal) Newton step.
 
+Baseline for decision curves (a study plan's ``[validation] dca_horizon``): beside each reply of a
+full-fold fit the site adds :func:`site_breslow`, its stratum's Breslow cumulative hazard at the horizon at
+the request's coefficients, centred on its own mean; :meth:`CoxFit.baseline` keeps the values of the last
+accepted point, moves them to the pooled centring and combines them (:data:`BASELINE_RULE`,
+:func:`combine_breslow`; pooled twin :func:`pooled_breslow`). No round trip is added; the price is that the
+baseline is at the last evaluated point, one Newton step below ``tol`` from the final coefficients.
+
 Step-size safeguard without wasted round trips: a full step is always proposed; only if the
 penalized objective returned for it is *worse* than at the previous point (beyond rounding), is the
 step halved (costing one round trip).  Convergence: when the proposed standardized step satisfies

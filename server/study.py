@@ -16,11 +16,14 @@ harmonization               ComBat statistics once per site; the server fits one
 selection                   per fold, training sites send score-test and correlation aggregates; the    1
                             server applies BH-FDR, the redundancy filter and the size cap
 models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~5-8
-                            and inner CV fold, fitted together (Newton / proximal Newton)
+                            and inner CV fold, fitted together (Newton / proximal Newton); survival
+                            with [validation] dca_horizon: beside each full-fold Newton reply, the
+                            site's Breslow baseline at the horizon (decision curves; no extra round)
 evaluation                  training sites send each inner fit's loss on their held-out inner fold;     1
                             held-out sites compute metrics of every penalty variant of their fold's
                             models on their own rows (every site: the final models' apparent
-                            performance); the server picks each (fold, model)'s penalty from the
+                            performance; survival: decision-curve counts at the training sites'
+                            combined baseline); the server picks each (fold, model)'s penalty from the
                             inner-CV losses and keeps that variant's metrics
 ==========================  ==========================================================================  ======
 
