@@ -387,3 +387,15 @@ def test_survival_report_has_the_decision_curve_with_its_horizon_and_baseline_ru
         got = res["pooled"][kind]["decision_curve"]
         assert got["net_benefit"] == want["net_benefit"] and got["treat_all"] == want["treat_all"]
         assert sum(v is not None for v in got["net_benefit"]) >= 4
+    # the page renders in headless chromium with ink in every figure, the decision curve's too (test_report's check)
+    from tests import test_report
+
+    if test_report.CHROMIUM is None:
+        pytest.skip("chromium not installed (apt-get install -y chromium; scripts/install.sh tries it)")
+
+    class _Request:
+        def getfixturevalue(self, name):
+            return study
+
+    (tmp_path / "chromium").mkdir()
+    test_report.test_report_renders_in_headless_chromium(_Request(), "survival_dca_study", tmp_path / "chromium")
