@@ -1168,7 +1168,7 @@ BASELINE_RULE = ("the training sites' Breslow baseline cumulative hazards at the
                  "stratum at the fold's coefficients (the last point of the Newton fit the sites evaluated, within "
                  "the fit's tolerance of the final coefficients), centred on the fold's pooled training mean, "
                  "averaged with weights n_s (patients per site); a site with fewer than k events by the horizon, "
-                 "or fewer than k patients without, withholds its own")
+                 "or fewer than k patients still at risk at it, withholds its own")
 
 
 def breslow_cumhaz(lp: np.ndarray, time: np.ndarray, event: np.ndarray, horizon: float) -> float:
@@ -1187,8 +1187,12 @@ def breslow_cumhaz(lp: np.ndarray, time: np.ndarray, event: np.ndarray, horizon:
 
 
 def _baseline_releasable(time: np.ndarray, event: np.ndarray, horizon: float, k: int) -> bool:
-    by = int(((np.asarray(event) == 1) & (np.asarray(time, dtype=float) <= horizon)).sum())
-    return by >= k and len(time) - by >= k
+    """At least ``k`` events by the horizon and at least ``k`` patients still at risk at it (time >= horizon), so
+    that every risk set in the Breslow sum holds at least ``k`` patients (risk sets only shrink with time): no
+    term is one patient's ``exp(lp)``, whatever coefficients the coordinator asks about."""
+    t = np.asarray(time, dtype=float)
+    by = int(((np.asarray(event) == 1) & (t <= horizon)).sum())
+    return by >= k and int((t >= horizon).sum()) >= k
 
 
 def site_breslow(rows: pd.DataFrame, request: Mapping, *, horizon: float, min_cell_size: int,
@@ -1197,7 +1201,8 @@ def site_breslow(rows: pd.DataFrame, request: Mapping, *, horizon: float, min_ce
     the first round's summary request, ``beta`` for a Newton request), with the linear predictor centred on the
     site's *own* mean (the one its round-1 summary sent; the coordinator moves it to the pooled mean:
     :meth:`CoxFit.baseline`). ``log_cumhaz`` is None (withheld) when the site has fewer than ``min_cell_size``
-    events by the horizon or fewer than ``min_cell_size`` patients without one."""
+    events by the horizon or fewer than ``min_cell_size`` patients still at risk at it (every risk set of the sum
+    then holds at least ``min_cell_size`` patients)."""
     feats = list(request["features"])
     beta = np.asarray(request.get("beta", np.zeros(len(feats))), dtype=float)
     if beta.shape != (len(feats),):

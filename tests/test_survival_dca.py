@@ -137,12 +137,34 @@ def test_federated_training_baseline_equals_its_pooled_twin():
     k = sorted(ev.values())[0] + 1
     fit2, _ = _federated_fit(df, h, k=k)
     b2 = fit2.baseline()
-    withheld = {s for s in ev if ev[s] < k or n[s] - ev[s] < k}
+    at_risk = {s: int((rows["time"] >= h).sum()) for s, rows in df.groupby("site")}
+    withheld = {s for s in ev if ev[s] < k or at_risk[s] < k}
     assert 0 < len(withheld) < 3
     assert {s for s, v in b2["sites"].items() if v is None} == withheld
     assert all(abs(b2["sites"][s] / fit.baseline()["sites"][s] - 1) < 1e-12 for s in ev if s not in withheld)
     w = {s: n[s] for s in b2["sites"] if s not in withheld}
     assert abs(b2["cumhaz"] - sum(b2["sites"][s] * w[s] for s in w) / sum(w.values())) < 1e-12 * b2["cumhaz"]
+
+
+def test_a_training_site_withholds_its_baseline_when_a_risk_set_could_be_under_k():
+    """At beta = 0 (the first round) the site's Breslow estimate is the Nelson-Aalen estimate (lifelines'); it is
+    withheld once fewer than k patients are still at risk at the horizon (a risk set of the sum could then be a
+    single patient's exp(lp)), or fewer than k events happened by it."""
+    from lifelines import NelsonAalenFitter
+
+    rows = _cohort(5, sizes=(80,), ties=False).drop(columns="site")
+    req = CoxFit(["x0", "x1"], duration_col="time", event_col="event").start()
+    k = 10
+    t = np.sort(rows["time"].to_numpy())
+    inside, outside = float(t[-k]), float(t[-(k - 1)])  # k, then k - 1 patients with time >= the horizon
+    assert int(((rows["event"] == 1) & (rows["time"] <= inside)).sum()) >= k
+    got = site_breslow(rows, req, horizon=inside, min_cell_size=k)["log_cumhaz"]
+    naf = NelsonAalenFitter(nelson_aalen_smoothing=False).fit(rows["time"], rows["event"])
+    want = float(naf.cumulative_hazard_at_times(inside).iloc[0])
+    assert abs(np.exp(got) / want - 1) < 1e-12
+    assert site_breslow(rows, req, horizon=outside, min_cell_size=k)["log_cumhaz"] is None
+    early = float(np.sort(rows.loc[rows["event"] == 1, "time"])[k - 2])  # k - 1 events by the horizon
+    assert site_breslow(rows, req, horizon=early, min_cell_size=k)["log_cumhaz"] is None
 
 
 @pytest.mark.parametrize("k", [1, 8])
