@@ -26,7 +26,8 @@ fit_round          task ids ``<fold>|<kind>|<penalty index>|<all or inner fold>`
                    features of each kind, table and rows (inner folds from the plan's k and seed) as the plan
                    implies; one signature per fold; at most ``MAX_TASK_ROUNDS`` evaluations per task (2 for a
                    linear fit: its statistics and the check at the exact solution); every
-                   coefficient vector sent is recorded in the plan's ledger
+                   coefficient vector sent is recorded in the plan's ledger; a survival plan's
+                   ``dca_horizon`` goes into every full-fold Cox task (the site's Breslow baseline)
 study_associate    association plans only; once per study attempt; the final fold's table; features among the
                    site's candidates (and volume column); markers, covariates and volume adjustment from the plan
 study_evaluate     once per study attempt; only the folds the site validates (``final`` and its own ``loso``);
@@ -34,7 +35,8 @@ study_evaluate     once per study attempt; only the folds the site validates (``
                    is in the ledger, its features are the task's, its penalty is the plan's grid value and its
                    coefficients are within ``STEP_TOL`` (standardized) of a coefficient vector the site was sent
                    for that task (a Newton fit ends one step below 1e-3 after the last point it evaluated);
-                   km_times, endpoint and subgroup columns from the plan
+                   km_times, endpoint, subgroup columns and the decision curves' horizon from the plan;
+                   a baseline per model variant, finite and positive (survival decision curves)
 =================  ================================================================================================
 
 Harmonize and fit plans (``fedrad harmonize/fit --federated``) fix the request, the features and outcome, the
@@ -55,7 +57,7 @@ from fedrad.client.approval import ApprovalError, load_approved
 from fedrad.common import endpoints
 from fedrad.common.files import atomic_write_bytes
 from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
-from fedrad.common.plan import (FOLD, candidate_features, endpoint, fixed_grid, is_association, outcome_columns,
+from fedrad.common.plan import (FOLD, candidate_features, dca_horizon, endpoint, fixed_grid, is_association, outcome_columns,
                                 path_step, penalty_count, prepare_spec, subgroup_columns, uses_loso,
                                 volume_column)
 
@@ -443,6 +445,9 @@ def _fit_round_study(site, record, payload, ledger, cache):
         sites = task.get("sites")
         contributes = fold != f"loso:{site.name}" and (sites is None or site.name in sites)
         clean = ep.data_spec(feats, data["table"], want_rows)
+        horizon = dca_horizon(study)
+        if horizon is not None and inner is None:  # the site's baseline at the plan's horizon, never the request's
+            clean["dca_horizon"] = horizon
         tasks.append({"id": tid, "request": request, "data": clean, "sites": [site.name] if contributes else []})
     return {"tasks": tasks, "min_test_rows": True}
 
@@ -477,6 +482,7 @@ def _study_evaluate(site, record, payload, ledger, cache):
     ledger.data["evaluated"] = True
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
     n_grid = penalty_count(study)
+    horizon = dca_horizon(study)  # the plan's, never the request's
     items = []
     for item in payload.get("items") or []:
         tid = item.get("id")
@@ -501,8 +507,31 @@ def _study_evaluate(site, record, payload, ledger, cache):
             for gi, m in variants.items():
                 check_model(study, ledger, f"{fold}|{kind}|{gi}|all", m)
         folds[fold] = {"models": models, "table": spec["table"], "eval_sites": [site.name]}
+        if horizon is not None:
+            folds[fold]["baselines"] = _baselines(spec.get("baselines"), models)
     return {"endpoint": endpoint(study), "items": items, "folds": folds,
-            "km_times": list(study["validation"]["km_times"]), "subgroups": subgroup_columns(study)}
+            "km_times": list(study["validation"]["km_times"]), "subgroups": subgroup_columns(study),
+            **({"dca_horizon": horizon} if horizon is not None else {})}
+
+
+def _baselines(given, models: dict) -> dict:
+    """The baseline cumulative hazard at the plan's horizon of each model variant (survival decision curves): one
+    finite positive number, or None, per variant the request evaluates. The site cannot check the value (it comes
+    from the training sites); whatever it is, the counts it releases describe 0 or at least k patients
+    (:func:`fedrad.common.metrics.survival_decision_counts`), and the evaluation is once per study attempt."""
+    if given is None:
+        return {}
+    _require(isinstance(given, dict) and set(given) <= set(models), "baselines of models outside the request")
+    out = {}
+    for kind, variants in given.items():
+        _require(isinstance(variants, dict) and set(variants) <= set(models[kind]),
+                 "baselines of models outside the request")
+        for gi, value in variants.items():
+            _require(value is None or (isinstance(value, (int, float)) and not isinstance(value, bool)
+                                       and math.isfinite(float(value)) and float(value) > 0),
+                     "a baseline cumulative hazard that is not a finite positive number")
+        out[kind] = {gi: (None if v is None else float(v)) for gi, v in variants.items()}
+    return out
 
 
 # --- harmonize and fit plans ------------------------------------------------------------------------------------

@@ -140,6 +140,12 @@ def fit_round(site: Site, payload: dict) -> dict:
             skipped[task["id"]] = getattr(exc, "code", "min-cell-size")
             continue
         results[task["id"]] = endpoints.of_data(data).site_function()(rows, task["request"], site=site.name)
+        if data.get("dca_horizon") is not None and data.get("model") == "cox":
+            # survival decision curves: the site's Breslow baseline at the plan's horizon, at the same coefficients
+            from fedrad.common.cox import site_breslow
+
+            results[task["id"]]["baseline"] = site_breslow(rows, task["request"], horizon=float(data["dca_horizon"]),
+                                                           min_cell_size=site.policy.min_cell_size, site=site.name)
     return {"results": results, "skipped": skipped}
 
 

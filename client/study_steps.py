@@ -229,8 +229,11 @@ def study_evaluate(site: Site, payload: dict) -> dict:
             continue
         rows = site.table(spec["table"])
         variants = {m: {v: kind.model_from_dict(d) for v, d in vs.items()} for m, vs in spec["models"].items()}
+        decision = ({"horizon": float(payload["dca_horizon"]), "baselines": spec.get("baselines") or {}}
+                    if payload.get("dca_horizon") is not None else None)
         out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
-                                      km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or ())
+                                      km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or (),
+                                      decision=decision)
     return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": to_plain(out, keep_arrays=True)}
 
 

@@ -98,6 +98,13 @@ Federated protocol (patient rows never leave a site; sites send aggregates only)
    stratum at ``beta``.  Server (:meth:`CoxServer.step`): sums, adds the penalty, takes a
    (proximal) Newton step.
 
+Baseline for decision curves (a study plan's ``[validation] dca_horizon``): beside each reply of a
+full-fold fit the site adds :func:`site_breslow`, its stratum's Breslow cumulative hazard at the horizon at
+the request's coefficients, centred on its own mean; :meth:`CoxFit.baseline` keeps the values of the last
+accepted point, moves them to the pooled centring and combines them (:data:`BASELINE_RULE`,
+:func:`combine_breslow`; pooled twin :func:`pooled_breslow`). No round trip is added; the price is that the
+baseline is at the last evaluated point, one Newton step below ``tol`` from the final coefficients.
+
 Step-size safeguard without wasted round trips: a full step is always proposed; only if the
 penalized objective returned for it is *worse* than at the previous point (beyond rounding), is the
 step halved (costing one round trip).  Convergence: when the proposed standardized step satisfies
@@ -1153,6 +1160,89 @@ def site_cox(rows: pd.DataFrame, request: Mapping, *, site: Any = None) -> dict:
     raise CoxError(f"{_where(site)}: not a Cox request (kind={kind!r})")
 
 
+# ----------------------------------------------------------------------------------------------
+# Breslow baseline cumulative hazard at a horizon (survival decision curves)
+# ----------------------------------------------------------------------------------------------
+#: how the training sites' baselines are combined into the one a held-out site gets (report, results)
+BASELINE_RULE = ("the training sites' Breslow baseline cumulative hazards at the horizon, each from its own "
+                 "stratum at the fold's coefficients (the last point of the Newton fit the sites evaluated, within "
+                 "the fit's tolerance of the final coefficients), centred on the fold's pooled training mean, "
+                 "averaged with weights n_s (patients per site); a site with fewer than k events by the horizon, "
+                 "or fewer than k patients still at risk at it, withholds its own")
+
+
+def breslow_cumhaz(lp: np.ndarray, time: np.ndarray, event: np.ndarray, horizon: float) -> float:
+    r"""Breslow's baseline cumulative hazard of one stratum at ``horizon``:
+    :math:`\hat H_0(h) = \sum_{t_j \le h} d_j / \sum_{i: T_i \ge t_j} e^{\mathrm{lp}_i}` over the distinct event
+    times (ties: :math:`d_j` over the whole risk set, as lifelines' ``baseline_cumulative_hazard_``)."""
+    lp, t, e = (np.asarray(a, dtype=float).ravel() for a in (lp, time, event))
+    ev = (e == 1) & (t <= horizon)
+    if not ev.any():
+        return 0.0
+    times, d = np.unique(t[ev], return_counts=True)
+    order = np.argsort(t)
+    ts, w = t[order], np.exp(lp[order])
+    tail = np.concatenate([np.cumsum(w[::-1])[::-1], [0.0]])  # tail[i] = sum of w over sorted positions >= i
+    return float(np.sum(d / tail[np.searchsorted(ts, times, side="left")]))
+
+
+def _baseline_releasable(time: np.ndarray, event: np.ndarray, horizon: float, k: int) -> bool:
+    """At least ``k`` events by the horizon and at least ``k`` patients still at risk at it (time >= horizon), so
+    that every risk set in the Breslow sum holds at least ``k`` patients (risk sets only shrink with time): no
+    term is one patient's ``exp(lp)``, whatever coefficients the coordinator asks about."""
+    t = np.asarray(time, dtype=float)
+    by = int(((np.asarray(event) == 1) & (t <= horizon)).sum())
+    return by >= k and int((t >= horizon).sum()) >= k
+
+
+def site_breslow(rows: pd.DataFrame, request: Mapping, *, horizon: float, min_cell_size: int,
+                 site: Any = None) -> dict:
+    """A training site's Breslow baseline at ``horizon`` (the plan's) at the coefficients of a Cox request (0 for
+    the first round's summary request, ``beta`` for a Newton request), with the linear predictor centred on the
+    site's *own* mean (the one its round-1 summary sent; the coordinator moves it to the pooled mean:
+    :meth:`CoxFit.baseline`). ``log_cumhaz`` is None (withheld) when the site has fewer than ``min_cell_size``
+    events by the horizon or fewer than ``min_cell_size`` patients still at risk at it (every risk set of the sum
+    then holds at least ``min_cell_size`` patients)."""
+    feats = list(request["features"])
+    beta = np.asarray(request.get("beta", np.zeros(len(feats))), dtype=float)
+    if beta.shape != (len(feats),):
+        raise CoxError(f"{_where(site)}: beta has shape {beta.shape}, expected ({len(feats)},)")
+    x, t, e = _check_rows(rows, feats, request["duration_col"], request["event_col"], _where(site))
+    out = {"horizon": float(horizon), "log_cumhaz": None}
+    if _baseline_releasable(t, e, horizon, min_cell_size):
+        mean, _ = _moments(x)
+        h = breslow_cumhaz((x - mean) @ beta, t, e, horizon)
+        out["log_cumhaz"] = float(np.log(h)) if h > 0 and np.isfinite(h) else None
+    return out
+
+
+def combine_breslow(values: Mapping[Any, float | None], n: Mapping[Any, int]) -> float | None:
+    """The held-out site's baseline from the training sites' (each on the pooled centring): the mean weighted by
+    the sites' patients over the sites that released one (:data:`BASELINE_RULE`); None when none did."""
+    have = [(float(v), int(n[s])) for s, v in values.items() if v is not None]
+    if not have:
+        return None
+    return float(sum(v * w for v, w in have) / sum(w for _, w in have))
+
+
+def pooled_breslow(df: pd.DataFrame, model: "CoxModel", duration_col: str, event_col: str, *, horizon: float,
+                   min_cell_size: int, strata: str = "site") -> dict:
+    """Pooled twin of the federated baseline: each stratum's Breslow cumulative hazard at ``horizon`` at the
+    model's (final) coefficients, centred on its training mean, withheld as :func:`site_breslow`, combined by
+    :func:`combine_breslow`. ``{"cumhaz", "sites": {stratum: value or None}}``."""
+    lp = np.asarray(model.predict_log_partial_hazard(df[list(model.feature_names_)]), dtype=float)
+    t = df[duration_col].to_numpy(dtype=float)
+    e = df[event_col].to_numpy(dtype=float)
+    labels = df[strata].to_numpy()
+    sites, n = {}, {}
+    for s in pd.unique(labels):
+        at = labels == s
+        n[s] = int(at.sum())
+        sites[s] = (breslow_cumhaz(lp[at], t[at], e[at], horizon)
+                    if _baseline_releasable(t[at], e[at], horizon, min_cell_size) else None)
+    return {"cumhaz": combine_breslow(sites, n), "sites": sites}
+
+
 class CoxFit:
     """:class:`CoxServer` behind the interface every fedrad fit shares (``start`` / ``receive`` / ``model``),
     so the coordinator can drive Cox and logistic fits — all folds and penalties — in the same round trips.
@@ -1176,10 +1266,39 @@ class CoxFit:
         return self.first_request
 
     def receive(self, replies: Mapping[Any, Mapping]) -> dict | None:
+        found = {s: r["baseline"] for s, r in replies.items() if isinstance(r, Mapping) and r.get("baseline")}
         if not self._started:
             self._started = True
-            return self.server.start(replies)
-        return self.server.step(replies)
+            nxt = self.server.start(replies)
+            self._means = {s: np.asarray(r["mean"], dtype=float)[self.server._keep] for s, r in replies.items()}
+            point, accepted = np.zeros(len(self.server._kept)), True  # beta = 0 is always the first accepted point
+        else:
+            engine = self.server._engine
+            pending = engine.pending
+            nxt = self.server.step(replies)
+            point, accepted = pending / self.server._sd, engine.b is pending  # a worse point is not accepted
+        if accepted:  # the training sites' baselines at the point the fit's coefficients now come from
+            self._baseline = (point, found) if found else None
+        return nxt
+
+    def baseline(self) -> dict | None:
+        r"""The training sites' Breslow baselines at the horizon (sent beside the Newton values when the study plan
+        has ``[validation] dca_horizon``) at the last accepted point of the fit, each moved to the pooled
+        centring (:math:`\log H_s + (\bar x - \bar x_s)^\top\beta`), and their combination
+        (:func:`combine_breslow`): ``{"horizon", "cumhaz", "sites", "rule"}``; None without baselines."""
+        got = getattr(self, "_baseline", None)
+        if got is None:
+            return None
+        beta, found = got
+        horizons = {float(b["horizon"]) for b in found.values()}
+        if len(horizons) != 1:
+            raise CoxError(f"the sites' baselines are at different horizons {sorted(horizons)}")
+        mean = self.server._mean
+        sites = {s: (None if b.get("log_cumhaz") is None else
+                     float(np.exp(float(b["log_cumhaz"]) + float((mean - self._means[s]) @ beta))))
+                 for s, b in found.items()}
+        return {"horizon": horizons.pop(), "cumhaz": combine_breslow(sites, self.server._site_n), "sites": sites,
+                "rule": BASELINE_RULE}
 
     def model(self) -> CoxModel:
         return self.server.result()

@@ -204,6 +204,11 @@ class Endpoint:
     def paired(self, lp_a: np.ndarray, lp_b: np.ndarray, outcome: tuple) -> dict:
         raise NotImplementedError
 
+    def decision_metrics(self, lp: np.ndarray, outcome: tuple, min_cell_size: int, horizon: float,
+                         baseline: float) -> dict | None:
+        """Decision-curve counts at a time horizon from a training baseline (survival only; None otherwise)."""
+        return None
+
     def headline_metric(self, lp: np.ndarray, outcome: tuple) -> dict:
         """Only the headline statistic of one model on some rows (a subgroup): ``{metric: estimate}``."""
         raise NotImplementedError
@@ -424,7 +429,7 @@ class Survival(Endpoint):
     performance_words = "Harrell's C (CI), hazard ratio and log-rank of risk groups, Kaplan-Meier by risk group"
     paired_words = "difference in C-index (U-statistic covariance)"
     ci_words = "U-statistic projection"
-    calibrated = False  # site-specific baseline hazards: relative risk only
+    calibrated = False  # site-specific baseline hazards: relative risk only (decision curves: a training baseline)
     risk_groups = "high vs low risk at the training mean of the linear predictor (pre-specified)"
     larger_is_weaker = False  # lifelines' penalizer
     penalty_name = "penalizer"
@@ -594,6 +599,15 @@ class Survival(Endpoint):
 
         return metrics.c_paired(outcome[0], outcome[1], lp_a, lp_b)
 
+    def decision_metrics(self, lp, outcome, min_cell_size, horizon, baseline):
+        """Treated patients and their Kaplan-Meier survival at ``horizon`` at every decision threshold, the risk
+        by the horizon from the training sites' ``baseline`` (:func:`fedrad.common.metrics.survival_decision_counts`;
+        thresholds from the code, groups under k withheld)."""
+        from fedrad.common import metrics
+
+        return metrics.survival_decision_counts(lp, outcome[0], outcome[1], horizon=horizon, cumhaz=baseline,
+                                                k=min_cell_size)
+
     def headline_metric(self, lp, outcome):
         from fedrad.common import metrics
 
@@ -611,6 +625,9 @@ class Survival(Endpoint):
             tables = [m[kind]["km"][group] for m in per_site if m[kind]["km"].get(group)]
             if tables:
                 entry[f"km_{group}"] = to_plain(metrics.pooled_km(tables))
+        decisions = [m[kind].get("decision") for m in per_site]
+        if any(d is not None for d in decisions):  # the study plan has a decision-curve horizon
+            entry["decision_curve"] = to_plain(metrics.pooled_survival_decision_curve(decisions))
         return entry
 
 

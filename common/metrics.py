@@ -1522,3 +1522,152 @@ def pooled_decision_curve(tables: Sequence[Mapping]) -> dict:
             "treat_all": [net_benefit(pos, n - pos, n, t) for t in thresholds],
             "exact": [all(x["exact"][j] for x in tabs) for j in range(len(thresholds))], "sites": len(tabs),
             "reason": None}
+
+
+# ----------------------------------------------------------------------------------------------
+# Decision-curve analysis for a survival endpoint at a time horizon (Vickers, Cronin, Elkin & Gonen,
+# BMC Med Inform Decis Mak 2008; 8:53) from released counts
+# ----------------------------------------------------------------------------------------------
+def km_survival_at(time: Any, event: Any, horizon: float) -> float:
+    r"""Kaplan-Meier survival at ``horizon``: :math:`\prod_{t_j \le h}(1 - d_j / n_j)` over the distinct event
+    times (ties: all events at a time before its censorings, as lifelines' ``KaplanMeierFitter``); 1.0 for no
+    patient. Beyond the last observed time it is the last value (lifelines' convention)."""
+    t, e, _ = _survival_inputs(time, event)
+    if not len(t):
+        return 1.0
+    ev = np.sort(t[(e == 1) & (t <= horizon)])
+    if not len(ev):
+        return 1.0
+    times, d = np.unique(ev, return_counts=True)
+    ts = np.sort(t)
+    n_at = len(ts) - np.searchsorted(ts, times, side="left")  # at risk: time >= t_j
+    return float(np.prod(1.0 - d / n_at))
+
+
+def predicted_risk(lp: Any, cumhaz: float) -> np.ndarray:
+    r"""Absolute risk of an event by the horizon, :math:`r_i = 1 - \exp(-H_0(h)\,e^{\mathrm{lp}_i})`, from the
+    linear predictor (log partial hazard, centred as the model's) and a baseline cumulative hazard
+    :math:`H_0(h) > 0` on the same centring."""
+    lp = _vector(lp, "lp")
+    if not (isinstance(cumhaz, (int, float, np.floating)) and math.isfinite(float(cumhaz)) and cumhaz > 0):
+        raise ValueError(f"the baseline cumulative hazard must be a finite positive number, got {cumhaz!r}")
+    return -np.expm1(-float(cumhaz) * np.exp(lp))
+
+
+def _released_sizes(sizes: Sequence[int], n: int, k: int) -> list[bool]:
+    """Which thresholds' treated groups (nested, non-increasing ``sizes`` out of ``n``) may be released: a
+    greedy scan from the lowest threshold keeps a group when it and its difference from the last kept group (the
+    whole site before the first) are each 0 or at least ``k`` (so every complement, and the patients between any
+    two released groups, are 0 or at least ``k`` too)."""
+    ok = lambda c: c == 0 or c >= k  # noqa: E731
+    keep, last = [], n
+    for m in sizes:
+        good = ok(m) and ok(last - m)
+        keep.append(good)
+        if good:
+            last = m
+    return keep
+
+
+def survival_decision_counts(lp: Any, time: Any, event: Any, *, horizon: float, cumhaz: float, k: int,
+                             thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict:
+    r"""A held-out site's counts for the survival decision curve at ``horizon``.
+
+    With the predicted risk :math:`r_i` of :func:`predicted_risk` (``cumhaz``: the baseline the coordinator sent,
+    from the *training* sites), the site "treats" at threshold :math:`p` the patients with :math:`r_i \ge p` and
+    releases their number :math:`m_p` and their Kaplan-Meier survival at the horizon :math:`\hat S_p(h)`
+    (:func:`km_survival_at`), so that :math:`TP_p = m_p(1-\hat S_p)` and :math:`FP_p = m_p \hat S_p` (Vickers et
+    al. 2008), and for treat-all its size ``n`` and :math:`\hat S(h)`.
+
+    Small cells (the site's minimum cell size ``k``): the treated groups are nested; a threshold is withheld
+    (``None``) unless its group and the patients between it and the previous released group (the whole site
+    before the first) are each 0 or at least ``k`` (:func:`_released_sizes`), so whatever ``cumhaz`` is, every
+    released number describes 0 or at least ``k`` patients and so does any difference of two of them. Nothing is
+    released when the site has fewer than ``k`` patients. ``exact``: the threshold was released.
+    """
+    t, e, (lp,) = _survival_inputs(time, event, lp=lp)
+    if int(k) != k or k < 1:
+        raise ValueError(f"k must be a positive integer, got {k}")
+    if not (isinstance(horizon, (int, float, np.floating)) and math.isfinite(float(horizon)) and horizon > 0):
+        raise ValueError(f"the horizon must be a finite positive time, got {horizon!r}")
+    n, kt = len(t), len(thresholds)
+    out = {"thresholds": [float(p) for p in thresholds], "horizon": float(horizon), "n": None,
+           "survival_all": None, "treated": [None] * kt, "survival": [None] * kt, "exact": [False] * kt}
+    if n < k:
+        out["reason"] = f"fewer than {int(k)} patients"
+        return out
+    risk = predicted_risk(lp, cumhaz)
+    masks = [risk >= p for p in thresholds]
+    keep = _released_sizes([int(m.sum()) for m in masks], n, int(k))
+    out.update(n=int(n), survival_all=km_survival_at(t, e, horizon), reason=None)
+    for j, (m, good) in enumerate(zip(masks, keep)):
+        if good:
+            out["treated"][j] = int(m.sum())
+            out["survival"][j] = km_survival_at(t[m], e[m], horizon) if m.any() else 1.0
+            out["exact"][j] = True
+    return out
+
+
+def _interpolate_withheld(p: np.ndarray, values: list, end0: float) -> np.ndarray:
+    """A site's TP (or FP) at every threshold: the released ones as they are, a withheld one linear in the threshold
+    between the neighbouring released ones (treat-all at threshold 0 below the first); NaN above the last released
+    one (the few patients left there are unknown: no value)."""
+    xs = np.concatenate([[0.0], p[[v is not None for v in values]]])
+    ys = np.concatenate([[end0], [v for v in values if v is not None]])
+    return np.array([v if v is not None else float(np.interp(q, xs, ys)) if q <= xs[-1] else np.nan
+                     for q, v in zip(p, values)], dtype=float)
+
+
+def pooled_survival_decision_curve(tables: Sequence[Mapping]) -> dict:
+    r"""Pooled net benefit at each threshold from the held-out sites' :func:`survival_decision_counts`, stratified
+    by site: :math:`TP_p = \sum_s m_{s,p}(1 - \hat S_{s,p}(h))`, :math:`FP_p = \sum_s m_{s,p}\hat S_{s,p}(h)`,
+    :math:`NB_p = TP_p/N - FP_p/N \cdot p/(1-p)`, treat-all from :math:`\sum_s n_s(1-\hat S_s(h))` (each site's
+    own Kaplan-Meier: censoring differs between hospitals). A threshold a site withheld is interpolated linearly in
+    the threshold between its released neighbours (``exact`` False there; None above a site's last released
+    threshold). Equal to :func:`decision_curve_on_rows` on the pooled rows wherever every site released the
+    threshold."""
+    tabs = [t for t in tables if t and t.get("n")]
+    k_t = len(DCA_THRESHOLDS)
+    if not tabs:
+        return {"thresholds": list(DCA_THRESHOLDS), "net_benefit": [None] * k_t, "treat_all": [None] * k_t,
+                "exact": [False] * k_t, "sites": 0, "horizon": None,
+                "reason": "no held-out site released its decision-curve counts"}
+    p = np.asarray(tabs[0]["thresholds"], dtype=float)
+    horizons = {float(t["horizon"]) for t in tabs}
+    if len(horizons) != 1 or any(list(t["thresholds"]) != list(tabs[0]["thresholds"]) for t in tabs):
+        raise ValueError("pooled_survival_decision_curve: the sites used different horizons or thresholds")
+    n = sum(t["n"] for t in tabs)
+    tp, fp, events_all = np.zeros(len(p)), np.zeros(len(p)), 0.0
+    for t in tabs:
+        s_all = float(t["survival_all"])
+        tp_s = [None if m is None else m * (1.0 - s) for m, s in zip(t["treated"], t["survival"])]
+        fp_s = [None if m is None else m * s for m, s in zip(t["treated"], t["survival"])]
+        tp += _interpolate_withheld(p, tp_s, t["n"] * (1.0 - s_all))
+        fp += _interpolate_withheld(p, fp_s, t["n"] * s_all)
+        events_all += t["n"] * (1.0 - s_all)
+    return {"thresholds": [float(q) for q in p], "horizon": horizons.pop(), "sites": len(tabs), "reason": None,
+            "net_benefit": [None if np.isnan(a) else net_benefit(a, b, n, q) for a, b, q in zip(tp, fp, p)],
+            "treat_all": [net_benefit(events_all, n - events_all, n, q) for q in p],
+            "exact": [all(t["exact"][j] for t in tabs) for j in range(len(p))]}
+
+
+def decision_curve_on_rows(lp: Any, time: Any, event: Any, site: Any, cumhaz: float, horizon: float,
+                           thresholds: Sequence[float] = DCA_THRESHOLDS) -> dict:
+    r"""The centralized twin of :func:`pooled_survival_decision_curve`: the same site-stratified net benefit
+    computed directly on the pooled rows (``site``: each row's site; no cell is withheld)."""
+    t, e, (lp,) = _survival_inputs(time, event, lp=lp)
+    site = np.asarray(site)
+    risk = predicted_risk(lp, cumhaz)
+    n = len(t)
+    tp, fp, ev_all = np.zeros(len(thresholds)), np.zeros(len(thresholds)), 0.0
+    for s in np.unique(site):
+        at = site == s
+        ev_all += at.sum() * (1.0 - km_survival_at(t[at], e[at], horizon))
+        for j, p in enumerate(thresholds):
+            m = at & (risk >= p)
+            s_m = km_survival_at(t[m], e[m], horizon)
+            tp[j] += m.sum() * (1.0 - s_m)
+            fp[j] += m.sum() * s_m
+    return {"thresholds": [float(p) for p in thresholds],
+            "net_benefit": [net_benefit(a, b, n, p) for a, b, p in zip(tp, fp, thresholds)],
+            "treat_all": [net_benefit(ev_all, n - ev_all, n, p) for p in thresholds]}

@@ -190,13 +190,22 @@ def _subgroups(ep, lps: dict, outcome: tuple, groups: dict, min_cell_size: int, 
     return out
 
 
+def _decision(ep, lp, outcome, min_cell_size: int, decision: dict | None, baseline) -> dict | None:
+    """The survival decision-curve counts of one model (``decision``: ``{"horizon"}``; ``baseline``: its
+    training baseline at the horizon, None: none), else None."""
+    if decision is None or baseline is None:
+        return None
+    return ep.decision_metrics(lp, outcome, min_cell_size, float(decision["horizon"]), float(baseline))
+
+
 def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_size: int,
-                  km_grid: list[float] | None = None, subgroups=()) -> dict:
+                  km_grid: list[float] | None = None, subgroups=(), decision: dict | None = None) -> dict:
     """Metrics of every model on one site's own rows (the site computes this locally and sends the numbers):
     the endpoint kind's metrics (:meth:`fedrad.common.endpoints.Endpoint.model_metrics`: response AUC with DeLong
     CI, Brier, calibration, binned ROC and calibration counts; survival Harrell's C, the risk split, Kaplan-Meier
     counts per risk group on ``km_grid``) and paired differences (radiomics − volume, radiomics − clinical,
-    combined − clinical; DeLong / paired C-index)."""
+    combined − clinical; DeLong / paired C-index). ``decision`` (survival): ``{"horizon", "baselines": {kind:
+    baseline cumulative hazard}}`` adds each model's decision-curve counts at the horizon."""
     ep = endpoints.of(endpoint)
     outcome = ep.outcomes(rows)
     out = _header(ep, rows, outcome, min_cell_size)
@@ -204,6 +213,9 @@ def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_
     lps = {kind: ep.linear_predictor(m, rows) for kind, m in models.items()}
     for kind, lp in lps.items():
         out[kind] = ep.model_metrics(lp, outcome, min_cell_size, grid)
+        dca = _decision(ep, lp, outcome, min_cell_size, decision, ((decision or {}).get("baselines") or {}).get(kind))
+        if dca is not None:
+            out[kind]["decision"] = dca
     out["paired"] = {f"{a}-{b}": ep.paired(lps[a], lps[b], outcome) for a, b in PAIRS if a in lps and b in lps}
     out["subgroups"] = _subgroups(ep, lps, outcome, subgroup_levels(rows, subgroups, min_cell_size), min_cell_size,
                                   variants=False)
@@ -211,7 +223,7 @@ def evaluate_site(endpoint: dict, models: dict, rows: pd.DataFrame, *, min_cell_
 
 
 def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min_cell_size: int,
-                      km_grid: list[float] | None = None, subgroups=()) -> dict:
+                      km_grid: list[float] | None = None, subgroups=(), decision: dict | None = None) -> dict:
     """:func:`evaluate_site` for every penalty variant of every model (``{kind: {variant: model}}``), with paired
     differences for every combination of variants, so that the penalty can be chosen *after* the evaluation
     round (from the training sites' inner-CV losses, sent in the same round) without another round trip.
@@ -224,6 +236,12 @@ def evaluate_variants(endpoint: dict, variants: dict, rows: pd.DataFrame, *, min
     lps = {kind: {v: ep.linear_predictor(m, rows) for v, m in vs.items()} for kind, vs in variants.items()}
     out["models"] = {kind: {v: ep.model_metrics(lp, outcome, min_cell_size, grid) for v, lp in vs.items()}
                      for kind, vs in lps.items()}
+    for kind, vs in lps.items():  # survival decision curves: each variant at its own training baseline
+        for v, lp in vs.items():
+            base = ((decision or {}).get("baselines") or {}).get(kind, {}).get(str(v))
+            dca = _decision(ep, lp, outcome, min_cell_size, decision, base)
+            if dca is not None:
+                out["models"][kind][v]["decision"] = dca
     out["paired"] = {f"{a}:{va}-{b}:{vb}": ep.paired(lps[a][va], lps[b][vb], outcome)
                      for a, b in PAIRS if a in lps and b in lps for va in lps[a] for vb in lps[b]}
     out["subgroups"] = _subgroups(ep, lps, outcome, subgroup_levels(rows, subgroups, min_cell_size), min_cell_size,

@@ -73,6 +73,8 @@ def study_plan(cfg: dict) -> dict:
     for key, default in HARMONIZATION_OPTIONS.items():  # options at their default: the plan as before the key
         if key in study.get("harmonization", {}) and study["harmonization"][key] == default:
             study["harmonization"].pop(key)
+    if study.get("validation", {}).get("dca_horizon", 0) is None:  # no survival decision curve: the plan as
+        study["validation"].pop("dca_horizon")                      # before the key existed (same id)
     if study.get("study", {}).get("kind", "prediction") == "prediction":  # a prediction plan as before the
         study.get("study", {}).pop("kind", None)                          # association kind existed (same id)
         study.pop("association", None)
@@ -115,6 +117,15 @@ def is_association(study: dict) -> bool:
 def uses_loso(study: dict) -> bool:
     """The plan's leave-one-site-out folds: a prediction study with ``[validation] loso``."""
     return bool(study["validation"]["loso"]) and not is_association(study)
+
+
+def dca_horizon(study: dict) -> float | None:
+    """The survival decision curves' time horizon (``[validation] dca_horizon``), None without one (or for another
+    endpoint): the sites take it from their approved plan, never from a request."""
+    value = (study.get("validation") or {}).get("dca_horizon")
+    if value is None or (study.get("endpoint") or {}).get("type") != "survival":
+        return None
+    return float(value)
 
 
 def endpoint(study: dict) -> dict:

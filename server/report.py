@@ -772,8 +772,9 @@ def calibration_figure(results: dict) -> str:
 
 
 def decision_curve_figure(results: dict) -> str:
-    """Response: pooled net benefit of every model at the decision-curve thresholds, against treating everyone and
-    no one (Vickers & Elkin 2006), from the held-out sites' released true / false positives."""
+    """Pooled net benefit of every model at the decision-curve thresholds, against treating everyone and no one
+    (Vickers & Elkin 2006), from the held-out sites' released true / false positives (response) or treated groups'
+    Kaplan-Meier survival at the plan's horizon (survival; Vickers et al. 2008)."""
     pooled = results.get("pooled", {})
     curves = {k: pooled[k].get("decision_curve") for k in MODEL_KINDS if k in pooled}
     curves = {k: c for k, c in curves.items() if c and any(v is not None for v in c.get("net_benefit", []))}
@@ -795,12 +796,37 @@ def decision_curve_figure(results: dict) -> str:
             ax.plot(t[~full], nb[~full], "o", mfc="white", color=COLORS[kind], ms=3.5)
             top = max(top, float(np.nanmax(nb)) if np.isfinite(nb).any() else 0.0)
         ax.set_ylim(-0.05, max(0.05, top * 1.15, float(np.nanmax(alln)) * 1.05 if np.isfinite(alln).any() else 0))
-        ax.set_xlabel("threshold probability (treat when the predicted probability is at least this)")
+        horizon = first.get("horizon")
+        ax.set_xlabel("threshold probability (treat when the predicted probability is at least this)"
+                      if horizon is None else
+                      f"threshold probability (treat when the predicted risk of an event by {horizon:g} is at least "
+                      "this)")
         ax.set_ylabel("net benefit (pooled held-out sites)")
-        ax.set_title("Decision curves at the held-out sites", loc="left")
+        ax.set_title("Decision curves at the held-out sites" + ("" if horizon is None else
+                                                                 f", risk by time {horizon:g}"), loc="left")
         ax.legend(loc="upper right", frameon=False, fontsize=7)
         fig.tight_layout()
     return _svg(fig, "decision curves")
+
+
+def survival_decision_curve(results: dict) -> str:
+    """The survival decision-curve figure with its caption: the horizon and the baseline rule ("" without a
+    ``[validation] dca_horizon``)."""
+    base = results.get("decision_baseline") or {}
+    if not base:
+        return ""
+    h = float(base["horizon"])
+    return _figure(decision_curve_figure(results),
+                   f"Decision curves at time {h:g} (units of the time column; [validation] dca_horizon): net benefit "
+                   f"= (1 − S(t | treated)) · m/n − S(t | treated) · m/n · p/(1 − p) of treating the m patients whose "
+                   f"predicted risk of an event by t = {h:g}, 1 − exp(−H₀(t) · exp(lp)), is at least p (Vickers et "
+                   "al., BMC Med Inform Decis Mak 2008), summed over the held-out sites with each site's own "
+                   "Kaplan-Meier survival S of its treated group; treat all: the same with everyone. H₀ is not the "
+                   f"held-out site's own (that would recalibrate on the test data): {_e(base.get('rule', ''))}. Each "
+                   "site released, per threshold, only the size of the treated group and its Kaplan-Meier survival "
+                   "at t, for groups of 0 or at least k patients, 0 or at least k apart; filled points: every site "
+                   "released the threshold (exact), open points: interpolated between a site's released thresholds; "
+                   "no point: above some site's last released threshold.", "fig-decision")
 
 
 def calibration_groups_figure(results: dict) -> str:
@@ -1020,6 +1046,7 @@ def validation_section(results: dict) -> str:
                              "below the training mean) at each held-out site and pooled, from the binned counts the "
                              "sites released (a group under k patients is withheld). HR: hazard ratio high vs low "
                              "(Cox, Efron ties).", "fig-km"))
+        parts.append(survival_decision_curve(results))
         parts.append("<p class='note'>Calibration plot not available for a site-stratified Cox model: each site has "
                      "its own baseline hazard, so the model predicts relative, not absolute, risk.</p>")
     parts.append(_figure(paired_plot(results),
@@ -1149,8 +1176,9 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
     calib_met = kind.calibrated and any((m.get("radiomics") or {}).get("calibration", {}).get("slope") is not None
                                  for m in results.get("external", {}).values())
     val = (5 if n_ext >= 3 else 4 if n_ext == 2 else 3 if n_ext == 1 else 0)
-    dca = any(v is not None for v in (((results.get("pooled") or {}).get("radiomics") or {})
-                                      .get("decision_curve") or {}).get("net_benefit", []))
+    dca_curve = ((results.get("pooled") or {}).get("radiomics") or {}).get("decision_curve") or {}
+    dca = any(v is not None for v in dca_curve.get("net_benefit", []))
+    horizon = dca_curve.get("horizon")
     return [
         ("1. Image protocol quality", "+1 / +2", "authors", "acquisition protocols: not known to fedrad"),
         ("2. Multiple segmentations / perturbations", "+1", "+1" if icc else "0",
@@ -1178,8 +1206,10 @@ def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
          "paired comparison with the clinical and tumour-volume models" if clinical else
          "paired comparison with tumour volume only"),
         ("14. Potential clinical utility", "+2", "+2" if dca else "0",
-         "decision-curve analysis at the held-out sites (net benefit against treat-all / treat-none)" if dca
-         else "no decision-curve analysis (computed for a binary response)"),
+         ("decision-curve analysis at the held-out sites (net benefit against treat-all / treat-none"
+          + (f", risk of an event by time {horizon:g})" if horizon is not None else ")")) if dca
+         else "no decision-curve analysis (computed for a binary response, and for a survival endpoint with "
+              "[validation] dca_horizon)"),
         ("15. Cost-effectiveness analysis", "+1", "0", ""),
         ("16. Open science and data", "+1 … +4", "authors", "fedrad is open source (Apache-2.0); data sharing: "
                                                             "authors"),

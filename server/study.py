@@ -16,11 +16,14 @@ harmonization               ComBat statistics once per site; the server fits one
 selection                   per fold, training sites send score-test and correlation aggregates; the    1
                             server applies BH-FDR, the redundancy filter and the size cap
 models                      radiomics, volume, clinical and combined models, for every fold, penalty    ~5-8
-                            and inner CV fold, fitted together (Newton / proximal Newton)
+                            and inner CV fold, fitted together (Newton / proximal Newton); survival
+                            with [validation] dca_horizon: beside each full-fold Newton reply, the
+                            site's Breslow baseline at the horizon (decision curves; no extra round)
 evaluation                  training sites send each inner fit's loss on their held-out inner fold;     1
                             held-out sites compute metrics of every penalty variant of their fold's
                             models on their own rows (every site: the final models' apparent
-                            performance); the server picks each (fold, model)'s penalty from the
+                            performance; survival: decision-curve counts at the training sites'
+                            combined baseline); the server picks each (fold, model)'s penalty from the
                             inner-CV losses and keeps that variant's metrics
 ==========================  ==========================================================================  ======
 
@@ -118,6 +121,10 @@ class Study:
         self.log = log or fed.log
         #: the study id: hash of the plan the sites approved; every request carries it
         self.plan_id = fed.plan_id = plan_id(study_plan(cfg))
+        from fedrad.common.plan import dca_horizon
+
+        #: the survival decision curves' horizon (None: none); the sites take it from their approved plan
+        self.horizon = dca_horizon(cfg)
         self.results: dict = {"study": cfg["study"]["name"], "endpoint": self.endpoint, "phases": [],
                               "plan_id": self.plan_id}
 
@@ -436,11 +443,14 @@ class Study:
                     for inner in [None, *range(k)]:
                         rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
                         tid = f"{fold}|{kind}|{gi}|{'all' if inner is None else inner}"
+                        data = self.kind.data_spec(feats, self.tables[fold], rows)
+                        if inner is None and self.horizon is not None:  # the training sites' baselines ride here
+                            data["dca_horizon"] = self.horizon
                         tasks[tid] = FitTask(self.kind.make_fit(feats, mcfg["penalty"], g, float(mcfg["l1_ratio"])),
-                                             self.kind.data_spec(feats, self.tables[fold], rows),
-                                             sites=list(spec["train"]))
+                                             data, sites=list(spec["train"]))
         self.log(f"models: {len(tasks)} fits (folds x models x penalties x inner folds) in shared round trips")
         self.fits = run_fits(self.fed, tasks, phase="models")
+        self.fit_tasks = tasks
         self._phase("models", t0, r0)
 
     def evaluate(self) -> None:
@@ -449,18 +459,25 @@ class Study:
         penalty with the smallest inner-CV loss and keeps that variant's metrics."""
         t0, r0 = time.monotonic(), self.fed.rounds
         k, seed = int(self.cfg["validation"]["inner_folds"]), int(self.cfg["validation"]["seed"])
-        items, folds = [], {}
+        items, folds, baselines = [], {}, {}
         for tid, model in self.fits.items():
             fold, kind, gi, inner = tid.split("|")
             if inner == "all":
                 folds.setdefault(fold, {"models": {}, "table": self.tables[fold],
                                         "eval_sites": self.folds[fold]["test"]})
                 folds[fold]["models"].setdefault(kind, {})[gi] = model.to_dict()
+                if self.horizon is not None:  # the training sites' combined baseline at the horizon
+                    base = self.fit_tasks[tid].server.baseline()
+                    folds[fold].setdefault("baselines", {}).setdefault(kind, {})[gi] = base and base["cumhaz"]
+                    baselines.setdefault(fold, {}).setdefault(kind, {})[gi] = base and {
+                        key: v for key, v in base.items() if key != "rule"}  # the rule: once, below
                 continue
             items.append({"id": tid, "model": model.to_dict(), "table": self.tables[fold],
                           "rows": {"k": k, "seed": seed, "fold": int(inner)}, "sites": self.folds[fold]["train"]})
         replies = self.fed.ask("study_evaluate", {"endpoint": self.endpoint, "items": items, "folds": folds,
-                                                  "km_times": self.cfg["validation"]["km_times"]},
+                                                  "km_times": self.cfg["validation"]["km_times"],
+                                                  **({"dca_horizon": self.horizon} if self.horizon is not None
+                                                     else {})},
                                phase="evaluation")
         totals: dict[tuple, dict] = {}
         for r in replies.values():
@@ -499,6 +516,13 @@ class Study:
         self.results["external"] = external
         self.results["apparent"] = apparent
         self.results["pooled"] = pool_metrics(self.endpoint, external) if external else {}
+        if self.horizon is not None:  # what the survival decision curves rest on (report)
+            from fedrad.common.cox import BASELINE_RULE
+
+            self.results["decision_baseline"] = {
+                "horizon": self.horizon, "rule": BASELINE_RULE,
+                "folds": {fold: {kind: baselines.get(fold, {}).get(kind, {}).get(str(gi))
+                                 for kind, gi in idx.items()} for fold, idx in self.chosen_index.items()}}
         self.results["final_models"] = {kind: {"features": self.model_features["final"][kind],
                                                "params": m.to_dict()} for kind, m in self.chosen["final"].items()}
         self.results["signature"] = self.signatures["final"]

@@ -87,6 +87,9 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     inner_folds = 3                     # federated k-fold CV within training sites (penalty choice)
     seed = 0
     km_times = [0, 3, 6, 12, 24, 36, 60]  # time grid (units of the time column) of the pooled KM counts
+    # dca_horizon = 24                  # survival: decision curves of the risk of an event by this time (units of
+                                        # the time column); absent: none. The held-out site's baseline is the
+                                        # training sites' Breslow baseline (fedrad.common.cox.BASELINE_RULE)
 
     [association]                       # [study] kind = "association" ([endpoint] and the model keys other
                                         # than clinical and volume are not used)
@@ -124,7 +127,7 @@ DEFAULTS = {
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
               "path_decades": None, "clinical": [], "volume": None},
     "validation": {"loso": True, "inner_folds": 3, "seed": 0,
-                   "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120]},
+                   "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120], "dca_horizon": None},
     "association": {"markers": [], "volume_adjusted": True, "discovery": [], "replication": [], "fdr": 0.05,
                     "top": 6},
 }
@@ -352,6 +355,14 @@ def validate(cfg: dict) -> dict:
     if any(b <= a for a, b in zip(times, times[1:])):
         raise StudyConfigError(f"[validation] km_times = {_toml(times)} is not increasing: list the times in "
                                "increasing order, each once, e.g. km_times = [0, 6, 12, 24]")
+    if val.get("dca_horizon") is not None:
+        horizon = val["dca_horizon"]
+        if not _is_number(horizon) or horizon <= 0:
+            raise _bad("validation", "dca_horizon", horizon, "write a positive time (units of the time column), "
+                       "e.g. dca_horizon = 24")
+        if cfg["endpoint"]["type"] != "survival":
+            raise _bad("validation", "dca_horizon", horizon, "is for a survival endpoint (a binary response's "
+                       "decision curves need no horizon); remove it")
     missing = set(harm["categorical"]) - set(harm["covariates"])
     if missing:
         harm["covariates"] = list(harm["covariates"]) + sorted(missing)

@@ -15,7 +15,7 @@ import pandas as pd
 
 from fedrad.common.combat import ComBat, apply_combat
 from fedrad.common.folds import row_mask
-from fedrad.common.plan import (batch_columns, candidate_features, combat_passes, smooth_auto, smooth_edges, inner_fold_usable, path_shape, site_batch_labels,
+from fedrad.common.plan import (batch_columns, candidate_features, combat_passes, dca_horizon, smooth_auto, smooth_edges, inner_fold_usable, path_shape, site_batch_labels,
                                 smooth_columns, study_plan,
                                 subgroup_columns)
 from fedrad.common import endpoints
@@ -183,11 +183,19 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
             losses[gi] = total
         gi = choose_penalty(losses)
         chosen[kind] = kind_of.fit_pooled(train, mf, mcfg["penalty"], grid[gi], float(mcfg["l1_ratio"]))
+    decision, baselines = None, {}
+    horizon = dca_horizon(cfg)
+    if horizon is not None:  # survival decision curves: the training sites' Breslow baselines, combined
+        from fedrad.common.cox import pooled_breslow
+
+        baselines = {kind: pooled_breslow(train, m, endpoint["time"], endpoint["event"], horizon=horizon,
+                                          min_cell_size=min_cell_size) for kind, m in chosen.items()}
+        decision = {"horizon": horizon, "baselines": {kind: b["cumhaz"] for kind, b in baselines.items()}}
     return {"signature": signature,
             "metrics": evaluate_site(endpoint, chosen, harmonized[held_out], min_cell_size=min_cell_size,
                                      km_grid=vcfg["km_times"],
-                                     subgroups=subgroup_columns(study_plan(cfg)["study"])),
-            "models": {kind: m.to_dict() for kind, m in chosen.items()}, "paths": paths}
+                                     subgroups=subgroup_columns(study_plan(cfg)["study"]), decision=decision),
+            "models": {kind: m.to_dict() for kind, m in chosen.items()}, "paths": paths, "baselines": baselines}
 
 
 def pooled_path(cfg: dict, train: pd.DataFrame, features: list[str]) -> list[float]:

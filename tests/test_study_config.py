@@ -42,6 +42,9 @@ BAD = [
     ("validation", "km_times", "[-1, 3, 6]"), ("validation", "km_times", "[0, 6, 3]"),
     ("validation", "km_times", "[0, 3, 3]"), ("validation", "km_times", "[]"),
     ("validation", "km_times", '"0,6,12"'), ("validation", "km_times", "[0, true]"),
+    ("validation", "dca_horizon", "0"), ("validation", "dca_horizon", "-3"), ("validation", "dca_horizon", '"12"'),
+    ("validation", "dca_horizon", "true"), ("validation", "dca_horizon", "inf"),
+    ("validation", "dca_horizon", "12"),  # the default endpoint is a binary response: no horizon
     ("harmonization", "batch", '""'), ("harmonization", "batch", "3"),
     ("harmonization", "batch", '["scanner"]'), ("harmonization", "batch", '["kernel", "kernel"]'),
     ("harmonization", "batch", '["kernel", 3]'),
