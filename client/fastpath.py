@@ -276,7 +276,11 @@ def superexec_shim(argv: list[str] | None = None) -> int:
     zygote answers."""
     argv = sys.argv[1:] if argv is None else list(argv)
     code = run_via_zygote(argv, entry="superexec")
-    return superexec_main(argv) if code is None else code
+    if code is None:
+        notice("SuperExec starts as a fresh process: no zygote answered (still importing after "
+               f"{ZYGOTE_START_SECONDS:g} s, or gone)")
+        return superexec_main(argv)
+    return code
 
 
 def _install_superexec_shim(directory: str) -> str:

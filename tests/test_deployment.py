@@ -265,7 +265,9 @@ def test_fast_site_runtime_gives_the_stock_runtimes_results(tmp_path):
     for log in fast_logs:
         assert "fedrad fast site runtime: on (Flower 1.42.0)" in log
         assert log.count("runs as pre-forked pid") == log.count("Sending:") >= fast["round_trips"]
-        assert log.count("forked from the zygote") == 1  # the node's SuperExec, once
+        # the node's SuperExec, once: forked from the zygote, or (a zygote still importing after 20 s on a loaded
+        # machine) a fresh process, with a notice
+        assert log.count("forked from the zygote") + log.count("SuperExec starts as a fresh process") == 1
     assert not any("fast site runtime" in log for log in stock_logs)
     want, got = flatten_metrics(stock["pooled"]), flatten_metrics(fast["pooled"])
     assert want and got.keys() == want.keys()
