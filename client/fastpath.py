@@ -501,7 +501,6 @@ def _child(req: dict, fds: list[int]) -> None:
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
         if req.get("entry") == "superexec":
-            sys.argv = ["flower-superexec", *map(str, req["argv"])]
             code = superexec_main([str(a) for a in req["argv"]])
         else:
             for name in RUNTIME_ENV:

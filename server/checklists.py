@@ -532,10 +532,11 @@ def metrics_items(results: Mapping) -> list[tuple[MetricsItem, str, str]]:
     return out
 
 
-def metrics_summary(results: Mapping) -> dict:
+def metrics_summary(results: Mapping, items: list | None = None) -> dict:
     """The METRICS score of the run with the authors' items answered "no" (the online tool's default; a lower
-    bound) and "yes" (an upper bound), the undecided conditions "no" as in the tool."""
-    items = metrics_items(results)
+    bound) and "yes" (an upper bound), the undecided conditions "no" as in the tool. ``items``: the run's
+    :func:`metrics_items`, when the caller has them already."""
+    items = metrics_items(results) if items is None else items
     cond = {c: bool(v) for c, v in metrics_conditions(results).items()}
     yes = {i.number: True for i, a, _ in items if a == YES}
     low = metrics_score(yes, cond)

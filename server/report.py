@@ -1160,13 +1160,11 @@ def _penalty_section(results: dict) -> str:
 # ----------------------------------------------------------------------------------------------
 # 5. TRIPOD and RQS
 # ----------------------------------------------------------------------------------------------
-def _cfg(results: dict) -> dict:
-    return (results.get("provenance") or {}).get("config") or {}
-
-
 def rqs_items(results: dict) -> list[tuple[str, str, str, str]]:
     """``(item, points available, points met by this study, how)`` of the radiomics quality score (Lambin et
     al., Nat Rev Clin Oncol 2017), for what the study itself shows; the rest is for the authors."""
+    from fedrad.server.checklists import _cfg
+
     cfg = _cfg(results)
     sel_cfg = cfg.get("selection") or {}
     kind = endpoints.of(results["endpoint"])
@@ -1238,9 +1236,9 @@ def checklist_section(results: dict) -> str:
 
     dropped = [v.get("n_dropped_incomplete") for v in (results.get("sites") or {}).values()]
     missing_words = missing_data_text(results, any(d != 0 for d in dropped))
-    rows = [[item, _e(topic), _status_tag(status), _e(what)]
-            for item, topic, status, what in cl.tripod_ai_items(results, missing_words)]
-    counts = {s: sum(r[2] == s for r in cl.tripod_ai_items(results, missing_words) if r[0]) for s in cl.STATUSES}
+    items = cl.tripod_ai_items(results, missing_words)
+    rows = [[item, _e(topic), _status_tag(status), _e(what)] for item, topic, status, what in items]
+    counts = {s: sum(r[2] == s for r in items if r[0]) for s in cl.STATUSES}
     tripod = ("<h3 id='tripod'>TRIPOD+AI checklist (Collins et al., BMJ 2024;385:e078378), prediction model "
               "development and external validation</h3>"
               f"<p>Of its {len(cl.TRIPOD_AI_ITEMS)} items and parts, this report covers "
@@ -1271,16 +1269,17 @@ def metrics_section(results: dict) -> str:
     """METRICS: every item with the run's answer, and the score with the authors' items "no" and "yes"."""
     from fedrad.server import checklists as cl
 
-    summary = cl.metrics_summary(results)
+    items = cl.metrics_items(results)
+    summary = cl.metrics_summary(results, items)
     low, high = summary["low"], summary["high"]
     tags = {cl.YES: "ok", cl.NO: "na", cl.AUTHORS_DECIDE: "todo", cl.INAPPLICABLE: "na"}
     rows = [[f"#{item.number}", _e(item.category), _e(item.title), f"{item.weight:.4f}",
              f"<span class='tag {tags[answer]}'>{_e(answer)}</span>", _e(how)]
-            for item, answer, how in cl.metrics_items(results)]
+            for item, answer, how in items]
+    known = cl.metrics_conditions(results)
     conds = "; ".join(f"{_e(q)} <b>{'yes' if v else 'no'}</b>" + ("" if v is not None else " (authors; the tool's "
                                                                                                "default)")
-                      for q, v in ((cl.METRICS_CONDITIONS[c], cl.metrics_conditions(results)[c])
-                                   for c in cl.METRICS_CONDITIONS))
+                      for q, v in ((cl.METRICS_CONDITIONS[c], known[c]) for c in cl.METRICS_CONDITIONS))
     return ("<h3 id='metrics'>METRICS, methodological radiomics score (Kocak et al., Insights Imaging "
             "2024;15:8)</h3>"
             f"<p>METRICS score from what this run shows, the other items answered “no” as the online tool does: "
