@@ -68,7 +68,7 @@ OWNER_FILE = "supernode.pid"
 #: pin refuses the new version's FAB: fail closed).
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.serverapp",
            "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
-           "scipy.special", "pyarrow", "pyarrow.parquet", "cryptography.hazmat.primitives.asymmetric.ed25519",
+           "scipy.special", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "cryptography.hazmat.primitives.asymmetric.ed25519",
            "tomllib", "flwr.cli.build", "flwr.supercore.cli", "flwr.supercore.superexec.run_superexec",
            "fedrad.client.client_app")
 #: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~0.4 s of imports on an
@@ -546,6 +546,12 @@ def zygote_main(path: str, parent_pid: int) -> int:
                 importlib.import_module(info.name)
             except Exception:  # noqa: BLE001 - an optional dependency missing: imported (or not) in the child
                 pass
+    try:  # every ClientApp checks the run's app against this build: once here, not once per message
+        from fedrad.client.app_trust import expected_fab
+
+        expected_fab()
+    except Exception:  # noqa: BLE001 - the child builds it again and refuses to run (fail closed) if it fails
+        pass
 
     directory = os.path.dirname(path)
     os.chmod(directory, 0o700)

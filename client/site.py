@@ -36,6 +36,7 @@ reply the coordinator reports.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from collections.abc import Callable
 import re
 from dataclasses import dataclass, field
@@ -45,6 +46,35 @@ import pandas as pd
 
 from fedrad.client.audit import AuditLog
 from fedrad.client.policy import SitePolicy
+
+
+#: tables read from disk in this process, newest last: (path, inode, size, mtime) -> (DataFrame, its bytes)
+_READS: "OrderedDict[tuple, tuple[pd.DataFrame, int]]" = OrderedDict()
+#: at most this many bytes of them are kept (the oldest go first)
+READ_CACHE_BYTES = 256 << 20
+
+
+def read_table(path: Path, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame:
+    """``reader(path)``, read once per process for as long as the file is unchanged; every caller gets its own
+    copy. A site message used to parse its tables 5-6 times (the plan checks, then each step); a derived table
+    is replaced atomically (:meth:`Site.save_table`: a new inode) and an edited file changes size or mtime, so
+    neither is ever served stale."""
+    st = path.stat()
+    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    if key in _READS:
+        _READS.move_to_end(key)
+        return _READS[key][0].copy()
+    df = reader(path)
+    _READS[key] = (df, int(df.memory_usage(deep=True).sum()))
+    while len(_READS) > 1 and sum(size for _, size in _READS.values()) > READ_CACHE_BYTES:
+        _READS.popitem(last=False)
+    return df.copy()
+
+
+def _read_features(path: Path) -> pd.DataFrame:
+    if path.suffix.lower() == ".parquet":
+        return pd.read_parquet(path)
+    return pd.read_csv(path, float_precision="round_trip")
 
 
 class SiteFailure(RuntimeError):
@@ -159,9 +189,7 @@ class Site:
             raise SiteFailure(f"site {self.name}: no feature table configured; set table=\"PATH\" in --node-config")
         if not self.table_path.is_file():
             raise SiteFailure(f"site {self.name}: feature table {self.table_path} not found")
-        if self.table_path.suffix.lower() == ".parquet":
-            return pd.read_parquet(self.table_path)
-        return pd.read_csv(self.table_path, float_precision="round_trip")
+        return read_table(self.table_path, _read_features)
 
     def _table_path(self, name: str) -> Path:
         from fedrad.client.approval import ApprovalError
@@ -181,7 +209,7 @@ class Site:
         path = self._table_path(name)
         if not path.is_file():
             raise ValueError(f"table {name!r} not found (an earlier phase did not run here)")
-        return pd.read_parquet(path)
+        return read_table(path, pd.read_parquet)
 
     def save_table(self, name: str, df: pd.DataFrame) -> Path:
         """Keep a derived table at the site (atomic write; never sent anywhere)."""

@@ -560,3 +560,34 @@ def test_combat_level_counts_are_checked_within_every_scanner_batch(tmp_path):
     swapped = make_request(feats, ["age", "sex"], ["sex"], batch_col="case_id")
     reply = ask(clean, "combat_stats", {"plan": pid, "request": swapped, "table": "raw"})
     assert [b["batch"] for b in reply["stats"]["batches"]] == ["hosp0/GE", "hosp0/Siemens"]
+
+
+def test_a_sites_tables_are_parsed_once_per_process_and_never_served_stale(tmp_path):
+    """``Site.table`` memoizes what it read (a site message used to parse the same parquet files 5-6 times):
+    each caller gets its own copy, and a table replaced at the same path (atomically, as ``save_table`` does, or
+    rewritten in place) is read again, never served from memory."""
+    from fedrad.client import site as site_mod
+
+    calls = []
+
+    def reader(path):
+        calls.append(path)
+        return pd.read_parquet(path)
+
+    path = tmp_path / "t.parquet"
+    pd.DataFrame({"a": [1.0, 2.0, 3.0]}).to_parquet(path)
+    first = site_mod.read_table(path, reader)
+    first.loc[0, "a"] = 99.0  # a caller changing its copy changes no one else's
+    again = site_mod.read_table(path, reader)
+    assert len(calls) == 1 and again["a"].tolist() == [1.0, 2.0, 3.0]
+    pd.DataFrame({"a": [4.0, 5.0, 6.0]}).to_parquet(path)  # same size, same path, rewritten in place
+    assert site_mod.read_table(path, reader)["a"].tolist() == [4.0, 5.0, 6.0] and len(calls) == 2
+
+    from fedrad.client.policy import SitePolicy
+
+    site = Site("A", table_path=path, workdir=tmp_path / "work", policy=SitePolicy())
+    df = pd.DataFrame({"a": [7.0, 8.0]})
+    site.save_table("h", df)
+    assert site.table("h").equals(df)
+    site.save_table("h", df + 1)  # atomic replace: a new file
+    assert site.table("h").equals(df + 1)
