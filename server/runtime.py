@@ -30,6 +30,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -194,10 +195,24 @@ def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
 SUPERLINK_TASK_POLL = 0.2
 
 
+def start_loopback_zygote(home: Path) -> tuple[Process, str]:
+    """A loopback deployment's one zygote (:func:`fedrad.client.fastpath.zygote_main` with ``--loopback``): it
+    imports Flower's runners, the scientific stack and fedrad once, and forks every site's SuperExec and ClientApps
+    and the SuperLink's SuperExec and ServerApp (a zygote per site imported the same ~2.7 s of CPU once per site,
+    the ServerApp ~3 s more, all at the start of a run). Returns the process and its socket path; the socket's
+    folder is 0700 and the zygote serves only this user (peer uid checked) and exits with this process."""
+    directory = tempfile.mkdtemp(prefix="fedrad-loopback-")  # short: a Unix socket path has ~100 bytes
+    path = os.path.join(directory, "zygote.sock")
+    cmd = [sys.executable, "-m", "fedrad.client.fastpath", "zygote", path, str(os.getpid()), "--loopback"]
+    return _spawn("zygote", cmd, flower_env(home), home / "zygote.log"), path
+
+
 def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
-                    tls: dict | None = None, node_auth: bool = False, simulation: bool = False) -> Process:
+                    tls: dict | None = None, node_auth: bool = False, simulation: bool = False,
+                    zygote: tuple[Process, str] | None = None) -> Process:
     """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp);
-    with ``simulation`` it runs Flower's simulation engine (Ray) instead of waiting for SuperNodes."""
+    with ``simulation`` it runs Flower's simulation engine (Ray) instead of waiting for SuperNodes. ``zygote``
+    (:func:`start_loopback_zygote`): its SuperExec and ServerApps are forked from that zygote."""
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
     if simulation:
@@ -213,12 +228,19 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
         cmd += ["--insecure"]
     # the SuperLink's own SuperExec starts a submitted run's ServerApp: polled every 0.2 s, not Flower's 1 s
     env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPERLINK_TASK_POLL))
+    if zygote is not None:
+        from fedrad.client import fastpath
+
+        bindir = fastpath.install_shims(str(home / "fedrad-bin"), ("flower-superexec", "flwr-serverapp"))
+        env.update({"PATH": bindir + os.pathsep + env["PATH"], fastpath.SOCKET_ENV: zygote[1],
+                    fastpath.PID_ENV: str(zygote[0].popen.pid)})
     return _spawn("superlink", cmd, env, home / "superlink.log")
 
 
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
                     root_certificates: Path | None = None, auth_key: Path | None = None,
-                    poll_interval: float = 0.1, pin_app: bool = True, fast: bool = True) -> Process:
+                    poll_interval: float = 0.1, pin_app: bool = True, fast: bool = True,
+                    zygote: tuple[Process, str] | None = None) -> Process:
     """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``.
 
     ``pin_app`` (the default, always on for ``fedrad site join``): the SuperNode runs only fedrad's own thin app.
@@ -230,7 +252,8 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
 
     ``fast`` (the default): the SuperNode runs through :mod:`fedrad.client.fastpath` (short idle pull after a
     message, pre-forked ClientApps), which falls back to stock Flower with a notice in the log on any Flower
-    but 1.42.0 or without the pin; ``fast=False`` starts Flower's own ``flower-supernode`` unchanged."""
+    but 1.42.0 or without the pin; ``fast=False`` starts Flower's own ``flower-supernode`` unchanged. ``zygote``
+    (a loopback SuperLink only): the deployment's shared zygote instead of one of the node's own."""
     from fedrad.client import app_trust
 
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
@@ -261,6 +284,10 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
             raise RuntimeFailure(f"site {name}: cannot enable app pinning: {exc}") from exc
     if fast and pin_app:
         cmd = [sys.executable, "-m", "fedrad.client.fastpath", "supernode", *cmd[1:]]
+        if zygote is not None and loopback:
+            from fedrad.client import fastpath
+
+            env[fastpath.SHARED_ENV] = f"{zygote[1]}:{zygote[0].popen.pid}"
     log = home / "supernode.log"
     if warning:
         log.parent.mkdir(parents=True, exist_ok=True)
@@ -416,13 +443,14 @@ class _FlowerRun:
         """SIGTERM every SuperNode at once and wait for them, then stop the SuperLink (one after another cost
         ~0.5 s per site). Each waits at most :attr:`stop_grace` seconds after its SIGTERM."""
         link = [p for p in self.processes if p.name == "superlink"]
-        others = [p for p in reversed(self.processes) if p.name != "superlink"]
+        zygote = [p for p in self.processes if p.name == "zygote"]  # last: it forked the others' children
+        others = [p for p in reversed(self.processes) if p.name not in ("superlink", "zygote")]
         deadline = time.monotonic() + self.stop_grace
         for proc in others:
             proc.terminate()
         for proc in others:
             proc.stop(max(0.0, deadline - time.monotonic()))
-        for proc in link:
+        for proc in link + zygote:
             proc.stop(self.stop_grace)
         self.processes.clear()
 
@@ -457,6 +485,8 @@ class LoopbackDeployment(_FlowerRun):
     database: bool = False
     #: fedrad's fast site runtime (:mod:`fedrad.client.fastpath`); False runs Flower's SuperNode unchanged
     fast: bool = True
+    #: the deployment's shared zygote and its socket (fast runtime on a supported Flower), set by :meth:`start`
+    zygote: tuple[Process, str] | None = None
 
     @property
     def stop_grace(self) -> float:
@@ -471,6 +501,12 @@ class LoopbackDeployment(_FlowerRun):
 
     def start(self, timeout: float = 90.0) -> "LoopbackDeployment":
         self.port = self.port or free_port()
+        from fedrad.client import app_trust, fastpath
+
+        if self.fast and fastpath.unsupported() is None and app_trust.flower_supported():
+            # first: it imports while the SuperLink and the SuperNodes start (their launchers wait for it)
+            self.zygote = start_loopback_zygote(self.home)
+            self.processes.append(self.zygote[0])
         self._start_superlink(timeout)
         for site in self.sites:
             self._start_site(site)
@@ -479,14 +515,14 @@ class LoopbackDeployment(_FlowerRun):
 
     def _start_superlink(self, timeout: float) -> Process:
         db = self.home / "superlink" / "state.db" if self.database else None
-        link = start_superlink(self.home / "superlink", port=self.port, database=db)
+        link = start_superlink(self.home / "superlink", port=self.port, database=db, zygote=self.zygote)
         self.processes.insert(0, link)
         wait_for_port("127.0.0.1", self.port, link, timeout)
         return link
 
     def _start_site(self, site: SiteNode) -> Process:
         proc = start_supernode(self.home / "sites" / site.name, site.name, self.address, free_port(),
-                               {"site-name": site.name, **site.node_config}, fast=self.fast)
+                               {"site-name": site.name, **site.node_config}, fast=self.fast, zygote=self.zygote)
         self.processes.append(proc)
         return proc
 

@@ -134,6 +134,57 @@ def test_the_superexec_shim_runs_flowers_superexec_forked_from_the_zygote(zygote
     assert "SuperExec (shim pid" in log and "forked from the zygote" in log and "malformed request" in log
 
 
+def test_only_a_loopback_deployments_shared_zygote_forks_a_serverapp(zygote, tmp_path):
+    """A site's zygote refuses to fork a ServerApp; the shared zygote of a loopback deployment (``--loopback``,
+    one operator runs the coordinator and every site) forks Flower's ``flwr-serverapp`` for the SuperLink's
+    shim, with the same argument errors as Flower's own entry point and a notice in its log."""
+    site_path, site_proc = zygote
+    shim = [sys.executable, "-c", "import sys; from fedrad.client.fastpath import serverapp_shim; "
+                                  "sys.exit(serverapp_shim(sys.argv[1:]))", "--no-such-flag"]
+    direct = subprocess.run(shim, capture_output=True, text=True, timeout=120,
+                            env={k: v for k, v in os.environ.items() if k != fastpath.SOCKET_ENV})
+    assert direct.returncode == 2 and "flwr-serverapp: error:" in direct.stderr
+    assert "ServerApp starts as a fresh process" in direct.stderr
+    # a site's zygote closes the request without forking (the shim would then run it in-process: ask directly)
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.connect(site_path)
+    body = json.dumps({"argv": ["--help"], "env": {}, "cwd": "/", "entry": "serverapp"}).encode()
+    socket.send_fds(s, [struct.pack("!i", len(body)) + body], [0, 1, 2])
+    s.settimeout(20)
+    assert s.recv(4) == b""
+    s.close()
+
+    directory = tempfile.mkdtemp(prefix="fedrad-test-zyg-")
+    path = os.path.join(directory, "zygote.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "fedrad.client.fastpath", "zygote", path, str(os.getpid()),
+                             "--loopback"], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 90
+        while not os.path.exists(path):
+            assert proc.poll() is None and time.monotonic() < deadline, "loopback zygote did not start"
+            time.sleep(0.05)
+        forked = subprocess.run(shim, capture_output=True, text=True, timeout=120,
+                                env={**os.environ, fastpath.SOCKET_ENV: path})
+        assert forked.returncode == 2 and "flwr-serverapp: error:" in forked.stderr
+        assert "fresh process" not in forked.stderr
+        assert forked.stderr.splitlines()[-1] == direct.stderr.splitlines()[-1]
+        assert _launch(path, "--help").returncode == 0  # and ClientApps, as a site's zygote does
+    finally:
+        proc.terminate()
+        log = proc.communicate(timeout=20)[1]
+    assert "ServerApp (shim pid" in log and "runs as pre-forked pid" in log
+    assert not os.path.exists(directory)
+
+
+def test_a_supernode_shares_a_zygote_only_with_a_loopback_superlink():
+    assert fastpath._loopback_superlink(["--insecure", "--superlink", "127.0.0.1:9092", "--port", "9"])
+    assert fastpath._loopback_superlink(["--superlink=localhost:9092"])
+    assert fastpath._loopback_superlink(["--superlink", "[::1]:9092"])
+    assert not fastpath._loopback_superlink(["--superlink", "10.0.0.5:9092"])
+    assert not fastpath._loopback_superlink(["--superlink", "coordinator.example.org:9092"])
+    assert not fastpath._loopback_superlink(["--port", "9"])
+
+
 def test_without_a_zygote_the_launcher_runs_in_process(tmp_path, monkeypatch):
     monkeypatch.delenv(fastpath.SOCKET_ENV, raising=False)
     assert fastpath.run_via_zygote(["--help"]) is None  # no socket configured: the caller runs clientapp_main
