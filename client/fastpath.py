@@ -84,7 +84,8 @@ PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clie
 #: a loopback deployment's shared zygote also forks the coordinator's ServerApp: Flower's ServerApp runner and
 #: fedrad's coordinator (the study, its report; ~3 s of CPU a fresh ServerApp spent before its first round)
 LOOPBACK_PRELOAD = ("flwr.superlink.cli.flwr_serverapp", "flwr.superlink.runtime.run_serverapp",
-                    "fedrad.server.server_app", "matplotlib.pyplot")
+                    "flwr.supernode.cli", "flwr.supernode.start_client_internal", "fedrad.server.server_app",
+                    "matplotlib.pyplot")
 #: fedrad modules left to the child: image I/O and extraction (SimpleITK, pyradiomics: ~0.4 s of imports on an
 #: idle machine, ~8 s seen under load, and ~250 MB per zygote, for the one extraction message of a study) and
 #: this module
@@ -432,7 +433,9 @@ def _loopback_superlink(argv: list[str]) -> bool:
 def _is_fast_supernode(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
-            return b"fedrad.client.fastpath\0supernode" in f.read()
+            cmdline = f.read()
+        # a SuperNode forked from a loopback deployment's zygote has the zygote's command line
+        return b"fedrad.client.fastpath\0supernode" in cmdline or b"fedrad.client.fastpath\0zygote" in cmdline
     except OSError:
         return False
 
@@ -551,8 +554,9 @@ def _recv_request(conn: socket.socket, entries: tuple[str, ...]) -> tuple[dict, 
 #: environment: it starts the ClientApp launchers, which look for this zygote)
 ENTRIES = ("clientapp", "superexec")
 #: a loopback deployment's shared zygote (one operator runs the coordinator and every site on one machine) also
-#: forks the SuperLink's SuperExec (``superexec``) and the ServerApps it starts; a site's own zygote never does
-LOOPBACK_ENTRIES = ENTRIES + ("serverapp",)
+#: forks the SuperNodes, the SuperLink's SuperExec (``superexec``) and the ServerApps it starts; a site's own
+#: zygote never does
+LOOPBACK_ENTRIES = ENTRIES + ("serverapp", "supernode")
 
 
 def _child(req: dict, fds: list[int]) -> None:
@@ -572,6 +576,8 @@ def _child(req: dict, fds: list[int]) -> None:
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
         if req.get("entry") == "superexec":
             code = superexec_main([str(a) for a in req["argv"]])
+        elif req.get("entry") == "supernode":
+            code = supernode_main([str(a) for a in req["argv"]])
         elif req.get("entry") == "serverapp":
             for name in RUNTIME_ENV:
                 os.environ.pop(name, None)
@@ -634,6 +640,12 @@ def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
     except Exception:  # noqa: BLE001 - the child builds it again and refuses to run (fail closed) if it fails
         pass
 
+    # everything imported so far lives as long as the zygote: out of the collector's sight (gc.freeze), a child's
+    # collections neither scan these objects nor write to their pages (which would copy them, page by page)
+    import gc
+
+    gc.collect()
+    gc.freeze()
     directory = os.path.dirname(path)
     os.chmod(directory, 0o700)
     # stopped with its SuperNode's process group: leave through the finally below (socket and directory removed)
@@ -713,8 +725,9 @@ def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
                     workers[conn], by_pid[pid] = pid, conn
                     if req.get("entry") == "superexec":
                         notice(f"SuperExec (shim pid {peer}) forked from the zygote as pid {pid}")
-                    elif req.get("entry") == "serverapp":
-                        notice(f"ServerApp (shim pid {peer}) forked from the zygote as pid {pid}")
+                    elif req.get("entry") in ("serverapp", "supernode"):
+                        what = "ServerApp" if req["entry"] == "serverapp" else "SuperNode"
+                        notice(f"{what} (launcher pid {peer}) forked from the zygote as pid {pid}")
                     else:
                         notice(f"ClientApp of launcher pid {peer} runs as pre-forked pid {pid}")
                 else:
@@ -758,10 +771,32 @@ def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
     return 0
 
 
+def supernode_launch(argv: list[str]) -> int:
+    """``python -m fedrad.client.fastpath supernode ARGS``: the SuperNode forked from a loopback deployment's
+    shared zygote (``FEDRAD_SHARED_ZYGOTE``, a loopback SuperLink; a fresh SuperNode imports Flower for ~1.2 s of
+    CPU, once per site at the same moment), this process relaying signals and exit status; otherwise (and when
+    that zygote does not answer) this process runs :func:`supernode_main`."""
+    shared = os.environ.get(SHARED_ENV, "")
+    path, _, pid = shared.rpartition(":")
+    if shared and pid.isdigit() and _loopback_superlink(argv):
+        before = {name: os.environ.get(name) for name in (SOCKET_ENV, PID_ENV)}
+        os.environ[SOCKET_ENV], os.environ[PID_ENV] = path, pid
+        code = run_via_zygote(argv, entry="supernode")
+        if code is not None:
+            return code
+        for name, value in before.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        notice("SuperNode starts as a fresh process: the loopback deployment's zygote did not answer")
+    return supernode_main(argv)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["supernode"]:
-        return supernode_main(argv[1:])
+        return supernode_launch(argv[1:])
     if argv[:1] == ["zygote"] and len(argv) in (3, 4) and argv[3:] in ([], ["--loopback"]):
         return zygote_main(argv[1], int(argv[2]), loopback=argv[3:] == ["--loopback"])
     print("usage: python -m fedrad.client.fastpath supernode FLOWER-SUPERNODE-ARGS... | zygote SOCKET PARENT-PID "

@@ -65,7 +65,7 @@ def read_table(path: Path, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFra
         _READS.move_to_end(key)
         return _READS[key][0].copy()
     df = reader(path)
-    _READS[key] = (df, int(df.memory_usage(deep=True).sum()))
+    _READS[key] = (df, 8 * int(df.size))  # ~8 bytes a cell (measuring object columns exactly costs more than the read)
     while len(_READS) > 1 and sum(size for _, size in _READS.values()) > READ_CACHE_BYTES:
         _READS.popitem(last=False)
     return df.copy()

@@ -138,16 +138,6 @@ def _split(obj, arrays: dict, prefix: str):
     raise TypeError(f"payload value at {prefix!r} has unsupported type {type(obj).__name__}")
 
 
-def _join(obj, arrays: dict):
-    if isinstance(obj, dict):
-        if set(obj) == {"__array__"}:
-            return arrays[obj["__array__"]]
-        return {k: _join(v, arrays) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_join(v, arrays) for v in obj]
-    return obj
-
-
 def to_plain(obj, keep_arrays: bool = False):
     """Numbers and containers as plain Python for JSON: numpy scalars -> Python, tuples -> lists, non-finite
     floats -> None, named tuples -> dicts; numpy arrays -> lists (or kept, for a payload, with ``keep_arrays``)."""
@@ -176,7 +166,13 @@ def split_payload(payload: dict) -> tuple[str, dict[str, np.ndarray]]:
 
 
 def join_payload(skeleton: str, arrays: dict[str, np.ndarray]) -> dict:
-    return _join(json.loads(skeleton), arrays)
+    if not arrays and '"__array__"' not in skeleton:
+        return json.loads(skeleton)
+
+    def array_or_dict(obj: dict):  # the parser calls it for every object, innermost first
+        return arrays[obj["__array__"]] if len(obj) == 1 and "__array__" in obj else obj
+
+    return json.loads(skeleton, object_hook=array_or_dict)
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> tuple[list, bytes]:

@@ -276,7 +276,8 @@ def test_fast_site_runtime_gives_the_stock_runtimes_results(tmp_path):
     assert zygote.count("runs as pre-forked pid") == messages >= 3 * fast["round_trips"]
     fresh = sum(log.count("SuperExec starts as a fresh process") for log in fast_logs)
     assert zygote.count("SuperExec (shim pid") + fresh == len(fast_logs) + 1
-    assert zygote.count("ServerApp (shim pid") == 1
+    assert zygote.count("ServerApp (launcher pid") == 1
+    assert zygote.count("SuperNode (launcher pid") == len(fast_logs)
     assert not any("fast site runtime" in log for log in stock_logs) and no_zygote == ""
     want, got = flatten_metrics(stock["pooled"]), flatten_metrics(fast["pooled"])
     assert want and got.keys() == want.keys()

@@ -172,7 +172,7 @@ def test_only_a_loopback_deployments_shared_zygote_forks_a_serverapp(zygote, tmp
     finally:
         proc.terminate()
         log = proc.communicate(timeout=20)[1]
-    assert "ServerApp (shim pid" in log and "runs as pre-forked pid" in log
+    assert "ServerApp (launcher pid" in log and "runs as pre-forked pid" in log
     assert not os.path.exists(directory)
 
 
