@@ -2,10 +2,11 @@
 
 Not a timed test: it prints what it measured. Every site is a real ``flower-supernode`` process with its own
 table (``benchmarks.rounds.make_sites``: 120 synthetic patients, 9 radiomic features + volume + clinical
-covariates, scanner shifts), run with fedrad's fast site runtime (``fedrad.client.fastpath``: each SuperNode forks
-its ClientApps from a preloaded zygote; stock Flower starts one fresh ``flwr-clientapp`` process per site and
-round trip, and on a small machine those process starts dominate the round time). Memory is sampled from /proc
-over the whole process tree (SuperLink, ServerApp, SuperNodes, their SuperExecs, zygotes, ClientApps): the sum
+covariates, scanner shifts), run with fedrad's fast site runtime (``fedrad.client.fastpath``: on loopback one
+preloaded zygote forks the SuperNodes, their SuperExecs and every ClientApp, and the ServerApp; stock Flower
+starts one fresh ``flwr-clientapp`` process per site and round trip, and on a small machine those process starts
+dominate the round time). Memory is sampled from /proc
+over the whole process tree (SuperLink, ServerApp, SuperNodes, their SuperExecs, zygote, ClientApps): the sum
 of proportional set sizes (PSS, what the tree uses together) every 5 s, and resident set sizes every 0.5 s (an
 RSS sum counts the pages forked ClientApps share with their zygote once per process, so it overstates). The
 baseline, measured in the same run, is the same study in-process (Flower's message layer, no processes): its
@@ -78,24 +79,54 @@ def _cmdline(pid: int) -> str:
 class TreeSampler(threading.Thread):
     """Samples the RSS of every descendant of this process by role, every ``period`` seconds."""
 
-    # the fast site runtime's SuperNode is `python -m fedrad.client.fastpath supernode`; its zygote and the
-    # ClientApps forked from it carry the zygote's command line (their pages are shared with it until written)
+    # stock Flower: each role is its own command. The fast runtime of a loopback deployment forks the SuperNodes,
+    # their SuperExecs and ClientApps, the SuperLink's SuperExec and the ServerApp from one zygote: those carry
+    # the zygote's command line (their pages are shared with it until written) and are named by the zygote's log,
+    # which also names the small launcher processes that only relay signals and exit status to them
     ROLES = (("clientapp", "flwr-clientapp"), ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
-             ("supernode", "fastpath supernode"), ("zygote+apps", "fastpath zygote"),
+             ("supernode", "fastpath supernode"), ("zygote", "fastpath zygote"),
              ("superlink", "flower-superlink"), ("superexec", "flower-superexec"))
+    FORKED = re.compile(r"(SuperNode|SuperExec|ServerApp) \((?:launcher|shim) pid (\d+)\) forked from the zygote as pid (\d+)"
+                        r"|ClientApp of launcher pid (\d+) runs as pre-forked pid (\d+)")
 
-    def __init__(self, period: float = 0.5, pss_every: int = 10):
+    def __init__(self, period: float = 0.5, pss_every: int = 10, zygote_log: Path | None = None):
         super().__init__(daemon=True)
         self.period, self.samples, self._halt = period, [], threading.Event()
         self.pss_every, self.peak_pss_kb = pss_every, 0
         self.peak_by_role: dict[str, int] = {}
         self.peak_count: dict[str, int] = {}
         self._roles: dict[int, str] = {}
+        self.zygote_log, self._forks, self._log_read = zygote_log, {}, 0
 
-    def _role(self, pid: int) -> str:
+    def _read_zygote_log(self) -> None:
+        try:
+            with open(self.zygote_log, "rb") as f:
+                f.seek(self._log_read)
+                text = f.read().decode(errors="replace")
+        except (OSError, TypeError):
+            return
+        text = text[:text.rfind("\n") + 1]
+        self._log_read += len(text.encode())
+        for m in self.FORKED.finditer(text):
+            what, launcher, pid = (m[1], m[2], m[3]) if m[1] else ("ClientApp", m[4], m[5])
+            self._forks[int(pid)] = what.lower()
+            self._forks[int(launcher)] = "launchers"
+
+    def _role(self, pid: int, ppid: int) -> str:
         if pid not in self._roles:
-            cmd = _cmdline(pid)
-            self._roles[pid] = next((r for r, key in self.ROLES if key in cmd), "other")
+            if self.zygote_log is not None and pid not in self._forks:
+                self._read_zygote_log()
+            if pid in self._forks:
+                self._roles[pid] = self._forks[pid]
+            else:
+                cmd = _cmdline(pid)
+                role = next((r for r, key in self.ROLES if key in cmd), "other")
+                if self.zygote_log is not None and self.zygote_log.exists():
+                    if role == "zygote" and ppid != os.getpid():
+                        return "zygote fork"  # a fork not named in the log yet: asked again at the next sample
+                    if role not in ("zygote", "superlink", "other"):
+                        return role  # a launcher that the log names once its fork is made: asked again
+                self._roles[pid] = role
         return self._roles[pid]
 
     def run(self) -> None:
@@ -112,7 +143,7 @@ class TreeSampler(threading.Thread):
                 todo.extend(children.get(pid, []))
             by_role: dict[str, list[int]] = {}
             for pid in tree:
-                by_role.setdefault(self._role(pid), []).append(table[pid][2])
+                by_role.setdefault(self._role(pid, table[pid][0]), []).append(table[pid][2])
             total = sum(sum(v) for v in by_role.values())
             if len(self.samples) % self.pss_every == 0:  # PSS: shared pages split among their sharers
                 self.peak_pss_kb = max(self.peak_pss_kb, sum(_pss_kb(pid) for pid in tree))
@@ -143,7 +174,7 @@ def run_deployment(cfg: dict, nodes: list[dict], root: Path, max_concurrent: int
     from fedrad.local import approve_plan_file_at_sites
 
     approve_plan_file_at_sites(root / "plan.json", nodes)  # each site's operator approves the published plan
-    sampler = TreeSampler()
+    sampler = TreeSampler(zygote_log=root / "flower" / "zygote.log")
     sampler.start()
     t0 = time.perf_counter()
     try:
@@ -200,7 +231,8 @@ def main() -> None:
           f"{s.period * s.pss_every:g} s) {s.peak_pss_kb / 1024:.0f} MB; peak resident set size summed over "
           f"processes {s.peak_total_kb / 1024:.0f} MB (counts shared pages once per process; role peaks below are "
           f"RSS, each at its own instant)")
-    for role in ("superlink", "serverapp", "supernode", "superexec", "zygote+apps", "clientapp", "other"):
+    for role in ("superlink", "serverapp", "supernode", "superexec", "clientapp", "zygote", "zygote fork",
+                 "launchers", "other"):
         if role in s.peak_by_role:
             print(f"  peak {role:11s}: {s.peak_by_role[role] / 1024:7.0f} MB over {s.peak_count[role]:2d} processes "
                   f"({s.peak_by_role[role] / 1024 / max(1, s.peak_count[role]):.0f} MB each)")
