@@ -30,10 +30,11 @@ setting. Without editing Flower's files this module removes both, on fedrad's ow
 * A loopback deployment (:class:`fedrad.server.runtime.LoopbackDeployment`: the demo, the tests, a rehearsal;
   one operator runs the coordinator and every site on one machine) starts one zygote for all of them
   (``zygote SOCKET PID --loopback``, named to each SuperNode in ``FEDRAD_SHARED_ZYGOTE``, honoured only when the
-  SuperLink is on loopback): it forks every site's SuperExec and ClientApps, and also the SuperLink's SuperExec
-  and the ServerApp (``flwr-serverapp`` shim). A zygote per site imported the same modules once per site, and
-  all of them at the start of a run on the same cores (5 sites: ~14 s of CPU before the first round, 48 -> 32 s
-  of CPU and 29 -> 22 s wall for a 10-round study). A site joining a real federation keeps its own zygote.
+  SuperLink is on loopback): it forks the SuperNodes themselves (:func:`supernode_launch`), every site's
+  SuperExec and ClientApps, the SuperLink's SuperExec and the ServerApp (``flwr-serverapp`` shim). Each site
+  imported the same modules in its own SuperNode and zygote, all at the start of a run on the same cores: the
+  ServerApp of a 5-site study asked its first question after ~14 s, now after ~4 s (10-round study on small
+  tables: 29 -> 16 s wall). A site joining a real federation keeps its own zygote.
 
 All are tied to Flower 1.42.0 internals, so :func:`unsupported` checks the exact version and the source lines
 the proxies key on; on anything else the SuperNode runs stock with a one-line notice in its log. Nothing here

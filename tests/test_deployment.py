@@ -243,9 +243,9 @@ def test_study_on_flower_simulation_engine(tmp_path):
     assert (tmp_path / "flower" / "sites" / "site3" / "audit.jsonl").exists()
 
 
-def _deployment_study(root, fast: bool) -> tuple[dict, list, str]:
-    """The rounds benchmark's 3-site response study on a loopback deployment; its results, SuperNode logs and
-    the log of the deployment's shared zygote ("" when there is none)."""
+def _deployment_study(root, fast: bool) -> tuple[dict, list, str, str]:
+    """The rounds benchmark's 3-site response study on a loopback deployment; its results, SuperNode logs, the
+    SuperLink's log and the log of the deployment's shared zygote ("" when there is none)."""
     from benchmarks.rounds import run_deployment
 
     cfg, nodes = make_rounds_sites(root / "sites", 3, n=80)
@@ -253,6 +253,7 @@ def _deployment_study(root, fast: bool) -> tuple[dict, list, str]:
     logs = sorted((root / "flower" / "sites").glob("*/supernode.log"))
     zygote = root / "flower" / "zygote.log"
     return (json.loads((root / "out" / "results.json").read_text()), [p.read_text() for p in logs],
+            (root / "flower" / "superlink" / "superlink.log").read_text(),
             zygote.read_text() if zygote.exists() else "")
 
 
@@ -262,22 +263,21 @@ def test_fast_site_runtime_gives_the_stock_runtimes_results(tmp_path):
     ClientApps (its log says so for every message) while the stock one never did."""
     from fedrad.server.study_pooled import flatten_metrics
 
-    fast, fast_logs, zygote = _deployment_study(tmp_path / "fast", fast=True)
-    stock, stock_logs, no_zygote = _deployment_study(tmp_path / "stock", fast=False)
+    fast, fast_logs, link_log, zygote = _deployment_study(tmp_path / "fast", fast=True)
+    stock, stock_logs, _, no_zygote = _deployment_study(tmp_path / "stock", fast=False)
     assert fast["round_trips"] == stock["round_trips"] >= 8
     for log in fast_logs:
         assert "fedrad fast site runtime: on (Flower 1.42.0)" in log and "shared zygote" in log
-        # the node's SuperExec, once: forked from the zygote, or (a zygote still importing after 20 s on a loaded
-        # machine) a fresh process, with a notice
-        assert log.count("SuperExec starts as a fresh process") <= 1
-    # one zygote for the deployment forked every message's ClientApp, each node's SuperExec (the SuperLink's too)
-    # and the ServerApp
+    # one zygote for the deployment forked every message's ClientApp, each SuperNode, each node's SuperExec, the
+    # SuperLink's SuperExec and the ServerApp; each of the long-lived ones may instead have started as a fresh
+    # process, with a notice, when the zygote was still importing after 20 s (a loaded machine)
     messages = sum(log.count("Sending:") for log in fast_logs)
     assert zygote.count("runs as pre-forked pid") == messages >= 3 * fast["round_trips"]
-    fresh = sum(log.count("SuperExec starts as a fresh process") for log in fast_logs)
-    assert zygote.count("SuperExec (shim pid") + fresh == len(fast_logs) + 1
-    assert zygote.count("ServerApp (launcher pid") == 1
-    assert zygote.count("SuperNode (launcher pid") == len(fast_logs)
+    fresh = {what: sum(log.count(f"{what} starts as a fresh process") for log in fast_logs + [link_log])
+             for what in ("SuperNode", "SuperExec", "ServerApp")}
+    assert zygote.count("SuperNode (launcher pid") + fresh["SuperNode"] == len(fast_logs)
+    assert zygote.count("SuperExec (shim pid") + fresh["SuperExec"] == len(fast_logs) + 1
+    assert zygote.count("ServerApp (launcher pid") + fresh["ServerApp"] == 1
     assert not any("fast site runtime" in log for log in stock_logs) and no_zygote == ""
     want, got = flatten_metrics(stock["pooled"]), flatten_metrics(fast["pooled"])
     assert want and got.keys() == want.keys()
