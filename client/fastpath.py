@@ -605,6 +605,26 @@ def _child(req: dict, fds: list[int]) -> None:
         os._exit(code if isinstance(code, int) else 1)
 
 
+def _prctl():
+    """Linux's prctl(2), or None."""
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+def _die_with(zygote_pid: int, prctl) -> None:
+    """In a forked child: SIGTERM when the zygote ends, however it ends (a SIGKILL, the OOM killer). Its normal
+    exit stops its children itself, but a loopback deployment's SuperNodes and ServerApp are its children too and
+    would otherwise outlive a crashed zygote, orphaned."""
+    if prctl is not None:
+        prctl(1, int(signal.SIGTERM), 0, 0, 0)  # PR_SET_PDEATHSIG
+    if os.getppid() != zygote_pid:  # it ended between the fork and the prctl
+        os._exit(1)
+
+
 def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
     """Serve fork requests on ``path`` until the SuperNode ``parent_pid`` is gone (``loopback``: the shared zygote
     of a loopback deployment, parented by the process that runs it; it also forks the ServerApp)."""
@@ -641,6 +661,7 @@ def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
     except Exception:  # noqa: BLE001 - the child builds it again and refuses to run (fail closed) if it fails
         pass
 
+    zygote_pid, prctl = os.getpid(), _prctl()
     # everything imported so far lives as long as the zygote: out of the collector's sight (gc.freeze), a child's
     # collections neither scan these objects nor write to their pages (which would copy them, page by page)
     import gc
@@ -713,6 +734,7 @@ def zygote_main(path: str, parent_pid: int, loopback: bool = False) -> int:
                         stream.flush()
                     pid = os.fork()
                     if pid == 0:
+                        _die_with(zygote_pid, prctl)
                         signal.set_wakeup_fd(-1)
                         os.close(wake_r)
                         os.close(wake_w)

@@ -176,6 +176,37 @@ def test_only_a_loopback_deployments_shared_zygote_forks_a_serverapp(zygote, tmp
     assert not os.path.exists(directory)
 
 
+def test_a_forked_process_ends_with_its_zygote_however_the_zygote_ends(zygote):
+    """A loopback deployment's SuperNodes and ServerApp are children of its zygote: a zygote killed outright (a
+    SIGKILL, the OOM killer) must not leave them running orphaned. Here a SuperExec that keeps retrying an
+    unreachable runtime address stands in for them."""
+    path, proc = zygote
+    shim = subprocess.Popen([sys.executable, "-c", "import sys; from fedrad.client.fastpath import superexec_shim; "
+                             "sys.exit(superexec_shim(sys.argv[1:]))", "--insecure", "--runtime-api-address",
+                             "127.0.0.1:1"], env={**os.environ, fastpath.SOCKET_ENV: path},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        children = []
+        deadline = time.monotonic() + 60
+        while not children:  # the zygote's only child: the forked SuperExec
+            assert time.monotonic() < deadline and shim.poll() is None, "no SuperExec was forked"
+            children = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+            time.sleep(0.1)
+        child = children[0]
+        time.sleep(1.0)
+        assert Path(f"/proc/{child}").exists()  # still retrying: a long-lived process
+        proc.kill()
+        proc.wait(10)
+        deadline = time.monotonic() + 20
+        while Path(f"/proc/{child}").exists() and "zombie" not in Path(f"/proc/{child}/status").read_text():
+            assert time.monotonic() < deadline, "the forked SuperExec outlived its zygote"
+            time.sleep(0.1)
+        assert shim.wait(20) != 0  # its launcher reports the loss
+    finally:
+        shim.kill()
+        shutil.rmtree(os.path.dirname(path), ignore_errors=True)
+
+
 def test_a_supernode_shares_a_zygote_only_with_a_loopback_superlink():
     assert fastpath._loopback_superlink(["--insecure", "--superlink", "127.0.0.1:9092", "--port", "9"])
     assert fastpath._loopback_superlink(["--superlink=localhost:9092"])
