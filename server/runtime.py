@@ -197,9 +197,9 @@ SUPERLINK_TASK_POLL = 0.2
 
 def start_loopback_zygote(home: Path) -> tuple[Process, str]:
     """A loopback deployment's one zygote (:func:`fedrad.client.fastpath.zygote_main` with ``--loopback``): it
-    imports Flower's runners, the scientific stack and fedrad once, and forks every site's SuperExec and ClientApps
-    and the SuperLink's SuperExec and ServerApp (a zygote per site imported the same ~2.7 s of CPU once per site,
-    the ServerApp ~3 s more, all at the start of a run). Returns the process and its socket path; the socket's
+    imports Flower's runners, the scientific stack and fedrad once, and forks the SuperNodes, every site's
+    SuperExec and ClientApps, and the SuperLink's SuperExec and ServerApp (each of them imported the same modules
+    on its own before: ~3.5 s of CPU per site and ~3 s for the ServerApp, all at the start of a run). Returns the process and its socket path; the socket's
     folder is 0700 and the zygote serves only this user (peer uid checked) and exits with this process."""
     directory = tempfile.mkdtemp(prefix="fedrad-loopback-")  # short: a Unix socket path has ~100 bytes
     path = os.path.join(directory, "zygote.sock")
@@ -503,8 +503,9 @@ class LoopbackDeployment(_FlowerRun):
         self.port = self.port or free_port()
         from fedrad.client import app_trust, fastpath
 
-        if self.fast and fastpath.unsupported() is None and app_trust.flower_supported():
-            # first: it imports while the SuperLink and the SuperNodes start (their launchers wait for it)
+        # the exact version only (each SuperNode inspects Flower's source itself: 1 s of imports here, before
+        # anything starts); first: it imports while the SuperLink starts, and the SuperNodes' launchers wait for it
+        if self.fast and app_trust.flower_version() == fastpath.FLOWER_EXACT:
             self.zygote = start_loopback_zygote(self.home)
             self.processes.append(self.zygote[0])
         self._start_superlink(timeout)
