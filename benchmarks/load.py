@@ -86,8 +86,8 @@ class TreeSampler(threading.Thread):
     ROLES = (("clientapp", "flwr-clientapp"), ("serverapp", "flwr-serverapp"), ("supernode", "flower-supernode"),
              ("supernode", "fastpath supernode"), ("zygote", "fastpath zygote"),
              ("superlink", "flower-superlink"), ("superexec", "flower-superexec"))
-    FORKED = re.compile(r"(SuperNode|SuperExec|ServerApp) \((?:launcher|shim) pid (\d+)\) forked from the zygote as pid (\d+)"
-                        r"|ClientApp of launcher pid (\d+) runs as pre-forked pid (\d+)")
+    FORKED = re.compile(r"(SuperNode|SuperExec|ServerApp) \((?:launcher|shim) pid (\d+)\) forked from the zygote "
+                        r"as pid (\d+)|ClientApp of launcher pid (\d+) runs as pre-forked pid (\d+)")
 
     def __init__(self, period: float = 0.5, pss_every: int = 10, zygote_log: Path | None = None):
         super().__init__(daemon=True)

@@ -199,8 +199,9 @@ def start_loopback_zygote(home: Path) -> tuple[Process, str]:
     """A loopback deployment's one zygote (:func:`fedrad.client.fastpath.zygote_main` with ``--loopback``): it
     imports Flower's runners, the scientific stack and fedrad once, and forks the SuperNodes, every site's
     SuperExec and ClientApps, and the SuperLink's SuperExec and ServerApp (each of them imported the same modules
-    on its own before: ~3.5 s of CPU per site and ~3 s for the ServerApp, all at the start of a run). Returns the process and its socket path; the socket's
-    folder is 0700 and the zygote serves only this user (peer uid checked) and exits with this process."""
+    on its own before: ~3.5 s of CPU per site and ~3 s for the ServerApp, all at the start of a run). Returns
+    the process and its socket path; the socket's folder is 0700 and the zygote serves only this user (peer uid
+    checked) and exits with this process."""
     directory = tempfile.mkdtemp(prefix="fedrad-loopback-")  # short: a Unix socket path has ~100 bytes
     path = os.path.join(directory, "zygote.sock")
     cmd = [sys.executable, "-m", "fedrad.client.fastpath", "zygote", path, str(os.getpid()), "--loopback"]

@@ -135,9 +135,9 @@ def test_the_superexec_shim_runs_flowers_superexec_forked_from_the_zygote(zygote
 
 
 def test_only_a_loopback_deployments_shared_zygote_forks_a_serverapp(zygote, tmp_path):
-    """A site's zygote refuses to fork a ServerApp; the shared zygote of a loopback deployment (``--loopback``,
-    one operator runs the coordinator and every site) forks Flower's ``flwr-serverapp`` for the SuperLink's
-    shim, with the same argument errors as Flower's own entry point and a notice in its log."""
+    """A site's zygote refuses to fork a ServerApp (or a SuperNode); the shared zygote of a loopback deployment
+    (``--loopback``, one operator runs the coordinator and every site) forks Flower's ``flwr-serverapp`` for the
+    SuperLink's shim, with the same argument errors as Flower's own entry point and a notice in its log."""
     site_path, site_proc = zygote
     shim = [sys.executable, "-c", "import sys; from fedrad.client.fastpath import serverapp_shim; "
                                   "sys.exit(serverapp_shim(sys.argv[1:]))", "--no-such-flag"]
@@ -145,14 +145,16 @@ def test_only_a_loopback_deployments_shared_zygote_forks_a_serverapp(zygote, tmp
                             env={k: v for k, v in os.environ.items() if k != fastpath.SOCKET_ENV})
     assert direct.returncode == 2 and "flwr-serverapp: error:" in direct.stderr
     assert "ServerApp starts as a fresh process" in direct.stderr
-    # a site's zygote closes the request without forking (the shim would then run it in-process: ask directly)
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(site_path)
-    body = json.dumps({"argv": ["--help"], "env": {}, "cwd": "/", "entry": "serverapp"}).encode()
-    socket.send_fds(s, [struct.pack("!i", len(body)) + body], [0, 1, 2])
-    s.settimeout(20)
-    assert s.recv(4) == b""
-    s.close()
+    # a site's zygote closes a request for a ServerApp or a SuperNode without forking (the shim would then run it
+    # in-process: ask directly)
+    for entry in ("serverapp", "supernode"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(site_path)
+        body = json.dumps({"argv": ["--help"], "env": {}, "cwd": "/", "entry": entry}).encode()
+        socket.send_fds(s, [struct.pack("!i", len(body)) + body], [0, 1, 2])
+        s.settimeout(20)
+        assert s.recv(4) == b"", entry
+        s.close()
 
     directory = tempfile.mkdtemp(prefix="fedrad-test-zyg-")
     path = os.path.join(directory, "zygote.sock")
