@@ -79,7 +79,8 @@ OWNER_FILE = "supernode.pid"
 #: pin refuses the new version's FAB: fail closed).
 PRELOAD = ("flwr.supernode.cli.flwr_clientapp", "flwr.supernode.runtime.run_clientapp", "flwr.serverapp",
            "flwr.clientapp", "httpx", "httpcore", "numpy", "pandas", "scipy.linalg", "scipy.stats", "scipy.optimize",
-           "scipy.special", "pyarrow", "pyarrow.parquet", "pyarrow.dataset", "cryptography.hazmat.primitives.asymmetric.ed25519",
+           "scipy.special", "pyarrow", "pyarrow.parquet", "pyarrow.dataset",
+           "cryptography.hazmat.primitives.asymmetric.ed25519",
            "tomllib", "flwr.cli.build", "flwr.supercore.cli", "flwr.supercore.superexec.run_superexec",
            "fedrad.client.client_app")
 #: a loopback deployment's shared zygote also forks the coordinator's ServerApp: Flower's ServerApp runner and
