@@ -365,7 +365,8 @@ def supernode_main(argv: list[str] | None = None) -> int:
     both are CPU-bound: waiting for one before the other costs their sum); a ClientApp launched before the
     zygote listens waits for it (:func:`run_via_zygote`) rather than importing everything a second time."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    shared = os.environ.pop(SHARED_ENV, "")
+    shared = _shared_zygote(argv)
+    os.environ.pop(SHARED_ENV, None)  # not handed down to the SuperExec or the ClientApps
     reason = unsupported()
     zygote = None
     if reason is None and not pinned_launcher():
@@ -377,9 +378,9 @@ def supernode_main(argv: list[str] | None = None) -> int:
         removed = sweep_stale_directories(os.path.dirname(directory))
         if removed:
             notice(f"removed {removed} folder(s) left in {os.path.dirname(directory)} by SuperNodes that were killed")
-        path, _, pid = shared.rpartition(":")
-        if shared and pid.isdigit() and _loopback_superlink(argv):
+        if shared:
             # a loopback deployment (one operator runs every site here): its one zygote serves every site
+            path, pid = shared
             which = f"the loopback deployment's shared zygote, pid {pid}"
         else:
             path = os.path.join(directory, "clientapp.sock")
@@ -420,16 +421,19 @@ def supernode_main(argv: list[str] | None = None) -> int:
 
 def _loopback_superlink(argv: list[str]) -> bool:
     """Whether ``flower-supernode argv`` connects to a SuperLink on this machine's loopback interface."""
-    import ipaddress
+    from fedrad.server.runtime import is_loopback_address
 
     address = next((a.split("=", 1)[1] for a in argv if a.startswith("--superlink=")), None)
     if address is None and "--superlink" in argv[:-1]:
         address = argv[argv.index("--superlink") + 1]
-    host = (address or "").rsplit(":", 1)[0].strip("[]")
-    try:
-        return host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    return address is not None and is_loopback_address(address)
+
+
+def _shared_zygote(argv: list[str]) -> tuple[str, str] | None:
+    """(socket, pid) of the loopback deployment's zygote named in ``FEDRAD_SHARED_ZYGOTE``, when the SuperLink of
+    ``flower-supernode argv`` is on loopback; None otherwise (a site of a real federation)."""
+    path, _, pid = os.environ.get(SHARED_ENV, "").rpartition(":")
+    return (path, pid) if path and pid.isdigit() and _loopback_superlink(argv) else None
 
 
 def _is_fast_supernode(pid: int) -> bool:
@@ -576,20 +580,20 @@ def _child(req: dict, fds: list[int]) -> None:
         os.chdir(req["cwd"])
         os.environ.clear()
         os.environ.update({str(k): str(v) for k, v in req["env"].items()})
-        if req.get("entry") == "superexec":
-            code = superexec_main([str(a) for a in req["argv"]])
-        elif req.get("entry") == "supernode":
-            code = supernode_main([str(a) for a in req["argv"]])
-        elif req.get("entry") == "serverapp":
+        entry, argv = req.get("entry", "clientapp"), [str(a) for a in req["argv"]]
+        if entry not in ("superexec", "supernode"):  # the runtime's sockets reach only what launches others
             for name in RUNTIME_ENV:
                 os.environ.pop(name, None)
-            code = _flower_serverapp([str(a) for a in req["argv"]])
+        if entry == "superexec":
+            code = superexec_main(argv)
+        elif entry == "supernode":
+            code = supernode_main(argv)
+        elif entry == "serverapp":
+            code = _flower_serverapp(argv)
         else:
-            for name in RUNTIME_ENV:
-                os.environ.pop(name, None)
             from fedrad.client.app_trust import clientapp_main
 
-            code = clientapp_main([str(a) for a in req["argv"]])
+            code = clientapp_main(argv)
     except SystemExit as exc:
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
     except BaseException:  # noqa: BLE001 - report and exit like a crashed process
@@ -800,19 +804,13 @@ def supernode_launch(argv: list[str]) -> int:
     shared zygote (``FEDRAD_SHARED_ZYGOTE``, a loopback SuperLink; a fresh SuperNode imports Flower for ~1.2 s of
     CPU, once per site at the same moment), this process relaying signals and exit status; otherwise (and when
     that zygote does not answer) this process runs :func:`supernode_main`."""
-    shared = os.environ.get(SHARED_ENV, "")
-    path, _, pid = shared.rpartition(":")
-    if shared and pid.isdigit() and _loopback_superlink(argv):
-        before = {name: os.environ.get(name) for name in (SOCKET_ENV, PID_ENV)}
-        os.environ[SOCKET_ENV], os.environ[PID_ENV] = path, pid
+    shared = _shared_zygote(argv)
+    if shared:
+        # supernode_main sets (or, running stock, removes) both again for what it starts
+        os.environ[SOCKET_ENV], os.environ[PID_ENV] = shared
         code = run_via_zygote(argv, entry="supernode")
         if code is not None:
             return code
-        for name, value in before.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
         notice("SuperNode starts as a fresh process: the loopback deployment's zygote did not answer")
     return supernode_main(argv)
 
