@@ -7,7 +7,7 @@ from flwr.clientapp import ClientApp
 from fedrad.client.site import Site
 from fedrad.client.steps import STEPS
 from fedrad.client.study_steps import STUDY_STEPS
-from fedrad.common.messages import REQUESTS, from_record, request_name, to_record
+from fedrad.common.messages import REQUESTS, from_record, request_name, request_signature, to_record
 
 app = ClientApp()
 _ALL_STEPS = {**STEPS, **STUDY_STEPS}
@@ -16,7 +16,8 @@ _ALL_STEPS = {**STEPS, **STUDY_STEPS}
 def _handle(msg: Message, context: Context) -> Message:
     request = request_name(msg.metadata.message_type)
     site = Site.from_node_config(context.node_config, context.run_config)
-    reply = site.answer(request, from_record(msg.content), _ALL_STEPS[request])
+    reply = site.answer(request, from_record(msg.content), _ALL_STEPS[request], auth=request_signature(msg.content),
+                        node=context.node_id)
     return Message(to_record(reply), reply_to=msg)
 
 

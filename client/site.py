@@ -89,6 +89,7 @@ PUBLIC_ERRORS = {
     "min-cell-size": "refused: the rows involved are fewer than the site's minimum cell size",
     "min-events": "refused under the site's min-events rule",
     "not-allowed": "refused: the site does not answer this request type",
+    "unsigned": "refused: the request is not signed by the coordinator its approved plan names",
     "policy": "refused under the site's privacy policy",
     "data": "could not compute its reply from its data; its operator sees the reason in the site's local log",
     "config": "is misconfigured; its operator sees the reason in the site's local log",
@@ -106,6 +107,10 @@ def error_code(exc: BaseException) -> str:
         return "outside-plan"
     if isinstance(exc, PolicyRefusal):
         return getattr(exc, "code", "policy")
+    from fedrad.client.signed import Unsigned
+
+    if isinstance(exc, Unsigned):
+        return "unsigned"
     if exc.__class__.__name__ in ("TooFewRows", "SmallBatchError"):
         return "min-cell-size"
     return "data"
@@ -237,14 +242,20 @@ class Site:
         finally:
             os.close(fd)
 
-    def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict]) -> dict:
-        """Plan and policy checks, compute, audit, return the reply payload (``site`` key added).
+    def answer(self, request: str, payload: dict, compute: Callable[["Site", dict], dict], *,
+               auth: dict | None = None, node: int | None = None) -> dict:
+        """Signature, plan and policy checks, compute, audit, return the reply payload (``site`` key added).
 
-        The request must belong to a plan the site approved (:func:`fedrad.client.guard.check_request`, which
-        also derives every privacy-relevant parameter from the site's copy of that plan). An error or refusal
-        is audited and answered with a code and a generic text only; its details go to the local log.
+        When the approved plan names a coordinator key the request must carry a valid signature by it for this
+        site's ``node`` (:func:`fedrad.client.signed.check_signature`, first of all). The request must belong to a
+        plan the site approved (:func:`fedrad.client.guard.check_request`, which also derives every
+        privacy-relevant parameter from the site's copy of that plan). An error or refusal is audited and answered
+        with a code and a generic text only; its details go to the local log.
         """
         try:
+            from fedrad.client.signed import check_signature
+
+            check_signature(self, request, payload, auth, node)
             self.policy.check_allowed(self.name, request)
             from fedrad.client.guard import check_request
 

@@ -217,3 +217,39 @@ def from_record(record) -> dict:
     index = json.loads(str(meta["array-index"])) if "array-index" in meta else []
     arrays = _unpack(index, bytes(meta["arrays"])) if index else {}
     return join_payload(str(meta["json"]), arrays)
+
+
+#: the record holding a request's signature (:mod:`fedrad.common.signing`); ``meta`` holds the payload
+AUTH_RECORD = "auth"
+
+
+def payload_digest(record) -> str:
+    """SHA-256 (hex) of a record's encoded payload (JSON skeleton, array index, array bytes; length-prefixed)."""
+    import hashlib
+
+    meta = record["meta"]
+    h = hashlib.sha256()
+    for key in ("json", "array-index", "arrays"):
+        value = meta[key] if key in meta else b""
+        raw = value.encode() if isinstance(value, str) else bytes(value)
+        h.update(key.encode() + b"\0" + len(raw).to_bytes(8, "big") + raw)
+    return h.hexdigest()
+
+
+def attach_signature(record, signature: bytes, session: str, seq: int) -> None:
+    """Add the coordinator's signature of a request to its record (in place)."""
+    from flwr.app import ConfigRecord
+
+    record[AUTH_RECORD] = ConfigRecord({"signature": bytes(signature), "session": str(session), "seq": int(seq)})
+
+
+def request_signature(record) -> dict | None:
+    """``{"signature", "session", "seq", "digest"}`` of a received request, or None when it carries none."""
+    if AUTH_RECORD not in record.config_records:
+        return None
+    auth = record.config_records[AUTH_RECORD]
+    try:
+        return {"signature": bytes(auth["signature"]), "session": str(auth["session"]), "seq": int(auth["seq"]),
+                "digest": payload_digest(record)}
+    except (KeyError, TypeError, ValueError):
+        return {"signature": b"", "session": "", "seq": -1, "digest": ""}

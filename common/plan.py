@@ -75,6 +75,8 @@ def study_plan(cfg: dict) -> dict:
             study["harmonization"].pop(key)
     if study.get("validation", {}).get("dca_horizon", 0) is None:  # no survival decision curve: the plan as
         study["validation"].pop("dca_horizon")                      # before the key existed (same id)
+    if (study.get("coordinator") or {}).get("key") is None:  # no signing key named: the plan as before the key
+        study.pop("coordinator", None)
     if study.get("study", {}).get("kind", "prediction") == "prediction":  # a prediction plan as before the
         study.get("study", {}).pop("kind", None)                          # association kind existed (same id)
         study.pop("association", None)

@@ -5,6 +5,7 @@ SuperLink), ``study`` (multi-center validation studies), plus ``demo-data`` and 
 """
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -198,49 +199,111 @@ def coordinator_certs(
                "off the SuperLink host (offline) once the certificates are issued")
 
 
+@coordinator_app.command("keys")
+def coordinator_keys(
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator home (as for start)."),
+) -> None:
+    """Print the coordinator's public signing key (created in the home, 0600, when absent) as the [coordinator]
+    table to put in study.toml: sites answer only requests signed by it."""
+    from fedrad.common.signing import SigningError, ensure_key, fingerprint
+
+    try:
+        signer, created = ensure_key(home.resolve())
+    except (SigningError, OSError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{'created' if created else 'existing'} signing key {home.resolve() / 'signing.key'} "
+               f"(fingerprint {fingerprint(signer.public)}); add to study.toml:", err=True)
+    typer.echo(f'[coordinator]\nkey = "{signer.public}"')
+
+
 @coordinator_app.command("start")
 def coordinator_start(
     home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator state: Flower home, "
-                              "SuperLink database (run history survives restarts), CLI connection."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 for remote sites)."),
-    port: int = typer.Option(9300, "--port", help="The one SuperLink port (sites, flwr CLI, ServerApp)."),
+                              "SuperLink database (run history survives restarts), CLI connection, signing key, "
+                              "run tickets."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address the sites connect to (0.0.0.0 for remote "
+                             "sites); it serves Flower's Fleet API only."),
+    port: int = typer.Option(9300, "--port", help="The sites' port (Fleet API only)."),
+    control_port: int = typer.Option(9301, "--control-port", help="Port on 127.0.0.1 for this host's flwr CLI, "
+                                     "`fedrad study run` and the SuperExec (Control and Runtime APIs)."),
     certs: Optional[Path] = typer.Option(None, "--certs", help="Directory from `fedrad coordinator certs`."),
     insecure: bool = typer.Option(False, "--insecure", help="Plain HTTP; refused unless --host is loopback."),
 ) -> None:
-    """Run the coordinator's Flower SuperLink in the foreground (TLS + node authentication off loopback)."""
+    """Run the coordinator's Flower SuperLink and SuperExec in the foreground: TLS + node authentication off
+    loopback, the sites' port serving the Fleet API only, the Control and Runtime APIs on 127.0.0.1, and only
+    this coordinator's SuperExec (holding its secret) able to start ServerApps."""
     import ipaddress
 
-    from fedrad.server.runtime import start_superlink, write_cli_connection
+    from fedrad.common.signing import ensure_key, fingerprint
+    from fedrad.server.runtime import (RuntimeFailure, ensure_secret, start_superexec, start_superlink,
+                                       wait_for_port, write_cli_connection)
 
     loopback = host == "localhost" or _is_loopback(ipaddress, host)
     if insecure and not loopback:
         _fail(f"--insecure is refused for --host {host}: off loopback, use --certs (TLS + node authentication)")
     if not insecure and certs is None:
         _fail("pass --certs DIR (from `fedrad coordinator certs`) or, on loopback only, --insecure")
+    if control_port == port:
+        _fail(f"--control-port {control_port} equals --port: the sites' port and the coordinator's own port differ")
+    home = home.resolve()
     tls = None
     if certs is not None:
+        certs = certs.resolve()
         tls = {"ca": certs / "ca.crt", "cert": certs / "server.pem", "key": certs / "server.key"}
         missing = [str(p) for p in tls.values() if not p.is_file()]
         if missing:
             _fail(f"certificate file(s) missing: {', '.join(missing)}; run `fedrad coordinator certs` first")
-    home.mkdir(parents=True, exist_ok=True)
-    address = f"{'127.0.0.1' if host in ('0.0.0.0', '::') else host}:{port}"
-    write_cli_connection(home / "cli", "fedrad", address, tls["ca"] if tls else None)
+    home.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(home, 0o700)
+    control = f"127.0.0.1:{control_port}"
+    write_cli_connection(home / "cli", "fedrad", control, tls["ca"] if tls else None)
     if certs is not None:
         for key in (certs / "ca.key", certs / "ca" / "ca.key"):
             if key.exists():
                 typer.echo(f"warning: the CA private key {key} is on the SuperLink host; the SuperLink does not "
                            "need it: move it offline", err=True)
-    if not loopback:  # Flower 1.42 serves the Control API on this same port (no separate address exists)
-        typer.echo(f"note: port {port} also serves Flower's unauthenticated Control API (flwr run/ls/stop): "
-                   "anyone who can reach it can submit runs. Sites joined with `fedrad site join` run only "
-                   "fedrad's app; restrict the port to the sites' and operators' addresses (deploy/README.md).",
-                   err=True)
-    proc = start_superlink(home / "superlink", host, port, database=home / "superlink.db", tls=tls,
-                           node_auth=tls is not None)
-    typer.echo(f"SuperLink pid {proc.popen.pid} on {host}:{port} ({'TLS + node auth' if tls else 'insecure'}); "
-               f"log {proc.log}; flwr connection: FLWR_HOME={home / 'cli'} (name fedrad)", err=True)
-    _run_foreground(proc)
+    signer, _ = ensure_key(home)
+    secret = ensure_secret(home / "superexec.secret")
+    link = start_superlink(home / "superlink", "127.0.0.1", control_port, database=home / "superlink.db", tls=tls,
+                           node_auth=tls is not None, coordinator_home=home, fleet_address=f"{host}:{port}",
+                           superexec_secret=secret)
+    try:
+        wait_for_port("127.0.0.1", control_port, link, 90)
+    except RuntimeFailure as exc:
+        _fail(" ".join(str(exc).split("\n")[:1]) + f" (log {link.log})")
+    exe = start_superexec(home / "superexec", control, secret, coordinator_home=home,
+                          root_certificates=tls["ca"] if tls else None, parent_pid=link.popen.pid)
+    typer.echo(f"SuperLink pid {link.popen.pid}: sites connect to {host}:{port} (Fleet API only, "
+               f"{'TLS + node auth' if tls else 'insecure'}); Control and Runtime APIs on {control} (this host); "
+               f"log {link.log}", err=True)
+    typer.echo(f"SuperExec pid {exe.popen.pid} (SuperExec authentication on); flwr connection: "
+               f"FLWR_HOME={home / 'cli'} (name fedrad); coordinator signing key {fingerprint(signer.public)} "
+               f"(`fedrad coordinator keys --home {home}` prints the [coordinator] table for study.toml)", err=True)
+    _run_coordinator([link, exe])
+
+
+def _run_coordinator(procs) -> None:
+    """Wait for the coordinator's processes; when one exits, or on Ctrl-C / SIGTERM, stop them all."""
+    import signal
+    import time as _time
+
+    def _stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, _stop)
+    code = 0
+    try:
+        while all(p.alive() for p in procs):
+            _time.sleep(0.5)
+        dead = next(p for p in procs if not p.alive())
+        code = dead.popen.returncode or 1
+        typer.echo(f"fedrad: error: the coordinator's {dead.name} exited with code {dead.popen.returncode}; "
+                   f"log {dead.log}", err=True)
+    except KeyboardInterrupt:
+        code = 0
+    for p in reversed(procs):
+        p.stop()
+    raise typer.Exit(code)
 
 
 @coordinator_app.command("register-site")
@@ -256,8 +319,11 @@ def coordinator_register_site(
 
     if not pubkey.is_file():
         _fail(f"public key {pubkey} not found")
-    proc = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pubkey), "fedrad", "--name", name],
-                          capture_output=True, text=True, env=flower_env(home / "cli"))
+    home = home.resolve()
+    if not (home / "cli" / "config.toml").is_file():
+        _fail(f"no coordinator in {home}: start it with `fedrad coordinator start --home {home}` first")
+    proc = subprocess.run([str(BIN / "flwr"), "supernode", "register", str(pubkey.resolve()), "fedrad", "--name",
+                           name], capture_output=True, text=True, env=flower_env(home / "cli"))
     if proc.returncode != 0:
         _fail(f"registration failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
     typer.echo(proc.stdout.strip())
@@ -724,9 +790,13 @@ def study_run(
                                 help="deployment (a running SuperLink and joined sites), simulation (Flower's "
                                      "simulation engine, one virtual site per [sites] entry) or local (every "
                                      "site in this process; the sites' tables must be on this machine)."),
-    superlink: str = typer.Option("127.0.0.1:9300", "--superlink", help="SuperLink address (deployment)."),
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator home (deployment; as for "
+                              "`fedrad coordinator start`): its connection, signing key and run tickets."),
+    superlink: Optional[str] = typer.Option(None, "--superlink", help="SuperLink control address (deployment; "
+                                            "default: the home's connection, 127.0.0.1:9301)."),
     root_certificates: Optional[Path] = typer.Option(None, "--root-certificates",
-                                                     help="CA certificate of the SuperLink (TLS)."),
+                                                     help="CA certificate of the SuperLink (TLS; default: the "
+                                                          "home's)."),
     expected_sites: int = typer.Option(0, "--expected-sites", help="Sites to wait for (default: [sites] count, "
                                        "else [study] min_sites)."),
     timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish."),
@@ -741,7 +811,10 @@ def study_run(
     if runtime == "deployment":  # before anything is written: a study's plan and results are not sent in clear
         from fedrad.server.runtime import is_loopback_address
 
-        if root_certificates is None and not is_loopback_address(superlink):
+        if superlink is None and not (home / "cli" / "config.toml").is_file():
+            _fail(f"no coordinator in {home.resolve()}: start it with `fedrad coordinator start --home {home}` "
+                  "and pass the same --home here (or --superlink HOST:PORT)")
+        if superlink is not None and root_certificates is None and not is_loopback_address(superlink):
             _fail(f"--superlink {superlink} is not loopback: pass --root-certificates (the coordinator's ca.crt); "
                   "plain HTTP is allowed on loopback only")
         if root_certificates is not None and not root_certificates.is_file():
@@ -778,6 +851,10 @@ def study_run(
         for i, name in enumerate(names):
             if name != f"site{i + 1}":
                 typer.echo(f"simulation: [sites.{name}] runs as virtual site site{i + 1}", err=True)
+        if (cfg.get("coordinator") or {}).get("key"):  # a rehearsal signs with a key of its own SuperLink's
+            from fedrad.common.signing import ensure_key
+
+            cfg["coordinator"] = {"key": ensure_key(out / ".flower-sim" / "superlink")[0].public}
         write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
         from fedrad.local import write_simulation_sites
 
@@ -795,15 +872,20 @@ def study_run(
     elif runtime == "deployment":
         from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
 
+        home = home.resolve()
+        _check_coordinator_key(cfg, home, superlink)
         n = expected_sites or len(cfg["sites"]) or int(cfg["study"]["min_sites"])
         write_json_atomic({"task": "study", "config": cfg}, out / "plan.json")
-        home = out / ".flwr"
-        write_cli_connection(home, "fedrad", superlink, root_certificates)
+        flwr_home = home / "cli"
+        if superlink is not None:  # an explicit address: this run's own connection
+            flwr_home = out / ".flwr"
+            write_cli_connection(flwr_home, "fedrad", superlink, root_certificates)
         try:
-            run_id = flwr_run(write_app(out / ".app"), home, "fedrad",
-                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n})
+            run_id = flwr_run(write_app(out / ".app"), flwr_home, "fedrad",
+                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n},
+                              ticket_home=home)
             typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
-            wait_for_run(home, "fedrad", run_id, timeout, done_file=out / "results.json")
+            wait_for_run(flwr_home, "fedrad", run_id, timeout, done_file=out / "results.json")
         except RuntimeFailure as exc:
             _fail(str(exc))
         results = json.loads((out / "results.json").read_text())
@@ -813,6 +895,29 @@ def study_run(
     for line in headline(results):
         typer.echo(line)
     typer.echo(f"results: {out / 'results.json'}; report: {report}")
+
+
+def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None:
+    """A deployment's plan must name this coordinator's signing key (sites refuse unsigned requests)."""
+    from fedrad.common.signing import KEY_FILE, Signer, SigningError, fingerprint
+    from fedrad.server.runtime import is_loopback_address
+
+    key = (cfg.get("coordinator") or {}).get("key")
+    if key is None:
+        if superlink is not None and is_loopback_address(superlink):
+            typer.echo("warning: study.toml names no [coordinator] key: its requests are not signed (a loopback "
+                       "rehearsal only; `fedrad site approve` refuses such a plan)", err=True)
+            return
+        _fail(f"study.toml names no [coordinator] key: sites answer only signed requests; add the table "
+              f"`fedrad coordinator keys --home {home}` prints, and ask every site to approve the plan again")
+    try:
+        held = Signer.load(home).public if (home / KEY_FILE).is_file() else None
+    except SigningError as exc:
+        _fail(str(exc))
+    if held != key:
+        _fail(f"study.toml names coordinator key {fingerprint(key)}, but {home} holds "
+              f"{fingerprint(held) if held else 'no signing key'}: run from the coordinator home that made the key "
+              f"(--home), or put its key in study.toml (`fedrad coordinator keys --home {home}`)")
 
 
 @study_app.command("report")

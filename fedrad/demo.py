@@ -61,6 +61,10 @@ def run_demo(out: Path, sites: int = 5, patients: int = 100, seed: int = 0, endp
         write_demo_cohort(data, n_sites=sites, n_patients=patients, seed=seed, progress=False)
     manifests = {f"site{k}": data / f"site{k}" / "manifest.csv" for k in range(1, sites + 1)}
     cfg = study_config(manifests, endpoint, params, out / "results")
+    from fedrad.common.signing import ensure_key
+
+    # the coordinator's signing key (the SuperLink's home): the plan names it, the sites answer only its requests
+    cfg["coordinator"] = {"key": ensure_key(out / "flower" / "superlink")[0].public}
     plan_path = out / "plan.json"
     write_json_atomic({"task": "study", "config": cfg}, plan_path)
     import os

@@ -329,14 +329,30 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
     return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
 
 
-def run_study_in_process(cfg: dict, node_configs: list[dict], log=None) -> dict:
-    """Run a validated study with every site in this process (Flower's message layer, LocalGrid)."""
+def rehearsal_signer(cfg: dict, signer=None):
+    """``(cfg, signer)`` for a one-machine rehearsal of a plan that names a coordinator key: without the
+    coordinator's own key (``signer``), a key made for this run replaces the plan's (the rehearsal's sites approve
+    that plan, so every request is still signed and checked). Plans without a key: unchanged, no signer."""
+    if not (cfg.get("coordinator") or {}).get("key"):
+        return cfg, signer
+    if signer is None or signer.public != cfg["coordinator"]["key"]:
+        from fedrad.common.signing import Signer
+
+        signer = Signer.generate()
+        cfg = {**cfg, "coordinator": {**cfg["coordinator"], "key": signer.public}}
+    return cfg, signer
+
+
+def run_study_in_process(cfg: dict, node_configs: list[dict], log=None, signer=None) -> dict:
+    """Run a validated study with every site in this process (Flower's message layer, LocalGrid). A plan that
+    names a coordinator key is signed (:func:`rehearsal_signer`)."""
     from fedrad.client.client_app import app as client_app
     from fedrad.common.plan import study_plan
     from fedrad.server.study import make_study
 
+    cfg, signer = rehearsal_signer(cfg, signer)
     approve_at_sites(study_plan(cfg), node_configs)
-    fed = Federation(LocalGrid(client_app, node_configs), log=log)
+    fed = Federation(LocalGrid(client_app, node_configs), log=log, signer=signer)
     return with_local_reasons(node_configs, lambda: make_study(fed, cfg).run())
 
 

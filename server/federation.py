@@ -59,6 +59,9 @@ class Federation:
     Parameters
     ----------
     grid : flwr.serverapp.Grid
+    signer : fedrad.common.signing.Signer, optional
+        The coordinator's key: each message then carries a signature over the plan id, request type, destination
+        node, session, round and payload hash, which a site whose approved plan names the key requires.
     timeout : float
         Seconds to wait for all replies of one round trip.
     log : callable, optional
@@ -72,7 +75,9 @@ class Federation:
     """
 
     def __init__(self, grid, timeout: float = 600.0, log: Callable[[str], None] | None = None,
-                 max_concurrent: int = 0):
+                 max_concurrent: int = 0, signer=None):
+        from fedrad.common.signing import new_session
+
         self.grid = grid
         self.timeout = timeout
         self.max_concurrent = max(0, int(max_concurrent))
@@ -84,6 +89,10 @@ class Federation:
         self.history: list[dict] = []
         #: id of the study plan every request belongs to (fedrad.common.plan); sites answer only approved plans
         self.plan_id: str | None = None
+        #: the coordinator's signing key (:class:`fedrad.common.signing.Signer`): every request is signed with it
+        self.signer = signer
+        #: random id of this federation's requests: a site answers each (session, round) at most once
+        self.session = new_session()
 
     def node_ids(self) -> list[int]:
         return sorted(self.grid.get_node_ids())
@@ -127,7 +136,7 @@ class Federation:
             raise SiteError(request, {"federation": "no site is connected"})
         self.rounds += 1
         group = f"{phase or request}-{self.rounds}"
-        msgs = [Message(to_record(p), dst_node_id=n, message_type=mtype, group_id=group)
+        msgs = [Message(self._record(request, n, p), dst_node_id=n, message_type=mtype, group_id=group)
                 for n, p in targets.items()]
         t0 = time.monotonic()
         self.log(f"round {self.rounds} ({phase or request}): asking {len(msgs)} sites")
@@ -168,6 +177,19 @@ class Federation:
         if failed:
             raise SiteError(request, failed)
         return dict(sorted(ok.items()))  # by site name, not arrival: sums are then the same to the last bit
+
+
+    def _record(self, request: str, node: int, payload: dict):
+        """The message content for ``node``: the encoded payload and, with a signer, its signature."""
+        record = to_record(payload)
+        if self.signer is not None:
+            from fedrad.common.messages import attach_signature, payload_digest
+            from fedrad.common.signing import signed_fields
+
+            fields = signed_fields(str(payload.get("plan") or ""), request, node, self.session, self.rounds,
+                                   payload_digest(record))
+            attach_signature(record, self.signer.sign(fields), self.session, self.rounds)
+        return record
 
 
 class LocalGrid(Grid):

@@ -59,8 +59,6 @@ serverapp = "fedrad.server.server_app:app"
 clientapp = "fedrad.client.client_app:app"
 
 [tool.flwr.app.config]
-plan = ""
-out-dir = ""
 sim-root = ""
 expected-sites = 1
 connect-timeout = 120.0
@@ -210,12 +208,24 @@ def start_loopback_zygote(home: Path) -> tuple[Process, str]:
 
 def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
                     tls: dict | None = None, node_auth: bool = False, simulation: bool = False,
-                    zygote: tuple[Process, str] | None = None) -> Process:
+                    zygote: tuple[Process, str] | None = None, coordinator_home: Path | None = None,
+                    fleet_address: str | None = None, superexec_secret: Path | None = None) -> Process:
     """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp);
     with ``simulation`` it runs Flower's simulation engine (Ray) instead of waiting for SuperNodes. ``zygote``
-    (:func:`start_loopback_zygote`): its SuperExec and ServerApps are forked from that zygote."""
+    (:func:`start_loopback_zygote`): its SuperExec and ServerApps are forked from that zygote.
+
+    ``coordinator_home`` (default ``home``) is where the ServerApp finds its run tickets and signing key
+    (:mod:`fedrad.server.tickets`). ``fleet_address``: the sites' address, serving the Fleet API only, while
+    ``host:port`` serves every API (:mod:`fedrad.server.superlink`). ``superexec_secret``: process isolation, the
+    SuperExec is started separately (:func:`start_superexec`) and must present this secret."""
+    from fedrad.server.tickets import HOME_ENV
+
     cmd = [str(BIN / "flower-superlink"), "--host", host, "--port", str(port),
            "--disable-runtime-dependency-installation"]
+    if fleet_address is not None:
+        cmd = [sys.executable, "-m", "fedrad.server.superlink", "--fleet-address", fleet_address, *cmd[1:]]
+    if superexec_secret is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(superexec_secret)]
     if simulation:
         cmd += ["--simulation"]
     if database is not None:
@@ -229,6 +239,7 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
         cmd += ["--insecure"]
     # the SuperLink's own SuperExec starts a submitted run's ServerApp: polled every 0.2 s, not Flower's 1 s
     env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPERLINK_TASK_POLL))
+    env[HOME_ENV] = str(Path(coordinator_home or home).resolve())
     if zygote is not None:
         from fedrad.client import fastpath
 
@@ -236,6 +247,35 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
         env.update({"PATH": bindir + os.pathsep + env["PATH"], fastpath.SOCKET_ENV: zygote[1],
                     fastpath.PID_ENV: str(zygote[0].popen.pid)})
     return _spawn("superlink", cmd, env, home / "superlink.log")
+
+
+def start_superexec(home: Path, runtime_address: str, secret: Path, *, coordinator_home: Path,
+                    root_certificates: Path | None = None, parent_pid: int | None = None) -> Process:
+    """The coordinator's own ``flower-superexec`` for a SuperLink in process isolation: it alone holds the
+    SuperExec secret, so only it can claim a run's ServerApp; ServerApps it starts see ``coordinator_home``."""
+    from fedrad.server.tickets import HOME_ENV
+
+    cmd = [str(BIN / "flower-superexec"), "--runtime-api-address", runtime_address,
+           "--superexec-auth-secret-file", str(secret)]
+    cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
+    if parent_pid is not None:
+        cmd += ["--parent-pid", str(parent_pid)]
+    env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPERLINK_TASK_POLL))
+    env[HOME_ENV] = str(Path(coordinator_home).resolve())
+    return _spawn("superexec", cmd, env, home / "superexec.log")
+
+
+def ensure_secret(path: Path) -> Path:
+    """A 32-byte random secret in ``path`` (0600), created when absent (the SuperExec authentication secret)."""
+    import secrets
+
+    path = Path(path)
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(secrets.token_bytes(32))
+    return path
 
 
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
@@ -312,16 +352,26 @@ def wait_for_port(host: str, port: int, proc: Process, timeout: float = 60.0) ->
 
 
 def write_cli_connection(flwr_home: Path, name: str, address: str, root_certificates: Path | None = None) -> None:
-    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``)."""
+    """The ``flwr`` CLI's connection to the SuperLink (``$FLWR_HOME/config.toml``; Flower wants an absolute
+    certificate path, so a relative one is resolved here)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     lines = ["[superlink]", f'default = "{name}"', "", f"[superlink.{name}]", f'address = "{address}"']
-    lines.append(f'root-certificates = "{root_certificates}"' if root_certificates else "insecure = true")
+    lines.append(f'root-certificates = "{Path(root_certificates).resolve()}"' if root_certificates
+                 else "insecure = true")
     (flwr_home / "config.toml").write_text("\n".join(lines) + "\n")
 
 
 def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
-             federation_config: dict | None = None) -> int:
-    """Submit a run; returns its run id (``federation_config``: e.g. ``{"num-supernodes": 50}`` in simulation)."""
+             federation_config: dict | None = None, *, ticket_home: Path | None = None) -> int:
+    """Submit a run; returns its run id (``federation_config``: e.g. ``{"num-supernodes": 50}`` in simulation).
+
+    ``run_config`` may name ``plan`` and ``out-dir``: they are not sent to the SuperLink but written into the
+    run's ticket in ``ticket_home`` (the coordinator home of the SuperLink, :mod:`fedrad.server.tickets`) once
+    the run id is known; the ServerApp runs only runs with a ticket."""
+    run_config = dict(run_config)
+    plan, out_dir = run_config.pop("plan", None), run_config.pop("out-dir", None)
+    if (plan is None) != (out_dir is None) or (plan is not None and ticket_home is None):
+        raise ValueError("a run's plan and out-dir go together, into the ticket of a coordinator home")
     cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--format", "json"]
     if run_config:
         cmd += ["--run-config", toml_pairs(run_config)]
@@ -334,7 +384,12 @@ def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
         out = {}
     if proc.returncode != 0 or not out.get("success", True) or "run-id" not in out:
         raise RuntimeFailure(f"flwr run failed (exit {proc.returncode}): {(proc.stdout + proc.stderr)[-1500:]}")
-    return int(out["run-id"])
+    run_id = int(out["run-id"])
+    if plan is not None:
+        from fedrad.server import tickets
+
+        tickets.issue(Path(ticket_home), run_id, Path(plan), Path(out_dir))
+    return run_id
 
 
 def _flwr_ls(flwr_home: Path, connection: str, *args: str, one: bool = False) -> list[dict]:
@@ -568,9 +623,22 @@ class LoopbackDeployment(_FlowerRun):
     def runs(self) -> list[dict]:
         return list_runs(self.home / "cli", self.connection)
 
+    @property
+    def coordinator_home(self) -> Path:
+        """The coordinator's home: run tickets and its signing key (:attr:`coordinator_key`)."""
+        return self.home / "superlink"
+
+    @property
+    def coordinator_key(self) -> str:
+        """The public signing key a plan names (``[coordinator] key``) for its requests to be signed here."""
+        from fedrad.common.signing import ensure_key
+
+        return ensure_key(self.coordinator_home)[0].public
+
     def submit(self, run_config: dict) -> int:
+        """``flwr run`` with ``plan`` and ``out-dir`` of ``run_config`` in the run's ticket."""
         app_dir = write_app(self.home / "app")
-        return flwr_run(app_dir, self.home / "cli", self.connection, run_config)
+        return flwr_run(app_dir, self.home / "cli", self.connection, run_config, ticket_home=self.coordinator_home)
 
 
 @dataclass
@@ -597,5 +665,5 @@ class SimulationRun(_FlowerRun):
         app_dir = write_app(self.home / "app")
         return flwr_run(app_dir, self.home / "cli", self.connection,
                         {**run_config, "sim-root": str(self.home / "sites")},
-                        federation_config={"num-supernodes": self.n_sites})
+                        federation_config={"num-supernodes": self.n_sites}, ticket_home=self.home / "superlink")
 

@@ -1,11 +1,14 @@
-"""The coordinator's Flower ServerApp: loads the plan the coordinator wrote, runs it, writes the results.
+"""The coordinator's Flower ServerApp: claims its run's ticket, runs that plan, writes the results.
 
-Run config (``flwr run --run-config``): ``plan`` (path of the plan JSON on the SuperLink host), ``out-dir``
-(where results.json is written — by the ServerApp itself, since open-source Flower has no ``flwr pull``),
-``expected-sites``, ``connect-timeout``, ``round-timeout``, ``poll-interval``.
+What to run and where to write come from the run's ticket in the coordinator's home (:mod:`fedrad.server.tickets`),
+never from the run config: a run nobody on the coordinator host submitted has no ticket and asks no site anything.
+Requests are signed with the coordinator's key (``<home>/signing.key``) when it exists
+(:mod:`fedrad.common.signing`). Run config (``flwr run --run-config``): ``expected-sites``, ``connect-timeout``,
+``round-timeout``, ``poll-interval``, ``max-concurrent-sites``.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from flwr.app import Context
@@ -17,11 +20,25 @@ from fedrad.server.plans import preload_task_modules, run_plan
 app = ServerApp()
 
 
+def coordinator_signer(home: str | None):
+    """The coordinator's signer from its home, or None when it has no signing key (plans without a key)."""
+    from fedrad.common.signing import KEY_FILE, Signer
+
+    if home and (Path(home) / KEY_FILE).is_file():
+        return Signer.load(Path(home))
+    return None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    from fedrad.server import tickets
+
     cfg = context.run_config
+    home = os.environ.get(tickets.HOME_ENV)
+    ticket = tickets.claim(home, context.run_id)
+    out_dir = Path(ticket["out_dir"])
     fast_object_pulls()
-    progress = Path(str(cfg["out-dir"])) / "progress.log"
+    progress = out_dir / "progress.log"
     progress.parent.mkdir(parents=True, exist_ok=True)
     progress.write_text("")  # this run's progress only (an earlier run into the same folder wrote its own)
 
@@ -32,10 +49,10 @@ def main(grid: Grid, context: Context) -> None:
 
     fed = Federation(FastGrid(grid, float(cfg.get("poll-interval", 0.05))),
                      timeout=float(cfg.get("round-timeout", 600.0)), log=log,
-                     max_concurrent=int(cfg.get("max-concurrent-sites", 0)))
+                     max_concurrent=int(cfg.get("max-concurrent-sites", 0)), signer=coordinator_signer(home))
     n = int(cfg.get("expected-sites", 1))
     preload_task_modules()  # ~1.3 s of imports (study, report figures) while the sites are still connecting
     log(f"coordinator: waiting for {n} sites to connect")
     fed.wait_for_sites(n, timeout=float(cfg.get("connect-timeout", 120.0)))
     log(f"coordinator: {len(fed.node_ids())} sites connected")
-    run_plan(fed, str(cfg["plan"]), str(cfg["out-dir"]))
+    run_plan(fed, ticket["plan"], str(out_dir))

@@ -121,6 +121,15 @@ class Study:
         self.log = log or fed.log
         #: the study id: hash of the plan the sites approved; every request carries it
         self.plan_id = fed.plan_id = plan_id(study_plan(cfg))
+        key = (cfg.get("coordinator") or {}).get("key")
+        signer = getattr(fed, "signer", None)
+        if key and (signer is None or signer.public != key):
+            from fedrad.common.signing import fingerprint
+
+            held = f"holds key {fingerprint(signer.public)}" if signer is not None else "has no signing key"
+            raise StudyError(f"the plan names coordinator key {fingerprint(key)}, but this coordinator {held}: the "
+                             "sites would refuse every request; run the study from the coordinator home whose "
+                             "`fedrad coordinator keys` printed that key")
         from fedrad.common.plan import dca_horizon
 
         #: the survival decision curves' horizon (None: none); the sites take it from their approved plan

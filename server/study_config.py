@@ -15,6 +15,11 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
     outcome = "response"                # response: 0/1 column; continuous: the numeric column
     # time = "os_time"; event = "os_event"   # survival
 
+    [coordinator]                       # the coordinator's public signing key (`fedrad coordinator keys`):
+                                        # sites answer only requests signed by it; `fedrad site approve` shows
+                                        # its fingerprint and refuses a study plan without one
+    key = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIG15/jNjWY0G2Mt+XkddyMdJkjFLPE9kLBU9ZDN4pv4M"
+
     [sites.site1]                       # the sites taking part (folds: final + one held out per site)
     source = "ct-cohort"                # a data source the SITE configured ([sources.ct-cohort] in its
                                         # site.toml); omit to use the site's default table or manifest.
@@ -130,6 +135,7 @@ DEFAULTS = {
                    "km_times": [0, 3, 6, 12, 18, 24, 36, 48, 60, 84, 120], "dca_horizon": None},
     "association": {"markers": [], "volume_adjusted": True, "discovery": [], "replication": [], "fdr": 0.05,
                     "top": 6},
+    "coordinator": {"key": None},
 }
 ALLOWED = {section: set(values) for section, values in DEFAULTS.items() if section != "sites"}
 
@@ -367,6 +373,7 @@ def validate(cfg: dict) -> dict:
     if missing:
         harm["covariates"] = list(harm["covariates"]) + sorted(missing)
     _association(cfg)
+    _coordinator(cfg)
     from fedrad.common.plan import NAME
 
     for name, site in cfg["sites"].items():
@@ -389,6 +396,18 @@ def validate(cfg: dict) -> dict:
         raise StudyConfigError(f"[sites] lists {len(cfg['sites'])} sites but [study] min_sites = "
                                f"{study['min_sites']}")
     return cfg
+
+
+def _coordinator(cfg: dict) -> None:
+    key = cfg["coordinator"]["key"]
+    if key is None:
+        return
+    from fedrad.common.signing import SigningError, public_line
+
+    try:
+        cfg["coordinator"]["key"] = public_line(key)
+    except SigningError as exc:
+        raise StudyConfigError(f"[coordinator] key = {_toml(key)[:60]}: {exc}") from None
 
 
 def _association(cfg: dict) -> None:

@@ -160,7 +160,8 @@ def test_foreign_fab_is_refused_and_fedrad_still_runs(tmp_path):
         res_dir = tmp_path / "results"
         write_cli_connection(tmp_path / "coord-cli", "fedrad", address)
         run_id = flwr_run(write_app(tmp_path / "app"), tmp_path / "coord-cli", "fedrad",
-                          {"plan": str(plan), "out-dir": str(res_dir), "expected-sites": 2, "round-timeout": 90.0})
+                          {"plan": str(plan), "out-dir": str(res_dir), "expected-sites": 2, "round-timeout": 90.0},
+                          ticket_home=tmp_path / "link")
         status = wait_for_run(tmp_path / "coord-cli", "fedrad", run_id, timeout=150, poll=2.0,
                               done_file=res_dir / "results.json")
         assert status["status"] == "finished:completed"

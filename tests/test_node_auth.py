@@ -91,7 +91,7 @@ def test_a_run_over_tls_and_node_auth_goes_through_the_fast_site_runtime(tmp_pat
         out = tmp_path / "results"
         run_id = flwr_run(write_app(tmp_path / "app"), tmp_path / "cli", "fedrad",
                           {"plan": str(tmp_path / "plan.json"), "out-dir": str(out), "expected-sites": 2,
-                           "round-timeout": 120.0})
+                           "round-timeout": 120.0}, ticket_home=tmp_path / "link")
         try:
             status = wait_for_run(tmp_path / "cli", "fedrad", run_id, timeout=300, poll=2.0,
                                   done_file=out / "results.json")

@@ -60,6 +60,8 @@ BAD = [
     ("association", "volume_adjusted", '"yes"'), ("association", "discovery", "[1]"),
     ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
     ("association", "top", "0"), ("association", "top", "2.5"),
+    ("coordinator", "key", '"ssh-rsa AAAAB3NzaC1yc2E"'), ("coordinator", "key", "1"),
+    ("coordinator", "key", '"ssh-ed25519 AAAAnotbase64!"'),
 ]
 
 
