@@ -270,7 +270,7 @@ def coordinator_start(
     try:
         wait_for_port("127.0.0.1", control_port, link, 90)
     except RuntimeFailure as exc:
-        _fail(" ".join(str(exc).split("\n")[:1]) + f" (log {link.log})")
+        _fail(str(exc).split("\n")[0].rstrip(":") + f"; last lines: {' / '.join(link.tail(3).splitlines())}")
     exe = start_superexec(home / "superexec", control, secret, coordinator_home=home,
                           root_certificates=tls["ca"] if tls else None, parent_pid=link.popen.pid)
     typer.echo(f"SuperLink pid {link.popen.pid}: sites connect to {host}:{port} (Fleet API only, "

@@ -373,6 +373,19 @@ def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
     if (plan is None) != (out_dir is None) or (plan is not None and ticket_home is None):
         raise ValueError("a run's plan and out-dir go together, into the ticket of a coordinator home")
     cmd = [str(BIN / "flwr"), "run", str(app_dir), connection, "--format", "json"]
+    pending = None
+    if plan is not None:
+        from fedrad.server import tickets
+
+        pending = tickets.announce(Path(ticket_home))
+    try:
+        return _submit(cmd, flwr_home, run_config, federation_config, plan, out_dir, ticket_home, pending)
+    finally:
+        if pending is not None:
+            pending.unlink(missing_ok=True)
+
+
+def _submit(cmd, flwr_home, run_config, federation_config, plan, out_dir, ticket_home, pending) -> int:
     if run_config:
         cmd += ["--run-config", toml_pairs(run_config)]
     if federation_config:
@@ -388,7 +401,7 @@ def flwr_run(app_dir: Path, flwr_home: Path, connection: str, run_config: dict,
     if plan is not None:
         from fedrad.server import tickets
 
-        tickets.issue(Path(ticket_home), run_id, Path(plan), Path(out_dir))
+        tickets.issue(Path(ticket_home), run_id, Path(plan), Path(out_dir), pending)
     return run_id
 
 

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
     fleet = argv[i + 1]
     del argv[i:i + 2]
     fleet_host, fleet_port = split_address(fleet)
-    from flwr.superlink.cli import flower_superlink as cli
+    import importlib
 
+    cli = importlib.import_module("flwr.superlink.cli.flower_superlink")  # the package re-exports the function
     cli.uvicorn.run = _two_listener_run(fleet_host, fleet_port)  # the module's own reference to uvicorn
     sys.argv = ["flower-superlink", *argv]
     cli.flower_superlink()

@@ -7,7 +7,9 @@ id in the coordinator's home (``$FEDRAD_COORDINATOR_HOME/tickets/<run id>.json``
 written by the command that submitted the run (``fedrad study run``, a loopback deployment, a simulation) once
 ``flwr run`` returned the id. The ticket names the plan file and the output folder; the ServerApp claims it
 (an atomic rename, so it is used once) and refuses to run without one. A run submitted by anyone else has no
-ticket: its ServerApp exits before asking any site anything.
+ticket: its ServerApp exits before asking any site anything. The submitter announces itself before ``flwr
+run`` (a ``pending-*`` file), so a ServerApp that finds neither its ticket nor a submission in flight refuses at
+once instead of waiting.
 """
 from __future__ import annotations
 
@@ -33,7 +35,31 @@ def _dir(home: Path, name: str) -> Path:
     return d
 
 
-def issue(home: Path, run_id: int, plan: Path, out_dir: Path) -> Path:
+#: a pending submission older than this is stale (its submitter died before writing the ticket)
+PENDING_SECONDS = 300.0
+
+
+def announce(home: Path) -> Path:
+    """Mark a submission in flight (before ``flwr run``); :func:`issue` removes the mark."""
+    d = _dir(home, "tickets")
+    path = d / f"pending-{os.getpid()}-{time.monotonic_ns()}"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    os.close(fd)
+    return path
+
+
+def _in_flight(home: Path) -> bool:
+    now = time.time()
+    for path in (Path(home) / "tickets").glob("pending-*"):
+        try:
+            if now - path.stat().st_mtime < PENDING_SECONDS:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
+
+
+def issue(home: Path, run_id: int, plan: Path, out_dir: Path, pending: Path | None = None) -> Path:
     """Write the ticket of run ``run_id``: the plan file to run and the folder for its results."""
     doc = {"run_id": int(run_id), "plan": str(Path(plan).resolve()), "out_dir": str(Path(out_dir).resolve())}
     d = _dir(home, "tickets")
@@ -43,6 +69,8 @@ def issue(home: Path, run_id: int, plan: Path, out_dir: Path) -> Path:
         json.dump(doc, f)
     path = d / f"{int(run_id)}.json"
     os.replace(tmp, path)
+    if pending is not None:
+        Path(pending).unlink(missing_ok=True)
     return path
 
 
@@ -59,7 +87,7 @@ def claim(home: str | Path | None, run_id: int, timeout: float = CLAIM_SECONDS) 
             os.rename(src, dst)  # atomic: a second claim of the same ticket finds nothing
             break
         except FileNotFoundError:
-            if time.monotonic() > deadline:
+            if time.monotonic() > deadline or not _in_flight(home):
                 raise TicketError(f"run {run_id} has no ticket in {Path(home) / 'tickets'} after {timeout:.0f} s: "
                                   "it was not submitted by this coordinator's `fedrad study run`; not running it")
             time.sleep(0.05)
