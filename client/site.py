@@ -22,8 +22,10 @@ approved-plans     plan ids the site answers (comma-separated; default: every pl
 Data sources are the site's own: ``[sources.ALIAS]`` tables in the file (``table`` or ``manifest`` +
 ``params``, optional ``robustness``) and the default source (``[site]`` / node-config ``table`` or
 ``manifest``). A study plan names a source by alias (``[sites.NAME] source = "ALIAS"``); no request ever
-carries a path. ``[columns]`` (``outcome``, ``clinical``, ``categorical``) is the site's allow-list of named
-columns: a plan that uses others is not approved (:mod:`fedrad.client.approval`).
+carries a path. ``[columns]`` (``outcome``, ``clinical``, ``categorical``, ``features``) is the site's allow-list:
+a plan that names other columns is not approved (:mod:`fedrad.client.approval`), and only numeric columns matching
+``features`` (glob patterns; default fedrad's pyradiomics names and the plan's volume column) are candidate
+features at the site, whatever a request asks (:func:`fedrad.common.plan.candidate_features`).
 
 The file has a ``[site]`` table (name, table, workdir, extract-jobs; relative paths are relative to the file)
 and a ``[policy]`` table (min-cell-size, min-events, allowed-requests). Node-config values override the
@@ -266,7 +268,7 @@ _TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_:.-]{0,100}$")
 _SITE_KEYS = {"name": "site-name", "table": "table", "workdir": "workdir", "extract-jobs": "extract-jobs",
               "manifest": "manifest", "params": "params", "robustness": "robustness"}
 _SOURCE_KEYS = {"table", "manifest", "params", "robustness"}
-_COLUMN_KEYS = {"outcome", "clinical", "categorical"}
+_COLUMN_KEYS = {"outcome", "clinical", "categorical", "features"}
 
 
 def _as_list(value) -> list[str]:
