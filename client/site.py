@@ -27,6 +27,13 @@ a plan that names other columns is not approved (:mod:`fedrad.client.approval`),
 ``features`` (glob patterns; default fedrad's pyradiomics names and the plan's volume column) are candidate
 features at the site, whatever a request asks (:func:`fedrad.common.plan.candidate_features`).
 
+Permissions: building a :class:`Site` sets the process's umask to 077, so everything the site agent creates from
+then on (its work directory and the folders in it, ``site.log``, the SuperNode it starts and that SuperNode's
+ClientApp processes, which build their own Site) is private to the site's account: folders 0700, files 0600.
+``fedrad site join`` builds its Site before it starts the SuperNode; a ClientApp builds one per message. A
+single-machine rehearsal (``--runtime local``, the demo, tests) builds the sites in the coordinator's process,
+whose later files are then private too.
+
 The file has a ``[site]`` table (name, table, workdir, extract-jobs; relative paths are relative to the file)
 and a ``[policy]`` table (min-cell-size, min-events, allowed-requests). Node-config values override the
 ``[site]`` values; for the policy the stricter of the two wins, so a SuperNode's command line can tighten but
@@ -126,6 +133,11 @@ class Site:
     approved_plans: frozenset | None = None
     #: the [columns] allow-list (None: not set)
     columns: dict | None = None
+
+    def __post_init__(self) -> None:
+        import os
+
+        os.umask(0o077)  # the site agent's folders 0700, its files 0600 (module docstring)
 
     @classmethod
     def from_node_config(cls, cfg: dict, run_config: dict | None = None) -> "Site":
@@ -230,10 +242,11 @@ class Site:
         import datetime
         import os
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.workdir / "site.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # an older log, or one copied in with other modes, is tightened too
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
             os.write(fd, f"{stamp} {request or '-'} [{code}] {' '.join(text.split())}\n".encode())
         finally:
