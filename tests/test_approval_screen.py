@@ -62,7 +62,8 @@ def write_site(tmp_path: Path, columns: str = "", name: str = "hosp0") -> Path:
 def write_study(tmp_path: Path, extra: str = "", clinical: str = '["age", "stage"]', file: str = "study.toml") -> Path:
     path = tmp_path / file
     path.write_text('[study]\nname = "t"\nmin_sites = 2\n[endpoint]\ntype = "response"\noutcome = "response"\n'
-                    '[sites.hosp0]\n[sites.hosp1]\n[harmonization]\ncovariates = ["age", "sex"]\ncategorical = ["sex"]\n'
+                    '[sites.hosp0]\n[sites.hosp1]\n[harmonization]\ncovariates = ["age", "sex"]\n'
+                    'categorical = ["sex"]\n'
                     f'[model]\nclinical = {clinical}\n{extra}')
     return path
 

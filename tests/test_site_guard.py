@@ -108,12 +108,12 @@ def test_attack2_combat_with_a_patient_level_categorical_is_refused(tmp_path):
     reply = ask(node, "combat_stats", {"plan": pid, "request": evil, "table": "raw"})
     text = json.dumps(reply, default=lambda a: np.asarray(a).tolist())
     assert "s0-" not in text  # no case id among the released levels: the plan's request was computed
-    # a plan whose categorical covariate has a level per patient (a column the site did not forbid)
-    table = tables["hosp0"].assign(mrn=[f"M{i:04d}" for i in range(91)])
+    # a plan whose categorical covariate has a level per patient, innocently named (a column the site did not forbid)
+    table = tables["hosp0"].assign(biopsy_lot=[f"M{i:04d}" for i in range(91)])
     path = tmp_path / "hosp0" / "features.parquet"
     table.to_parquet(path)
-    planned = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["mrn"],
-                                        "covariates": ["age", "mrn"]}}
+    planned = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["biopsy_lot"],
+                                        "covariates": ["age", "biopsy_lot"]}}
     approve_at_sites(study_plan(planned), [node])
     pid2 = plan_id(study_plan(planned))
     ask(node, "study_prepare", {"plan": pid2})
