@@ -59,7 +59,7 @@ from fedrad.common.files import atomic_write_bytes
 from fedrad.common.pipeline import CANDIDATES_PER_FEATURE
 from fedrad.common.plan import (FOLD, candidate_features, dca_horizon, endpoint, fixed_grid, is_association, outcome_columns,
                                 path_step, penalty_count, prepare_spec, subgroup_columns, uses_loso,
-                                volume_column)
+                                site_volume)
 
 MAX_ATTEMPTS = 8          # study attempts (prepare phases) per approval
 MAX_TASK_ROUNDS = 64      # evaluations (stats round + Newton points) per fit task
@@ -188,10 +188,12 @@ def _study_prepare(site, record, payload, ledger):
 
 
 def _site_candidates(site, study, cache: dict):
+    """The site's candidate features of its ``raw`` table under the plan and its own ``[columns]`` allow-list (a
+    request can never widen them), and its volume column."""
     if "candidates" not in cache:
         raw = site.table("raw")
-        cache["candidates"] = candidate_features(raw, study)
-        cache["volume"] = volume_column(raw, study["model"].get("volume"))
+        cache["candidates"] = candidate_features(raw, study, site.columns)
+        cache["volume"] = site_volume(raw, study, site.columns)
     return cache["candidates"]
 
 

@@ -22,8 +22,17 @@ approved-plans     plan ids the site answers (comma-separated; default: every pl
 Data sources are the site's own: ``[sources.ALIAS]`` tables in the file (``table`` or ``manifest`` +
 ``params``, optional ``robustness``) and the default source (``[site]`` / node-config ``table`` or
 ``manifest``). A study plan names a source by alias (``[sites.NAME] source = "ALIAS"``); no request ever
-carries a path. ``[columns]`` (``outcome``, ``clinical``, ``categorical``) is the site's allow-list of named
-columns: a plan that uses others is not approved (:mod:`fedrad.client.approval`).
+carries a path. ``[columns]`` (``outcome``, ``clinical``, ``categorical``, ``features``) is the site's allow-list:
+a plan that names other columns is not approved (:mod:`fedrad.client.approval`), and only numeric columns matching
+``features`` (glob patterns; default fedrad's pyradiomics names and the plan's volume column) are candidate
+features at the site, whatever a request asks (:func:`fedrad.common.plan.candidate_features`).
+
+Permissions: building a :class:`Site` sets the process's umask to 077, so everything the site agent creates from
+then on (its work directory and the folders in it, ``site.log``, the SuperNode it starts and that SuperNode's
+ClientApp processes, which build their own Site) is private to the site's account: folders 0700, files 0600.
+``fedrad site join`` builds its Site before it starts the SuperNode; a ClientApp builds one per message. A
+single-machine rehearsal (``--runtime local``, the demo, tests) builds the sites in the coordinator's process,
+whose later files are then private too.
 
 The file has a ``[site]`` table (name, table, workdir, extract-jobs; relative paths are relative to the file)
 and a ``[policy]`` table (min-cell-size, min-events, allowed-requests). Node-config values override the
@@ -130,6 +139,11 @@ class Site:
     #: the [columns] allow-list (None: not set)
     columns: dict | None = None
 
+    def __post_init__(self) -> None:
+        import os
+
+        os.umask(0o077)  # the site agent's folders 0700, its files 0600 (module docstring)
+
     @classmethod
     def from_node_config(cls, cfg: dict, run_config: dict | None = None) -> "Site":
         cfg = dict(cfg)
@@ -233,10 +247,11 @@ class Site:
         import datetime
         import os
 
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.workdir.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = self.workdir / "site.log"
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+            os.fchmod(fd, 0o600)  # an older log, or one copied in with other modes, is tightened too
             stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
             os.write(fd, f"{stamp} {request or '-'} [{code}] {' '.join(text.split())}\n".encode())
         finally:
@@ -277,7 +292,7 @@ _TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_:.-]{0,100}$")
 _SITE_KEYS = {"name": "site-name", "table": "table", "workdir": "workdir", "extract-jobs": "extract-jobs",
               "manifest": "manifest", "params": "params", "robustness": "robustness"}
 _SOURCE_KEYS = {"table", "manifest", "params", "robustness"}
-_COLUMN_KEYS = {"outcome", "clinical", "categorical"}
+_COLUMN_KEYS = {"outcome", "clinical", "categorical", "features"}
 
 
 def _as_list(value) -> list[str]:

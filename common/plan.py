@@ -374,7 +374,8 @@ def named_columns(study: dict) -> set[str]:
 
 
 def feature_rule(study: dict) -> dict:
-    """The study's feature-column rule: every numeric column that is not identifying, named by the plan, one of
+    """The study's feature-column rule: every numeric column that is not identifying (nor identifier-like,
+    :func:`feature_screen`), named by the plan, one of
     :data:`DEFAULT_EXCLUDE` or ``[selection] exclude`` (glob patterns), then filtered by ``feature_columns``
     (glob patterns) and ``feature_prefixes`` when given."""
     sel = study["selection"]
@@ -382,35 +383,82 @@ def feature_rule(study: dict) -> dict:
             "exclude": list(DEFAULT_EXCLUDE) + list(sel.get("exclude") or [])}
 
 
-def candidate_features(rows, study: dict) -> list[str]:
-    """A site's candidate features under a study plan (:func:`feature_rule`), in the table's column order."""
+#: fedrad's pyradiomics feature names: ``<image type>_<class>_<feature>``, one pattern per image type (original,
+#: LoG, one- and multi-level wavelets, the simple filters, LBP 2D and 3D): a site's default ``[columns] features``
+PYRADIOMICS_PATTERNS = ("original_*", "wavelet-*", "wavelet[0-9]*-*", "log-sigma-*", "square_*", "squareroot_*",
+                        "logarithm_*", "exponential_*", "gradient_*", "lbp-2D_*", "lbp-3D-*")
+
+
+def site_volume(rows, study: dict, allowed: dict | None = None) -> str | None:
+    """The plan's tumour-volume column at a site (:func:`volume_column`), unless the site's ``[columns] features``
+    patterns leave it out."""
+    vol = volume_column(rows, study["model"].get("volume"))
+    if vol is not None and allowed is not None and "features" in allowed and not _matches(vol, allowed["features"]):
+        return None
+    return vol
+
+
+def feature_screen(rows, study: dict, allowed: dict | None = None) -> dict:
+    """A site's candidate features under a study plan (:func:`feature_rule`) and what the value rules saw:
+    ``{"candidates": [...], "dates": [...], "near_unique": [...]}`` (column names in the table's order; dates:
+    left out, every value a ``yyyymmdd`` integer; near-unique: integer record-number-like candidates, kept).
+
+    Never candidates: identifier-like names (:func:`fedrad.common.names.identifier_like`), names with a control
+    character, non-ASCII names the site's ``allowed`` (its ``[columns]`` allow-list) does not name exactly in
+    ``features``, and integer columns holding only ``yyyymmdd`` dates. With ``allowed`` only the columns matching
+    its ``features`` patterns are candidates (without the key: :data:`PYRADIOMICS_PATTERNS` and the plan's volume
+    column). Dtypes come from ``rows.dtypes`` and the values from one block: no per-column access."""
     import pandas as pd
+
+    from fedrad.common.names import identifier_like, is_ascii, unsafe_character, value_flags
 
     named = named_columns(study)
     rule = feature_rule(study)
-    out = []
-    for c in rows.columns:
+    site_patterns, exact, volume = None, set(), None
+    if allowed is not None:
+        site_patterns = list(allowed.get("features", PYRADIOMICS_PATTERNS))
+        exact = set(allowed.get("features", []))
+        if "features" not in allowed:
+            volume = volume_column(rows, study["model"].get("volume"))
+    keep = []
+    for j, (c, dtype) in enumerate(zip(rows.columns, rows.dtypes)):
         if c in named or c in IDENTIFYING_COLUMNS or _matches(c, rule["exclude"]):
             continue
-        if not pd.api.types.is_numeric_dtype(rows[c]) or pd.api.types.is_bool_dtype(rows[c]):
+        if not pd.api.types.is_numeric_dtype(dtype) or pd.api.types.is_bool_dtype(dtype):
             continue
         if rule["prefixes"] and not any(str(c).startswith(p) for p in rule["prefixes"]):
             continue
         if rule["columns"] and not _matches(c, rule["columns"]):
             continue
-        out.append(c)
-    return out
+        if identifier_like(c) or unsafe_character(c) is not None or (not is_ascii(c) and str(c) not in exact):
+            continue
+        if site_patterns is not None and not (_matches(c, site_patterns) or (volume is not None and c == volume)):
+            continue
+        keep.append(j)
+    if not keep:
+        return {"candidates": [], "dates": [], "near_unique": []}
+    date_like, near = value_flags(rows.iloc[:, keep].to_numpy(dtype=float, na_value=np.nan))
+    names = [rows.columns[j] for j in keep]
+    return {"candidates": [c for c, d in zip(names, date_like) if not d],
+            "dates": [c for c, d in zip(names, date_like) if d],
+            "near_unique": [c for c, d, u in zip(names, date_like, near) if u and not d]}
 
 
-def unmatched_numeric(rows, study: dict, limit: int = 5) -> dict:
+def candidate_features(rows, study: dict, allowed: dict | None = None) -> list[str]:
+    """A site's candidate features under a study plan and its ``[columns]`` allow-list (:func:`feature_screen`), in
+    the table's column order."""
+    return feature_screen(rows, study, allowed)["candidates"]
+
+
+def unmatched_numeric(rows, study: dict, limit: int = 5, allowed: dict | None = None) -> dict:
     """How many numeric, non-named columns a table has and a few of those the feature rule left out (column names
     only: what a study that matches no features must tell its coordinator)."""
     import pandas as pd
 
     named = named_columns(study)
-    numeric = [c for c in rows.columns if c not in named and c not in IDENTIFYING_COLUMNS
-               and pd.api.types.is_numeric_dtype(rows[c])]
-    chosen = set(candidate_features(rows, study))
+    numeric = [c for c, dtype in zip(rows.columns, rows.dtypes) if c not in named and c not in IDENTIFYING_COLUMNS
+               and pd.api.types.is_numeric_dtype(dtype)]
+    chosen = set(candidate_features(rows, study, allowed))
     left = [str(c) for c in numeric if c not in chosen]
     return {"n_numeric": len(numeric), "n_columns": int(len(rows.columns)), "left_out": left[:limit]}
 
@@ -431,7 +479,8 @@ def volume_column(rows, declared: str | None = None) -> str | None:
     (:data:`VOLUME_NAMES`, then :data:`VOLUME_SUFFIXES`; case-insensitive), numeric columns only."""
     import pandas as pd
 
-    numeric = [c for c in rows.columns if pd.api.types.is_numeric_dtype(rows[c]) and c not in IDENTIFYING_COLUMNS]
+    numeric = [c for c, dtype in zip(rows.columns, rows.dtypes)
+               if pd.api.types.is_numeric_dtype(dtype) and c not in IDENTIFYING_COLUMNS]
     if declared:
         return declared if declared in numeric else None
     lower = {str(c).lower(): c for c in numeric}

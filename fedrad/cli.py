@@ -465,34 +465,80 @@ def site_audit(
 @site_app.command("approve")
 def site_approve(
     plan: Path = typer.Argument(..., help="The coordinator's published plan: study.toml, or its plan JSON."),
-    config: Optional[Path] = typer.Option(None, "--config", help="The site's site.toml (its work directory and "
-                                          "[columns] allow-list)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The site's site.toml (its work directory, its "
+                                          "table and [columns] allow-list: the screen then lists the site's "
+                                          "candidate features)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="The site's work directory (without --config)."),
     show: bool = typer.Option(False, "--show", help="Print the plan's id and what it asks, without approving."),
+    yes: bool = typer.Option(False, "--yes", help="Approve without asking (scripts); without it the command asks "
+                             "on the terminal and refuses when there is none."),
+    list_features: bool = typer.Option(False, "--list-features", help="List every candidate feature by name."),
 ) -> None:
     """Approve a study plan at this site: the site answers only requests of approved plans and takes every
-    parameter it checks from this copy (columns, folds, models, penalty grid, rounds)."""
-    from fedrad.client.approval import ApprovalError, approve_plan, check_plan_columns, describe_plan, read_plan_file
+    parameter it checks from this copy (columns, folds, models, penalty grid, rounds). Prints everything the
+    plan asks (every name escaped) and asks for confirmation."""
+    import sys
+
+    from fedrad.client.approval import ApprovalError, approve_plan, describe_plan, read_plan_file, review_plan
     from fedrad.client.site import Site, SiteFailure
+    from fedrad.common.names import shown
     from fedrad.common.plan import plan_id
 
     try:
         doc = read_plan_file(plan)
+        site = None
         if config is not None:
             site = Site.from_node_config({"config": str(config), **({"workdir": str(workdir)} if workdir else {})})
             wd, allowed = site.workdir, site.columns
         else:
             wd, allowed = (workdir or Path.cwd() / ".fedrad-site"), None
-        cols = check_plan_columns(doc, allowed)
-        for line in describe_plan(doc, cols):
+        rows, table, note = _approval_table(site, doc)
+        review = review_plan(doc, allowed, rows, table=table, note=note)
+        pid = plan_id(doc)
+        where = f"site {shown(site.name)}" if site is not None else f"the site of {wd}"
+        typer.echo(f"plan {pid} for {where}:")
+        for line in describe_plan(doc, review.columns, review, site=site.name if site else "",
+                                  list_features=list_features):
             typer.echo(f"  {line}")
+        for warning in review.warnings:
+            typer.echo(f"WARNING: {warning}")
         if show:
-            typer.echo(f"plan id: {plan_id(doc)} (not approved: --show)")
+            typer.echo(f"plan id: {pid} (not approved: --show)")
             return
+        if not yes:
+            if not sys.stdin.isatty():
+                _fail(f"plan {pid[:12]} not approved: no terminal to ask for confirmation; read the plan above "
+                      "(--show) and pass --yes to approve it without a prompt")
+            if not typer.confirm(f"approve plan {pid[:12]} at {where}?", default=False):
+                _fail(f"plan {pid[:12]} not approved (answered no)")
         pid = approve_plan(Path(wd), doc, allowed_columns=allowed)
     except (ApprovalError, SiteFailure) as exc:
         _fail(str(exc))
     typer.echo(f"approved plan {pid} in {wd}; pin it with approved-plans = [\"{pid}\"] in site.toml [policy]")
+
+
+def _approval_table(site, plan: dict):
+    """``(rows, shown path, note)``: the site's own table of the data source a study plan names for it, to list
+    its candidate features at approval (rows None, with the reason in note, when there is none to read)."""
+    if site is None or plan.get("task") != "study":
+        return None, "", ""
+    alias = ((plan["study"].get("sites") or {}).get(site.name) or {}).get("source")
+    src = site.sources.get(alias or "default")
+    if src is None:
+        return None, "", (f"data source {alias!r} is not configured in site.toml" if alias else
+                          "no table configured in site.toml")
+    if not src.get("table"):
+        return None, "", "the source is a manifest: features are extracted at the first request (fedrad site extract "\
+                         "writes the table to check them first)"
+    from fedrad.client.site import _read_features, read_table
+
+    path = Path(src["table"])
+    if not path.is_file():
+        return None, "", f"table {path} not found"
+    try:
+        return read_table(path, _read_features), str(path), ""
+    except Exception as exc:  # a table the site cannot read: the approval screen says so, the request would fail
+        return None, "", f"table {path} unreadable: {' '.join(str(exc).split())}"
 
 
 @site_app.command("robustness")

@@ -184,7 +184,9 @@ class Process:
 
 def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
     log.parent.mkdir(parents=True, exist_ok=True)
-    f = open(log, "ab")
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # a log names plans, sites and paths: 0600
+    os.fchmod(fd, 0o600)
+    f = os.fdopen(fd, "ab")
     popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     f.close()
     return Process(name, popen, log)

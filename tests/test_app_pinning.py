@@ -155,7 +155,7 @@ def test_foreign_fab_is_refused_and_fedrad_still_runs(tmp_path):
         plan.write_text(json.dumps({"task": "harmonize", "request": make_request(feats, ["age"], min_cell_size=10)}))
         for name in tables:  # each site's operator approves the published plan with the real command
             ok = subprocess.run([str(BIN / "fedrad"), "site", "approve", str(plan), "--workdir",
-                                 str(tmp_path / "sites" / name)], capture_output=True, text=True, timeout=60)
+                                 str(tmp_path / "sites" / name), "--yes"], capture_output=True, text=True, timeout=60)
             assert ok.returncode == 0 and "approved plan" in ok.stdout, ok.stdout + ok.stderr
         res_dir = tmp_path / "results"
         write_cli_connection(tmp_path / "coord-cli", "fedrad", address)

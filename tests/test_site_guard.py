@@ -108,12 +108,12 @@ def test_attack2_combat_with_a_patient_level_categorical_is_refused(tmp_path):
     reply = ask(node, "combat_stats", {"plan": pid, "request": evil, "table": "raw"})
     text = json.dumps(reply, default=lambda a: np.asarray(a).tolist())
     assert "s0-" not in text  # no case id among the released levels: the plan's request was computed
-    # a plan whose categorical covariate has a level per patient (a column the site did not forbid)
-    table = tables["hosp0"].assign(mrn=[f"M{i:04d}" for i in range(91)])
+    # a plan whose categorical covariate has a level per patient, innocently named (a column the site did not forbid)
+    table = tables["hosp0"].assign(biopsy_lot=[f"M{i:04d}" for i in range(91)])
     path = tmp_path / "hosp0" / "features.parquet"
     table.to_parquet(path)
-    planned = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["mrn"],
-                                        "covariates": ["age", "mrn"]}}
+    planned = {**cfg, "harmonization": {**cfg["harmonization"], "categorical": ["biopsy_lot"],
+                                        "covariates": ["age", "biopsy_lot"]}}
     approve_at_sites(study_plan(planned), [node])
     pid2 = plan_id(study_plan(planned))
     ask(node, "study_prepare", {"plan": pid2})
@@ -441,7 +441,7 @@ def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
     runner = CliRunner()
     shown = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--show"])
     assert shown.exit_code == 0 and "outcome columns: response" in shown.output and "not approved" in shown.output
-    res = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml")])
+    res = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes"])
     assert res.exit_code == 0, res.output
     from fedrad.server.study_config import load_study
 
@@ -451,7 +451,7 @@ def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
     assert ask(node, "study_prepare", {"plan": pid})["n"] == 50  # the source the plan names, from the site's file
     # a plan with a column outside [columns] is not approved
     study.write_text(study.read_text().replace('clinical = ["age", "stage"]', 'clinical = ["age", "weight"]'))
-    bad = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml")])
+    bad = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes"])
     assert bad.exit_code != 0 and "weight" in bad.output and "Traceback" not in bad.output
     # pinned plans: another approved plan is refused
     (tmp_path / "site.toml").write_text((tmp_path / "site.toml").read_text().replace(
