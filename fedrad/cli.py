@@ -473,6 +473,8 @@ def site_approve(
     yes: bool = typer.Option(False, "--yes", help="Approve without asking (scripts); without it the command asks "
                              "on the terminal and refuses when there is none."),
     list_features: bool = typer.Option(False, "--list-features", help="List every candidate feature by name."),
+    unsigned: bool = typer.Option(False, "--unsigned", help="Approve a study plan that names no [coordinator] key "
+                                  "(its requests unsigned: a rehearsal on one machine only)."),
 ) -> None:
     """Approve a study plan at this site: the site answers only requests of approved plans and takes every
     parameter it checks from this copy (columns, folds, models, penalty grid, rounds). Prints everything the
@@ -500,11 +502,24 @@ def site_approve(
         for line in describe_plan(doc, review.columns, review, site=site.name if site else "",
                                   list_features=list_features):
             typer.echo(f"  {line}")
+        key = (doc.get("study") or {}).get("coordinator", {}).get("key") if doc.get("task") == "study" else None
+        if key:
+            from fedrad.common.signing import fingerprint
+
+            typer.echo(f"  coordinator signing key: {fingerprint(key)}\n      {key}\n      the site answers only "
+                       "requests signed by it: compare the fingerprint with `fedrad coordinator keys`")
+        elif doc.get("task") == "study":
+            typer.echo("WARNING: the plan names no [coordinator] key: its requests are not signed, so anyone able "
+                       "to run fedrad's app on the SuperLink could ask this site for it")
         for warning in review.warnings:
             typer.echo(f"WARNING: {warning}")
         if show:
             typer.echo(f"plan id: {pid} (not approved: --show)")
             return
+        if doc.get("task") == "study" and not key and not unsigned:
+            _fail(f"plan {pid[:12]} not approved: it names no [coordinator] key, so the site could not tell the "
+                  "coordinator's requests from anyone else's; ask the coordinator for a study.toml with the table "
+                  "`fedrad coordinator keys` prints (or pass --unsigned for a rehearsal on one machine)")
         if not yes:
             if not sys.stdin.isatty():
                 _fail(f"plan {pid[:12]} not approved: no terminal to ask for confirmation; read the plan above "

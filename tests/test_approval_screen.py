@@ -19,7 +19,7 @@ import pytest
 
 from fedrad.common.plan import plan_id, study_plan
 from fedrad.server.study_config import load_study
-from tests.test_site_guard import ask, refused
+from tests.test_site_guard import TEST_SIGNER, ask, refused
 
 FEDRAD = os.path.join(os.path.dirname(sys.executable), "fedrad")
 FEATURES = ["original_glcm_Contrast", "original_firstorder_Mean", "wavelet-LLH_glcm_Idmn", "original_glszm_ZoneEntropy",
@@ -59,9 +59,15 @@ def write_site(tmp_path: Path, columns: str = "", name: str = "hosp0") -> Path:
     return cfg
 
 
+#: the coordinator's public signing key every study here names (a study plan without one is refused, below);
+#: the tests' ``ask`` signs with it
+KEY = TEST_SIGNER.public
+COORDINATOR = f'[coordinator]\nkey = "{KEY}"\n'
+
+
 def write_study(tmp_path: Path, extra: str = "", clinical: str = '["age", "stage"]', file: str = "study.toml") -> Path:
     path = tmp_path / file
-    path.write_text('[study]\nname = "t"\nmin_sites = 2\n[endpoint]\ntype = "response"\noutcome = "response"\n'
+    path.write_text(COORDINATOR + '[study]\nname = "t"\nmin_sites = 2\n[endpoint]\ntype = "response"\noutcome = "response"\n'
                     '[sites.hosp0]\n[sites.hosp1]\n[harmonization]\ncovariates = ["age", "sex"]\n'
                     'categorical = ["sex"]\n'
                     f'[model]\nclinical = {clinical}\n{extra}')
@@ -163,7 +169,7 @@ def test_the_screen_shows_candidates_every_risky_option_and_the_budgets(tmp_path
 
     cfg = write_site(tmp_path)
     study = tmp_path / "risky.toml"
-    study.write_text('[study]\nname = "risky"\nmin_sites = 2\n[endpoint]\ntype = "survival"\ntime = "os_time"\n'
+    study.write_text(COORDINATOR + '[study]\nname = "risky"\nmin_sites = 2\n[endpoint]\ntype = "survival"\ntime = "os_time"\n'
                      'event = "os_event"\n[sites.hosp0]\n[sites.hosp1]\n[harmonization]\ncovariates = ["sex"]\n'
                      'categorical = ["sex"]\nbatch = "stage"\ncovbat = true\nsmooth = { age = [18, 60, 60.1, 95] }\n'
                      '[selection]\nmax_features = 500\nfdr = 1.0\nredundancy = 1.0\nicc_threshold = 0.8\n'
@@ -322,3 +328,19 @@ def test_the_site_agent_creates_private_folders_and_files(tmp_path):
         {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in folders}
     assert {oct(stat.S_IMODE(p.stat().st_mode)) for p in files} == {"0o600"}, \
         {str(p): oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
+
+
+def test_a_study_plan_names_the_coordinators_key_or_is_refused(tmp_path):
+    from fedrad.common.signing import fingerprint
+
+    cfg = write_site(tmp_path)
+    res = approve(write_study(tmp_path), "--config", cfg, "--show")
+    assert f"coordinator signing key: {fingerprint(KEY)} {KEY} the site answers only requests signed by it" in \
+        " ".join(res.stdout.split()), res.stdout
+    keyless = tmp_path / "keyless.toml"
+    keyless.write_text(write_study(tmp_path).read_text().replace(COORDINATOR, ""))
+    err = one_error_line(approve(keyless, "--config", cfg, "--yes"))
+    assert "names no [coordinator] key" in err and "fedrad coordinator keys" in err
+    assert not list((tmp_path / "hosp0" / "work" / "plans").glob("*.json"))
+    res = approve(keyless, "--config", cfg, "--yes", "--unsigned")
+    assert res.returncode == 0 and "WARNING: the plan names no [coordinator] key" in res.stdout, res.stdout

@@ -20,11 +20,42 @@ from fedrad.server.study import Study
 from tests.test_study import make_sites
 
 
+def _test_signer():
+    """A fixed coordinator key for the tests (the same in every process: subprocess tests import it too)."""
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from fedrad.common.signing import Signer, _public_of
+
+    key = Ed25519PrivateKey.from_private_bytes(bytes(range(32)))
+    return Signer(key, _public_of(key))
+
+
+#: the coordinator of the tests' signed plans (``[coordinator] key = TEST_SIGNER.public``)
+TEST_SIGNER = _test_signer()
+
+
 def ask(node: dict, request: str, payload: dict) -> dict:
+    """``Site.answer`` as the ClientApp calls it; a request of a plan naming :data:`TEST_SIGNER`'s key is signed
+    by it, as the coordinator would (node 1000, a fresh session)."""
+    from fedrad.client.approval import ApprovalError, load_approved
+    from fedrad.client.signed import plan_key
     from fedrad.client.steps import secure_fit_round
 
     site = Site.from_node_config(node)
-    return site.answer(request, payload, {**_ALL_STEPS, "secure_fit_round": secure_fit_round}[request])
+    step = {**_ALL_STEPS, "secure_fit_round": secure_fit_round}[request]
+    try:
+        key = plan_key(load_approved(site.workdir, payload.get("plan"), site.approved_plans)["plan"])
+    except (ApprovalError, OSError, ValueError):
+        key = None
+    if key != TEST_SIGNER.public:
+        return site.answer(request, payload, step)
+    from fedrad.common.messages import attach_signature, from_record, payload_digest, request_signature, to_record
+    from fedrad.common.signing import new_session, signed_fields
+
+    record, session = to_record(payload), new_session()
+    fields = signed_fields(payload["plan"], request, 1000, session, 1, payload_digest(record))
+    attach_signature(record, TEST_SIGNER.sign(fields), session, 1)
+    return site.answer(request, from_record(record), step, auth=request_signature(record), node=1000)
 
 
 def last_audit(node: dict) -> dict:
@@ -441,7 +472,8 @@ def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
     runner = CliRunner()
     shown = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--show"])
     assert shown.exit_code == 0 and "outcome columns: response" in shown.output and "not approved" in shown.output
-    res = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes"])
+    res = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes",
+                                      "--unsigned"])
     assert res.exit_code == 0, res.output
     from fedrad.server.study_config import load_study
 
@@ -451,7 +483,8 @@ def test_site_toml_sources_columns_and_the_approve_command(tmp_path):
     assert ask(node, "study_prepare", {"plan": pid})["n"] == 50  # the source the plan names, from the site's file
     # a plan with a column outside [columns] is not approved
     study.write_text(study.read_text().replace('clinical = ["age", "stage"]', 'clinical = ["age", "weight"]'))
-    bad = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes"])
+    bad = runner.invoke(app, ["site", "approve", str(study), "--config", str(tmp_path / "site.toml"), "--yes",
+                                      "--unsigned"])
     assert bad.exit_code != 0 and "weight" in bad.output and "Traceback" not in bad.output
     # pinned plans: another approved plan is refused
     (tmp_path / "site.toml").write_text((tmp_path / "site.toml").read_text().replace(
