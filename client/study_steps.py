@@ -90,10 +90,11 @@ def study_prepare(site: Site, payload: dict) -> dict:
     kind.check_values(complete, site.name, k)
     from fedrad.common.report_stats import cohort_summary, feature_moments, software_versions
 
-    from fedrad.common.plan import candidate_features, site_volume, unmatched_numeric
+    from fedrad.common.plan import feature_screen, site_volume, unmatched_numeric
 
     study = payload["_plan"]["study"]
-    features = candidate_features(complete, study, site.columns)  # within the site's [columns] allow-list
+    screen = feature_screen(complete, study, site.columns)
+    features = screen["candidates"]  # within the site's [columns] allow-list
     volume = site_volume(complete, study, site.columns)
     spec = payload.get("cohort") or {}
     cohort = cohort_summary(complete, endpoint=endpoint, columns=list(spec.get("columns", payload.get("clinical", []))),
@@ -113,6 +114,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
             "exclusions": {reason: _small_or_zero(count, k) for reason, count in reasons.items()},
             "n_events": outcome.get("events"), "n_nonevents": outcome.get("non_events"),
             "features": features, "columns": unmatched_numeric(complete, study, allowed=site.columns), "volume": volume,
+            "endpoint_like": screen["endpoint_like"],  # column names left out as endpoint or follow-up columns
             "params_hash": params_hash, "extraction": extraction,
             "has_robustness": bool(source.get("robustness")), "cohort": cohort,
             # per-feature moments of the raw table (site effect; observed counts and means: the missing-value rule)

@@ -105,6 +105,26 @@ class Endpoint:
     def score_request(self, features: list[str]) -> dict:
         raise NotImplementedError
 
+    #: whether the leakage screen's per-feature strength is a correlation |r| (else a concordance, AUC or C)
+    leak_is_correlation = False
+    #: what the leakage screen's strength is called in the log and the report
+    leak_measure = "AUC"
+
+    def concordance_request(self, features: list[str]) -> dict | None:
+        """The leakage screen's per-feature concordance request (:mod:`fedrad.common.leakage`), or None when the
+        screen uses the score tests (a continuous outcome)."""
+        return None
+
+    def leak_strength(self, combined: dict, score) -> pd.Series:
+        """Per feature, the pooled training sites' univariate strength the leakage screen looks at."""
+        return combined["leak"]
+
+    def pooled_leak_strength(self, rows: pd.DataFrame, features: list[str], score, strata: str = "site"):
+        """Pooled twin of :meth:`leak_strength`."""
+        from fedrad.common.leakage import pooled_concordance
+
+        return pooled_concordance(rows, self.concordance_request(features), strata=strata)
+
     def pooled_score(self, rows: pd.DataFrame, features: list[str], strata: str = "site"):
         """Pooled twin of the site-stratified score tests."""
         raise NotImplementedError
@@ -300,6 +320,11 @@ class Response(Endpoint):
 
         return logistic_score_request(features, self.spec["outcome"])
 
+    def concordance_request(self, features):
+        from fedrad.common.leakage import concordance_request
+
+        return concordance_request(features, outcome=self.spec["outcome"])
+
     def pooled_score(self, rows, features, strata="site"):
         from fedrad.common.selection import pooled_logistic_score
 
@@ -472,6 +497,13 @@ class Survival(Endpoint):
         from fedrad.common.selection import cox_score_request
 
         return cox_score_request(features, self.spec["time"], self.spec["event"])
+
+    def concordance_request(self, features):
+        from fedrad.common.leakage import concordance_request
+
+        return concordance_request(features, time=self.spec["time"], event=self.spec["event"])
+
+    leak_measure = "C"
 
     def pooled_score(self, rows, features, strata="site"):
         from fedrad.common.selection import pooled_cox_score
@@ -674,6 +706,16 @@ class Continuous(Endpoint):
         from fedrad.common.selection import linear_score_request
 
         return linear_score_request(features, self.spec["outcome"])
+
+    leak_is_correlation = True
+    leak_measure = "|r|"
+
+    def leak_strength(self, combined, score):
+        """The within-site correlation of each feature with the outcome: z / sqrt(n) of the linear score test."""
+        return score.z / np.sqrt(float(score.n))
+
+    def pooled_leak_strength(self, rows, features, score, strata="site"):
+        return score.z / np.sqrt(float(score.n))
 
     def pooled_score(self, rows, features, strata="site"):
         from fedrad.common.selection import pooled_linear_score

@@ -114,6 +114,34 @@ def unsafe_reason(name) -> str | None:
     return None
 
 
+# --- endpoint-like names ------------------------------------------------------------------------------------------
+#: whole column names (case-insensitive) that are endpoint or follow-up columns: lifelines' ``T``/``E``, a bare ``y``
+ENDPOINT_NAMES = frozenset({"t", "e", "y", "time", "times", "event", "events", "status", "death", "dead",
+                            "censor", "censored", "label", "target", "outcome", "response", "duration", "futime",
+                            "fustat", "ttp", "os", "pfs", "dfs", "rfs", "efs"})
+#: name tokens that denote an endpoint or follow-up column of any kind (survival, response, recurrence)
+ENDPOINT_TOKENS = frozenset({
+    "os", "pfs", "dfs", "rfs", "efs", "dss", "mfs", "lrc", "ttp", "ttf", "ttr", "css", "fu",
+    "survival", "surv", "survived", "death", "deaths", "dead", "deceased", "died", "mortality", "alive",
+    "censor", "censored", "censoring", "vital", "event", "events", "status", "futime", "fustat",
+    "recurrence", "recurred", "recur", "relapse", "relapsed", "progression", "progressed", "followup",
+    "response", "responder", "responders", "outcome", "outcomes", "label", "target"})
+
+
+def endpoint_like(name) -> bool:
+    """Whether a column name denotes an endpoint or follow-up column (a second endpoint in the same table leaks
+    the outcome into a signature): a whole name of :data:`ENDPOINT_NAMES`, a token of :data:`ENDPOINT_TOKENS`, or
+    ``follow up`` / ``time to ...`` as consecutive tokens. Tokens as for :func:`name_tokens`, so a feature such
+    as ``T1_ED_Histogram_SeventyFifthPercentile`` (tokens t, ed, histogram, seventy, fifth, percentile) is not one."""
+    text = str(name).strip().lower()
+    if text in ENDPOINT_NAMES:
+        return True
+    tokens = name_tokens(name)
+    if any(t in ENDPOINT_TOKENS for t in tokens):
+        return True
+    return any((a, b) in {("follow", "up"), ("time", "to")} for a, b in zip(tokens, tokens[1:]))
+
+
 # --- values -------------------------------------------------------------------------------------------------------
 #: the dates a yyyymmdd integer column may hold
 DATE_RANGE = (19000101, 21001231)

@@ -60,6 +60,22 @@ def model_features(kind: str, signature: list[str], clinical: list[str], volume:
 CANDIDATES_PER_FEATURE = 5
 
 
+def withhold_leaks(score, strength, *, correlation: bool, allow=()) -> tuple:
+    """``(score without the probable leaks, {feature: strength})``: features whose univariate strength in the
+    training sites is extreme (:func:`fedrad.common.leakage.flagged`) are taken out of the score tests before
+    screening, so no signature holds them; ``allow`` (``[selection] allow``) keeps a feature in."""
+    from dataclasses import replace
+
+    from fedrad.common.leakage import flagged
+
+    leaks = flagged(dict(strength.items()), correlation=correlation, allow=allow) if strength is not None else {}
+    if not leaks:
+        return score, {}
+    keep = [f for f in score.table.index if f not in leaks]
+    return replace(score, table=score.table.loc[keep],
+                   uninformative={f: r for f, r in score.uninformative.items() if f not in leaks}), leaks
+
+
 def screen_candidates(score, *, fdr: float, max_features: int, icc=None, icc_threshold: float | None = None) -> dict:
     """Step 1 of the signature: Benjamini-Hochberg at ``fdr`` on the univariate score tests, most associated
     first (|z|), the top ``CANDIDATES_PER_FEATURE * max_features`` kept for the redundancy step.

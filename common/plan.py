@@ -73,6 +73,8 @@ def study_plan(cfg: dict) -> dict:
     for key, default in HARMONIZATION_OPTIONS.items():  # options at their default: the plan as before the key
         if key in study.get("harmonization", {}) and study["harmonization"][key] == default:
             study["harmonization"].pop(key)
+    if study.get("selection", {}).get("allow", None) == []:  # nothing allowed: the plan as before the key
+        study["selection"].pop("allow")
     if study.get("validation", {}).get("dca_horizon", 0) is None:  # no survival decision curve: the plan as
         study["validation"].pop("dca_horizon")                      # before the key existed (same id)
     if (study.get("coordinator") or {}).get("key") is None:  # no signing key named: the plan as before the key
@@ -403,17 +405,24 @@ def feature_screen(rows, study: dict, allowed: dict | None = None) -> dict:
     ``{"candidates": [...], "dates": [...], "near_unique": [...]}`` (column names in the table's order; dates:
     left out, every value a ``yyyymmdd`` integer; near-unique: integer record-number-like candidates, kept).
 
-    Never candidates: identifier-like names (:func:`fedrad.common.names.identifier_like`), names with a control
+    Never candidates: endpoint-like names (:func:`fedrad.common.names.endpoint_like`: a second endpoint's or a
+    follow-up column) unless ``[selection] allow`` or an exact ``feature_columns`` entry names them (listed in
+    ``endpoint_like``), identifier-like names (:func:`fedrad.common.names.identifier_like`), names with a control
     character, non-ASCII names the site's ``allowed`` (its ``[columns]`` allow-list) does not name exactly in
     ``features``, and integer columns holding only ``yyyymmdd`` dates. With ``allowed`` only the columns matching
     its ``features`` patterns are candidates (without the key: :data:`PYRADIOMICS_PATTERNS` and the plan's volume
     column). Dtypes come from ``rows.dtypes`` and the values from one block: no per-column access."""
     import pandas as pd
 
-    from fedrad.common.names import identifier_like, is_ascii, unsafe_character, value_flags
+    from fedrad.common.names import endpoint_like, identifier_like, is_ascii, unsafe_character, value_flags
 
     named = named_columns(study)
     rule = feature_rule(study)
+    # endpoint-like names are features only when the study names them: [selection] allow, or an exact
+    # (pattern-free) entry of feature_columns
+    named_features = set(study["selection"].get("allow") or []) | {
+        c for c in rule["columns"] if not any(ch in str(c) for ch in "*?[")}
+    endpoint_names: list = []
     site_patterns, exact, volume = None, set(), None
     if allowed is not None:
         site_patterns = list(allowed.get("features", PYRADIOMICS_PATTERNS))
@@ -432,16 +441,20 @@ def feature_screen(rows, study: dict, allowed: dict | None = None) -> dict:
             continue
         if identifier_like(c) or unsafe_character(c) is not None or (not is_ascii(c) and str(c) not in exact):
             continue
+        if endpoint_like(c) and str(c) not in named_features:
+            endpoint_names.append(c)
+            continue
         if site_patterns is not None and not (_matches(c, site_patterns) or (volume is not None and c == volume)):
             continue
         keep.append(j)
+    ends = [str(c) for c in endpoint_names]
     if not keep:
-        return {"candidates": [], "dates": [], "near_unique": []}
+        return {"candidates": [], "dates": [], "near_unique": [], "endpoint_like": ends}
     date_like, near = value_flags(rows.iloc[:, keep].to_numpy(dtype=float, na_value=np.nan))
     names = [rows.columns[j] for j in keep]
     return {"candidates": [c for c, d in zip(names, date_like) if not d],
             "dates": [c for c, d in zip(names, date_like) if d],
-            "near_unique": [c for c, d, u in zip(names, date_like, near) if u and not d]}
+            "near_unique": [c for c, d, u in zip(names, date_like, near) if u and not d], "endpoint_like": ends}
 
 
 def candidate_features(rows, study: dict, allowed: dict | None = None) -> list[str]:

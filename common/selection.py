@@ -1170,8 +1170,13 @@ def site_batch(rows: pd.DataFrame, requests: Mapping[str, Mapping], *, site: Any
                perturbed_rows: pd.DataFrame | None = None, min_cell_size: int | None = None) -> dict:
     """Answer several selection requests in one reply: ``{name: site_*(...)}``.  ICC requests use
     ``perturbed_rows`` (the perturbed table), the others ``rows``."""
+    from fedrad.common import leakage
+
     out = {}
     for name, req in requests.items():
+        if req.get("kind") == leakage.KIND:  # the leakage screen's concordance counts
+            out[name] = leakage.site_concordance(rows, req, site=site, min_cell_size=min_cell_size)
+            continue
         method = _BY_KIND.get(req.get("kind"))
         if method is None:
             raise SelectionError(f"request {name!r} has unknown kind {req.get('kind')!r}")
@@ -1188,11 +1193,15 @@ def combine_batch(replies: Sequence[Mapping[str, Mapping]], *, stratified: bool 
     """Server side of :func:`site_batch`: ``{name: combine_*([reply[name] for reply in replies])}``."""
     if not replies:
         raise SelectionError("no site replies to combine")
+    from fedrad.common import leakage
+
     out = {}
     for name in replies[0]:
         aggs = [r[name] for r in replies]
         method = _BY_KIND.get(str(aggs[0].get("kind", "")).removesuffix(".stats"))
-        if method == "icc":
+        if aggs[0].get("kind") == leakage.KIND + ".stats":
+            out[name] = leakage.combine_concordance(aggs)
+        elif method == "icc":
             out[name] = combine_icc(aggs)
         elif method == "correlation":
             out[name] = combine_correlation(aggs)

@@ -47,7 +47,7 @@ from fedrad.common.combat import combine_combat_stats, make_request
 from fedrad.common.messages import to_plain
 from fedrad.common.plan import (combat_passes, grid_strong_to_weak, smooth_auto, harmonization_method, path_shape, smooth_columns,
                                uses_loso)
-from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features,
+from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signature, model_features, withhold_leaks,
                                     common_volume, penalty_choice, pick_variants,
                                     screen_candidates)
 from fedrad.common.report_stats import covariate_balance, harmonization_summary, software_versions
@@ -75,16 +75,12 @@ def no_features_message(replies: dict) -> str:
             "feature_prefixes and exclude in study.toml (default: every numeric column the study does not name)")
 
 
-#: names that usually denote an outcome or follow-up column (a feature by that name is worth a warning)
-_OUTCOME_LIKE = ("*time*", "*event*", "*status*", "os", "os_*", "pfs*", "dfs*", "efs*", "rfs*", "*surviv*", "*death*",
-                 "*dead*", "*vital*", "response*", "*label*", "outcome*", "target*", "y", "*recurr*", "*relapse*",
-                 "*progress*", "*censor*", "*follow*")
-
-
 def outcome_like(features: list[str]) -> list[str]:
-    from fnmatch import fnmatchcase
+    """The features whose names look like an endpoint or follow-up column (whole name tokens,
+    :func:`fedrad.common.names.endpoint_like`): only those a study allows as features can remain."""
+    from fedrad.common.names import endpoint_like
 
-    return [f for f in features if any(fnmatchcase(str(f).lower(), p) for p in _OUTCOME_LIKE)]
+    return [f for f in features if endpoint_like(f)]
 
 
 def fold_plan(sites: list[str], loso: bool) -> dict[str, dict]:
@@ -161,10 +157,15 @@ class Study:
         self.candidates = [f for f in replies[self.sites[0]]["features"] if f in common]
         if not self.candidates:
             raise StudyError(no_features_message(replies))
+        left = sorted({str(c) for r in replies.values() for c in (r.get("endpoint_like") or [])})
+        if left:
+            self.log(f"note: column(s) {', '.join(left[:8])}{' ...' if len(left) > 8 else ''} left out of the "
+                     "features as endpoint or follow-up columns (list a real feature in [selection] allow)")
+        self.results["endpoint_like_excluded"] = left
         suspicious = outcome_like(self.candidates)
         if suspicious:
             self.log(f"warning: candidate feature(s) {', '.join(suspicious[:5])} look like outcome or follow-up "
-                     "columns; if they are, list them in [selection] exclude")
+                     "columns ([selection] allow lists them); if they are, remove them from allow")
         self.results["outcome_like_features"] = suspicious
         self.volume, reason = common_volume({s: replies[s].get("volume") for s in self.sites})
         self.results["volume"] = {"column": self.volume, "reason": reason}
@@ -393,6 +394,9 @@ class Study:
         for fold, spec in self.folds.items():
             feats = self._fold_score_features(fold)
             requests = {"score": self._score_request(feats)}
+            leak = self.kind.concordance_request(feats)
+            if leak is not None:  # the leakage screen's concordance counts ride with the score tests
+                requests["leak"] = leak
             if self.cfg["selection"]["icc_threshold"] is not None:
                 requests["icc"] = icc_request(feats)
             specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold], "requests": requests}
@@ -406,10 +410,14 @@ class Study:
         if not hasattr(self, "scores"):
             replies = self.fed.ask("study_select", {"folds": self._score_specs()}, phase="selection")
             self.scores = {s: r["folds"] for s, r in replies.items()}
-        screens, specs = {}, {}
+        screens, specs, leaks = {}, {}, {}
         for fold, spec in self.folds.items():
             combined = combine_batch([self.scores[s][fold] for s in spec["train"]], stratified=True)
-            screens[fold] = screen_candidates(combined["score"], fdr=float(sel["fdr"]),
+            score, leaks[fold] = withhold_leaks(combined["score"], self.kind.leak_strength(combined,
+                                                                                           combined["score"]),
+                                                correlation=self.kind.leak_is_correlation,
+                                                allow=sel.get("allow") or [])
+            screens[fold] = screen_candidates(score, fdr=float(sel["fdr"]),
                                               max_features=int(sel["max_features"]), icc=combined.get("icc"),
                                               icc_threshold=sel["icc_threshold"])
             specs[fold] = {"train_sites": spec["train"], "table": self.tables[fold],
@@ -428,8 +436,24 @@ class Study:
             self.signatures[fold] = chosen["selected"]
             report[fold] = chosen
         self.results["selection"] = report
+        self._report_leaks(leaks)
         self._keep_feature_moments()
         self._phase("selection", t0, r0)
+
+    def _report_leaks(self, leaks: dict) -> None:
+        """Name every feature the leakage screen withheld, with its most extreme strength over the folds."""
+        worst: dict[str, float] = {}
+        for values in leaks.values():
+            for f, v in values.items():
+                if f not in worst or abs(v - 0.5) > abs(worst[f] - 0.5):
+                    worst[f] = v
+        measure = self.kind.leak_measure
+        self.results["leakage"] = {"measure": measure, "withheld": dict(sorted(worst.items())),
+                                   "folds": {f: v for f, v in leaks.items() if v}}
+        if worst:
+            shown = ", ".join(f"{f} ({measure} {v:.3f})" for f, v in list(sorted(worst.items()))[:6])
+            self.log(f"warning: probable leakage: {shown} predict the outcome almost perfectly on their own in the "
+                     "training sites; withheld from the signatures (check the table; [selection] allow keeps one)")
 
     def fit_models(self) -> None:
         t0, r0 = time.monotonic(), self.fed.rounds

@@ -57,9 +57,14 @@ Example (every key shown; defaults in :data:`DEFAULTS`)::
 
     [selection]
     # features: by default every numeric column that is not case_id / a file column, the outcome, time or
-    # event, a clinical column or a ComBat covariate, a site label or a pyradiomics diagnostics_* column.
+    # event, a clinical column or a ComBat covariate, a site label or a pyradiomics diagnostics_* column, an
+    # identifier-like name (MRN, dob, zip, ...) or an endpoint-like name (T, E, os_*, pfs_*, death, status,
+    # follow-up, response, ...: whole name tokens, fedrad.common.names.endpoint_like).
     # These narrow it (glob patterns; case-sensitive):
     exclude = ["pfs_*", "response"]     # e.g. the other endpoints' columns kept in the same table
+    allow = []                          # endpoint-like names that ARE features here, and features the
+                                        # leakage screen would withhold (a near-perfect univariate
+                                        # association with the outcome in the training sites)
     feature_columns = []                # only these (e.g. ["original_*"]); [] = all
     feature_prefixes = []               # only names starting with one of these; [] = all
     max_missing = 0.2                   # features missing in more than this share of a site's patients are
@@ -127,7 +132,7 @@ DEFAULTS = {
     "harmonization": {"enabled": True, "covariates": [], "categorical": [], "parametric": True,
                       "mean_only": False, "batch": None, "shared_batches": False, "covbat": False,
                       "covbat_percent_var": 0.95, "covbat_n_pc": 0, "smooth": {}, "smooth_alphas": None},
-    "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "max_missing": 0.2,
+    "selection": {"feature_prefixes": [], "feature_columns": [], "exclude": [], "allow": [], "max_missing": 0.2,
                   "fdr": 0.05, "redundancy": 0.9, "max_features": 10, "icc_threshold": None},
     "model": {"type": None, "penalty": "l2", "l1_ratio": 0.5, "grid": None, "path_size": 12,
               "path_decades": None, "clinical": [], "volume": None},
@@ -316,7 +321,7 @@ def validate(cfg: dict) -> dict:
             raise StudyConfigError(f"[harmonization] batch = {_toml(batch)}: {col!r} is also a covariate or clinical "
                                    "column; the batch is what ComBat removes, a covariate what it preserves")
     sel = cfg["selection"]
-    for key in ("feature_prefixes", "feature_columns", "exclude"):
+    for key in ("feature_prefixes", "feature_columns", "exclude", "allow"):
         _strings(cfg, "selection", key)
     _number(cfg, "selection", "max_missing", 0.0, 1.0, "[0, 1)", low_open=False)
     if sel["max_missing"] >= 1.0:

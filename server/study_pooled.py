@@ -20,7 +20,7 @@ from fedrad.common.plan import (batch_columns, candidate_features, combat_passes
                                 subgroup_columns)
 from fedrad.common import endpoints
 from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, complete_rows, evaluate_site, finish_signature,
-                                    model_features, screen_candidates)
+                                    model_features, screen_candidates, withhold_leaks)
 from fedrad.common.report_stats import centroid_pca_rows, project_centroids, scale_effect_rows, site_effect_rows
 from fedrad.common.selection import (correlation_request, icc_request, penalty_path, pooled_correlation, pooled_icc,
                                      pooled_standardized_scores)
@@ -143,6 +143,8 @@ def pooled_loso(cfg: dict, site_tables: dict[str, pd.DataFrame], held_out: str, 
     sel = cfg["selection"]
     kind_of = endpoints.of(endpoint)
     score = kind_of.pooled_score(train, feats, strata="site")
+    score, leaks = withhold_leaks(score, kind_of.pooled_leak_strength(train, feats, score, strata="site"),
+                                  correlation=kind_of.leak_is_correlation, allow=sel.get("allow") or [])
     icc = None
     if sel["icc_threshold"] is not None:
         perturbed = pd.concat([robustness[s] for s in train_sites], ignore_index=True)
