@@ -263,6 +263,12 @@ def coordinator_register_site(
     typer.echo(proc.stdout.strip())
 
 
+#: the SuperNode's local runtime API port when ``site join --port`` is not given and it is free (Flower's default)
+DEFAULT_SITE_PORT = 9094
+#: seconds after which ``site join`` says that its SuperNode has not registered yet
+REGISTRATION_NOTICE_SECONDS = 20.0
+
+
 @site_app.command("join")
 def site_join(
     superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
@@ -274,7 +280,10 @@ def site_join(
                                          "overrides [site] table)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Audit log and derived tables (default "
                                            "[site] workdir, else ./fedrad-site)."),
-    port: int = typer.Option(9094, "--port", help="Local port of this SuperNode's runtime API."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help=f"Local port of this SuperNode's runtime API (127.0.0.1 only; default "
+                                            f"{DEFAULT_SITE_PORT}, or a free port when {DEFAULT_SITE_PORT} is "
+                                            "taken, e.g. by another site on this host)."),
     min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", min=2,
                                                 help="Smallest group this site describes (default 10; with "
                                                      "--config the stricter of the two)."),
@@ -286,11 +295,12 @@ def site_join(
                                "on Flower 1.42.0, stock with a notice on other versions)."),
 ) -> None:
     """Run this site's Flower SuperNode in the foreground: it answers the coordinator's requests from its own
-    table, under its policy, writing every reply to its audit log."""
+    table, under its policy, writing every reply to its audit log. The SuperNode ends with this command, however
+    it ends (Ctrl-C, SIGTERM, even kill -9)."""
     import ipaddress
 
     from fedrad.client.site import Site, SiteFailure
-    from fedrad.server.runtime import APP_ID, RuntimeFailure, app_version, start_supernode
+    from fedrad.server.runtime import APP_ID, RuntimeFailure, app_version, free_port, port_in_use, start_supernode
 
     host = superlink.rsplit(":", 1)[0].strip("[]")
     loopback = host == "localhost" or _is_loopback(ipaddress, host)
@@ -316,9 +326,21 @@ def site_join(
               "no feature table: pass --table or set [site] table in --config")
     site.workdir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("site-name", site.name)
+    if port is not None and port_in_use(port):
+        _fail(f"port {port} is in use (another site on this host?); pass another --port N, or leave --port out "
+              "to use a free one")
+    if port is None:
+        port = DEFAULT_SITE_PORT
+        if port_in_use(port):
+            port = free_port()
+            typer.echo(f"site {site.name}: port {DEFAULT_SITE_PORT} is in use (another site on this host?); the "
+                       f"SuperNode's local runtime API uses free port {port} (pass --port N to choose)", err=True)
+    log = site.workdir / "flower" / "supernode.log"
+    offset = log.stat().st_size if log.is_file() else 0  # the log is appended to: this run's part starts here
     try:  # app pinning is always on: off loopback the node does not start without it
         proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
-                               root_certificates=root_certificates, auth_key=auth_key, fast=not stock)
+                               root_certificates=root_certificates, auth_key=auth_key, fast=not stock,
+                               die_with_parent=True)
     except RuntimeFailure as exc:
         _fail(str(exc))
     from fedrad.client.app_trust import flower_supported
@@ -328,8 +350,58 @@ def site_join(
                f"site {site.name}: WARNING: loopback SuperLink and a Flower version app pinning does not support: "
                "any app submitted to the SuperLink runs here", err=True)
     typer.echo(f"site {site.name}: policy {site.policy.describe()}", err=True)
-    typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink}; log {proc.log}", err=True)
-    _run_foreground(proc)
+    typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink} (local port {port}); "
+               f"log {proc.log}", err=True)
+    _run_site_foreground(proc, site.name, superlink, offset)
+
+
+def _run_site_foreground(proc, name: str, superlink: str, offset: int) -> None:
+    """Wait for a site's SuperNode: say once it registered (its node id, from its log after ``offset``), stop it
+    cleanly on Ctrl-C, SIGTERM or SIGHUP, and when it ends by itself fail with the line of its log that says why.
+    A kill -9 of this command ends the SuperNode too (``die_with_parent``)."""
+    import signal
+    import subprocess
+    import time
+
+    from fedrad.server.runtime import exit_reason, supernode_node_id
+
+    def _stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    def new_log() -> str:
+        try:
+            with open(proc.log, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    started, node, noticed = time.monotonic(), None, False
+    try:
+        while True:
+            try:
+                code = proc.popen.wait(None if node is not None else 0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            node = supernode_node_id(new_log())
+            if node is not None:
+                typer.echo(f"connected to {superlink} as {name} (node id {node})", err=True)
+            elif not noticed and time.monotonic() - started > REGISTRATION_NOTICE_SECONDS:
+                noticed = True
+                typer.echo(f"site {name}: not registered with {superlink} yet, the SuperNode keeps trying (last "
+                           f"log line: {exit_reason(new_log()) or '-'}; log {proc.log})", err=True)
+    except KeyboardInterrupt:
+        proc.stop()
+        typer.echo(f"site {name}: SuperNode stopped", err=True)
+        raise typer.Exit(0)
+    if code != 0:
+        reason = exit_reason(new_log()) or "no reason in its log"
+        _fail(f"site {name}: the SuperNode exited with code {code}: {reason}; log {proc.log}",
+              code if 0 < code < 256 else 1)
+    typer.echo(f"site {name}: the SuperNode ended (exit 0); log {proc.log}", err=True)
 
 
 def _run_foreground(proc) -> None:
