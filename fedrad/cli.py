@@ -20,7 +20,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features.",
+site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features "
+                       "(check, extract, robustness, delta), make its node keys (keys), approve a study plan "
+                       "(approve), join the federation (join), verify what left the hospital (audit).",
                        no_args_is_help=True)
 coordinator_app = typer.Typer(
     help="Coordinator operator: certificates, the SuperLink, site registration.", no_args_is_help=True)
@@ -986,6 +988,38 @@ def _expected_error(exc: BaseException) -> Optional[str]:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{_os_message(exc)} (check the path and its permissions)"
     return None
+
+
+def _keep_brackets(typer_app: typer.Typer) -> None:
+    """Escape rich markup in every help text of ``typer_app`` and its groups (their own help, each command's
+    docstring or help, each option's and argument's help), once, at import: Typer renders help with rich markup,
+    which swallows every "[site]", "[sites.NAME]", "[study] min_sites" written there. Escaped, rich prints them as
+    written, and Typer's own "[default: ...]" and "[required]" and its panels stay as they are (with markup off,
+    Typer 0.20 prints those as "\\[required]")."""
+    import inspect
+
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+
+    def params(callback) -> None:
+        for param in inspect.signature(callback).parameters.values():
+            if isinstance(param.default, ParameterInfo) and isinstance(param.default.help, str):
+                param.default.help = escape(param.default.help)
+
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = escape(typer_app.info.help)
+    if typer_app.registered_callback is not None and typer_app.registered_callback.callback is not None:
+        params(typer_app.registered_callback.callback)
+    for command in typer_app.registered_commands:
+        text = command.help if isinstance(command.help, str) else inspect.getdoc(command.callback)
+        if text:
+            command.help = escape(text)
+        params(command.callback)
+    for group in typer_app.registered_groups:
+        _keep_brackets(group.typer_instance)
+
+
+_keep_brackets(app)
 
 
 def main() -> None:
