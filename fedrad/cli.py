@@ -450,21 +450,36 @@ def site_keys(
 
 @site_app.command("audit")
 def site_audit(
-    log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory "
-                                         "(default: ./audit.jsonl, then ./.fedrad-site/audit.jsonl)."),
+    log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory (default: "
+                                         "./audit.jsonl, then ./fedrad-site/audit.jsonl, the work directory of "
+                                         "`site join` without --config, then ./.fedrad-site/audit.jsonl)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The site's site.toml: the log in its work "
+                                          "directory, as `site join --config` uses it ([site] workdir; without "
+                                          "it .fedrad-site next to the table)."),
     key: Optional[Path] = typer.Option(None, "--key", help="The site's audit key (default: audit.key next to "
                                        "the log)."),
     no_key: bool = typer.Option(False, "--no-key", help="Check only the plain hash chain, without the key "
                                 "(MACs are not checked: a log rewritten with recomputed hashes passes)."),
 ) -> None:
-    """Verify the audit log's hash chain, MACs and anchor, summarize what left the hospital and print the last
-    record's hash (compare it with a copy held elsewhere); exit 1 on any problem."""
+    """Verify the audit log's hash chain, MACs and anchor, summarize what left the hospital per plan and study
+    attempt, and print the last record's hash (compare it with a copy held elsewhere); exit 1 on any problem."""
     from fedrad.client.audit import find_audit_log, summarize_audit, verify_audit
 
+    if config is not None:
+        from fedrad.client.site import Site, SiteFailure
+
+        if log is not None:
+            _fail(f"pass either the log ({log}) or --config {config}, not both")
+        if not config.is_file():
+            _fail(f"--config {config} not found; pass the site.toml `fedrad site join --config` uses")
+        try:
+            log = Site.from_node_config({"config": str(config.resolve())}).workdir
+        except SiteFailure as exc:
+            _fail(str(exc))
     try:
         path = find_audit_log(log)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        _fail(f"{exc}{f' (the work directory of --config {config})' if config is not None else ''}")
     report = verify_audit(path, key, check_mac=not no_key)
     typer.echo(summarize_audit(path, report=report))
     raise typer.Exit(0 if report.ok else 1)
