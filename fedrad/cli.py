@@ -12,6 +12,7 @@ from typing import Optional
 import typer
 
 from fedrad import __version__
+from fedrad.common.text import plural
 
 app = typer.Typer(
     help="fedrad: federated radiomics for multi-center validation studies. "
@@ -157,7 +158,8 @@ def site_check(
 def site_extract(
     manifest: Path = typer.Argument(..., help="Site data manifest (CSV)."),
     params: Optional[str] = typer.Option(
-        None, "--params", help="pyradiomics parameter file: 'ct' (default), 'mr' (shipped files) or a YAML path."),
+        None, "--params", help="pyradiomics parameter file: 'ct' (default), 'ct-original' (ct without the LoG "
+        "filters: 107 features, ~4x faster), 'mr' (shipped files) or a YAML path."),
     out: Path = typer.Option(..., "--out", help="Output table: .parquet or .csv."),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (default: number of cores)."),
     cache_dir: Optional[Path] = typer.Option(
@@ -473,7 +475,7 @@ def site_audit(
         if not config.is_file():
             _fail(f"--config {config} not found; pass the site.toml `fedrad site join --config` uses")
         try:
-            log = Site.from_node_config({"config": str(config.resolve())}).workdir
+            log = Site.from_node_config({"site-name": "audit", "config": str(config.resolve())}).workdir
         except SiteFailure as exc:
             _fail(str(exc))
     try:
@@ -521,7 +523,8 @@ def site_approve(
 @site_app.command("robustness")
 def site_robustness(
     manifest: Path = typer.Argument(..., help="Site data manifest (CSV)."),
-    params: Optional[str] = typer.Option(None, "--params", help="'ct' (default), 'mr' or a pyradiomics YAML path."),
+    params: Optional[str] = typer.Option(None, "--params", help="'ct' (default), 'ct-original' (no LoG filters), "
+                                         "'mr' or a pyradiomics YAML path."),
     out: Path = typer.Option(..., "--out", help="Perturbed feature table (.parquet or .csv): case_id, "
                              "perturbation, features."),
     perturbations: int = typer.Option(4, "--perturbations", min=2, help="Perturbations per case (0 = original)."),
@@ -665,7 +668,7 @@ def harmonize(
     ref_d = info["reference"]
     n_feat = len(ref_d.get("features", []))
     excluded = ref_d.get("excluded_features") or {}
-    mode = (f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled")
+    mode = (f"federated, {plural(info['round_trips'], 'round trip')}" if info["mode"] == "federated" else "pooled")
     if ref_d.get("covbat"):
         mode += (f"; CovBat: {ref_d['covbat']['n_pc']} PCs ({100 * sum(ref_d['covbat']['explained']):.0f}% of the "
                  "ComBat residual variance)")
@@ -788,12 +791,12 @@ def fit(
     if info["mode"] == "pooled":
         mode = "pooled"
     elif info["mode"] == "federated" and info.get("secure_aggregation"):
-        mode = (f"federated with SecAgg+, {info['secure_rounds']} secure rounds = {info['round_trips']} "
-                "round trips")
+        mode = (f"federated with SecAgg+, {plural(info['secure_rounds'], 'secure round')} = "
+                f"{plural(info['round_trips'], 'round trip')}")
     elif info["mode"] == "federated":
-        mode = f"federated, {info['round_trips']} round trips"
+        mode = f"federated, {plural(info['round_trips'], 'round trip')}"
     else:
-        mode = f"{info['mode']} (approximate), {info['round_trips']} round trips"
+        mode = f"{info['mode']} (approximate), {plural(info['round_trips'], 'round trip')}"
         if info.get("dp"):
             mode += (f"; central DP: noise multiplier {info['dp']['noise_multiplier']:.4g}, clip "
                      f"{info['dp']['clipping_norm']:g}, epsilon {info['dp']['epsilon']:.3g} at delta "

@@ -58,3 +58,34 @@ def test_site_help_lists_every_site_command():
     for name in group.commands:
         assert f"({name}" in summary or f" {name}," in summary or f"{name})" in summary, (name, summary)
         assert name in out.stdout
+
+
+def test_every_shipped_parameter_file_is_documented():
+    """`--params` of site extract and robustness (the real commands' help) and the README name every shipped
+    parameter file, ct-original included."""
+    from pathlib import Path
+
+    from fedrad.client.extract import SHIPPED_PARAMS
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for command in ("extract", "robustness"):
+        out = subprocess.run([str(BIN / "fedrad"), "site", command, "--help"], capture_output=True, text=True,
+                             timeout=60, env={**os.environ, "COLUMNS": "200", "TERM": "dumb"})
+        text = " ".join(re.sub(r"│", " ", out.stdout).split())
+        for name in SHIPPED_PARAMS:
+            assert f"'{name}'" in text, (command, name, text)
+    for name in SHIPPED_PARAMS:
+        assert f"`{name}`" in readme, name
+
+
+def test_counts_take_the_right_number_and_the_license_is_an_spdx_string():
+    import tomllib
+    from pathlib import Path
+
+    from fedrad.common.text import plural, verb
+
+    assert plural(1, "round trip") == "1 round trip" and plural(2, "round trip") == "2 round trips"
+    assert plural(0, "analysis", "analyses") == "0 analyses"
+    assert f"stage {verb(1, 'differs', 'differ')}" == "stage differs" and verb(2, "differs", "differ") == "differ"
+    project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"  # PEP 639; the {text = ...} table is deprecated
