@@ -12,6 +12,8 @@ One JSON object per line (``audit.jsonl`` in the site's work directory), append-
 ``payload``         the payload as sent, each array replaced by ``{"__array__": name}``
 ``arrays``          name -> ``{"dtype", "shape", "values"}`` (values as nested lists): the data protection
                     officer can see exactly what left the hospital
+``plan``            (optional) the id of the study, harmonization or fit plan the request named: the approved
+                    plan it was checked against, or for a refusal the id the request claimed
 ``prev``            the previous record's ``hash`` (``"0" * 64`` for the first record)
 ``hash``            SHA-256 (hex) of ``canonical_json(record without "hash" and "mac")``
 ``mac``             HMAC-SHA256 (hex) with the site's audit key of ``b"fedrad-audit-record-v1\\0" +
@@ -81,6 +83,9 @@ FILENAME = "audit.jsonl"
 KEY_FILENAME = "audit.key"
 ANCHOR_SUFFIX = ".anchor"
 KEY_BYTES = 32
+#: where :func:`find_audit_log` looks without a path: here, ``fedrad site join``'s default work directory, then the
+#: default of a site.toml without ``workdir``
+DEFAULT_WORKDIRS = (".", "fedrad-site", ".fedrad-site")
 #: Fields every chained record carries (``hash`` last; ``mac`` follows it in records written with a key).
 FIELDS = ("seq", "time", "site", "request", "status", "n_values", "shapes", "payload_sha256", "payload",
           "arrays", "prev", "hash")
@@ -404,8 +409,9 @@ class AuditLog:
             _tighten(self.key_path)
         return key, next_seq  # a new chain (mac_from 0) or a pre-MAC log adopted from here on
 
-    def record(self, site: str, request: str, payload: dict, status: str = "sent") -> dict:
-        """Append one record for ``payload`` (log and anchor fsynced before returning); returns the record."""
+    def record(self, site: str, request: str, payload: dict, status: str = "sent", plan: str | None = None) -> dict:
+        """Append one record for ``payload`` (log and anchor fsynced before returning); returns the record.
+        ``plan``: the id of the plan the request belongs to (the summary groups releases by plan and attempt)."""
         skeleton, arrays = split_payload(payload)
         body = json.loads(skeleton)
         listed = _listify(arrays)
@@ -423,7 +429,7 @@ class AuditLog:
                      "site": site, "request": request, "status": status,
                      "n_values": _array_count(listed) + _count_numbers(body),
                      "shapes": {k: v["shape"] for k, v in listed.items()}, "payload_sha256": digest,
-                     "payload": body, "arrays": listed, "prev": prev}
+                     "payload": body, "arrays": listed, **({"plan": str(plan)} if plan else {}), "prev": prev}
             entry["hash"] = record_digest(entry)
             entry["mac"] = record_mac(entry, key)
             _write_all(fd, (json.dumps(entry, allow_nan=False) + "\n").encode("utf-8"))
@@ -712,15 +718,59 @@ def _shape_text(shape) -> str:
     return "x".join(map(str, shape)) if shape else "scalar"
 
 
+def _attempts(records: list[dict]) -> dict[tuple[str | None, int], list[dict]]:
+    """Records grouped by (plan id, attempt), in log order. A plan's attempt is counted by its
+    ``study_prepare`` records (each study attempt starts with one; the coordinator restarts from it when a site
+    drops out); a harmonization or fit plan has one attempt. Records without a plan id share the key None."""
+    groups: dict[tuple[str | None, int], list[dict]] = {}
+    prepares: dict[str | None, int] = defaultdict(int)
+    for r in records:
+        plan = r.get("plan") if isinstance(r.get("plan"), str) else None
+        if r.get("request") == "study_prepare":
+            prepares[plan] += 1
+        groups.setdefault((plan, max(1, prepares[plan])), []).append(r)
+    return groups
+
+
+def _request_lines(by_request: dict[str, list[dict]], indent: str) -> list[str]:
+    """Per request type (in the order they first appear): messages sent and refused, first/last time, contents,
+    numbers released, largest array, each refusal's reason."""
+    out = []
+    for request in by_request:
+        recs = by_request[request]
+        sent = [r for r in recs if r.get("status", "sent") != "refused"]
+        refused = [r for r in recs if r.get("status") == "refused"]
+        rtimes = [str(r.get("time", "")) for r in recs if r.get("time")]
+        known = REQUESTS.get(request)
+        out.append(f"{indent}{request}: {len(sent)} message(s) sent" + (f", {len(refused)} refused" if refused else "")
+                   + (f"; first {min(rtimes)}, last {max(rtimes)}" if rtimes else ""))
+        if known:
+            out.append(f"{indent}  contents: {known.aggregates}")
+        out.append(f"{indent}  numbers released: {sum(_record_values(r) for r in sent):,}")
+        largest = _largest_array(sent)
+        out.append(f"{indent}  largest array: {largest[0]} {_shape_text(largest[1])} "
+                   f"({_n_elements(largest[1]):,} values)" if largest else
+                   f"{indent}  largest array: none (single numbers only)")
+        for r in refused:
+            body = r.get("payload") if isinstance(r.get("payload"), dict) else {}
+            reason = body.get("refused") or (f"{body['message']} [{body.get('error', '?')}]" if body.get("message")
+                                             else "?")
+            out.append(f"{indent}  refused at {r.get('time', '?')}: {reason}")
+    return out
+
+
 def summarize_audit(path: str | Path, key_path: str | Path | None = None, *, check_mac: bool = True,
                     report: AuditReport | None = None) -> str:
-    """Human summary of what left the site, per request type, and whether the chain verifies.
+    """Human summary of what left the site, per plan and study attempt, and whether the chain verifies.
 
-    Per request type: messages sent, first/last time, numbers released, largest array (name, shape; numpy
-    arrays and rectangular numeric lists inside the payload alike); refusals
-    with their reasons. Unreadable lines are left out of the counts (they are listed as chain problems).
-    Then the verification (``report``, or :func:`verify_audit` with ``key_path``/``check_mac``), the last
-    record's seq and hash (to compare with a copy held elsewhere), and whether MACs were checked.
+    Releases are grouped by the plan id each record carries and by attempt (a study attempt starts with its
+    ``study_prepare`` request: a study restarted without a lost site is a second attempt of the same plan);
+    records written without a plan id form one group of their own. Per group: messages sent and refused, numbers
+    released, first/last time; within it, per request type: messages, numbers released, largest array (name,
+    shape; numpy arrays and rectangular numeric lists inside the payload alike), refusals with their reasons.
+    Unreadable lines are left out of the counts (they are listed as chain problems). Then the verification
+    (``report``, or :func:`verify_audit` with ``key_path``/``check_mac``), the last record's seq and hash (to
+    compare with a copy held elsewhere), and whether MACs were checked.
     """
     path = Path(path)
     if report is None:
@@ -735,34 +785,33 @@ def summarize_audit(path: str | Path, key_path: str | Path | None = None, *, che
             records.append(rec)
     sites = sorted({str(r.get("site")) for r in records})
     times = [str(r.get("time", "")) for r in records if r.get("time")]
+    groups = _attempts(records)
+    plans = {plan for plan, _ in groups if plan is not None}
     out = [f"Audit log {path}",
            f"site(s): {', '.join(sites) or '-'}; {len(records)} record(s)"
-           + (f", {min(times)} to {max(times)}" if times else "")]
-    by_request: dict[str, list[dict]] = defaultdict(list)
-    for r in records:
-        by_request[str(r["request"])].append(r)
+           + (f", {min(times)} to {max(times)}" if times else "")
+           + (f"; {len(plans)} plan(s)" if plans else "")]
+    n_attempts = defaultdict(int)
+    for plan, _ in groups:
+        n_attempts[plan] += 1
     total_sent = total_values = total_refused = 0
-    for request in sorted(by_request):
-        recs = by_request[request]
+    for (plan, attempt), recs in groups.items():
         sent = [r for r in recs if r.get("status", "sent") != "refused"]
         refused = [r for r in recs if r.get("status") == "refused"]
         values = sum(_record_values(r) for r in sent)
         total_sent, total_values, total_refused = total_sent + len(sent), total_values + values, \
             total_refused + len(refused)
-        rtimes = [str(r.get("time", "")) for r in recs if r.get("time")]
+        gtimes = [str(r.get("time", "")) for r in recs if r.get("time")]
+        title = (f"plan {plan}, attempt {attempt} of {n_attempts[plan]}" if plan is not None else
+                 "records without a plan id")
         out.append("")
-        known = REQUESTS.get(request)
-        out.append(f"{request}: {len(sent)} message(s) sent" + (f", {len(refused)} refused" if refused else "")
-                   + (f"; first {min(rtimes)}, last {max(rtimes)}" if rtimes else ""))
-        if known:
-            out.append(f"  contents: {known.aggregates}")
-        out.append(f"  numbers released: {values:,}")
-        largest = _largest_array(sent)
-        out.append(f"  largest array: {largest[0]} {_shape_text(largest[1])} ({_n_elements(largest[1]):,} values)"
-                   if largest else "  largest array: none (single numbers only)")
-        for r in refused:
-            reason = r.get("payload", {}).get("refused", "?") if isinstance(r.get("payload"), dict) else "?"
-            out.append(f"  refused at {r.get('time', '?')}: {reason}")
+        out.append(f"{title}: {len(sent)} message(s) sent, {values:,} numbers released"
+                   + (f", {len(refused)} refused" if refused else "")
+                   + (f"; first {min(gtimes)}, last {max(gtimes)}" if gtimes else ""))
+        by_request: dict[str, list[dict]] = defaultdict(list)
+        for r in recs:
+            by_request[str(r["request"])].append(r)
+        out.extend(_request_lines(by_request, "  "))
     out.append("")
     out.append(f"Total: {total_sent} message(s) sent, {total_values:,} numbers released, {total_refused} refused.")
     if report.ok:
@@ -835,7 +884,8 @@ def _largest_array(records: list[dict]) -> tuple[str, list[int]] | None:
 
 def find_audit_log(path: str | Path | None = None) -> Path:
     """The log to check: ``path`` itself, ``path/audit.jsonl`` for a directory, or with no argument
-    ``./audit.jsonl`` then ``./.fedrad-site/audit.jsonl`` (the site agent's default work directory).
+    ``./audit.jsonl``, ``./fedrad-site/audit.jsonl`` (``fedrad site join``'s default work directory), then
+    ``./.fedrad-site/audit.jsonl`` (the work directory of a site.toml without ``workdir``, next to its table).
 
     A log that is missing while its anchor (or, for ``audit.jsonl``, the key next to it) exists is returned
     all the same, so that :func:`verify_audit` reports the deletion instead of "not found"."""
@@ -849,11 +899,12 @@ def find_audit_log(path: str | Path | None = None) -> Path:
         if not p.is_file() and not traces(p):
             raise FileNotFoundError(f"audit log {p} not found")
         return p
-    candidates = (Path(FILENAME), Path(".fedrad-site") / FILENAME)
+    candidates = tuple(Path(d) / FILENAME for d in DEFAULT_WORKDIRS)
     for p in candidates:
         if p.is_file():
             return p
     for p in candidates:
         if traces(p):
             return p
-    raise FileNotFoundError(f"no {FILENAME} in the current directory or in .fedrad-site/; give the log's path")
+    raise FileNotFoundError(f"no {FILENAME} in the current directory, fedrad-site/ or .fedrad-site/; give the log's "
+                            "path, the site's work directory or --config site.toml")

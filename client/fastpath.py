@@ -68,7 +68,11 @@ ACTIVE_SECONDS = 30.0
 ACTIVE_POLL = 0.2
 REPLY_POLL = 0.05
 REPLY_POLL_MAX = 0.25
-ZYGOTE_START_SECONDS = 20.0
+#: a launcher waits for a zygote that is still importing for as long as it lives and uses CPU (its imports take
+#: 1-3 s on an idle machine, more than 20 s seen while many processes share 2 cores), at most this long; one that
+#: used no CPU at all for ZYGOTE_STALL_SECONDS is taken for stuck. Either way the launcher then runs in-process.
+ZYGOTE_START_SECONDS = 600.0
+ZYGOTE_STALL_SECONDS = 120.0
 #: each fast SuperNode's folder in the temp directory (sockets, SuperExec shim) and the file naming its owner
 DIR_PREFIX = "fedrad-site-"
 OWNER_FILE = "supernode.pid"
@@ -294,8 +298,8 @@ def superexec_shim(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     code = run_via_zygote(argv, entry="superexec")
     if code is None:
-        notice("SuperExec starts as a fresh process: no zygote answered (still importing after "
-               f"{ZYGOTE_START_SECONDS:g} s, or gone)")
+        notice("SuperExec starts as a fresh process: no zygote answered (gone, stuck without using CPU for "
+               f"{ZYGOTE_STALL_SECONDS:g} s, or still importing after {ZYGOTE_START_SECONDS:g} s)")
         return superexec_main(argv)
     return code
 
@@ -395,8 +399,8 @@ def supernode_main(argv: list[str] | None = None) -> int:
         os.environ["PATH"] = _install_superexec_shim(directory) + os.pathsep + os.environ.get("PATH", "")
         patch_supernode()
         notice(f"on (Flower {FLOWER_EXACT}): idle pull {ACTIVE_POLL:g} s for {ACTIVE_SECONDS:g} s after a "
-               f"message, pre-forked ClientApps ({which}; a ClientApp launched before it listens waits up to "
-               f"{ZYGOTE_START_SECONDS:g} s, then starts as a fresh process)")
+               f"message, pre-forked ClientApps ({which}; a ClientApp launched before it listens waits while it "
+               f"imports, at most {ZYGOTE_START_SECONDS:g} s, then starts as a fresh process)")
     else:
         for name in RUNTIME_ENV:
             os.environ.pop(name, None)
@@ -483,6 +487,17 @@ def _starting(pid: int) -> bool:
         return False
 
 
+def _cpu_ticks(pid: int) -> int | None:
+    """CPU time (user + system, clock ticks) the process ``pid`` has used so far, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+        fields = stat[stat.rindex(")") + 2:].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 # ------------------------------------------------------------------------------------------- launcher side
 def run_via_zygote(argv: list[str], entry: str = "clientapp") -> int | None:
     """Run ``flwr-clientapp argv`` (``entry="superexec"``: ``flower-superexec argv``) in a child of the zygote;
@@ -495,7 +510,8 @@ def run_via_zygote(argv: list[str], entry: str = "clientapp") -> int | None:
         pid = int(os.environ.get(PID_ENV, "0"))
     except ValueError:
         pid = 0
-    deadline = time.monotonic() + ZYGOTE_START_SECONDS
+    start = last_progress = time.monotonic()
+    ticks = None
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -503,10 +519,17 @@ def run_via_zygote(argv: list[str], entry: str = "clientapp") -> int | None:
             break
         except OSError:
             sock.close()
-            # the socket appears once the zygote has imported: wait for a zygote that is still starting
-            if not (pid and _starting(pid) and not os.path.exists(path) and time.monotonic() < deadline):
+            # the socket appears once the zygote has imported: wait for a zygote that is still starting, however
+            # long its imports take on a loaded machine, while it is alive and making progress
+            now = time.monotonic()
+            if not (pid and _starting(pid) and not os.path.exists(path)) or now - start > ZYGOTE_START_SECONDS:
                 return None
-            time.sleep(0.02)
+            used = _cpu_ticks(pid)
+            if used != ticks:
+                ticks, last_progress = used, now
+            elif now - last_progress > ZYGOTE_STALL_SECONDS:
+                return None
+            time.sleep(0.02 if now - start < 1 else 0.1)
     payload = json.dumps({"argv": list(argv), "env": dict(os.environ), "cwd": os.getcwd(),
                           "entry": entry}).encode()
     socket.send_fds(sock, [_STATUS.pack(len(payload)) + payload], [0, 1, 2])

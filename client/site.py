@@ -267,6 +267,8 @@ class Site:
         privacy-relevant parameter from the site's copy of that plan). An error or refusal is audited and answered
         with a code and a generic text only; its details go to the local log.
         """
+        claimed = payload.get("plan") if isinstance(payload, dict) else None
+        plan = claimed if isinstance(claimed, str) and len(claimed) <= 128 else None  # for the audit record
         try:
             from fedrad.client.signed import check_signature
 
@@ -275,16 +277,17 @@ class Site:
             from fedrad.client.guard import check_request
 
             record, clean = check_request(self, request, payload)
+            plan = record["plan_id"]
             reply = compute(self, {**clean, "plan": record["plan_id"], "_plan": record["plan"]})
         except Exception as exc:  # one line naming the site, whatever went wrong locally
             code = error_code(exc)
             detail = " ".join(str(exc).split()) or exc.__class__.__name__
             self.log_local(code, detail, request)
             text = PUBLIC_ERRORS.get(code, PUBLIC_ERRORS["data"])
-            self.audit.record(self.name, request, {"error": code, "message": text}, status="refused")
+            self.audit.record(self.name, request, {"error": code, "message": text}, status="refused", plan=plan)
             raise SiteFailure(f"site {self.name}: {text} [{code}]") from exc
         reply = {"site": self.name, **reply}
-        self.audit.record(self.name, request, reply)
+        self.audit.record(self.name, request, reply, plan=plan)
         return reply
 
 

@@ -13,6 +13,7 @@ from typing import Optional
 import typer
 
 from fedrad import __version__
+from fedrad.common.text import plural
 
 app = typer.Typer(
     help="fedrad: federated radiomics for multi-center validation studies. "
@@ -21,7 +22,9 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features.",
+site_app = typer.Typer(help="Site agent (run at a hospital): check a data manifest, extract radiomic features "
+                       "(check, extract, robustness, delta), make its node keys (keys), approve a study plan "
+                       "(approve), join the federation (join), verify what left the hospital (audit).",
                        no_args_is_help=True)
 coordinator_app = typer.Typer(
     help="Coordinator operator: certificates, the SuperLink, site registration.", no_args_is_help=True)
@@ -156,7 +159,8 @@ def site_check(
 def site_extract(
     manifest: Path = typer.Argument(..., help="Site data manifest (CSV)."),
     params: Optional[str] = typer.Option(
-        None, "--params", help="pyradiomics parameter file: 'ct' (default), 'mr' (shipped files) or a YAML path."),
+        None, "--params", help="pyradiomics parameter file: 'ct' (default), 'ct-original' (ct without the LoG "
+        "filters: 107 features, ~4x faster), 'mr' (shipped files) or a YAML path."),
     out: Path = typer.Option(..., "--out", help="Output table: .parquet or .csv."),
     jobs: int = typer.Option(0, "--jobs", help="Worker processes (default: number of cores)."),
     cache_dir: Optional[Path] = typer.Option(
@@ -329,6 +333,12 @@ def coordinator_register_site(
     typer.echo(proc.stdout.strip())
 
 
+#: the SuperNode's local runtime API port when ``site join --port`` is not given and it is free (Flower's default)
+DEFAULT_SITE_PORT = 9094
+#: seconds after which ``site join`` says that its SuperNode has not registered yet
+REGISTRATION_NOTICE_SECONDS = 20.0
+
+
 @site_app.command("join")
 def site_join(
     superlink: str = typer.Option(..., "--superlink", help="Coordinator address HOST:PORT."),
@@ -340,7 +350,10 @@ def site_join(
                                          "overrides [site] table)."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Audit log and derived tables (default "
                                            "[site] workdir, else ./fedrad-site)."),
-    port: int = typer.Option(9094, "--port", help="Local port of this SuperNode's runtime API."),
+    port: Optional[int] = typer.Option(None, "--port", min=1, max=65535,
+                                       help=f"Local port of this SuperNode's runtime API (127.0.0.1 only; default "
+                                            f"{DEFAULT_SITE_PORT}, or a free port when {DEFAULT_SITE_PORT} is "
+                                            "taken, e.g. by another site on this host)."),
     min_cell_size: Optional[int] = typer.Option(None, "--min-cell-size", min=2,
                                                 help="Smallest group this site describes (default 10; with "
                                                      "--config the stricter of the two)."),
@@ -352,11 +365,12 @@ def site_join(
                                "on Flower 1.42.0, stock with a notice on other versions)."),
 ) -> None:
     """Run this site's Flower SuperNode in the foreground: it answers the coordinator's requests from its own
-    table, under its policy, writing every reply to its audit log."""
+    table, under its policy, writing every reply to its audit log. The SuperNode ends with this command, however
+    it ends (Ctrl-C, SIGTERM, even kill -9)."""
     import ipaddress
 
     from fedrad.client.site import Site, SiteFailure
-    from fedrad.server.runtime import APP_ID, RuntimeFailure, app_version, start_supernode
+    from fedrad.server.runtime import APP_ID, RuntimeFailure, app_version, free_port, port_in_use, start_supernode
 
     host = superlink.rsplit(":", 1)[0].strip("[]")
     loopback = host == "localhost" or _is_loopback(ipaddress, host)
@@ -382,9 +396,21 @@ def site_join(
               "no feature table: pass --table or set [site] table in --config")
     site.workdir.mkdir(parents=True, exist_ok=True)
     cfg.setdefault("site-name", site.name)
+    if port is not None and port_in_use(port):
+        _fail(f"port {port} is in use (another site on this host?); pass another --port N, or leave --port out "
+              "to use a free one")
+    if port is None:
+        port = DEFAULT_SITE_PORT
+        if port_in_use(port):
+            port = free_port()
+            typer.echo(f"site {site.name}: port {DEFAULT_SITE_PORT} is in use (another site on this host?); the "
+                       f"SuperNode's local runtime API uses free port {port} (pass --port N to choose)", err=True)
+    log = site.workdir / "flower" / "supernode.log"
+    offset = log.stat().st_size if log.is_file() else 0  # the log is appended to: this run's part starts here
     try:  # app pinning is always on: off loopback the node does not start without it
         proc = start_supernode(site.workdir / "flower", site.name, superlink, port, cfg,
-                               root_certificates=root_certificates, auth_key=auth_key, fast=not stock)
+                               root_certificates=root_certificates, auth_key=auth_key, fast=not stock,
+                               die_with_parent=True)
     except RuntimeFailure as exc:
         _fail(str(exc))
     from fedrad.client.app_trust import flower_supported
@@ -394,8 +420,58 @@ def site_join(
                f"site {site.name}: WARNING: loopback SuperLink and a Flower version app pinning does not support: "
                "any app submitted to the SuperLink runs here", err=True)
     typer.echo(f"site {site.name}: policy {site.policy.describe()}", err=True)
-    typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink}; log {proc.log}", err=True)
-    _run_foreground(proc)
+    typer.echo(f"SuperNode pid {proc.popen.pid} for site {site.name} -> {superlink} (local port {port}); "
+               f"log {proc.log}", err=True)
+    _run_site_foreground(proc, site.name, superlink, offset)
+
+
+def _run_site_foreground(proc, name: str, superlink: str, offset: int) -> None:
+    """Wait for a site's SuperNode: say once it registered (its node id, from its log after ``offset``), stop it
+    cleanly on Ctrl-C, SIGTERM or SIGHUP, and when it ends by itself fail with the line of its log that says why.
+    A kill -9 of this command ends the SuperNode too (``die_with_parent``)."""
+    import signal
+    import subprocess
+    import time
+
+    from fedrad.server.runtime import exit_reason, supernode_node_id
+
+    def _stop(_signum, _frame):
+        raise KeyboardInterrupt
+
+    def new_log() -> str:
+        try:
+            with open(proc.log, "rb") as f:
+                f.seek(offset)
+                return f.read().decode(errors="replace")
+        except OSError:
+            return ""
+
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _stop)
+    started, node, noticed = time.monotonic(), None, False
+    try:
+        while True:
+            try:
+                code = proc.popen.wait(None if node is not None else 0.25)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+            node = supernode_node_id(new_log())
+            if node is not None:
+                typer.echo(f"connected to {superlink} as {name} (node id {node})", err=True)
+            elif not noticed and time.monotonic() - started > REGISTRATION_NOTICE_SECONDS:
+                noticed = True
+                typer.echo(f"site {name}: not registered with {superlink} yet, the SuperNode keeps trying (last "
+                           f"log line: {exit_reason(new_log()) or '-'}; log {proc.log})", err=True)
+    except KeyboardInterrupt:
+        proc.stop()
+        typer.echo(f"site {name}: SuperNode stopped", err=True)
+        raise typer.Exit(0)
+    if code != 0:
+        reason = exit_reason(new_log()) or "no reason in its log"
+        _fail(f"site {name}: the SuperNode exited with code {code}: {reason}; log {proc.log}",
+              code if 0 < code < 256 else 1)
+    typer.echo(f"site {name}: the SuperNode ended (exit 0); log {proc.log}", err=True)
 
 
 def _run_foreground(proc) -> None:
@@ -442,21 +518,36 @@ def site_keys(
 
 @site_app.command("audit")
 def site_audit(
-    log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory "
-                                         "(default: ./audit.jsonl, then ./.fedrad-site/audit.jsonl)."),
+    log: Optional[Path] = typer.Argument(None, help="audit.jsonl or the site's work directory (default: "
+                                         "./audit.jsonl, then ./fedrad-site/audit.jsonl, the work directory of "
+                                         "`site join` without --config, then ./.fedrad-site/audit.jsonl)."),
+    config: Optional[Path] = typer.Option(None, "--config", help="The site's site.toml: the log in its work "
+                                          "directory, as `site join --config` uses it ([site] workdir; without "
+                                          "it .fedrad-site next to the table)."),
     key: Optional[Path] = typer.Option(None, "--key", help="The site's audit key (default: audit.key next to "
                                        "the log)."),
     no_key: bool = typer.Option(False, "--no-key", help="Check only the plain hash chain, without the key "
                                 "(MACs are not checked: a log rewritten with recomputed hashes passes)."),
 ) -> None:
-    """Verify the audit log's hash chain, MACs and anchor, summarize what left the hospital and print the last
-    record's hash (compare it with a copy held elsewhere); exit 1 on any problem."""
+    """Verify the audit log's hash chain, MACs and anchor, summarize what left the hospital per plan and study
+    attempt, and print the last record's hash (compare it with a copy held elsewhere); exit 1 on any problem."""
     from fedrad.client.audit import find_audit_log, summarize_audit, verify_audit
 
+    if config is not None:
+        from fedrad.client.site import Site, SiteFailure
+
+        if log is not None:
+            _fail(f"pass either the log ({log}) or --config {config}, not both")
+        if not config.is_file():
+            _fail(f"--config {config} not found; pass the site.toml `fedrad site join --config` uses")
+        try:
+            log = Site.from_node_config({"site-name": "audit", "config": str(config.resolve())}).workdir
+        except SiteFailure as exc:
+            _fail(str(exc))
     try:
         path = find_audit_log(log)
     except FileNotFoundError as exc:
-        _fail(str(exc))
+        _fail(f"{exc}{f' (the work directory of --config {config})' if config is not None else ''}")
     report = verify_audit(path, key, check_mac=not no_key)
     typer.echo(summarize_audit(path, report=report))
     raise typer.Exit(0 if report.ok else 1)
@@ -559,7 +650,8 @@ def _approval_table(site, plan: dict):
 @site_app.command("robustness")
 def site_robustness(
     manifest: Path = typer.Argument(..., help="Site data manifest (CSV)."),
-    params: Optional[str] = typer.Option(None, "--params", help="'ct' (default), 'mr' or a pyradiomics YAML path."),
+    params: Optional[str] = typer.Option(None, "--params", help="'ct' (default), 'ct-original' (no LoG filters), "
+                                         "'mr' or a pyradiomics YAML path."),
     out: Path = typer.Option(..., "--out", help="Perturbed feature table (.parquet or .csv): case_id, "
                              "perturbation, features."),
     perturbations: int = typer.Option(4, "--perturbations", min=2, help="Perturbations per case (0 = original)."),
@@ -703,7 +795,7 @@ def harmonize(
     ref_d = info["reference"]
     n_feat = len(ref_d.get("features", []))
     excluded = ref_d.get("excluded_features") or {}
-    mode = (f"federated, {info['round_trips']} round trips" if info["mode"] == "federated" else "pooled")
+    mode = (f"federated, {plural(info['round_trips'], 'round trip')}" if info["mode"] == "federated" else "pooled")
     if ref_d.get("covbat"):
         mode += (f"; CovBat: {ref_d['covbat']['n_pc']} PCs ({100 * sum(ref_d['covbat']['explained']):.0f}% of the "
                  "ComBat residual variance)")
@@ -826,12 +918,12 @@ def fit(
     if info["mode"] == "pooled":
         mode = "pooled"
     elif info["mode"] == "federated" and info.get("secure_aggregation"):
-        mode = (f"federated with SecAgg+, {info['secure_rounds']} secure rounds = {info['round_trips']} "
-                "round trips")
+        mode = (f"federated with SecAgg+, {plural(info['secure_rounds'], 'secure round')} = "
+                f"{plural(info['round_trips'], 'round trip')}")
     elif info["mode"] == "federated":
-        mode = f"federated, {info['round_trips']} round trips"
+        mode = f"federated, {plural(info['round_trips'], 'round trip')}"
     else:
-        mode = f"{info['mode']} (approximate), {info['round_trips']} round trips"
+        mode = f"{info['mode']} (approximate), {plural(info['round_trips'], 'round trip')}"
         if info.get("dp"):
             mode += (f"; central DP: noise multiplier {info['dp']['noise_multiplier']:.4g}, clip "
                      f"{info['dp']['clipping_norm']:g}, epsilon {info['dp']['epsilon']:.3g} at delta "
@@ -1080,6 +1172,38 @@ def _expected_error(exc: BaseException) -> Optional[str]:
     if isinstance(exc, OSError) and exc.filename is not None:
         return f"{_os_message(exc)} (check the path and its permissions)"
     return None
+
+
+def _keep_brackets(typer_app: typer.Typer) -> None:
+    """Escape rich markup in every help text of ``typer_app`` and its groups (their own help, each command's
+    docstring or help, each option's and argument's help), once, at import: Typer renders help with rich markup,
+    which swallows every "[site]", "[sites.NAME]", "[study] min_sites" written there. Escaped, rich prints them as
+    written, and Typer's own "[default: ...]" and "[required]" and its panels stay as they are (with markup off,
+    Typer 0.20 prints those as "\\[required]")."""
+    import inspect
+
+    from rich.markup import escape
+    from typer.models import ParameterInfo
+
+    def params(callback) -> None:
+        for param in inspect.signature(callback).parameters.values():
+            if isinstance(param.default, ParameterInfo) and isinstance(param.default.help, str):
+                param.default.help = escape(param.default.help)
+
+    if isinstance(typer_app.info.help, str):
+        typer_app.info.help = escape(typer_app.info.help)
+    if typer_app.registered_callback is not None and typer_app.registered_callback.callback is not None:
+        params(typer_app.registered_callback.callback)
+    for command in typer_app.registered_commands:
+        text = command.help if isinstance(command.help, str) else inspect.getdoc(command.callback)
+        if text:
+            command.help = escape(text)
+        params(command.callback)
+    for group in typer_app.registered_groups:
+        _keep_brackets(group.typer_instance)
+
+
+_keep_brackets(app)
 
 
 def main() -> None:

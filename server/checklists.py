@@ -199,10 +199,16 @@ def facts(results: Mapping) -> _Facts:
         min_events_per_feature=epf)
 
 
+def _range(lo: float, hi: float) -> str:
+    """"lo–hi", or "lo to hi" when a bound is negative (an en dash between negative numbers reads as a minus)."""
+    a, b = f"{lo:.2f}", f"{hi:.2f}"
+    return f"{a} to {b}" if a.startswith("-") or b.startswith("-") else f"{a}–{b}"
+
+
 def _heterogeneity_words(f: _Facts) -> str:
     if f.i2 is None:
         return "random-effects pooling over the held-out sites (too few sites for I²)"
-    pi = f" (95% prediction interval {f.pi[0]:.2f}–{f.pi[1]:.2f})" if f.pi else ""
+    pi = f" (95% prediction interval {_range(f.pi[0], f.pi[1])})" if f.pi else ""
     return (f"signature's {f.kind.metric_label} pooled by random effects over {f.n_external} held-out sites: "
             f"I² {_pct(f.i2)}{pi}; per-site forest plot in Validation")
 

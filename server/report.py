@@ -34,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from fedrad.common.files import atomic_write_bytes  # noqa: E402
 from fedrad.common import endpoints  # noqa: E402
+from fedrad.common.text import plural  # noqa: E402
 from fedrad.common.pipeline import MODEL_KINDS  # noqa: E402
 
 LABELS = {"radiomics": "radiomic signature", "volume": "tumour volume alone", "clinical": "clinical covariates",
@@ -79,8 +80,21 @@ def _e(x) -> str:
     return html.escape(str(x))
 
 
+def _num(x, digits: int) -> str:
+    """``x`` with ``digits`` decimals, never a negative zero ("-0.00" for -0.001 reads as a sign that is not there)."""
+    text = f"{x:.{digits}f}"
+    return text[1:] if text.startswith("-") and float(text) == 0 else text
+
+
 def _fmt(x, digits=3) -> str:
-    return NA if x is None else f"{x:.{digits}f}"
+    return NA if x is None else _num(x, digits)
+
+
+def _range(lo, hi, digits=3) -> str:
+    """An interval "lo–hi", or "lo to hi" when a bound is negative (an en dash between negative numbers, as in
+    "-0.44–-0.07", reads as a minus)."""
+    a, b = _fmt(lo, digits), _fmt(hi, digits)
+    return f"{a} to {b}" if a.startswith("-") or b.startswith("-") else f"{a}–{b}"
 
 
 def _p(p) -> str:
@@ -133,7 +147,7 @@ def headline(results: dict) -> list[str]:
             continue
         het = f", I² {p['i2'] * 100:.0f}%" if p.get("i2") is not None else ""
         lines.append(f"pooled external {label} of the {LABELS[kind]}: {p['pooled']:.3f} "
-                     f"(95% CI {_fmt(p.get('ci_low'))}–{_fmt(p.get('ci_high'))}{het}, {p.get('k')} held-out sites)")
+                     f"(95% CI {_range(p.get('ci_low'), p.get('ci_high'))}{het}, {p.get('k')} held-out sites)")
     volume = results.get("volume") or {}
     if "volume" in results and not volume.get("column"):
         lines.append(f"no tumour-volume baseline: {volume.get('reason') or 'no volume column'}")
@@ -251,7 +265,8 @@ def cohort_table(results: dict) -> str:
     fu = [(cohort.get(s) or {}).get("follow_up") for s in sites]
     if any(fu):  # survival: the sites' observed times
         rows.append([f"observed time ({ep['time']}, events and censored), mean ± SD"]
-                    + [f"{f['mean']:.1f} ± {f['sd']:.1f}" if f and f.get("sd") is not None else NA for f in fu]
+                    + [f"{_num(f['mean'], 1)} ± {_num(f['sd'], 1)}" if f and f.get("sd") is not None else NA
+                       for f in fu]
                     + [NA] + blank)
     marker_names = list(dict.fromkeys(m for s in sites for m in ((cohort.get(s) or {}).get("markers") or {})))
     for m in marker_names:  # association study: each marker's positives, or mean ± SD
@@ -261,12 +276,14 @@ def cohort_table(results: dict) -> str:
                                                                       (cohort.get(s) or {}).get("k", "k"))
                                                            for s, v, n in zip(sites, vals, ns)] + [NA] + blank)
         else:
-            rows.append([f"marker {_e(m)}, mean ± SD"] + [f"{v['mean']:.2f} ± {v['sd']:.2f}" if v.get("sd") is not None
-                                                          else NA for v in vals] + [NA] + blank)
+            rows.append([f"marker {_e(m)}, mean ± SD"]
+                        + [f"{_num(v['mean'], 2)} ± {_num(v['sd'], 2)}" if v.get("sd") is not None else NA
+                           for v in vals] + [NA] + blank)
     osum = [(cohort.get(s) or {}).get("outcome_summary") for s in sites]
     if any(osum):  # continuous outcome: the sites' mean and SD
         rows.append([f"outcome ({_e(ep['outcome'])}), mean ± SD"]
-                    + [f"{o['mean']:.2f} ± {o['sd']:.2f}" if o and o.get("sd") is not None else NA for o in osum]
+                    + [f"{_num(o['mean'], 2)} ± {_num(o['sd'], 2)}" if o and o.get("sd") is not None else NA
+                       for o in osum]
                     + [NA] + blank)
     columns = list(dict.fromkeys(c for s in sites for c in list((cohort.get(s) or {}).get("continuous", {}))
                                  + list((cohort.get(s) or {}).get("counts", {}))))
@@ -274,13 +291,13 @@ def cohort_table(results: dict) -> str:
         counted = all(col in (cohort.get(s) or {}).get("counts", {}) for s in sites)
         if not counted:  # mean ± SD
             ms = [(cohort.get(s) or {}).get("continuous", {}).get(col) or {} for s in sites]
-            cells = [f"{m['mean']:.1f} ± {m['sd']:.1f}" if m.get("mean") is not None else
+            cells = [f"{_num(m['mean'], 1)} ± {_num(m['sd'], 1)}" if m.get("mean") is not None else
                      f"&lt;{_e((cohort.get(s) or {}).get('k', 'k'))} values" for s, m in zip(sites, ms)]
             pooled = NA
             if all(m.get("mean") is not None for m in ms):
                 N, mean, var = combine_moments(np.array([[m["n"]] for m in ms]), np.array([[m["mean"]] for m in ms]),
                                                np.array([[m["sd"] ** 2] for m in ms]))
-                pooled = f"{mean[0]:.1f} ± {math.sqrt(var[0]):.1f}"
+                pooled = f"{_num(mean[0], 1)} ± {_num(math.sqrt(var[0]), 1)}"
             rows.append([f"{_e(col)}, mean ± SD"] + cells + [pooled] + blank)
             continue
         rows.append([{"class": "group"}, f"{_e(col)}, n (%)"] + [""] * (len(sites) + 1) + blank)
@@ -658,7 +675,7 @@ def forest_plot(results: dict) -> str:
                     ax.plot([lo if lo is not None else v, hi if hi is not None else v], [y, y], color=COLORS[kind],
                             lw=1.3)
                     ax.plot(v, y, "s", color=COLORS[kind], ms=4.5)
-                    txt = f"{v:.3f} ({_fmt(lo, 2)}–{_fmt(hi, 2)})"
+                    txt = f"{_num(v, 3)} ({_range(lo, hi, 2)})"
                 else:
                     txt = f"undefined: {est.get('reason') or 'no estimate'}"[:40]
                 ax.text(1.01, y, txt, transform=ax.get_yaxis_transform(), va="center", fontsize=7.5)
@@ -674,7 +691,7 @@ def forest_plot(results: dict) -> str:
                 if p.get("pi_low") is not None:
                     ax.plot([p["pi_low"], p["pi_high"]], [y, y], color=COLORS[kind], lw=0.8, ls=(0, (2, 2)))
                 het = (f"; I² {100 * p['i2']:.0f}%, τ² {p['tau2']:.3f}" if p.get("i2") is not None else "")
-                ax.text(1.01, y, f"{v:.3f} ({_fmt(lo, 2)}–{_fmt(hi, 2)}){het}", transform=ax.get_yaxis_transform(),
+                ax.text(1.01, y, f"{_num(v, 3)} ({_range(lo, hi, 2)}){het}", transform=ax.get_yaxis_transform(),
                         va="center", fontsize=7.5, fontweight="bold")
             ticks.append(y)
             names.append("pooled (random effects)")
@@ -875,12 +892,12 @@ def continuous_metrics_table(results: dict) -> str:
         c = r.get("calibration") or {}
         sp = r.get("spearman") or {}
         rows.append([s, _fmt(r.get("r2")), _fmt(r.get("rmse")), _fmt(r.get("mae")), _fmt(c.get("in_the_large")),
-                     _fmt(c.get("slope")), f"{_fmt(sp.get('rho'))} ({_fmt(sp.get('ci_low'), 2)}–"
-                                           f"{_fmt(sp.get('ci_high'), 2)})", c.get("reason") or ""])
+                     _fmt(c.get("slope")), f"{_fmt(sp.get('rho'))} ({_range(sp.get('ci_low'), sp.get('ci_high'), 2)})",
+                     c.get("reason") or ""])
     p = pooled.get("radiomics") or {}
     sp = p.get("spearman") or {}
     rows.append(["pooled", _fmt(p.get("r2")), _fmt(p.get("rmse")), NA, NA, NA,
-                 f"{_fmt(sp.get('pooled'))} ({_fmt(sp.get('ci_low'), 2)}–{_fmt(sp.get('ci_high'), 2)})" if sp else NA,
+                 f"{_fmt(sp.get('pooled'))} ({_range(sp.get('ci_low'), sp.get('ci_high'), 2)})" if sp else NA,
                  "R² = 1 − ΣSSE/ΣSST (each site's SST about its own mean); RMSE = √(ΣSSE/Σn); Spearman: "
                  "random effects on Fisher's z"])
     return ("<h3>Prediction error and calibration of the radiomic signature at held-out sites</h3>"
@@ -1005,8 +1022,8 @@ def validation_section(results: dict) -> str:
     if p.get("pooled") is not None:
         parts.append(f"<p>Each site was held out in turn: harmonization, selection and models were fitted on the "
                      f"other sites, and the held-out site computed the metrics on its own rows. Pooled external "
-                     f"{label} of the radiomic signature {p['pooled']:.3f} (95% CI {_fmt(p.get('ci_low'))}–"
-                     f"{_fmt(p.get('ci_high'))}); heterogeneity between sites I² "
+                     f"{label} of the radiomic signature {_num(p['pooled'], 3)} (95% CI "
+                     f"{_range(p.get('ci_low'), p.get('ci_high'))}); heterogeneity between sites I² "
                      f"{NA if p.get('i2') is None else format(100 * p['i2'], '.0f') + '%'} (share of the variation "
                      f"between "
                      f"sites beyond chance), τ² {_fmt(p.get('tau2'))} (between-site variance, {kind_of.pool_scale} "
@@ -1058,7 +1075,7 @@ def validation_section(results: dict) -> str:
                                    if kind_of.events_word else [])
         for kind in MODEL_KINDS:
             est = (m.get(kind) or {}).get(key, {})
-            cells.append(f"{_fmt(est.get(stat))} ({_fmt(est.get('ci_low'), 2)}–{_fmt(est.get('ci_high'), 2)})"
+            cells.append(f"{_fmt(est.get(stat))} ({_range(est.get('ci_low'), est.get('ci_high'), 2)})"
                          if est.get(stat) is not None else NA)
         rows.append(cells)
     parts.append(f"<h3>External {label} by held-out site (95% CI)</h3>")
@@ -1081,7 +1098,7 @@ def validation_section(results: dict) -> str:
         for s in sorted(ext):
             rs = (ext[s].get("radiomics") or {}).get("risk_split") or {}
             ci = rs.get("hr_ci") or [None, None]
-            hr.append([s, _fmt(rs.get("hr"), 2), f"{_fmt(ci[0], 2)}–{_fmt(ci[1], 2)}", _p(rs.get("logrank_p")),
+            hr.append([s, _fmt(rs.get("hr"), 2), _range(ci[0], ci[1], 2), _p(rs.get("logrank_p")),
                        rs.get("reason") or ""])
         parts.append("<h3>Risk groups of the radiomic signature at held-out sites</h3>")
         parts.append(_table(hr, ["held-out site", "hazard ratio high vs low risk", "95% CI", "log-rank p", "note"]))
@@ -1104,7 +1121,7 @@ def _subgroup_table(results: dict) -> str:
             cells = [f"{col} = {level}", e.get("sites", 0), e.get("n", 0)]
             for kind in kinds:
                 p = e.get(kind) or {}
-                cells.append(f"{p['pooled']:.3f} ({_fmt(p.get('ci_low'), 2)}–{_fmt(p.get('ci_high'), 2)})"
+                cells.append(f"{_num(p['pooled'], 3)} ({_range(p.get('ci_low'), p.get('ci_high'), 2)})"
                              if p.get("pooled") is not None else NA)
             rows.append(cells)
     if not rows:
@@ -1336,7 +1353,9 @@ def provenance_section(results: dict) -> str:
     phase_rows = [[p["phase"], p["round_trips"], p["seconds"]] for p in results.get("phases", [])]
     parts.append("<h3>Protocol cost (the final, complete run)</h3>")
     parts.append(_table(phase_rows, ["phase", "round trips", "seconds"]))
-    parts.append(f"<p>{results.get('round_trips')} round trips in total (including any run restarted after a site "
+    trips = results.get("round_trips")
+    parts.append(f"<p>{plural(trips, 'round trip') if isinstance(trips, int) else f'{trips} round trips'} in total "
+                 "(including any run restarted after a site "
                  f"was lost), {results.get('seconds')} s.</p>")
     if prov.get("config"):
         parts.append("<details><summary>Study configuration (study.toml as validated)</summary><pre>"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -89,6 +90,72 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_in_use(port: int, host: str = "127.0.0.1") -> bool:
+    """Whether ``host:port`` cannot be bound (a listening socket holds it), as the SuperNode's local runtime API
+    (uvicorn, SO_REUSEADDR) would bind it."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_LEVEL = re.compile(r"^(DEBUG|INFO|WARNING|ERROR|CRITICAL)\s*:\s*")
+#: log lines that say nothing about why a process ended (uvicorn's shutdown, tracebacks' frames, help links)
+_NOISE = re.compile(r"^(Waiting for application (startup|shutdown)|Application (startup|shutdown) complete|"
+                    r"FastAPI lifespan|Finished server process|Started server process|Shutting down|"
+                    r"For more information, visit|Traceback \(most recent call last\))")
+
+
+def _log_lines(text: str) -> list[tuple[str, str]]:
+    """(level, message) of each non-blank line of a Flower log (colour codes removed; "" for a continuation)."""
+    lines = []
+    for raw in text.splitlines():
+        line = _ANSI.sub("", raw).rstrip()
+        if not line.strip():
+            continue
+        m = _LEVEL.match(line)
+        lines.append((m.group(1), line[m.end():].strip()) if m else ("", line))
+    return lines
+
+
+def supernode_node_id(text: str) -> int | None:
+    """The node id a SuperNode logged once the SuperLink registered it (``SuperNode ID: N``), or None."""
+    m = re.search(r"SuperNode ID: (\d+)", _ANSI.sub("", text))
+    return int(m.group(1)) if m else None
+
+
+def exit_reason(text: str) -> str:
+    """The line of a Flower process's log that says why it ended: its last error (with the message that follows
+    Flower's ``Exit Code: N``), else its last line that is not shutdown noise or a traceback frame."""
+    lines = _log_lines(text)
+    for i in range(len(lines) - 1, -1, -1):
+        level, message = lines[i]
+        if level not in ("ERROR", "CRITICAL") or not message:
+            continue
+        code = re.fullmatch(r"Exit Code: (\d+)", message)
+        if code:  # flwr_exit: the message, then a short help, each on lines of their own
+            rest = []
+            for lv, m in lines[i + 1:i + 4]:
+                if lv or _NOISE.match(m):
+                    break
+                rest.append(m.strip())
+            message = f"Flower exit code {code.group(1)}" + (f": {' '.join(rest)}" if rest else "")
+        return message
+    for level, message in reversed(lines):
+        if message and not _NOISE.match(message) and not _frame(message):
+            return message.strip()
+    return ""
+
+
+def _frame(line: str) -> bool:
+    """A traceback's frame or source excerpt (indented, or only carets) rather than a message."""
+    return line.startswith((" ", "\t")) or set(line.strip()) <= set("^~ ")
 
 
 def flower_env(home: Path, **extra: str) -> dict:
@@ -182,12 +249,39 @@ class Process:
             return ""
 
 
-def _spawn(name: str, cmd: list[str], env: dict, log: Path) -> Process:
+#: Linux prctl(2) option: the signal a process gets when the thread that started it ends
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_this_process(sig: int = signal.SIGTERM):
+    """A ``preexec_fn`` that makes the child get ``sig`` when this process ends, however it ends (SIGKILL and
+    the OOM killer included): Linux's ``PR_SET_PDEATHSIG``, which survives the child's exec. A child whose
+    parent ended between the fork and the prctl signals itself. None where prctl(2) does not exist (the child
+    then outlives a killed parent). Call it in the thread that will start the child: the kernel ties the signal
+    to that thread."""
+    from fedrad.client.fastpath import _prctl
+
+    prctl = _prctl()
+    if prctl is None or not sys.platform.startswith("linux"):
+        return None
+    parent = os.getpid()
+
+    def preexec() -> None:
+        prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        if os.getppid() != parent:
+            os.kill(os.getpid(), sig)
+
+    return preexec
+
+
+def _spawn(name: str, cmd: list[str], env: dict, log: Path, *, die_with_parent: bool = False) -> Process:
     log.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # a log names plans, sites and paths: 0600
     os.fchmod(fd, 0o600)
     f = os.fdopen(fd, "ab")
-    popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    preexec = die_with_this_process() if die_with_parent else None
+    popen = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                             preexec_fn=preexec)
     f.close()
     return Process(name, popen, log)
 
@@ -283,7 +377,7 @@ def ensure_secret(path: Path) -> Path:
 def start_supernode(home: Path, name: str, superlink: str, port: int, node_config: dict, *,
                     root_certificates: Path | None = None, auth_key: Path | None = None,
                     poll_interval: float = 0.1, pin_app: bool = True, fast: bool = True,
-                    zygote: tuple[Process, str] | None = None) -> Process:
+                    zygote: tuple[Process, str] | None = None, die_with_parent: bool = False) -> Process:
     """``flower-supernode`` for one site; ``node_config`` becomes its TOML ``--node-config``.
 
     ``pin_app`` (the default, always on for ``fedrad site join``): the SuperNode runs only fedrad's own thin app.
@@ -296,7 +390,11 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
     ``fast`` (the default): the SuperNode runs through :mod:`fedrad.client.fastpath` (short idle pull after a
     message, pre-forked ClientApps), which falls back to stock Flower with a notice in the log on any Flower
     but 1.42.0 or without the pin; ``fast=False`` starts Flower's own ``flower-supernode`` unchanged. ``zygote``
-    (a loopback SuperLink only): the deployment's shared zygote instead of one of the node's own."""
+    (a loopback SuperLink only): the deployment's shared zygote instead of one of the node's own.
+
+    ``die_with_parent`` (``fedrad site join``, which runs the node in the foreground): the SuperNode gets SIGTERM
+    when this process ends, however it ends (:func:`die_with_this_process`), so it unregisters and stops its
+    SuperExec and zygote instead of answering on, orphaned, after a ``kill -9`` of its command."""
     from fedrad.client import app_trust
 
     cmd = [str(BIN / "flower-supernode"), "--superlink", superlink, "--port", str(port),
@@ -336,7 +434,7 @@ def start_supernode(home: Path, name: str, superlink: str, port: int, node_confi
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "a") as f:
             f.write(f"WARNING fedrad: {warning}; loopback SuperLink: starting WITHOUT app pinning\n")
-    return _spawn(f"supernode {name}", cmd, env, log)
+    return _spawn(f"supernode {name}", cmd, env, log, die_with_parent=die_with_parent)
 
 
 def wait_for_port(host: str, port: int, proc: Process, timeout: float = 60.0) -> None:

@@ -53,6 +53,7 @@ from fedrad.common.pipeline import (MODEL_KINDS, choose_penalty, finish_signatur
 from fedrad.common.report_stats import covariate_balance, harmonization_summary, software_versions
 from fedrad.common.selection import (combine_batch, correlation_request, icc_request, penalty_path,
                                      standardized_scores)
+from fedrad.common.text import plural, verb
 from fedrad.server.federation import Federation, SiteError
 from fedrad.server.fitting import FitTask, run_fits
 
@@ -137,7 +138,8 @@ class Study:
     def _phase(self, name: str, t0: float, rounds0: int) -> None:
         self.results["phases"].append({"phase": name, "round_trips": self.fed.rounds - rounds0,
                                        "seconds": round(time.monotonic() - t0, 2)})
-        self.log(f"phase {name} done: {self.fed.rounds - rounds0} round trips, {time.monotonic() - t0:.1f} s")
+        self.log(f"phase {name} done: {plural(self.fed.rounds - rounds0, 'round trip')}, "
+                 f"{time.monotonic() - t0:.1f} s")
 
     def prepare(self) -> None:
         t0, r0 = time.monotonic(), self.fed.rounds
@@ -193,10 +195,12 @@ class Study:
         harm = cfg["harmonization"]
         self.results["covariate_balance"] = covariate_balance(
             self.results["cohort"], modelled=list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
-        if self.results["covariate_balance"]["unmodelled_imbalanced"]:
-            self.log(f"warning: {', '.join(self.results['covariate_balance']['unmodelled_imbalanced'])} differ "
-                     f"between sites (|SMD| > {self.results['covariate_balance']['threshold']}) and ComBat does not "
-                     "model them; add them to [harmonization] covariates")
+        unmodelled = self.results["covariate_balance"]["unmodelled_imbalanced"]
+        if unmodelled:
+            one = len(unmodelled) == 1
+            self.log(f"warning: {', '.join(unmodelled)} {verb(len(unmodelled), 'differs', 'differ')} between sites "
+                     f"(|SMD| > {self.results['covariate_balance']['threshold']}) and ComBat does not model "
+                     f"{'it' if one else 'them'}; add {'it' if one else 'them'} to [harmonization] covariates")
         self.raw_moments = {s: replies[s]["moments"] for s in self.sites}
         self._missing_values({s: int(replies[s]["n"]) for s in self.sites})
         self.results["provenance"] = {"params_hash": next(iter(hashes)) if hashes else None,

@@ -523,3 +523,67 @@ def test_cli_last_hash_and_exit_codes(log5, tmp_path):
     log5.unlink()  # deleted: key and anchor remain
     res = _cli(log5.parent)
     assert res.exit_code == 1 and "log missing" in res.output and "last record: none" in res.output
+
+
+def test_site_audit_config_default_path_and_releases_by_plan_and_attempt(tmp_path):
+    """A study restarted without a lost site, through the real site agent: every record carries the plan id, and
+    `fedrad site audit --config site.toml` (the real command) finds the log in the work directory `site join
+    --config` uses and groups the releases by plan and attempt; without arguments it finds `site join`'s
+    default work directory ./fedrad-site."""
+    import subprocess
+
+    from fedrad.client.client_app import app as client_app
+    from fedrad.common.plan import plan_id, study_plan
+    from fedrad.local import approve_at_sites
+    from fedrad.server.federation import Federation, LocalGrid
+    from fedrad.server.runtime import BIN
+    from fedrad.server.study import Study
+    from tests.test_study import make_sites
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=2)
+
+    def flaky(msg, context):
+        if context.node_config["site-name"] == "hosp3" and msg.metadata.message_type == "query.study_select":
+            raise ConnectionError("site hosp3: the hospital's network went down")
+        return client_app(msg, context)
+
+    approve_at_sites(study_plan(cfg), nodes)
+    res = Study(Federation(LocalGrid(flaky, nodes)), cfg).run()
+    assert list(res["missing_sites"]) == ["hosp3"]
+    pid = plan_id(study_plan(cfg))
+    records = AuditLog(tmp_path / "hosp0" / "work" / "audit.jsonl").entries()
+    assert records and all(r.get("plan") == pid for r in records)
+    assert [r["request"] for r in records].count("study_prepare") == 2
+
+    (tmp_path / "hosp0" / "site.toml").write_text('[site]\nname = "hosp0"\ntable = "features.parquet"\n'
+                                                  'workdir = "work"\n')
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+
+    def audit(*args, cwd=elsewhere):
+        return subprocess.run([str(BIN / "fedrad"), "site", "audit", *args], capture_output=True, text=True,
+                              cwd=cwd, timeout=120)
+
+    out = audit("--config", str(tmp_path / "hosp0" / "site.toml"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert f"Audit log {tmp_path / 'hosp0' / 'work' / 'audit.jsonl'}" in text and "; 1 plan(s)" in text
+    first, second = text.index(f"plan {pid}, attempt 1 of 2: "), text.index(f"plan {pid}, attempt 2 of 2: ")
+    assert first < second and "records without a plan id" not in text
+    # attempt 1 ended at selection (hosp3 was lost there); attempt 2 ran to the evaluation
+    assert "study_prepare: 1 message(s) sent" in text[first:second] and "study_evaluate" not in text[first:second]
+    assert "study_prepare: 1 message(s) sent" in text[second:] and "study_evaluate: 1 message(s)" in text[second:]
+    assert "Chain: VERIFIED" in text
+
+    # no argument: site join's default work directory, ./fedrad-site
+    import shutil
+
+    shutil.copytree(tmp_path / "hosp0" / "work", elsewhere / "fedrad-site")
+    out = audit()
+    assert out.returncode == 0 and "Audit log fedrad-site/audit.jsonl" in out.stdout, out.stdout + out.stderr
+    out = audit("fedrad-site", "--config", str(tmp_path / "hosp0" / "site.toml"))
+    assert out.returncode == 1 and out.stderr.strip().splitlines() == [
+        f"fedrad: error: pass either the log (fedrad-site) or --config {tmp_path / 'hosp0' / 'site.toml'}, not both"]
+    out = audit(cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.startswith("fedrad: error: no audit.jsonl in the current directory, "
+                                                         "fedrad-site/ or .fedrad-site/")

@@ -280,6 +280,53 @@ sys.exit(zygote_main({path!r}, {os.getpid()}))
     assert gone.stdout.strip() == "None" and time.monotonic() - t0 < 5
 
 
+#: the launcher's former fixed wait for a zygote that was still importing
+OLD_ZYGOTE_WAIT = 20.0
+
+
+def test_a_launcher_waits_for_a_zygote_importing_longer_than_any_fixed_bound(tmp_path):
+    """A zygote whose imports take longer than the launcher's former 20 s (a loaded machine) still serves the
+    launcher that arrived first: the wait lasts as long as the zygote lives and is starting."""
+    directory = tempfile.mkdtemp(prefix="fedrad-test-zyg-")
+    path = os.path.join(directory, "clientapp.sock")
+    code = ("import sys; from fedrad.client.fastpath import run_via_zygote; code = run_via_zygote(sys.argv[1:]); "
+            "print('launcher got', code); sys.exit(0 if code is None else code)")
+    zygote = subprocess.Popen([sys.executable, "-c", f"""
+import os, sys, time
+time.sleep({OLD_ZYGOTE_WAIT + 2})  # imports slowed past the old bound
+from fedrad.client.fastpath import zygote_main
+sys.exit(zygote_main({path!r}, {os.getpid()}))
+"""], stderr=subprocess.PIPE, text=True)
+    try:
+        t0 = time.monotonic()
+        launched = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True,
+                                  timeout=55, env={**os.environ, fastpath.SOCKET_ENV: path,
+                                                   fastpath.PID_ENV: str(zygote.pid)})
+        waited = time.monotonic() - t0
+        assert "usage: flwr-clientapp" in launched.stdout, launched.stdout + launched.stderr
+        assert launched.returncode == 0 and "launcher got 0" in launched.stdout and waited > OLD_ZYGOTE_WAIT
+    finally:
+        zygote.terminate()
+        zygote.wait(10)
+    assert "runs as pre-forked pid" in zygote.stderr.read()
+
+
+def test_a_launcher_stops_waiting_for_a_zygote_that_makes_no_progress(monkeypatch):
+    """A zygote that is alive but uses no CPU while it does not listen (stuck) is not waited for forever."""
+    monkeypatch.setattr(fastpath, "ZYGOTE_STALL_SECONDS", 1.0)
+    stuck = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        time.sleep(0.5)
+        monkeypatch.setenv(fastpath.SOCKET_ENV, os.path.join(tempfile.mkdtemp(prefix="fedrad-test-zyg-"), "z.sock"))
+        monkeypatch.setenv(fastpath.PID_ENV, str(stuck.pid))
+        t0 = time.monotonic()
+        assert fastpath.run_via_zygote(["--help"]) is None
+        assert 1.0 <= time.monotonic() - t0 < 10
+    finally:
+        stuck.kill()
+        stuck.wait(10)
+
+
 def test_superexec_clock_wakes_on_the_doorbell_and_polls_again_after_a_launch(tmp_path, monkeypatch):
     import flwr.supercore.superexec.run_superexec as rse
 

@@ -743,3 +743,39 @@ def test_subgroup_performance_pooled_over_the_sites_that_released_each_level(res
     table = next(t for t in parsed.tables if t and t[0][:3] == ["subgroup", "sites", "patients"])
     row = next(r for r in table if r[0] == "sex = F")
     assert row[3].startswith(f"{sub['sex']['F']['radiomics']['pooled']:.3f}")
+
+
+def test_negative_intervals_and_negative_zero_print_clearly(response_study, tmp_path):
+    """`fedrad study report` (the real command) on a results.json whose pooled estimate and CI are negative and
+    whose cohort holds a mean that rounds to zero from below: "-0.264 (-0.44 to -0.07)", never "-0.44–-0.07",
+    and "0.0 ± ...", never "-0.0 ± ..."."""
+    import copy
+
+    from fedrad.server.runtime import BIN
+
+    res = copy.deepcopy(response_study["results"])
+    res["pooled"]["radiomics"].update({"pooled": -0.264, "ci_low": -0.44, "ci_high": -0.07})
+
+    def first_moments(obj):
+        if isinstance(obj, dict):
+            if isinstance(obj.get("mean"), (int, float)) and isinstance(obj.get("sd"), (int, float)):
+                return obj
+            for v in obj.values():
+                found = first_moments(v)
+                if found is not None:
+                    return found
+        return None
+
+    moments = first_moments(res["cohort"])
+    assert moments is not None
+    moments["mean"] = -0.001
+    path = tmp_path / "results.json"
+    path.write_text(json.dumps(res))
+    out = subprocess.run([str(BIN / "fedrad"), "study", "report", str(path)], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    plain = " ".join(htmlmod.unescape(re.sub(r"<[^>]+>", " ", (tmp_path / "report.html").read_text())).split())
+    assert "-0.264 (-0.44 to -0.07)" in plain and "(95% CI -0.440 to -0.070" in plain
+    assert not re.search(r"\d–-\d", plain), re.search(r".{40}\d–-\d.{20}", plain)
+    assert not re.search(r"(?<![\d.])-0\.0+ ±", plain), re.search(r".{40}-0\.0+ ±.{20}", plain)
+    assert re.search(r"(?<![\d.-])0\.0+ ± ", plain)

@@ -421,3 +421,12 @@ def test_volume_names_of_common_extractors():
     assert volume_column(two) == "original_shape_VoxelVolume"
     assert volume_column(two, "original_shape_MeshVolume") == "original_shape_MeshVolume"
     assert volume_column(pd.DataFrame({"volume": ["big"]})) is None  # not numeric
+
+
+def test_progress_lines_count_round_trips_in_the_right_number(tmp_path):
+    cfg, nodes, _ = make_sites(tmp_path, survival=False, seed=4)
+    lines: list[str] = []
+    run_study_in_process(cfg, nodes, log=lines.append)
+    done = [line for line in lines if " done: " in line]
+    assert any(" done: 1 round trip, " in line for line in done), done
+    assert not any(" 1 round trips" in line for line in lines), lines
