@@ -40,6 +40,9 @@ class Endpoint:
     null_value: ClassVar[float] = 0.5
     performance_words: ClassVar[str]
     paired_words: ClassVar[str]
+    #: the headline verdict's name for a paired difference, and what a better model does
+    paired_delta: ClassVar[str] = "difference"
+    verdict_verb: ClassVar[str] = "predicts"
     calibrated: ClassVar[bool] = True
     risk_groups: ClassVar[str | None] = None
     #: the scale the headline statistic is pooled on, and how its per-site CI is computed (report)
@@ -290,6 +293,7 @@ class Response(Endpoint):
     events_word = "positive outcomes"
     performance_words = "AUC (DeLong CI), Brier score, calibration intercept and slope"
     paired_words = "difference in AUC (DeLong covariance)"
+    paired_delta, verdict_verb = "ΔAUC", "discriminates"
     ci_words = "DeLong"
     larger_is_weaker = True  # scikit-learn's C
     penalty_name = "C (inverse penalty strength)"
@@ -453,6 +457,7 @@ class Survival(Endpoint):
     events_word = "events"
     performance_words = "Harrell's C (CI), hazard ratio and log-rank of risk groups, Kaplan-Meier by risk group"
     paired_words = "difference in C-index (U-statistic covariance)"
+    paired_delta, verdict_verb = "ΔC", "discriminates"
     ci_words = "U-statistic projection"
     calibrated = False  # site-specific baseline hazards: relative risk only (decision curves: a training baseline)
     risk_groups = "high vs low risk at the training mean of the linear predictor (pre-specified)"
@@ -677,6 +682,7 @@ class Continuous(Endpoint):
     performance_words = ("Pearson r of predicted and observed (Fisher-z CI), R², RMSE, MAE, calibration intercept "
                          "and slope, Spearman ρ")
     paired_words = "reduction in mean squared error (paired, normal approximation)"
+    paired_delta, verdict_verb = "MSE reduction", "predicts"
     ci_words = "Fisher z"
     pool_scale = "Fisher-z"
     larger_is_weaker = False  # alpha

@@ -7,8 +7,8 @@ statistics per feature:
 
 * binary outcome: the Mann-Whitney count of (event, non-event) pairs ordered by the feature, i.e. the AUC of the
   feature on its own, pooled over sites as ``sum U_s / sum n1_s n0_s`` (pairs within a site only);
-* survival: Harrell's concordance of the feature with the time (pairs ``t_i < t_j`` with an event at ``t_i``;
-  ties in the feature count one half), pooled over sites the same way;
+* survival: Harrell's concordance of the feature with the time (pairs ``t_i < t_j`` with an event at ``t_i``, or
+  a censored ``t_j = t_i``; ties in the feature count one half), pooled over sites the same way;
 * continuous outcome: the within-site correlation ``r = z / sqrt(n)`` of the univariate linear score test.
 
 A feature with AUC or C at least :data:`EXTREME` or at most ``1 - EXTREME``, or ``|r| >= EXTREME``, is
@@ -70,11 +70,12 @@ def _binary_counts(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
 
 def _survival_counts(x: np.ndarray, t: np.ndarray, e: np.ndarray) -> tuple[np.ndarray, float]:
     """Per column: Harrell's concordant pair count (a longer time with a *larger* feature is concordant, ties in
-    the feature 1/2) and the number of comparable pairs (``t_i < t_j`` with an event at ``t_i``)."""
+    the feature 1/2) and the number of comparable pairs: an event at ``t_i`` and ``t_j > t_i``, or ``t_j = t_i``
+    censored (it outlived the event; lifelines' convention)."""
     conc = np.zeros(x.shape[1])
     pairs = 0.0
     for i in np.flatnonzero(e == 1):
-        later = t > t[i]
+        later = (t > t[i]) | ((t == t[i]) & (e == 0))
         m = int(later.sum())
         if not m:
             continue

@@ -270,13 +270,14 @@ def coordinator_start(
     secret = ensure_secret(home / "superexec.secret")
     link = start_superlink(home / "superlink", "127.0.0.1", control_port, database=home / "superlink.db", tls=tls,
                            node_auth=tls is not None, coordinator_home=home, fleet_address=f"{host}:{port}",
-                           superexec_secret=secret)
+                           superexec_secret=secret, die_with_parent=True)
     try:
         wait_for_port("127.0.0.1", control_port, link, 90)
     except RuntimeFailure as exc:
         _fail(str(exc).split("\n")[0].rstrip(":") + f"; last lines: {' / '.join(link.tail(3).splitlines())}")
     exe = start_superexec(home / "superexec", control, secret, coordinator_home=home,
-                          root_certificates=tls["ca"] if tls else None, parent_pid=link.popen.pid)
+                          root_certificates=tls["ca"] if tls else None, parent_pid=link.popen.pid,
+                          die_with_parent=True)
     typer.echo(f"SuperLink pid {link.popen.pid}: sites connect to {host}:{port} (Fleet API only, "
                f"{'TLS + node auth' if tls else 'insecure'}); Control and Runtime APIs on {control} (this host); "
                f"log {link.log}", err=True)
@@ -584,7 +585,7 @@ def site_approve(
             site = Site.from_node_config({"config": str(config), **({"workdir": str(workdir)} if workdir else {})})
             wd, allowed = site.workdir, site.columns
         else:
-            wd, allowed = (workdir or Path.cwd() / ".fedrad-site"), None
+            wd, allowed = (workdir or Path.cwd() / "fedrad-site"), None  # site join's default work directory
         rows, table, note = _approval_table(site, doc)
         review = review_plan(doc, allowed, rows, table=table, note=note)
         pid = plan_id(doc)

@@ -155,7 +155,77 @@ def headline(results: dict) -> list[str]:
     if suspicious:
         lines.append(f"check the features: {', '.join(suspicious[:5])}{' …' if len(suspicious) > 5 else ''} look like "
                      "outcome or follow-up columns; if they are, list them in [selection] exclude")
+    return lines + _verdict(results) + _implausible(results) + _leakage_lines(results) + _few_sites(results)
+
+
+#: an external AUC, C-index or r at or above this is implausible for a radiomic model: probable leakage
+IMPLAUSIBLE = 0.95
+
+
+def _verdict(results: dict) -> list[str]:
+    """One sentence: does the signature beat tumour volume and the clinical model, by the pooled paired
+    difference at the held-out sites and its 95% CI."""
+    ep = endpoints.of(results["endpoint"])
+    paired = (results.get("pooled") or {}).get("paired") or {}
+    clauses, k = [], None
+    for pair, what in (("radiomics-volume", "tumour volume"), ("radiomics-clinical", "the clinical covariates")):
+        d = paired.get(pair)
+        if not d or d.get("pooled") is None:
+            continue
+        k = d.get("k", k)
+        lo, hi = d.get("ci_low"), d.get("ci_high")
+        est = f"{ep.paired_delta} {d['pooled']:+.3f}, 95% CI {_range(lo, hi)}"
+        if lo is not None and lo > 0:
+            clauses.append(f"the signature {ep.verdict_verb} better than {what} ({est})")
+        elif hi is not None and hi < 0:
+            clauses.append(f"the signature {ep.verdict_verb} worse than {what} ({est})")
+        else:
+            clauses.append(f"no evidence that the signature {ep.verdict_verb} better than {what} ({est})")
+    if not clauses:
+        return []
+    return [f"verdict ({plural(k or 0, 'held-out site')}, paired differences pooled): " + "; ".join(clauses)]
+
+
+def _implausible(results: dict) -> list[str]:
+    """External estimates no radiomic model reaches honestly, with the checks to make."""
+    ep = endpoints.of(results["endpoint"])
+    _, _, label = _metric_key(results["endpoint"])
+    found = []
+    for site, metrics in sorted((results.get("external") or {}).items()):
+        for kind in MODEL_KINDS:
+            if kind in metrics:
+                value = ep.headline(metrics[kind])[0]
+                if value is not None and value >= IMPLAUSIBLE:
+                    found.append(f"{LABELS[kind]} {value:.3f} at {site}")
+    if not found:
+        return []
+    return [f"IMPLAUSIBLE: external {label} {', '.join(found[:6])}{' …' if len(found) > 6 else ''}: check for "
+            "leakage (an outcome or follow-up column among the features or clinical covariates, the same patients "
+            "at two sites, an outcome coded into a filename-derived column) before reporting it"]
+
+
+def _leakage_lines(results: dict) -> list[str]:
+    lines = []
+    left = results.get("endpoint_like_excluded") or []
+    if left:
+        lines.append(f"left out of the features as endpoint or follow-up columns: {', '.join(left[:8])}"
+                     f"{' …' if len(left) > 8 else ''} (list a real feature in [selection] allow)")
+    leak = results.get("leakage") or {}
+    withheld = leak.get("withheld") or {}
+    if withheld:
+        shown = ", ".join(f"{f} (training {leak.get('measure', 'AUC')} {v:.3f})" for f, v in list(withheld.items())[:6])
+        lines.append(f"probable leakage withheld from the signature: {shown}; each predicts the outcome almost "
+                     "perfectly on its own in the training sites: check the table ([selection] allow keeps one)")
     return lines
+
+
+def _few_sites(results: dict) -> list[str]:
+    ks = [p.get("k") for kind, p in (results.get("pooled") or {}).items() if kind in MODEL_KINDS and p]
+    if ks and max(k or 0 for k in ks) == 2:
+        return ["only 2 held-out sites, each model trained on the other site alone: the pooled estimate rests on two "
+                "external estimates, its heterogeneity (I², τ) is not estimable and its CI says little about a new "
+                "hospital; read the per-site estimates, and add sites before drawing conclusions"]
+    return []
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1118,6 +1188,9 @@ def _subgroup_table(results: dict) -> str:
     rows = []
     for col, levels in sub.items():
         for level, e in levels.items():
+            if not e.get("sites"):  # no held-out site released the level: withheld, not zero patients
+                rows.append([f"{col} = {level}", "withheld (< k)", "withheld (< k)"] + [NA for _ in kinds])
+                continue
             cells = [f"{col} = {level}", e.get("sites", 0), e.get("n", 0)]
             for kind in kinds:
                 p = e.get(kind) or {}

@@ -305,7 +305,8 @@ def start_loopback_zygote(home: Path) -> tuple[Process, str]:
 def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, database: Path | None = None,
                     tls: dict | None = None, node_auth: bool = False, simulation: bool = False,
                     zygote: tuple[Process, str] | None = None, coordinator_home: Path | None = None,
-                    fleet_address: str | None = None, superexec_secret: Path | None = None) -> Process:
+                    fleet_address: str | None = None, superexec_secret: Path | None = None,
+                    die_with_parent: bool = False) -> Process:
     """``flower-superlink`` on ``host:port`` (one HTTP port serves SuperNodes, ``flwr`` and the ServerApp);
     with ``simulation`` it runs Flower's simulation engine (Ray) instead of waiting for SuperNodes. ``zygote``
     (:func:`start_loopback_zygote`): its SuperExec and ServerApps are forked from that zygote.
@@ -342,11 +343,12 @@ def start_superlink(home: Path, host: str = "127.0.0.1", port: int = 9300, *, da
         bindir = fastpath.install_shims(str(home / "fedrad-bin"), ("flower-superexec", "flwr-serverapp"))
         env.update({"PATH": bindir + os.pathsep + env["PATH"], fastpath.SOCKET_ENV: zygote[1],
                     fastpath.PID_ENV: str(zygote[0].popen.pid)})
-    return _spawn("superlink", cmd, env, home / "superlink.log")
+    return _spawn("superlink", cmd, env, home / "superlink.log", die_with_parent=die_with_parent)
 
 
 def start_superexec(home: Path, runtime_address: str, secret: Path, *, coordinator_home: Path,
-                    root_certificates: Path | None = None, parent_pid: int | None = None) -> Process:
+                    root_certificates: Path | None = None, parent_pid: int | None = None,
+                    die_with_parent: bool = False) -> Process:
     """The coordinator's own ``flower-superexec`` for a SuperLink in process isolation: it alone holds the
     SuperExec secret, so only it can claim a run's ServerApp; ServerApps it starts see ``coordinator_home``."""
     from fedrad.server.tickets import HOME_ENV
@@ -358,7 +360,7 @@ def start_superexec(home: Path, runtime_address: str, secret: Path, *, coordinat
         cmd += ["--parent-pid", str(parent_pid)]
     env = flower_env(home, FLWR_SUPEREXEC_TASK_POLL_INTERVAL=str(SUPERLINK_TASK_POLL))
     env[HOME_ENV] = str(Path(coordinator_home).resolve())
-    return _spawn("superexec", cmd, env, home / "superexec.log")
+    return _spawn("superexec", cmd, env, home / "superexec.log", die_with_parent=die_with_parent)
 
 
 def ensure_secret(path: Path) -> Path:

@@ -196,7 +196,7 @@ class Study:
         self.results["covariate_balance"] = covariate_balance(
             self.results["cohort"], modelled=list(harm["covariates"]) + smooth_columns(harm) if harm["enabled"] else [])
         unmodelled = self.results["covariate_balance"]["unmodelled_imbalanced"]
-        if unmodelled:
+        if unmodelled and harm["enabled"]:  # without harmonization there is no ComBat to add them to
             one = len(unmodelled) == 1
             self.log(f"warning: {', '.join(unmodelled)} {verb(len(unmodelled), 'differs', 'differ')} between sites "
                      f"(|SMD| > {self.results['covariate_balance']['threshold']}) and ComBat does not model "
@@ -636,7 +636,26 @@ def pool_metrics(endpoint: dict, per_site: dict[str, dict]) -> dict:
         entry.update(ep.pool_curves(kind, list(per_site.values())))
         pooled[kind] = to_plain(entry)
     pooled["subgroups"] = to_plain(pool_subgroups(ep, per_site, kinds))
+    pooled["paired"] = to_plain(pool_paired(per_site))
     return pooled
+
+
+def pool_paired(per_site: dict[str, dict]) -> dict:
+    """Per model pair (``radiomics-volume``, ...): the held-out sites' paired differences pooled by random effects
+    (DerSimonian-Laird on the difference scale), from the sites where the difference has a standard error."""
+    from fedrad.common.metrics import dersimonian_laird
+    from fedrad.common.pipeline import PAIRS
+
+    out = {}
+    for a, b in PAIRS:
+        pair = f"{a}-{b}"
+        have = [(m["paired"][pair]["diff"], m["paired"][pair]["se"]) for m in per_site.values()
+                if (m.get("paired") or {}).get(pair, {}).get("se") not in (None, 0)
+                and m["paired"][pair].get("diff") is not None]
+        if have:
+            diffs, ses = zip(*have)
+            out[pair] = dersimonian_laird(list(diffs), list(ses))
+    return out
 
 
 def pool_subgroups(ep, per_site: dict[str, dict], kinds: list[str]) -> dict:

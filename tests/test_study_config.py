@@ -61,7 +61,7 @@ BAD = [
     ("association", "replication", '"site1"'), ("association", "fdr", "0"), ("association", "fdr", "2"),
     ("association", "top", "0"), ("association", "top", "2.5"),
     ("coordinator", "key", '"ssh-rsa AAAAB3NzaC1yc2E"'), ("coordinator", "key", "1"),
-    ("coordinator", "key", '"ssh-ed25519 AAAAnotbase64!"'),
+    ("coordinator", "key", '"ssh-ed25519 AAAAnotbase64!"'), ("selection", "allow", '"T"'), ("selection", "allow", "[1]"),
 ]
 
 
