@@ -16,11 +16,12 @@ from fedrad.server.runtime import LoopbackDeployment, SiteNode
 DEMO_STUDY = {
     "study": {"name": "fedrad demo: response to treatment", "min_sites": 3},
     "endpoint": {"type": "response", "outcome": "response"},
-    "harmonization": {"enabled": True, "covariates": ["age", "sex"], "categorical": ["sex"]},
+    # stage differs between the demo's hospitals: ComBat keeps its effect (a numeric, ordinal covariate)
+    "harmonization": {"enabled": True, "covariates": ["age", "sex", "stage"], "categorical": ["sex"]},
     # the sites' tables also hold the survival endpoint's columns and the molecular markers: never features
     "selection": {"fdr": 0.05, "redundancy": 0.9, "max_features": 8,
                   "exclude": ["os_time", "os_event", "immune_score", "egfr_mutant"]},
-    "model": {"penalty": "l2", "grid": [0.01, 0.1, 1.0], "clinical": ["age", "stage"]},
+    "model": {"penalty": "l2", "clinical": ["age", "stage"]},  # the penalty on the default data-driven path
     "validation": {"loso": True, "inner_folds": 3, "seed": 0},
 }
 
