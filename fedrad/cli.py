@@ -379,6 +379,12 @@ def site_join(
         _fail(f"--insecure is refused for SuperLink {superlink}: use --root-certificates and --auth-key")
     if not insecure and (root_certificates is None or auth_key is None):
         _fail("pass --root-certificates and --auth-key (TLS + node authentication), or --insecure on loopback")
+    for opt, path in (("--root-certificates", root_certificates), ("--auth-key", auth_key)):
+        if path is not None and not path.is_file():
+            _fail(f"{opt} {path} not found")
+    # absolute before Flower sees them (its processes may run from another folder)
+    root_certificates = root_certificates.resolve() if root_certificates else None
+    auth_key = auth_key.resolve() if auth_key else None
     cfg: dict = {"config": str(config.resolve())} if config else {}
     if name:
         cfg["site-name"] = name

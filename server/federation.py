@@ -36,9 +36,10 @@ class SiteError(RuntimeError):
         super().__init__(f"{request}: {len(failures)} site(s) failed: {shown}")
 
 
-#: what the SuperLink itself replies (``src_node_id`` 1, code 5) for a message whose site missed its heartbeats
-SITE_DOWN = ("its SuperNode stopped sending heartbeats (crashed, or cut off from the coordinator) "
-             "[Flower NODE_UNAVAILABLE]")
+#: what the SuperLink itself replies (``src_node_id`` 1, code 5) for a message whose site is gone: it missed its
+#: heartbeats, or it was stopped and unregistered (Flower gives the same code for both)
+SITE_DOWN = ("its SuperNode stopped sending heartbeats or was stopped (crashed, shut down, or cut off from the "
+             "coordinator) [Flower NODE_UNAVAILABLE]")
 
 
 def _error_reason(error) -> str:
