@@ -93,6 +93,36 @@ def cv_choose(train: pd.DataFrame, feats: list[str], model: str, **outcome) -> f
     return min(losses, key=losses.get)
 
 
+def tcga_default_fit(workdir: Path) -> dict:
+    """``fedrad fit --model cox --federated`` with every default on the TCGA-BRCA training rows, as a user runs it
+    on a CSV (no case ids: rows numbered within their region); Harrell's C on each region's test set, their mean
+    and the C over the union of the test sets, and how the penalty was chosen."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from fedrad.cli import app, load_model
+
+    train, test, feats = tcga_splits()
+    src, out = Path(workdir) / "tcga_train.csv", Path(workdir) / "tcga_cox.json"
+    train.drop(columns=["case_id", "pid", "fold", "fold2"]).to_csv(src, index=False, float_format="%.17g")
+    r = CliRunner().invoke(app, ["fit", str(src), "--site-col", "site", "--model", "cox", "--time", "T",
+                                 "--event", "E", "--federated", "--out", str(out)])
+    if r.exit_code != 0:
+        raise RuntimeError(f"fedrad fit failed: {r.output}")
+    doc = json.loads(out.read_text())
+    fitted = load_model(out)[1]
+
+    def c_index(d: pd.DataFrame) -> float:
+        lp = np.asarray(fitted.predict_log_partial_hazard(d[doc["features"]]), float)
+        return harrell_c(d["T"].to_numpy(), d["E"].to_numpy(), lp)["c"]
+
+    per = {s: c_index(d) for s, d in test.groupby("site")}
+    return {"per_centre": per, "mean": float(np.mean(list(per.values()))), "union": float(c_index(test)),
+            "penalty_choice": doc["penalty_choice"], "round_trips": doc["fit"]["round_trips"],
+            "line": [ln for ln in r.output.splitlines() if ln.startswith("penalty")][0]}
+
+
 def published(name: str) -> pd.DataFrame:
     files = sorted((DATA / "flamby-tcga-brca" / "results").glob(f"{name}_seed*.csv"))
     res = pd.concat([pd.read_csv(f) for f in files])

@@ -736,9 +736,15 @@ def fit(
     feature_prefix: Optional[str] = typer.Option(None, "--feature-prefix",
                                                  help="Use columns starting with these prefixes (comma-separated)."),
     penalty: str = typer.Option("l2", "--penalty", help="l2, l1, elasticnet or none."),
-    c: float = typer.Option(1.0, "--C", help="logistic: inverse penalty strength (scikit-learn's C); "
-                                            "cox: the penalizer (lifelines'); linear: alpha (scikit-learn's "
-                                            "ElasticNet; Ridge's alpha is n times it)."),
+    c: Optional[float] = typer.Option(None, "--C", help="Fix the penalty: logistic: inverse penalty strength "
+                                      "(scikit-learn's C); cox: the penalizer (lifelines'); linear: alpha "
+                                      "(scikit-learn's ElasticNet; Ridge's alpha is n times it). Default: chosen "
+                                      "by inner cross-validation on the data-driven path, as a study does."),
+    inner_folds: int = typer.Option(3, "--inner-folds", help="Inner CV folds for the penalty (by case id)."),
+    cv_seed: int = typer.Option(0, "--cv-seed", help="Seed of the inner CV folds (the study's [validation] seed)."),
+    path_size: int = typer.Option(12, "--path-size", help="Penalty values on the CV path."),
+    path_decades: Optional[float] = typer.Option(None, "--path-decades", help="Decades the CV path spans "
+                                                 "(default 5 for l2, 3 for l1 / elasticnet)."),
     l1_ratio: Optional[float] = typer.Option(None, "--l1-ratio", help="Elastic-net mixing (0 = L2, 1 = L1)."),
     federated: bool = typer.Option(False, "--federated", help="Each site a site agent; Flower's message layer "
                                    "in-process; only sums, gradients and Hessians leave a site."),
@@ -777,12 +783,16 @@ def fit(
         _fail(f"--penalty {penalty!r}: use l2, l1, elasticnet or none")
     if pen == "elasticnet" and l1_ratio is None:
         _fail("--penalty elasticnet needs --l1-ratio")
+    if c is not None and not c > 0 and pen is not None:
+        _fail(f"--C {c:g}: the penalty value must be > 0 (or --penalty none)")
     if model == "cox":
         l1 = l1_ratio if l1_ratio is not None else (1.0 if pen == "l1" else 0.0)
         c_eff = 0.0 if pen is None else c
     else:
         l1 = l1_ratio if pen == "elasticnet" else None
         c_eff = c
+    if strategy != "exact" and c_eff is None:  # Flower's approximate strategies have no inner CV
+        c_eff = 1.0
     if strategy not in ("exact", "fedavg", "fedprox"):
         _fail(f"--strategy {strategy!r}: use exact, fedavg or fedprox")
     if strategy != "exact" and (model != "logistic" or pen != "l2" or not federated):
@@ -810,13 +820,16 @@ def fit(
                                      penalty=pen, C=c_eff, l1_ratio=l1, federated=federated,
                                      min_cell_size=min_cell_size,
                                      log=lambda line: typer.echo(f"coordinator: {line}", err=True),
+                                     cv={"k": inner_folds, "seed": cv_seed, "path_size": path_size,
+                                         "path_decades": path_decades},
                                      **({"secure_aggregation": True} if secure_aggregation else {}))
     except (SiteError, ValueError) as exc:
         _fail(str(exc))
+    choice = info.pop("penalty_choice", None) or {"method": "fixed", "value": float(c_eff)}
     doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
            "outcome": {"time": time, "event": event} if model == "cox" else {"outcome": outcome},
            "site_col": site_col, "features": feats, "harmonization": None, "params": fitted.to_dict(),
-           "source": str(input)}
+           "penalty_choice": choice, "source": str(input)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     from fedrad.common.messages import to_plain
@@ -838,10 +851,30 @@ def fit(
                      f"{info['dp']['delta']:g} (site level)")
     typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
                f"{df[site_col].nunique()} sites, {mode})")
+    typer.echo(_penalty_line(model, choice, federated))
     try:
         typer.echo(fitted.summary.to_string(max_rows=30))
     except Exception:  # the summary is a convenience; L1 models report coefficients only
         pass
+
+
+def _penalty_line(model: str, choice: dict, federated: bool) -> str:
+    """How the penalty was set, in one line (and what to do when the CV chose an end of its path)."""
+    from fedrad.common.penalty_cv import CRITERION
+
+    name = {"logistic": "C", "cox": "penalizer", "linear": "alpha"}[model]
+    if choice["method"] != "cv":
+        return f"penalty fixed: {name} = {choice['value']:.4g}"
+    best = choice["cv_scores"][choice["index"]]
+    line = (f"penalty chosen by {choice['folds']}-fold {'federated ' if federated else ''}CV over a path of "
+            f"{len(choice['path'])} values: {name} = {choice['value']:.4g} ({CRITERION[model]} "
+            + (f"{2 * best:.4g})" if best is not None else "not available: no site could evaluate an inner fold)"))
+    if choice.get("edge") == "weakest":
+        line += (f"; the weakest end of the path ({choice['path'][0]:.3g} to {choice['path'][-1]:.3g}): the optimum "
+                 "may lie beyond it, widen --path-decades")
+    elif choice.get("edge") == "strongest":
+        line += "; the strongest end of the path: the features add little over the model at zero"
+    return line
 
 
 @study_app.command("run")
