@@ -659,6 +659,9 @@ def harmonize(
     smooth: Optional[str] = typer.Option(
         None, "--smooth", help="ComBat-GAM smooth term(s): COLUMN=lower,knot,...,upper (';' between terms), e.g. "
         "age=18,45,55,65,95; values outside the boundaries are clipped to them."),
+    smooth_alphas: Optional[str] = typer.Option(
+        None, "--smooth-alphas", help="ComBat-GAM: the alpha grid GCV searches per feature, comma-separated "
+        "(default 41 values log-spaced over 1 to 1e7)."),
 ) -> None:
     """ComBat harmonization of a feature table (pooled, or federated with identical results)."""
     from fedrad.client.extract import write_table
@@ -688,6 +691,14 @@ def harmonize(
             terms[name.strip()] = list(full_knots(knots[1:-1], knots[0], knots[-1]))
         except (ValueError, IndexError, SmoothError) as exc:
             _fail(f"--smooth {term!r}: {exc}; write COLUMN=lower,knot,...,upper, e.g. age=18,45,55,65,95")
+    grid = None
+    if smooth_alphas is not None:
+        try:
+            grid = [float(v) for v in smooth_alphas.split(",") if v.strip()]
+        except ValueError:
+            _fail(f"--smooth-alphas {smooth_alphas!r}: write non-negative numbers, comma-separated, e.g. 1,1e3,1e6")
+        if not terms:
+            _fail("--smooth-alphas needs --smooth (the grid is searched for the smooth terms' penalty)")
     try:
         if ref is not None and len(batch_cols) > 1:
             raise ValueError("--ref-batch names a batch of one column; nested ComBat (several --batch-col) has none")
@@ -696,7 +707,7 @@ def harmonize(
             parametric=not nonparametric, mean_only=mean_only, federated=federated, min_cell_size=min_cell_size,
             log=lambda line: typer.echo(f"coordinator: {line}", err=True), site_col=site_col,
             covbat={"percent_var": covbat_percent_var, "n_pc": covbat_n_pc} if covbat else None,
-            smooth=terms or None)
+            smooth=terms or None, smooth_alphas=grid)
     except (CombatError, SiteError, ValueError) as exc:
         _fail(str(exc))
     write_table(result, out, {"harmonization": info["mode"]})
@@ -715,9 +726,35 @@ def harmonize(
                f"{df[batch_col].nunique()} batches, {mode})")
     if len(batch_cols) > 1:
         typer.echo("nested ComBat: " + ", then ".join(f"{c} ({df[c].nunique()} batches)" for c in batch_cols))
+    if ref_d.get("smooth") and ref_d.get("smooth_alpha"):
+        for line in _smooth_edge_lines(ref_d, grid):
+            typer.echo(line)
     if excluded:
         shown = "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5])
         typer.echo(f"left unchanged (zero variance): {len(excluded)} features ({shown})")
+
+
+def _smooth_edge_lines(ref_d: dict, grid: list[float] | None) -> list[str]:
+    """Warnings for the features whose GCV alpha sits at the top or bottom of the grid (the optimum may lie
+    beyond it): how many, a few of their names, and what to do."""
+    from fedrad.common.smooth import DEFAULT_ALPHAS, grid_edges
+
+    grid = list(DEFAULT_ALPHAS) if grid is None else grid
+    excluded = ref_d.get("excluded_features") or {}
+    names = [f for f in ref_d.get("features", []) if f not in excluded]
+    edges = grid_edges(ref_d["smooth_alpha"], names, grid)
+    lines = []
+    for where, value, meaning, widen in (
+            ("top", max(grid), "the stiffest smooth the grid allows (the fit may want a straighter, near-linear "
+             "term)", "larger values"),
+            ("bottom", min(grid), "the wiggliest smooth the grid allows", "smaller values")):
+        hit = edges[where]
+        if hit:
+            shown = ", ".join(hit[:3]) + (", ..." if len(hit) > 3 else "")
+            lines.append(f"warning: {len(hit)} of {len(names)} features sit at the {where} of the GCV alpha grid "
+                         f"({value:.3g}: {meaning}), e.g. {shown}; widen the grid with {widen} "
+                         "(--smooth-alphas; a study: [harmonization] smooth_alphas)")
+    return lines
 
 
 @app.command("fit")
