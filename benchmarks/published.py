@@ -11,6 +11,8 @@ Splits as the benchmark made them (../shared/data/multisite-tabular/SOURCE.md):
   stratified by region (penalizer from [0.01, 0.1, 1] by federated 3-fold cross-validated partial likelihood).
   Metric: Harrell's C-index on each region's test set.
 No setting is chosen by looking at test data. Published numbers: mean over FLamby's 5 seeds per method.
+Last, :func:`check_default_fit`: ``fedrad fit --model cox --federated`` with every default (the penalty chosen by
+the study's federated inner CV on the data-driven path, min cell size 10) beside FedAdam's published C-index.
 
     python benchmarks/published.py
 """
@@ -181,6 +183,24 @@ def main() -> None:
     print(f"\nfedrad Cox stratified by region: penalizer = {p} by federated CV, {info['round_trips']} round trips")
     report("TCGA-BRCA, 6 regions", {s: v for s, v in cidx.items() if v is not None}, pooled_c, published("tcga"),
            "C-index")
+    check_default_fit()
+
+
+def check_default_fit() -> bool:
+    """`fedrad fit --model cox --federated` with every default (penalty by the study's federated inner CV on the
+    data-driven path) against FedAdam's published C-index; prints both and whether each is reached."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        got = tcga_default_fit(Path(tmp))
+    fedadam = published("tcga").loc["FedAdam"]
+    want_mean, want_union = float(fedadam["mean of centres"]), float(fedadam["union of test sets"])
+    ok_mean, ok_union = got["mean"] >= round(want_mean, 3), got["union"] >= round(want_union, 3)
+    print(f"\nfedrad fit --model cox --federated, defaults ({got['round_trips']} round trips): {got['line']}")
+    print(f"  C-index mean of centres {got['mean']:.4f} vs FedAdam {want_mean:.4f} "
+          f"({'reached' if ok_mean else 'NOT reached'}); union of test sets {got['union']:.4f} vs FedAdam "
+          f"{want_union:.4f} ({'reached' if ok_union else 'NOT reached'})")
+    return ok_mean and ok_union
 
 
 if __name__ == "__main__":
