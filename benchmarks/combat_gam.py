@@ -89,7 +89,8 @@ def main() -> None:
     df = heart_table()
     print(f"UCI Heart Disease: {len(df)} patients, {df.SITE.nunique()} hospitals, features {', '.join(FEATURES)}")
     for r in compare():
-        print(f"seed {r['seed']}: neuroHarmonize 5-fold alphas {', '.join(f'{a:.3g}' for a in r['nh_alpha'])}; fedrad GCV vs neuroHarmonize: "
+        alphas = ", ".join(f"{a:.3g}" for a in r["nh_alpha"])
+        print(f"seed {r['seed']}: neuroHarmonize 5-fold alphas {alphas}; fedrad GCV vs neuroHarmonize: "
               f"max {r['max_sd']:.3f} SD, median {r['median_sd']:.4f} SD, {r['features_above_0.02']} of "
               f"{r['n_features']} features above 0.02 SD; same alpha: max {r['same_alpha_max_sd']:.1e} SD")
 

@@ -240,3 +240,24 @@ def test_harmonize_smooth_flags_features_at_the_edges_of_the_alpha_grid(tmp_path
     assert "widen the grid with smaller values" in r.output
     bad = RUNNER.invoke(app, base[:4] + ["--smooth-alphas", "1,x", "--out", str(tmp_path / "x.csv")])
     assert bad.exit_code == 1 and "fedrad: error: --smooth-alphas" in bad.output
+
+
+def test_federated_smooth_harmonize_exits_cleanly(tmp_path):
+    """`fedrad harmonize --federated --smooth` as a process, three times: exit 0 and no native thread outliving the
+    interpreter (C++'s "terminate called without an active exception" on stderr)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    n = 120
+    age = rng.uniform(20, 80, n)
+    df = pd.DataFrame({"site": np.repeat(["a", "b", "c"], n // 3), "age": age})
+    for i in range(4):
+        df[f"original_firstorder_F{i}"] = 0.05 * age + rng.normal(0, 1, n)
+    df.to_parquet(tmp_path / "in.parquet")
+    for run in range(3):
+        p = subprocess.run([sys.executable, "-m", "fedrad.cli", "harmonize", str(tmp_path / "in.parquet"),
+                            "--batch-col", "site", "--smooth", "age=20,50,80", "--federated", "--min-cell-size", "5",
+                            "--out", str(tmp_path / f"h{run}.parquet")], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert "terminate called" not in p.stderr, p.stderr
