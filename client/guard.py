@@ -474,6 +474,11 @@ def check_model(study, ledger, tid: str, model: dict) -> None:
     except (KeyError, TypeError, ValueError):
         raise PlanViolation("a malformed model") from None
     _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
+    _require_seen_point(entry, vals, scale)
+
+
+def _require_seen_point(entry: dict, vals: dict, scale: dict) -> None:
+    """The model's coefficients are within ``STEP_TOL`` (standardized) of a point the site was sent for its task."""
     best = np.inf
     for seen in entry["points"]:
         keys = set(vals) | set(seen)
@@ -554,24 +559,85 @@ def _harmonize_plan(site, record, request, payload, ledger, cache):
     raise PlanViolation("a request outside the plan")
 
 
+def _cv_task(cv: dict | None, tid) -> tuple[int, int | None] | None:
+    """``(path index, inner fold or None)`` of an inner-CV fit task ``<index>|<fold or all>`` of a fit plan with
+    ``cv``; None for the plain tasks ``fit`` / ``stats``; anything else is refused."""
+    if tid in ("fit", "stats"):
+        return None
+    _require(cv is not None and isinstance(tid, str) and tid.count("|") == 1, "a fit task outside the plan")
+    gi, inner = tid.split("|")
+    _require(gi.isdigit() and int(gi) < int(cv["path_size"]), "a penalty outside the plan")
+    _require(inner == "all" or (inner.isdigit() and int(inner) < int(cv["k"])), "an inner fold outside the plan")
+    return int(gi), (None if inner == "all" else int(inner))
+
+
+def _check_fit_penalty(cv: dict, ep, ledger, gi: int, value) -> None:
+    """A CV model's penalty is on one path of the plan's shape: ``first * step ** index``, the first value pinned
+    at the first model the site sees (as a study's, :func:`check_penalty`)."""
+    _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(float(value))
+             and float(value) > 0, "a model whose penalty is not the plan's")
+    step = 10.0 ** (float(cv["path_decades"]) / (int(cv["path_size"]) - 1))
+    first = float(value) / (step if ep.larger_is_weaker else 1.0 / step) ** gi
+    pinned = ledger.data.setdefault("paths", {}).setdefault("fit", first)
+    _require(abs(first - pinned) <= 1e-9 * pinned, "a model whose penalty is off its path")
+
+
 def _fit_plan(site, record, request, payload, ledger, cache):
     plan = record["plan"]
     data = plan["data"]
+    cv = plan.get("cv")
     if request == "fit_round":
         tasks = []
         for task in payload.get("tasks") or []:
             tid = task.get("id")
-            _require(tid in ("fit", "stats"), "a fit task outside the plan")
+            where = _cv_task(cv, tid)
+            want_rows = None if where is None or where[1] is None else {
+                "k": int(cv["k"]), "seed": int(cv["seed"]), "fold": where[1], "keep": "train"}
             td = task.get("data") or {}
-            _require({k: td.get(k) for k in data} == data and not td.get("rows") and not td.get("table"),
+            _require({k: td.get(k) for k in data} == data and td.get("rows") == want_rows and not td.get("table"),
                      "a fit outside the plan")
             req = task.get("request") or {}
             _require(set(req.get("features", [])) <= set(data["features"]), "a fit request outside the plan")
-            entry = ledger.data["tasks"].setdefault(tid, {"n": 0})
-            _require(entry["n"] < int(plan["rounds"]), "more rounds than the plan allows")
-            entry["n"] += 1
-            tasks.append({"id": tid, "request": req, "data": dict(data), "sites": None})
+            if where is None:
+                entry = ledger.data["tasks"].setdefault(tid, {"n": 0})
+                _require(entry["n"] < int(plan["rounds"]), "more rounds than the plan allows")
+                entry["n"] += 1
+            else:  # the coefficient points are kept: the held-out losses are of models the site helped fit
+                _record_task(ledger, tid, data, req, int(plan["rounds"]))
+            tasks.append({"id": tid, "request": req, "data": {**data, **({"rows": want_rows} if want_rows else {})},
+                          "sites": None})
         return {"tasks": tasks}
+    if request == "study_select":  # the gradient at zero that starts the penalty path (score tests)
+        _require(cv is not None, "a request outside the plan")
+        ledger.new_attempt()
+        ep = endpoints.of_data(data)
+        return {"folds": {"fit": {"train_sites": [site.name], "table": None,
+                                  "requests": {"score": ep.score_request(list(data["features"]))}}}}
+    if request == "study_evaluate":  # the inner-CV held-out losses of models the site helped fit
+        _require(cv is not None, "a request outside the plan")
+        ep = endpoints.of_data(data)
+        items = []
+        for item in payload.get("items") or []:
+            where = _cv_task(cv, item.get("id"))
+            _require(where is not None and where[1] is not None, "an inner-CV loss outside the plan")
+            _require(item.get("rows") == {"k": int(cv["k"]), "seed": int(cv["seed"]), "fold": where[1]}
+                     and item.get("table") is None, "rows outside the plan's folds")
+            entry = ledger.data["tasks"].get(item["id"])
+            _require(entry is not None and bool(entry["points"]), "a model whose fit this site never saw")
+            model = item.get("model")
+            _require(isinstance(model, dict) and model.get("kind") == ep.model_kind, "a model of another kind")
+            _check_fit_penalty(cv, ep, ledger, where[0], ep.model_penalty(model))
+            try:
+                names = ep.model_features(model)
+                pt, scale = ep.model_point(model)
+                vals = {n: float(v) for n, v in pt.items()}
+            except (KeyError, TypeError, ValueError):
+                raise PlanViolation("a malformed model") from None
+            _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
+            _require_seen_point(entry, vals, scale)
+            items.append({"id": item["id"], "model": model, "table": None, "rows": item["rows"],
+                          "sites": [site.name]})
+        return {"endpoint": ep.as_dict(), "items": items, "folds": {}, "km_times": None, "subgroups": []}
     if request == "fedavg":
         cfg = payload["config"]
         _require(list(cfg.get("features", [])) == list(data["features"]) and cfg.get("outcome") == data.get("outcome")

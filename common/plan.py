@@ -92,12 +92,19 @@ def harmonize_plan(request: dict, output: str = "harmonized") -> dict:
     return {"protocol": PROTOCOL, "task": "harmonize", "request": _plain(request), "output": str(output)}
 
 
-def fit_plan(data: dict, *, rounds: int = 40, secure: bool = False, fedavg_rounds: int = 0) -> dict:
+def fit_plan(data: dict, *, rounds: int = 40, secure: bool = False, fedavg_rounds: int = 0,
+             cv: dict | None = None) -> dict:
     """The plan of a federated model fit (``fedrad fit --federated``): model, features and outcome columns, and
-    how many evaluation rounds a site answers for it (Newton steps; FedAvg rounds)."""
+    how many evaluation rounds a site answers for it (Newton steps; FedAvg rounds). ``cv`` (``k``, ``seed``,
+    ``path_size``, ``path_decades``): the penalty is chosen by inner cross-validation on a path of that shape,
+    so the site also answers the path's score tests, the inner folds' fits and their held-out losses."""
     keep = {k: data[k] for k in ("model", "features", "outcome", "time", "event") if k in data}
-    return {"protocol": PROTOCOL, "task": "fit", "data": _plain(keep), "rounds": int(rounds),
+    plan = {"protocol": PROTOCOL, "task": "fit", "data": _plain(keep), "rounds": int(rounds),
             "secure": bool(secure), "fedavg_rounds": int(fedavg_rounds)}
+    if cv is not None:  # left out without CV, so a fixed-penalty plan keeps its id
+        plan["cv"] = {"k": int(cv["k"]), "seed": int(cv["seed"]), "path_size": int(cv["path_size"]),
+                      "path_decades": float(cv["path_decades"])}
+    return plan
 
 
 def plan_of_document(doc: dict) -> dict:

@@ -168,8 +168,8 @@ def _numeric(rows: pd.DataFrame, cols: Sequence[str], kind: str, where: str) -> 
 def _check_n(n: int, what: str, request: Mapping, min_cell_size: int | None, where: str) -> None:
     need = max(int(request.get("min_cell_size", DEFAULT_MIN_CELL_SIZE)), int(min_cell_size or 0))
     if n < need:
-        raise SelectionError(f"{n} {what} {where}, fewer than min_cell_size={need}; the site does not "
-                             f"send aggregates of so few {what}")
+        raise SelectionError(f"{n} {what} {where}, fewer than the site's minimum cell size (min_cell_size={need}); "
+                             f"the site does not send aggregates of so few {what}")
 
 
 def _check_kind(agg: Mapping, method: str) -> None:

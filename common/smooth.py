@@ -131,6 +131,7 @@ __all__ = [
     "site_histogram",
     "pooled_cdf",
     "pooled_quantile_knots",
+    "grid_edges",
 ]
 
 #: Default alpha grid: 41 points, log-spaced over [1, 1e7], every 4th one is a point of statsmodels' /
@@ -314,6 +315,20 @@ def embed_penalty(s: Any, start: int, n_columns: int) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------
 # Penalized fit and GCV
 # ----------------------------------------------------------------------------------------------
+
+def grid_edges(alphas: Sequence[float], names: Sequence[str], grid: Sequence[float]) -> dict[str, list[str]]:
+    """The features whose GCV alpha is the grid's largest (``"top"``: the smooth is as stiff as the grid allows,
+    so the best fit may be stiffer still, i.e. closer to linear) or smallest value (``"bottom"``: as wiggly as
+    it allows); both mean the GCV optimum may lie outside the grid, which is then worth widening."""
+    g = np.asarray(grid, dtype=float)
+    a = np.asarray(alphas, dtype=float)
+    if g.size < 2 or a.size != len(names):
+        return {"top": [], "bottom": []}
+    hi, lo = float(g.max()), float(g.min())
+    near = lambda v, edge: abs(v - edge) <= 1e-9 * max(abs(edge), 1e-300)  # noqa: E731
+    return {"top": [n for n, v in zip(names, a) if near(v, hi)],
+            "bottom": [n for n, v in zip(names, a) if near(v, lo)]}
+
 
 def gcv_score(rss: Any, edf: Any, n: int) -> np.ndarray:
     r"""Generalized cross-validation :math:`N\,\mathrm{RSS}/(N - \mathrm{edf})^2` (mgcv's GCV score)."""

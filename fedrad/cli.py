@@ -758,6 +758,9 @@ def harmonize(
     smooth: Optional[str] = typer.Option(
         None, "--smooth", help="ComBat-GAM smooth term(s): COLUMN=lower,knot,...,upper (';' between terms), e.g. "
         "age=18,45,55,65,95; values outside the boundaries are clipped to them."),
+    smooth_alphas: Optional[str] = typer.Option(
+        None, "--smooth-alphas", help="ComBat-GAM: the alpha grid GCV searches per feature, comma-separated "
+        "(default 41 values log-spaced over 1 to 1e7)."),
 ) -> None:
     """ComBat harmonization of a feature table (pooled, or federated with identical results)."""
     from fedrad.client.extract import write_table
@@ -787,6 +790,14 @@ def harmonize(
             terms[name.strip()] = list(full_knots(knots[1:-1], knots[0], knots[-1]))
         except (ValueError, IndexError, SmoothError) as exc:
             _fail(f"--smooth {term!r}: {exc}; write COLUMN=lower,knot,...,upper, e.g. age=18,45,55,65,95")
+    grid = None
+    if smooth_alphas is not None:
+        try:
+            grid = [float(v) for v in smooth_alphas.split(",") if v.strip()]
+        except ValueError:
+            _fail(f"--smooth-alphas {smooth_alphas!r}: write non-negative numbers, comma-separated, e.g. 1,1e3,1e6")
+        if not terms:
+            _fail("--smooth-alphas needs --smooth (the grid is searched for the smooth terms' penalty)")
     try:
         if ref is not None and len(batch_cols) > 1:
             raise ValueError("--ref-batch names a batch of one column; nested ComBat (several --batch-col) has none")
@@ -795,7 +806,7 @@ def harmonize(
             parametric=not nonparametric, mean_only=mean_only, federated=federated, min_cell_size=min_cell_size,
             log=lambda line: typer.echo(f"coordinator: {line}", err=True), site_col=site_col,
             covbat={"percent_var": covbat_percent_var, "n_pc": covbat_n_pc} if covbat else None,
-            smooth=terms or None)
+            smooth=terms or None, smooth_alphas=grid)
     except (CombatError, SiteError, ValueError) as exc:
         _fail(str(exc))
     write_table(result, out, {"harmonization": info["mode"]})
@@ -814,9 +825,35 @@ def harmonize(
                f"{df[batch_col].nunique()} batches, {mode})")
     if len(batch_cols) > 1:
         typer.echo("nested ComBat: " + ", then ".join(f"{c} ({df[c].nunique()} batches)" for c in batch_cols))
+    if ref_d.get("smooth") and ref_d.get("smooth_alpha"):
+        for line in _smooth_edge_lines(ref_d, grid):
+            typer.echo(line)
     if excluded:
         shown = "; ".join(f"{k}: {v}" for k, v in list(excluded.items())[:5])
         typer.echo(f"left unchanged (zero variance): {len(excluded)} features ({shown})")
+
+
+def _smooth_edge_lines(ref_d: dict, grid: list[float] | None) -> list[str]:
+    """Warnings for the features whose GCV alpha sits at the top or bottom of the grid (the optimum may lie
+    beyond it): how many, a few of their names, and what to do."""
+    from fedrad.common.smooth import DEFAULT_ALPHAS, grid_edges
+
+    grid = list(DEFAULT_ALPHAS) if grid is None else grid
+    excluded = ref_d.get("excluded_features") or {}
+    names = [f for f in ref_d.get("features", []) if f not in excluded]
+    edges = grid_edges(ref_d["smooth_alpha"], names, grid)
+    lines = []
+    for where, value, meaning, widen in (
+            ("top", max(grid), "the stiffest smooth the grid allows (the fit may want a straighter, near-linear "
+             "term)", "larger values"),
+            ("bottom", min(grid), "the wiggliest smooth the grid allows", "smaller values")):
+        hit = edges[where]
+        if hit:
+            shown = ", ".join(hit[:3]) + (", ..." if len(hit) > 3 else "")
+            lines.append(f"warning: {len(hit)} of {len(names)} features sit at the {where} of the GCV alpha grid "
+                         f"({value:.3g}: {meaning}), e.g. {shown}; widen the grid with {widen} "
+                         "(--smooth-alphas; a study: [harmonization] smooth_alphas)")
+    return lines
 
 
 @app.command("fit")
@@ -835,9 +872,15 @@ def fit(
     feature_prefix: Optional[str] = typer.Option(None, "--feature-prefix",
                                                  help="Use columns starting with these prefixes (comma-separated)."),
     penalty: str = typer.Option("l2", "--penalty", help="l2, l1, elasticnet or none."),
-    c: float = typer.Option(1.0, "--C", help="logistic: inverse penalty strength (scikit-learn's C); "
-                                            "cox: the penalizer (lifelines'); linear: alpha (scikit-learn's "
-                                            "ElasticNet; Ridge's alpha is n times it)."),
+    c: Optional[float] = typer.Option(None, "--C", help="Fix the penalty: logistic: inverse penalty strength "
+                                      "(scikit-learn's C); cox: the penalizer (lifelines'); linear: alpha "
+                                      "(scikit-learn's ElasticNet; Ridge's alpha is n times it). Default: chosen "
+                                      "by inner cross-validation on the data-driven path, as a study does."),
+    inner_folds: int = typer.Option(3, "--inner-folds", help="Inner CV folds for the penalty (by case id)."),
+    cv_seed: int = typer.Option(0, "--cv-seed", help="Seed of the inner CV folds (the study's [validation] seed)."),
+    path_size: int = typer.Option(12, "--path-size", help="Penalty values on the CV path."),
+    path_decades: Optional[float] = typer.Option(None, "--path-decades", help="Decades the CV path spans "
+                                                 "(default 5 for l2, 3 for l1 / elasticnet)."),
     l1_ratio: Optional[float] = typer.Option(None, "--l1-ratio", help="Elastic-net mixing (0 = L2, 1 = L1)."),
     federated: bool = typer.Option(False, "--federated", help="Each site a site agent; Flower's message layer "
                                    "in-process; only sums, gradients and Hessians leave a site."),
@@ -876,12 +919,16 @@ def fit(
         _fail(f"--penalty {penalty!r}: use l2, l1, elasticnet or none")
     if pen == "elasticnet" and l1_ratio is None:
         _fail("--penalty elasticnet needs --l1-ratio")
+    if c is not None and not c > 0 and pen is not None:
+        _fail(f"--C {c:g}: the penalty value must be > 0 (or --penalty none)")
     if model == "cox":
         l1 = l1_ratio if l1_ratio is not None else (1.0 if pen == "l1" else 0.0)
         c_eff = 0.0 if pen is None else c
     else:
         l1 = l1_ratio if pen == "elasticnet" else None
         c_eff = c
+    if strategy != "exact" and c_eff is None:  # Flower's approximate strategies have no inner CV
+        c_eff = 1.0
     if strategy not in ("exact", "fedavg", "fedprox"):
         _fail(f"--strategy {strategy!r}: use exact, fedavg or fedprox")
     if strategy != "exact" and (model != "logistic" or pen != "l2" or not federated):
@@ -909,13 +956,16 @@ def fit(
                                      penalty=pen, C=c_eff, l1_ratio=l1, federated=federated,
                                      min_cell_size=min_cell_size,
                                      log=lambda line: typer.echo(f"coordinator: {line}", err=True),
+                                     cv={"k": inner_folds, "seed": cv_seed, "path_size": path_size,
+                                         "path_decades": path_decades},
                                      **({"secure_aggregation": True} if secure_aggregation else {}))
     except (SiteError, ValueError) as exc:
         _fail(str(exc))
+    choice = info.pop("penalty_choice", None) or {"method": "fixed", "value": float(c_eff)}
     doc = {"fedrad_model": 1, "fedrad_version": __version__, "model": model, "fit": info,
            "outcome": {"time": time, "event": event} if model == "cox" else {"outcome": outcome},
            "site_col": site_col, "features": feats, "harmonization": None, "params": fitted.to_dict(),
-           "source": str(input)}
+           "penalty_choice": choice, "source": str(input)}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     from fedrad.common.messages import to_plain
@@ -937,10 +987,30 @@ def fit(
                      f"{info['dp']['delta']:g} (site level)")
     typer.echo(f"model: {out} ({model}, {len(feats)} features, {len(df)} rows, "
                f"{df[site_col].nunique()} sites, {mode})")
+    typer.echo(_penalty_line(model, choice, federated))
     try:
         typer.echo(fitted.summary.to_string(max_rows=30))
     except Exception:  # the summary is a convenience; L1 models report coefficients only
         pass
+
+
+def _penalty_line(model: str, choice: dict, federated: bool) -> str:
+    """How the penalty was set, in one line (and what to do when the CV chose an end of its path)."""
+    from fedrad.common.penalty_cv import CRITERION
+
+    name = {"logistic": "C", "cox": "penalizer", "linear": "alpha"}[model]
+    if choice["method"] != "cv":
+        return f"penalty fixed: {name} = {choice['value']:.4g}"
+    best = choice["cv_scores"][choice["index"]]
+    line = (f"penalty chosen by {choice['folds']}-fold {'federated ' if federated else ''}CV over a path of "
+            f"{len(choice['path'])} values: {name} = {choice['value']:.4g} ({CRITERION[model]} "
+            + (f"{2 * best:.4g})" if best is not None else "not available: no site could evaluate an inner fold)"))
+    if choice.get("edge") == "weakest":
+        line += (f"; the weakest end of the path ({choice['path'][0]:.3g} to {choice['path'][-1]:.3g}): the optimum "
+                 "may lie beyond it, widen --path-decades")
+    elif choice.get("edge") == "strongest":
+        line += "; the strongest end of the path: the features add little over the model at zero"
+    return line
 
 
 @study_app.command("run")

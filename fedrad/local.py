@@ -260,15 +260,40 @@ def select_features(df: pd.DataFrame, features: list[str] | None, prefixes: list
     return chosen
 
 
+CASE_COL = "case_id"
+
+
+def with_case_ids(df: pd.DataFrame, site_col: str) -> pd.DataFrame:
+    """The table with a ``case_id`` column: its own, else ``<site>-<row number within the site>`` (what a study
+    gives rows without one, :func:`fedrad.common.pipeline.complete_rows`), so a row's inner-CV fold
+    (:mod:`fedrad.common.folds`) is the same pooled, federated and in a study of the same sites."""
+    if CASE_COL in df.columns:
+        if df[CASE_COL].isna().any():
+            raise ValueError(f"column {CASE_COL!r} has {int(df[CASE_COL].isna().sum())} missing values; every row "
+                             "needs a case id (inner cross-validation folds are assigned by it)")
+        return df
+    order = df.groupby(site_col, sort=False).cumcount()
+    return df.assign(**{CASE_COL: df[site_col].astype(str) + "-" + order.astype(str)})
+
+
 def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], *, outcome: str | None = None,
-              time: str | None = None, event: str | None = None, penalty: str | None = "l2", C: float = 1.0,
-              l1_ratio: float | None = None, federated: bool = False, min_cell_size: int | None = None,
-              log=None, secure_aggregation: bool = False, workdir: Path | None = None) -> tuple[object, dict]:
+              time: str | None = None, event: str | None = None, penalty: str | None = "l2",
+              C: float | None = None, l1_ratio: float | None = None, federated: bool = False,
+              min_cell_size: int | None = None, log=None, secure_aggregation: bool = False,
+              workdir: Path | None = None, cv: dict | None = None) -> tuple[object, dict]:
     """Fit a logistic, site-stratified Cox or linear model on a table, pooled or federated (each site a site
     agent).
 
+    ``C`` fixes the penalty (logistic C, Cox penalizer, linear alpha). Without it the penalty is chosen as a study
+    chooses it (:mod:`fedrad.common.penalty_cv`): the data-driven path from the gradient at zero, k-fold inner
+    cross-validation by case id with the sites' minimum-cell rule for inner folds, the smallest summed held-out
+    loss; ``cv`` overrides the study's defaults (``k``, ``seed``, ``path_size``, ``path_decades``). Pooled and
+    federated choose the same value. A model without a penalty (``penalty`` None) has nothing to choose.
+    ``info["penalty_choice"]`` says how the penalty was set (``method`` "cv" or "fixed").
+
     ``secure_aggregation`` (federated logistic only, >= 3 sites): every round's sums are combined with Flower's
-    SecAgg+, so the coordinator only learns their total over all sites (fedrad.server.secure; docs/PRIVACY.md).
+    SecAgg+, so the coordinator only learns their total over all sites (fedrad.server.secure; docs/PRIVACY.md);
+    it needs a fixed ``C`` (the inner CV's held-out losses are not secure-aggregated).
     ``workdir`` keeps the sites' folders (tables, audit logs); by default a temporary directory.
     """
     if secure_aggregation and (model != "logistic" or not federated):
@@ -282,33 +307,81 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
     for col in outcome_cols:
         if col not in df.columns:
             raise ValueError(f"outcome column {col!r} not in the table")
+    if model not in ("logistic", "cox", "linear"):
+        raise ValueError(f"unknown model {model!r}; use logistic, cox or linear")
+    if penalty is None:  # nothing to choose: an unpenalized fit (Cox: penalizer 0)
+        C = 0.0 if model == "cox" else (1.0 if C is None else C)
+    if C is None and secure_aggregation:
+        from fedrad.common.privacy import digit_bits
+
+        digit_bits(df[site_col].nunique())  # >= 3 sites: that error first, as for a fixed penalty
+        raise ValueError("--secure-aggregation needs a fixed --C: the inner cross-validation that chooses the "
+                         "penalty sends held-out losses that secure aggregation does not cover")
+    if C is not None:
+        return _fit_fixed(df, site_col, model, features, outcome=outcome, time=time, event=event, penalty=penalty,
+                          C=C, l1_ratio=l1_ratio, federated=federated, min_cell_size=min_cell_size, log=log,
+                          secure_aggregation=secure_aggregation, workdir=workdir)
+    from fedrad.common.penalty_cv import cv_settings
+
+    settings = cv_settings(penalty=penalty, **(cv or {}))
+    data = _fit_data(model, features, outcome, time, event)
+    rho = l1_ratio if penalty == "elasticnet" else None
+    k_min = min_cell_size or DEFAULT_MIN_CELL_SIZE
+    df = with_case_ids(df, site_col)
+    if not federated:
+        from fedrad.common import endpoints
+        from fedrad.common.penalty_cv import pooled_cv_fit
+
+        fitted, choice = pooled_cv_fit(df, site_col, endpoints.of_data(data).as_dict(), features, penalty, rho,
+                                       settings, k_min)
+        return fitted, {"mode": "pooled", "penalty_choice": choice}
+    from fedrad.server.fitting import federated_cv_fit
+
+    with tempfile.TemporaryDirectory(prefix="fedrad-local-") as tmp:
+        sites = split_into_sites(df, site_col, Path(workdir or tmp), min_cell_size=k_min)
+        from fedrad.common.plan import fit_plan
+        fed = sites.federation(log=log, plan=fit_plan(data, rounds=200, cv=settings))
+        fitted, choice = with_local_reasons(sites.node_configs(),
+                                            lambda: federated_cv_fit(fed, data, penalty, rho, settings))
+    return fitted, {"mode": "federated", "round_trips": fed.rounds, "penalty_choice": choice}
+
+
+def _fit_data(model: str, features: list[str], outcome, time, event) -> dict:
+    """The site data spec of a fit (model, features, outcome columns)."""
+    if model == "cox":
+        return {"model": "cox", "features": features, "time": time, "event": event}
+    return {"model": model, "features": features, "outcome": outcome}
+
+
+def _fit_fixed(df: pd.DataFrame, site_col: str, model: str, features: list[str], *, outcome, time, event,
+               penalty, C: float, l1_ratio, federated: bool, min_cell_size, log, secure_aggregation: bool,
+               workdir) -> tuple[object, dict]:
+    """:func:`fit_table` at a fixed penalty ``C``."""
+    fixed = {"method": "fixed", "value": float(C)}
+    data = _fit_data(model, features, outcome, time, event)
     if model == "logistic":
         from fedrad.common.glm import LogisticModel, LogisticServer
 
         if not federated:
             est = LogisticModel(penalty=penalty, C=C, l1_ratio=l1_ratio)
-            return est.fit(df[features], df[outcome].to_numpy()), {"mode": "pooled"}
+            return est.fit(df[features], df[outcome].to_numpy()), {"mode": "pooled", "penalty_choice": fixed}
         server = LogisticServer(features, penalty=penalty, C=C, l1_ratio=l1_ratio)
-        data = {"model": "logistic", "features": features, "outcome": outcome}
     elif model == "cox":
         from fedrad.common.cox import CoxFit, fit_pooled
 
         if not federated:
             fitted = fit_pooled(df, time, event, strata=site_col, features=features, penalizer=C,
                                 l1_ratio=l1_ratio or 0.0)
-            return fitted, {"mode": "pooled"}
+            return fitted, {"mode": "pooled", "penalty_choice": fixed}
         server = CoxFit(features, duration_col=time, event_col=event, penalizer=C, l1_ratio=l1_ratio or 0.0)
-        data = {"model": "cox", "features": features, "time": time, "event": event}
-    elif model == "linear":
+    else:
         from fedrad.common.linear import LinearModel, LinearServer
 
         if not federated:
             est = LinearModel(penalty=penalty, alpha=C, l1_ratio=l1_ratio)
-            return est.fit(df[features], df[outcome].to_numpy(dtype=float)), {"mode": "pooled"}
+            return (est.fit(df[features], df[outcome].to_numpy(dtype=float)),
+                    {"mode": "pooled", "penalty_choice": fixed})
         server = LinearServer(features, penalty=penalty, alpha=C, l1_ratio=l1_ratio)
-        data = {"model": "linear", "features": features, "outcome": outcome}
-    else:
-        raise ValueError(f"unknown model {model!r}; use logistic, cox or linear")
     from fedrad.server.fitting import FitTask, run_fits
 
     if secure_aggregation:
@@ -323,10 +396,11 @@ def fit_table(df: pd.DataFrame, site_col: str, model: str, features: list[str], 
         if secure_aggregation:
             from fedrad.server.secure import secure_logistic_fit
 
-            return with_local_reasons(sites.node_configs(), lambda: secure_logistic_fit(
+            fitted, info = with_local_reasons(sites.node_configs(), lambda: secure_logistic_fit(
                 fed, features, data, penalty=penalty, C=C, l1_ratio=l1_ratio))
+            return fitted, {**info, "penalty_choice": fixed}
         models = with_local_reasons(sites.node_configs(), lambda: run_fits(fed, {"fit": FitTask(server, data)}))
-    return models["fit"], {"mode": "federated", "round_trips": fed.rounds}
+    return models["fit"], {"mode": "federated", "round_trips": fed.rounds, "penalty_choice": fixed}
 
 
 def rehearsal_signer(cfg: dict, signer=None):

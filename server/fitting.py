@@ -49,3 +49,47 @@ def run_fits(fed: Federation, tasks: dict[str, FitTask], phase: str = "model") -
             if task.request is None:
                 models[tid] = task.server.model()
     return models
+
+
+def cv_task_id(gi: int, inner: int | None) -> str:
+    """A CV fit's task id in a ``fedrad fit`` plan: ``<path index>|<inner fold or all>``."""
+    return f"{gi}|{'all' if inner is None else inner}"
+
+
+def federated_cv_fit(fed: Federation, data: dict, penalty: str, l1_ratio: float | None, settings: dict,
+                     phase: str = "model") -> tuple[object, dict]:
+    """``(model, choice)``: the fit whose penalty federated inner CV chose, with the study's path, fold rule and
+    criterion (:mod:`fedrad.common.penalty_cv`, whose :func:`~fedrad.common.penalty_cv.pooled_cv_fit` is the
+    pooled twin). Round trips: one for the gradient at zero (the sites' score tests), the Newton steps of every
+    (path value x inner fold) fit and of every full-data fit together (:func:`run_fits`), one for the held-out
+    losses; the model is the full-data fit at the chosen value, so no refit is needed."""
+    from fedrad.common import endpoints
+    from fedrad.common.penalty_cv import finish_choice, path_from_scores
+    from fedrad.common.selection import standardized_scores
+
+    ep = endpoints.of_data(data)
+    features = list(data["features"])
+    replies = fed.ask("study_select", {"folds": {"fit": {"train_sites": None, "table": None,
+                                                          "requests": {"score": ep.score_request(features)}}}},
+                      phase="penalty path")
+    z, n = standardized_scores([r["folds"]["fit"]["score"] for r in replies.values()])
+    path = path_from_scores(z, n, ep.model, features, penalty, l1_ratio, settings)
+    k, seed = settings["k"], settings["seed"]
+    tasks = {}
+    for gi, g in enumerate(path):
+        for inner in [None, *range(k)]:
+            rows = None if inner is None else {"k": k, "seed": seed, "fold": inner, "keep": "train"}
+            tasks[cv_task_id(gi, inner)] = FitTask(ep.make_fit(features, penalty, g, float(l1_ratio or 0.0)),
+                                                   {**data, **({"rows": rows} if rows else {})})
+    fits = run_fits(fed, tasks, phase=phase)
+    items = [{"id": tid, "model": m.to_dict(), "table": None, "rows": {"k": k, "seed": seed, "fold": int(inner)},
+              "sites": None} for tid, m in fits.items() for inner in [tid.split("|")[1]] if inner != "all"]
+    replies = fed.ask("study_evaluate", {"endpoint": ep.as_dict(), "items": items, "folds": {}}, phase="inner CV")
+    totals: dict[int, float] = {}
+    for r in replies.values():
+        for tid, loss in r["losses"].items():
+            if loss is not None:
+                gi = int(tid.split("|")[0])
+                totals[gi] = totals.get(gi, 0.0) + float(loss)
+    gi, choice = finish_choice(path, totals, settings)
+    return fits[cv_task_id(gi, None)], choice

@@ -194,3 +194,70 @@ def test_nested_combat_over_two_batch_columns_equals_sequential_neurocombat(tmp_
     assert "nested ComBat: manufacturer (2 batches), then kernel (2 batches)" in r.output
     pooled = pd.read_parquet(tmp_path / "nested.parquet")
     np.testing.assert_allclose(pooled[feats].to_numpy(), fed[feats].to_numpy(), rtol=1e-10)
+
+
+def test_harmonize_smooth_flags_features_at_the_edges_of_the_alpha_grid(tmp_path):
+    """`fedrad harmonize --smooth`: features whose GCV alpha is the grid's largest (a straight age effect: the
+    stiffest smooth is best) or smallest (a wiggly one under a grid of large alphas only) are counted and named,
+    with what to do; the counts equal those of the pooled ComBat-GAM reference's per-feature alphas."""
+    from fedrad.common.combat import ComBat
+    from fedrad.common.smooth import DEFAULT_ALPHAS, full_knots
+
+    rng = np.random.default_rng(5)
+    n = 240
+    age = rng.uniform(20, 80, n)
+    df = pd.DataFrame({"site": np.repeat(["a", "b", "c"], n // 3), "age": age})
+    for i in range(3):  # straight in age
+        df[f"original_firstorder_Lin{i}"] = 0.05 * age + rng.normal(0, 1, n) + (df["site"] == "b") * 0.8
+    for i in range(3):  # a sine of age
+        df[f"original_firstorder_Sin{i}"] = 2 * np.sin((age - 50) / 5.0) + rng.normal(0, 0.5, n)
+    src = tmp_path / "in.parquet"
+    df.to_parquet(src)
+    knots = [20, 30, 40, 50, 60, 70, 80]
+    base = ["harmonize", str(src), "--batch-col", "site", "--smooth", "age=" + ",".join(map(str, knots)),
+            "--out", str(tmp_path / "h.parquet")]
+    feats = [c for c in df.columns if c.startswith("original_")]
+
+    def alphas(grid):
+        model = ComBat([], smooth={"age": list(full_knots(knots[1:-1], 20, 80))}, smooth_alphas=grid)
+        model.fit(df[feats].to_numpy(float), df["site"], df)
+        return np.array(model.reference_.smooth_alpha)
+
+    r = RUNNER.invoke(app, base)
+    assert r.exit_code == 0, r.output
+    top = [f for f, a in zip(feats, alphas(None)) if a == DEFAULT_ALPHAS.max()]
+    assert top and all("Lin" in f for f in top)
+    assert (f"warning: {len(top)} of 6 features sit at the top of the GCV alpha grid (1e+07: the stiffest smooth "
+            "the grid allows") in r.output
+    assert ", ".join(top[:3]) in r.output and "widen the grid with larger values (--smooth-alphas" in r.output
+    assert "at the bottom" not in r.output
+    r = RUNNER.invoke(app, base + ["--federated", "--min-cell-size", "5", "--smooth-alphas", "1e5,1e6,1e7"])
+    assert r.exit_code == 0, r.output
+    got = alphas([1e5, 1e6, 1e7])
+    bottom = [f for f, a in zip(feats, got) if a == 1e5]
+    assert {f for f in feats if "Sin" in f} <= set(bottom)  # every wiggly feature wants a smaller alpha
+    assert f"warning: {len(bottom)} of 6 features sit at the bottom of the GCV alpha grid (1e+05" in r.output
+    assert "widen the grid with smaller values" in r.output
+    bad = RUNNER.invoke(app, base[:4] + ["--smooth-alphas", "1,x", "--out", str(tmp_path / "x.csv")])
+    assert bad.exit_code == 1 and "fedrad: error: --smooth-alphas" in bad.output
+
+
+def test_federated_smooth_harmonize_exits_cleanly(tmp_path):
+    """`fedrad harmonize --federated --smooth` as a process, three times: exit 0 and no native thread outliving the
+    interpreter (C++'s "terminate called without an active exception" on stderr)."""
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(5)
+    n = 120
+    age = rng.uniform(20, 80, n)
+    df = pd.DataFrame({"site": np.repeat(["a", "b", "c"], n // 3), "age": age})
+    for i in range(4):
+        df[f"original_firstorder_F{i}"] = 0.05 * age + rng.normal(0, 1, n)
+    df.to_parquet(tmp_path / "in.parquet")
+    for run in range(3):
+        p = subprocess.run([sys.executable, "-m", "fedrad.cli", "harmonize", str(tmp_path / "in.parquet"),
+                            "--batch-col", "site", "--smooth", "age=20,50,80", "--federated", "--min-cell-size", "5",
+                            "--out", str(tmp_path / f"h{run}.parquet")], capture_output=True, text=True, timeout=60)
+        assert p.returncode == 0, p.stderr
+        assert "terminate called" not in p.stderr, p.stderr
