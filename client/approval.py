@@ -152,7 +152,11 @@ def review_plan(plan: dict, allowed: dict | None, rows=None, *, table: str = "",
                             "exactly in site.toml [columns] features to use it)")
     for c in screen["dates"]:
         warnings.append(f"table column {quoted(c)} holds yyyymmdd dates only: left out of the candidate features")
+    from fedrad.common.plan import PYRADIOMICS_PATTERNS, _matches
+
     for c in screen["near_unique"]:
+        if _matches(c, PYRADIOMICS_PATTERNS):  # a pyradiomics measurement (TotalEnergy, VoxelVolume on 1 mm voxels)
+            continue
         warnings.append(f"candidate feature {quoted(c)} holds near-unique integers (a record number?): it stays a "
                         "candidate; exclude it ([selection] exclude, or site.toml [columns] features) if it "
                         "identifies patients")
