@@ -467,6 +467,11 @@ def check_model(study, ledger, tid: str, model: dict) -> None:
     ep = endpoints.of(endpoint(study))
     _require(model.get("kind") == ep.model_kind, "a model of another kind than the plan's")
     check_penalty(study, ledger, fold, kind, gi, ep.model_penalty(model))
+    _require_fitted_model(ep, entry, model)
+
+
+def _require_fitted_model(ep, entry: dict, model: dict) -> None:
+    """The model's features are its task's and its coefficients a point the site was sent for that task."""
     try:
         names = ep.model_features(model)
         pt, scale = ep.model_point(model)
@@ -627,14 +632,7 @@ def _fit_plan(site, record, request, payload, ledger, cache):
             model = item.get("model")
             _require(isinstance(model, dict) and model.get("kind") == ep.model_kind, "a model of another kind")
             _check_fit_penalty(cv, ep, ledger, where[0], ep.model_penalty(model))
-            try:
-                names = ep.model_features(model)
-                pt, scale = ep.model_point(model)
-                vals = {n: float(v) for n, v in pt.items()}
-            except (KeyError, TypeError, ValueError):
-                raise PlanViolation("a malformed model") from None
-            _require(set(names) <= set(entry["features"]), "a model whose features are not its fit's")
-            _require_seen_point(entry, vals, scale)
+            _require_fitted_model(ep, entry, model)
             items.append({"id": item["id"], "model": model, "table": None, "rows": item["rows"],
                           "sites": [site.name]})
         return {"endpoint": ep.as_dict(), "items": items, "folds": {}, "km_times": None, "subgroups": []}
