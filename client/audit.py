@@ -99,6 +99,13 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
+def _canonical_with(fields: dict, encoded: dict[str, bytes]) -> bytes:
+    """``canonical_json({**fields, **values})`` where ``encoded`` holds the canonical JSON of some values already:
+    a canonical object is its sorted members joined, so a large member is encoded once for every digest."""
+    members = {**{k: canonical_json(v) for k, v in fields.items()}, **encoded}
+    return b"{" + b",".join(canonical_json(k) + b":" + members[k] for k in sorted(members)) + b"}"
+
+
 def payload_digest(payload, arrays) -> str:
     """``payload_sha256`` of a record: SHA-256 of ``canonical_json({"arrays": arrays, "payload": payload})``."""
     return hashlib.sha256(canonical_json({"arrays": arrays, "payload": payload})).hexdigest()
@@ -409,8 +416,9 @@ class AuditLog:
         skeleton, arrays = split_payload(payload)
         body = json.loads(skeleton)
         listed = _listify(arrays)
-        try:
-            digest = payload_digest(body, listed)
+        try:  # payload and arrays are encoded once; the digest, hash, MAC and line reuse those bytes
+            raw = {"payload": canonical_json(body), "arrays": canonical_json(listed)}
+            digest = hashlib.sha256(_canonical_with({}, raw)).hexdigest()
         except ValueError:
             bad = [k for k, v in arrays.items() if v.dtype.kind in "fc" and not _all_finite(v)]
             raise ValueError(f"audit: {request} payload has non-finite values in array(s) {', '.join(bad)}; "
@@ -424,8 +432,10 @@ class AuditLog:
                      "n_values": _array_count(listed) + _count_numbers(body),
                      "shapes": {k: v["shape"] for k, v in listed.items()}, "payload_sha256": digest,
                      "payload": body, "arrays": listed, "prev": prev}
-            entry["hash"] = record_digest(entry)
-            entry["mac"] = record_mac(entry, key)
+            fields = {k: v for k, v in entry.items() if k not in raw}
+            entry["hash"] = hashlib.sha256(_canonical_with(fields, raw)).hexdigest()
+            fields["hash"] = entry["hash"]
+            entry["mac"] = hmac.new(key, _RECORD_DOMAIN + _canonical_with(fields, raw), hashlib.sha256).hexdigest()
             _write_all(fd, (json.dumps(entry, allow_nan=False) + "\n").encode("utf-8"))
             os.fsync(fd)
             write_anchor(self.anchor_path, seq, entry["hash"], mac_from, key)
