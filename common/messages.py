@@ -115,7 +115,24 @@ def request_name(message_type_: str) -> str:
     raise ValueError(f"unknown message type {message_type_!r}")
 
 
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
+def _plain_list(obj) -> bool:
+    """A list of plain strings, ints, bools, None and finite floats (no container, no numpy value): sent as is."""
+    for v in obj:
+        t = type(v)
+        if t is float:
+            if v - v != 0.0:  # inf or nan
+                return False
+        elif t not in _PLAIN:
+            return False
+    return True
+
+
 def _split(obj, arrays: dict, prefix: str):
+    if type(obj) is list and _plain_list(obj):  # the common case of long lists (names, per-feature values)
+        return obj
     if isinstance(obj, np.ndarray):
         key = prefix or "_"
         arrays[key] = np.ascontiguousarray(obj)
@@ -125,7 +142,9 @@ def _split(obj, arrays: dict, prefix: str):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"payload keys must be strings, got {k!r}")
-            out[k] = _split(v, arrays, f"{prefix}/{k}" if prefix else k)
+            t = type(v)
+            out[k] = v if t in _PLAIN or (t is float and v - v == 0.0) else _split(
+                v, arrays, f"{prefix}/{k}" if prefix else k)
         return out
     if isinstance(obj, (list, tuple)):
         return [_split(v, arrays, f"{prefix}/{i}") for i, v in enumerate(obj)]
