@@ -159,6 +159,13 @@ _SINGULAR_TOL = 1e-9
 _PROTOCOL_VERSION = 1
 
 
+def _repeated(names: list) -> list:
+    """The names listed more than once, sorted (one pass: a wide table lists a thousand features)."""
+    from collections import Counter
+
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
@@ -1322,7 +1329,7 @@ def make_request(features: Sequence[str], covariates: Sequence[str] = (), catego
     features = [str(f) for f in _names(features)]
     if not features:
         raise CombatError("no features to harmonize")
-    dup = sorted({f for f in features if features.count(f) > 1})
+    dup = _repeated(features)
     if dup:
         raise CombatError(f"features {dup} listed more than once")
     continuous, cat = _split_covariates(covariates, categorical)

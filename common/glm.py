@@ -147,6 +147,13 @@ _ARMIJO = 1e-4
 _QUADRATIC_MAX_STEP = 1e-3
 
 
+def _repeated(names: list) -> list:
+    """The names listed more than once, sorted (one pass: a wide table lists a thousand features)."""
+    from collections import Counter
+
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
@@ -215,15 +222,18 @@ def _penalty_spec(penalty: Any, C: Any, l1_ratio: Any) -> tuple[str | None, floa
 def _as_features(X: Any, features: Sequence[str] | None, where: str) -> np.ndarray:
     """Feature matrix (n×p float64): DataFrame columns selected by name, or a 2-D array in order."""
     if isinstance(X, pd.DataFrame):
-        lookup = {str(c): c for c in X.columns}
-        if features is None:
-            features = list(lookup)
-        missing = [f for f in features if f not in lookup]
-        if missing:
-            raise GLMError(f"feature column(s) {missing} not found {where}; columns are {list(lookup)[:20]}")
-        cols = X[[lookup[f] for f in features]]
-        bad = [str(c) for c in cols.columns
-               if not (pd.api.types.is_numeric_dtype(cols[c]) or pd.api.types.is_bool_dtype(cols[c]))]
+        if features is not None and X.columns.is_unique and all(type(f) is str and f in X.columns for f in features):
+            cols = X[list(features)]  # every name is a column (the common case): no name lookup over the table
+        else:
+            lookup = {str(c): c for c in X.columns}
+            if features is None:
+                features = list(lookup)
+            missing = [f for f in features if f not in lookup]
+            if missing:
+                raise GLMError(f"feature column(s) {missing} not found {where}; columns are {list(lookup)[:20]}")
+            cols = X[[lookup[f] for f in features]]
+        bad = [str(c) for c, t in zip(cols.columns, cols.dtypes)
+               if not (pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t))]
         if bad:
             raise GLMError(f"feature column(s) {bad} {where} are not numeric; encode them (e.g. one-hot) first")
         x = cols.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -317,7 +327,7 @@ def make_stats_request(features: Sequence[str]) -> dict:
     features = [str(f) for f in features]
     if not features:
         raise GLMError("no features to fit")
-    dup = sorted({f for f in features if features.count(f) > 1})
+    dup = _repeated(features)
     if dup:
         raise GLMError(f"features {dup} listed more than once")
     return {"kind": _STATS_KIND, "version": _PROTOCOL_VERSION, "features": features}

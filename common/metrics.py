@@ -280,6 +280,23 @@ def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     return auc, v10, v01
 
 
+_COMPONENTS: dict = {}
+
+
+def _delong_rows(y: np.ndarray, scores: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`_delong_components` of ``np.vstack(scores)``, each score's row computed once: the ranks of one row do
+    not depend on the others, and a study compares every penalty variant of a model with every other's."""
+    parts = []
+    for score in scores:
+        key = (y.tobytes(), np.ascontiguousarray(score, dtype=float).tobytes())
+        if key not in _COMPONENTS:
+            if len(_COMPONENTS) >= 512:
+                _COMPONENTS.clear()
+            _COMPONENTS[key] = _delong_components(y, np.asarray(score, dtype=float)[None, :])
+        parts.append(_COMPONENTS[key])
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
 def _delong_cov(v10: np.ndarray, v01: np.ndarray) -> np.ndarray:
     m, n = v10.shape[1], v01.shape[1]
     s10 = np.atleast_2d(np.cov(v10, ddof=1))
@@ -341,7 +358,7 @@ def auc_delong(y: Any, score: Any, *, level: float = 0.95, ci_scale: str = "line
            "level": level, "ci_scale": ci_scale, "reason": _class_guard(yv)}
     if out["reason"]:
         return out
-    auc, v10, v01 = _delong_components(yv, s[None, :])
+    auc, v10, v01 = _delong_rows(yv, [s])
     out["auc"] = float(auc[0])
     reason = _class_guard(yv, need=2)
     if reason:
@@ -387,7 +404,7 @@ def delong_paired(y: Any, score_a: Any, score_b: Any, *, level: float = 0.95) ->
            "reason": _class_guard(yv)}
     if out["reason"]:
         return out
-    auc, v10, v01 = _delong_components(yv, np.vstack([a, b]))
+    auc, v10, v01 = _delong_rows(yv, [a, b])
     out["auc_a"], out["auc_b"] = float(auc[0]), float(auc[1])
     out["diff"] = diff = float(auc[0] - auc[1])
     reason = _class_guard(yv, need=2)
