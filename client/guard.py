@@ -187,13 +187,31 @@ def _study_prepare(site, record, payload, ledger):
     return {**prepare_spec(study), "source": alias, "robustness_needed": study["selection"]["icc_threshold"] is not None}
 
 
+#: (raw table version, plan's study, [columns]) -> (candidate features, volume column), per process
+_CANDIDATES: dict = {}
+
+
 def _site_candidates(site, study, cache: dict):
     """The site's candidate features of its ``raw`` table under the plan and its own ``[columns]`` allow-list (a
-    request can never widen them), and its volume column."""
+    request can never widen them), and its volume column: computed once per table version and plan in a process
+    (every request and task of a study checks against them)."""
     if "candidates" not in cache:
-        raw = site.table("raw")
-        cache["candidates"] = candidate_features(raw, study, site.columns)
-        cache["volume"] = site_volume(raw, study, site.columns)
+        try:
+            key = (site.table_version("raw"), json.dumps(study, sort_keys=True, default=str),
+                   json.dumps(site.columns, sort_keys=True, default=str))
+        except FileNotFoundError:
+            key = None
+        if key is None or key not in _CANDIDATES:
+            raw = site.table("raw")
+            found = (candidate_features(raw, study, site.columns), site_volume(raw, study, site.columns))
+            if key is None:
+                cache["candidates"], cache["volume"] = found
+                return cache["candidates"]
+            if len(_CANDIDATES) >= 64:
+                _CANDIDATES.clear()
+            _CANDIDATES[key] = found
+        cands, volume = _CANDIDATES[key]
+        cache["candidates"], cache["volume"] = list(cands), volume
     return cache["candidates"]
 
 

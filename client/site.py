@@ -63,13 +63,18 @@ _READS: "OrderedDict[tuple, tuple[pd.DataFrame, int]]" = OrderedDict()
 READ_CACHE_BYTES = 256 << 20
 
 
+def file_key(path: Path) -> tuple:
+    """What identifies one version of a file: path, inode, size and mtime (a replaced or edited file differs)."""
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def read_table(path: Path, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame:
     """``reader(path)``, read once per process for as long as the file is unchanged; every caller gets its own
     copy. A site message used to parse its tables 5-6 times (the plan checks, then each step); a derived table
     is replaced atomically (:meth:`Site.save_table`: a new inode) and an edited file changes size or mtime, so
     neither is ever served stale."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = file_key(path)
     if key in _READS:
         _READS.move_to_end(key)
         return _READS[key][0].copy()
@@ -263,6 +268,11 @@ class Site:
         if not path.is_file():
             raise ValueError(f"table {name!r} not found (an earlier phase did not run here)")
         return read_table(path, pd.read_parquet)
+
+    def table_version(self, name: str) -> tuple:
+        """:func:`file_key` of a table this site derived (``raw``, ``h-<fold>``): per-process caches of what is
+        computed from a table key on it."""
+        return file_key(self._table_path(name))
 
     def save_table(self, name: str, df: pd.DataFrame) -> Path:
         """Keep a derived table at the site (atomic write; never sent anywhere)."""
