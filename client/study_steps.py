@@ -193,6 +193,14 @@ def study_select(site: Site, payload: dict) -> dict:
     return {"folds": out}
 
 
+def _narrow_to(rows: pd.DataFrame, columns: list) -> pd.DataFrame:
+    """``rows`` restricted to the columns an evaluation uses (:func:`fedrad.client.steps.narrow`), or all of them
+    when one of those names is not a column (a model term built from columns: nothing is narrowed then)."""
+    from fedrad.client.steps import narrow
+
+    return narrow(rows, columns) if set(columns) <= set(rows.columns) else rows
+
+
 def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
     from fedrad.common.folds import row_mask
@@ -201,12 +209,16 @@ def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     kind = endpoints.of(endpoint)
     tables: dict[str, pd.DataFrame] = {}
     losses = {}
+    used: dict[str, list] = {}  # per table, the columns its items' models and the outcome use
+    for item in items:
+        if site.name in item["sites"]:
+            used.setdefault(item["table"], kind.columns()).extend(kind.model_features(item["model"]))
     for item in items:
         if site.name not in item["sites"]:
             continue
         name = item["table"]
         if name not in tables:
-            tables[name] = site.table(name)
+            tables[name] = _narrow_to(site.table(name), used[name])
         rows = tables[name]
         train = row_mask(list(rows["case_id"]), {**item["rows"], "keep": "train"})
         if not inner_fold_usable(int(train.sum()), int((~train).sum()), site.policy.min_cell_size):
@@ -227,7 +239,9 @@ def study_evaluate(site: Site, payload: dict) -> dict:
     for fold, spec in payload["folds"].items():
         if site.name not in spec["eval_sites"]:
             continue
-        rows = site.table(spec["table"])
+        used = kind.columns() + list(payload.get("subgroups") or ()) + [
+            f for vs in spec["models"].values() for d in vs.values() for f in kind.model_features(d)]
+        rows = _narrow_to(site.table(spec["table"]), used)
         variants = {m: {v: kind.model_from_dict(d) for v, d in vs.items()} for m, vs in spec["models"].items()}
         decision = ({"horizon": float(payload["dca_horizon"]), "baselines": spec.get("baselines") or {}}
                     if payload.get("dca_horizon") is not None else None)
