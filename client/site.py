@@ -119,6 +119,14 @@ def frame_to_arrow(df: pd.DataFrame):
     return pa.Table.from_arrays([arrays[c] for c in names], schema=schema)
 
 
+def remember_table(path: Path, df: pd.DataFrame) -> None:
+    """Put the DataFrame that reading ``path`` (just written) gives into this process's read cache."""
+    df.attrs = {}
+    _READS[file_key(path)] = (df, 8 * int(df.size))
+    while len(_READS) > 1 and sum(size for _, size in _READS.values()) > READ_CACHE_BYTES:
+        _READS.popitem(last=False)
+
+
 def _read_features(path: Path) -> pd.DataFrame:
     if path.suffix.lower() == ".parquet":
         return pd.read_parquet(path)
@@ -280,12 +288,15 @@ class Site:
 
         from fedrad.common.files import atomic_write_bytes
 
+        import numpy as np
         import pyarrow.parquet as pq
 
         path = self._table_path(name)
-        buf = io.BytesIO()
-        pq.write_table(frame_to_arrow(df), buf)
+        table = frame_to_arrow(df)
+        buf = io.BytesIO()  # float columns without dictionary pages: they hold no repeated values worth it
+        pq.write_table(table, buf, use_dictionary=[c for c, t in zip(df.columns, df.dtypes) if t != np.float64])
         atomic_write_bytes(path, buf.getvalue())
+        remember_table(path, table.to_pandas())  # what reading the file gives, without parsing it again
         return path
 
     def log_local(self, code: str, text: str, request: str = "") -> None:
