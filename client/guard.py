@@ -173,7 +173,8 @@ def check_penalty(study: dict, ledger, fold: str, kind: str, gi: int, value) -> 
 def _subset(names, allowed, what: str, max_len: int | None = None) -> list[str]:
     _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names), f"{what}: not a list")
     _require(len(set(names)) == len(names), f"{what}: repeated names")
-    _require(set(names) <= set(allowed), f"{what}: columns outside the plan")
+    _require(set(names) <= (allowed if isinstance(allowed, (set, frozenset)) else set(allowed)),
+             f"{what}: columns outside the plan")
     if max_len is not None:
         _require(len(names) <= max_len, f"{what}: more columns than the plan allows")
     return list(names)
@@ -443,7 +444,7 @@ def _fit_round_study(site, record, payload, ledger, cache):
     study = record["plan"]["study"]
     ep = endpoints.of(endpoint(study))
     model = ep.model
-    cand = _site_candidates(site, study, cache)
+    cand = frozenset(_site_candidates(site, study, cache))  # one set for every task's check
     ledger.data["volume"] = cache["volume"]  # the site's own volume column: the only one a volume model may use
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
     tasks = []

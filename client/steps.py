@@ -81,7 +81,9 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
     from fedrad.common.plan import inner_fold_usable
 
     name = data.get("table")
-    spec_key = (name, json.dumps(data.get("rows"), sort_keys=True))
+    spec = data.get("rows")
+    flat = isinstance(spec, dict) and all(isinstance(v, (str, int, float, bool)) for v in spec.values())
+    spec_key = (name, tuple(sorted(spec.items())) if flat else json.dumps(spec, sort_keys=True))
     k_min = site.policy.min_cell_size
     if spec_key not in cache:
         if name not in cache:
@@ -109,7 +111,11 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
         absent = [c for c in features + endpoints.of_data(data).columns() if c not in rows.columns]
         if absent:
             raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
-        text = [c for c, t in zip(features, rows[features].dtypes) if not pd.api.types.is_numeric_dtype(t)]
+        if (spec_key, "dtypes") not in cache:  # one dtype lookup per row subset, not a column selection per task
+            cache[spec_key, "dtypes"] = dict(zip(rows.columns, rows.dtypes)) if rows.columns.is_unique else None
+        dtypes = cache[spec_key, "dtypes"]
+        text = [c for c, t in zip(features, rows[features].dtypes if dtypes is None else [dtypes[c] for c in features])
+                if not pd.api.types.is_numeric_dtype(t)]
         if text:
             raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
         if site.policy.min_events:
