@@ -263,6 +263,22 @@ def _p_two_sided(diff: float, se: float) -> float:
 # ----------------------------------------------------------------------------------------------
 # AUC (DeLong, fast midrank algorithm)
 # ----------------------------------------------------------------------------------------------
+def _midranks(a: np.ndarray) -> np.ndarray:
+    """``scipy.stats.rankdata(a, axis=1)`` (average ranks of ties) of a finite 2-D array, row by row: the same exact
+    values (a tie group over sorted positions i..j gets (i + j) / 2, 1-based), without scipy's per-call overhead
+    (a study ranks thousands of short score vectors)."""
+    a = np.asarray(a, dtype=float)
+    if a.ndim != 2 or not np.isfinite(a).all():
+        return scipy.stats.rankdata(a, axis=1)
+    out = np.empty(a.shape, dtype=float)
+    for i, row in enumerate(a):
+        order = np.argsort(row, kind="mergesort")
+        s = row[order]
+        edges = np.flatnonzero(np.concatenate(([True], s[1:] != s[:-1], [True])))
+        out[i, order] = np.repeat((edges[:-1] + 1 + edges[1:]) / 2.0, np.diff(edges))
+    return out
+
+
 def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """AUCs and structural components for scores of shape (k, N) (Sun & Xu 2014).
 
@@ -271,9 +287,9 @@ def _delong_components(y: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, n
     pos = y == 1
     m, n = int(pos.sum()), int((~pos).sum())
     x, yy = scores[:, pos], scores[:, ~pos]
-    tx = scipy.stats.rankdata(x, axis=1)
-    ty = scipy.stats.rankdata(yy, axis=1)
-    tz = scipy.stats.rankdata(np.concatenate([x, yy], axis=1), axis=1)
+    tx = _midranks(x)
+    ty = _midranks(yy)
+    tz = _midranks(np.concatenate([x, yy], axis=1))
     auc = (tz[:, :m].sum(axis=1) - m * (m + 1) / 2) / (m * n)
     v10 = (tz[:, :m] - tx) / n
     v01 = 1.0 - (tz[:, m:] - ty) / m
