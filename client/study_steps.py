@@ -12,6 +12,7 @@ import pandas as pd
 from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
 from fedrad.common import endpoints
+from fedrad.common.glm import cached_features
 from fedrad.common.messages import to_plain
 
 #: software whose versions a site reports with its numbers (provenance in the report)
@@ -245,10 +246,13 @@ def study_evaluate(site: Site, payload: dict) -> dict:
         variants = {m: {v: kind.model_from_dict(d) for v, d in vs.items()} for m, vs in spec["models"].items()}
         decision = ({"horizon": float(payload["dca_horizon"]), "baselines": spec.get("baselines") or {}}
                     if payload.get("dca_horizon") is not None else None)
-        out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
-                                      km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or (),
-                                      decision=decision)
-    return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": to_plain(out, keep_arrays=True)}
+        with cached_features():  # every penalty variant of a model predicts from the same feature matrix
+            out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
+                                          km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or (),
+                                          decision=decision)
+    with cached_features():  # the inner folds' and penalties' models share their feature matrices
+        losses = _cv_losses(site, endpoint, payload.get("items", []))
+    return {"losses": losses, "folds": to_plain(out, keep_arrays=True)}
 
 
 def study_associate(site: Site, payload: dict) -> dict:

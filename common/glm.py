@@ -92,6 +92,7 @@ bounded below in every case, so separation is harmless.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Mapping, Sequence
@@ -219,8 +220,38 @@ def _penalty_spec(penalty: Any, C: Any, l1_ratio: Any) -> tuple[str | None, floa
     return penalty, C, rho
 
 
+_FEATURE_MEMO: dict | None = None
+
+
+@contextlib.contextmanager
+def cached_features():
+    """Inside the block, the feature matrix of one DataFrame and feature list is built once and shared (read-only):
+    for predictions of many models on rows that do not change meanwhile (a site's inner-CV losses and validation
+    metrics of every penalty variant)."""
+    global _FEATURE_MEMO
+    outer = _FEATURE_MEMO
+    _FEATURE_MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FEATURE_MEMO = outer
+
+
 def _as_features(X: Any, features: Sequence[str] | None, where: str) -> np.ndarray:
     """Feature matrix (n×p float64): DataFrame columns selected by name, or a 2-D array in order."""
+    memo = _FEATURE_MEMO
+    if memo is None or features is None or not isinstance(X, pd.DataFrame):
+        return _feature_matrix(X, features, where)
+    key = (id(X), tuple(features))
+    hit = memo.get(key)
+    if hit is None or hit[0] is not X:  # the frame is kept with its matrix, so its id is not reused meanwhile
+        x = _feature_matrix(X, features, where)
+        x.setflags(write=False)
+        hit = memo[key] = (X, x)
+    return hit[1]
+
+
+def _feature_matrix(X: Any, features: Sequence[str] | None, where: str) -> np.ndarray:
     if isinstance(X, pd.DataFrame):
         if features is not None and X.columns.is_unique and all(type(f) is str and f in X.columns for f in features):
             cols = X[list(features)]  # every name is a column (the common case): no name lookup over the table
