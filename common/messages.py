@@ -188,10 +188,38 @@ def join_payload(skeleton: str, arrays: dict[str, np.ndarray]) -> dict:
     if not arrays and '"__array__"' not in skeleton:
         return json.loads(skeleton)
 
+    if skeleton.count('"__array__"') == len(arrays):  # every marker is an array's: put each at its key's path
+        payload = json.loads(skeleton)
+        if _place_arrays(payload, arrays):
+            return payload
+
     def array_or_dict(obj: dict):  # the parser calls it for every object, innermost first
         return arrays[obj["__array__"]] if len(obj) == 1 and "__array__" in obj else obj
 
     return json.loads(skeleton, object_hook=array_or_dict)
+
+
+def _place_arrays(payload: dict, arrays: dict[str, np.ndarray]) -> bool:
+    """Replace each array's marker ``{"__array__": key}`` in a parsed payload, found by the path its key spells
+    (:func:`_split`: dict keys and list indices joined by ``/``); False, with nothing replaced, when a key does not
+    lead to its marker (a dict key containing ``/``): the caller then parses with a hook on every object."""
+    spots = []
+    for key in arrays:
+        parent, step = None, None
+        node = payload
+        for part in key.split("/"):
+            if isinstance(node, dict) and part in node:
+                parent, step, node = node, part, node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                parent, step, node = node, int(part), node[int(part)]
+            else:
+                return False
+        if parent is None or node != {"__array__": key}:
+            return False
+        spots.append((parent, step, key))
+    for parent, step, key in spots:
+        parent[step] = arrays[key]
+    return True
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> tuple[list, bytes]:
