@@ -109,6 +109,46 @@ def impute(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.
     """The site's rows with each feature's missing cells filled: ``values[f]`` (the fold's training-site mean)
     when at least ``k`` cells are missing, else the site's own observed mean (rule 3). Returns the table and
     ``{feature: "fold" | "site"}`` for the features that had missing cells."""
+    from fedrad.common.combat import _with_columns
+
+    feats = [f for f in values if f in rows.columns]
+    if not feats or not rows.columns.is_unique:
+        return _impute_by_column(rows, values, k)
+    numeric = [pd.api.types.is_numeric_dtype(t) for t in rows[feats].dtypes]
+    if not all(numeric):
+        return _impute_by_column(rows, values, k)
+    block = rows[feats].to_numpy(dtype=float, na_value=np.nan, copy=True)  # every feature's values at once
+    miss = ~np.isfinite(block)
+    counts = miss.sum(axis=0)
+    used: dict[str, str] = {}
+    changed = []
+    for j, f in enumerate(feats):
+        m = int(counts[j])
+        if m == 0:
+            continue
+        fill, used[f] = _fill_value(f, values[f], pd.Series(block[:, j]), miss[:, j], m, k)
+        block[miss[:, j], j] = fill
+        changed.append(j)
+    if not changed:
+        return rows.copy(), used
+    return _with_columns(rows, [feats[j] for j in changed], block[:, changed]), used
+
+
+def _fill_value(f: str, v, x: pd.Series, miss: np.ndarray, m: int, k: int) -> tuple[float, str]:
+    """The value a feature's ``m`` missing cells get, and from where (rule 3); refuses under k observed."""
+    n_obs = len(x) - m
+    if n_obs < max(int(k), 2):
+        raise ImputationRefused(f"feature {f!r} is observed in {n_obs} patients, fewer than the minimum cell "
+                                f"size {k}: not imputed")
+    if m < int(k):
+        return float(x[~miss].mean()), "site"
+    if not (isinstance(v, (int, float)) and math.isfinite(float(v))):
+        raise ValueError(f"imputation value of {f!r} is not a finite number")
+    return float(v), "fold"
+
+
+def _impute_by_column(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.DataFrame, dict]:
+    """:func:`impute` one column at a time (tables with text feature columns or repeated column names)."""
     out = rows.copy()
     used: dict[str, str] = {}
     for f, v in values.items():
@@ -119,16 +159,7 @@ def impute(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.
         m = int(miss.sum())
         if m == 0:
             continue
-        n_obs = len(x) - m
-        if n_obs < max(int(k), 2):
-            raise ImputationRefused(f"feature {f!r} is observed in {n_obs} patients, fewer than the minimum cell "
-                                    f"size {k}: not imputed")
-        if m < int(k):
-            fill, used[f] = float(x[~miss].mean()), "site"
-        else:
-            if not (isinstance(v, (int, float)) and math.isfinite(float(v))):
-                raise ValueError(f"imputation value of {f!r} is not a finite number")
-            fill, used[f] = float(v), "fold"
+        fill, used[f] = _fill_value(f, v, x, miss, m, k)
         x[miss] = fill
         out[f] = x
     return out, used
