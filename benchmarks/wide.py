@@ -11,7 +11,8 @@ effect per feature, age and sex as ComBat covariates, a binary outcome. The stud
 
 Printed, every figure in seconds and as a ratio:
 
-* every phase of the in-process study (``fedrad.local.run_study_in_process``);
+* every phase of the in-process study (``fedrad.local.run_study_in_process``), its wall time and the CPU time of
+  this process (every site and the coordinator run in it; on a shared machine the CPU time is the steadier figure);
 * pooled neuroCombat (the reference implementation) fit on the training rows of each of the study's 7 folds
   (``final`` and one per held-out site): the floor of the harmonization phase;
 * fedrad's pooled pipeline on the same 6 held-out folds (``fedrad.server.study_pooled.pooled_loso``); its metrics
@@ -114,13 +115,13 @@ def run_local(root: Path, profile: Path | None = None) -> dict:
 
         prof = cProfile.Profile()
         prof.enable()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     res = run_study_in_process(cfg, nodes)
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
     if prof is not None:
         prof.disable()
         prof.dump_stats(str(profile))
-    return {"wall": wall, "phases": {p["phase"]: p["seconds"] for p in res["phases"]},
+    return {"wall": wall, "cpu": cpu, "phases": {p["phase"]: p["seconds"] for p in res["phases"]},
             "round_trips": res["round_trips"], "digest": digest(res)}
 
 
@@ -214,6 +215,8 @@ def phase_line(label: str, run: dict, base: dict | None = None) -> str:
     line = f"{label}: wall {run['wall']:.1f} s"
     if base:
         line += f" ({run['wall'] / base['wall']:.2f} x baseline)"
+    if "cpu" in run:  # the machine is shared: the study's own CPU time says what it costs
+        line += f", CPU {run['cpu']:.1f} s" + (f" ({run['cpu'] / base['cpu']:.2f} x)" if base and "cpu" in base else "")
     return line + f", {run['round_trips']} round trips; " + ", ".join(parts)
 
 
