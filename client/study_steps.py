@@ -23,8 +23,11 @@ def read_feature_file(path: Path, site: str) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"feature table {path} not found at site {site}")
     if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, float_precision="round_trip")
+        rows = pd.read_parquet(path)
+    else:
+        rows = pd.read_csv(path, float_precision="round_trip")
+    rows.attrs = {}  # table metadata (pandas copies it into every column it hands out) never slows a request
+    return rows
 
 
 def study_prepare(site: Site, payload: dict) -> dict:
@@ -44,7 +47,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
         out = site.workdir / "features.parquet"
         result = extract_manifest(Path(source["manifest"]), params=source.get("params"), out=out,
                                   jobs=site.extract_jobs, cache_dir=site.workdir / "cache")
-        rows = pd.read_parquet(out)
+        rows = read_feature_file(out, site.name)
         params_hash = read_provenance(out).get("params_hash")
         extraction = {"cases": result.n_cases, "extracted": result.n_ok, "failed": result.n_failed}
     else:
