@@ -107,8 +107,17 @@ def max_difference(a, b) -> tuple[float, str]:
 def run_local(root: Path, profile: Path | None = None) -> dict:
     """The in-process study on fresh site folders under ``root``: its phases' seconds, wall time and digest."""
     from fedrad.local import run_study_in_process
+    from fedrad.server.study import Study
 
     cfg, nodes, _ = make_wide_sites(root)
+    marks: list = []  # (phase, process CPU time at its end): each phase's CPU seconds
+    phase_end = Study._phase
+
+    def mark(self, name, t0, rounds0):
+        marks.append((name, time.process_time()))
+        return phase_end(self, name, t0, rounds0)
+
+    Study._phase = mark
     prof = None
     if profile is not None:
         import cProfile
@@ -116,12 +125,17 @@ def run_local(root: Path, profile: Path | None = None) -> dict:
         prof = cProfile.Profile()
         prof.enable()
     t0, c0 = time.perf_counter(), time.process_time()
-    res = run_study_in_process(cfg, nodes)
+    try:
+        res = run_study_in_process(cfg, nodes)
+    finally:
+        Study._phase = phase_end
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    cpu_phases = {name: end - start for (name, end), start in zip(marks, [c0] + [m[1] for m in marks])}
     if prof is not None:
         prof.disable()
         prof.dump_stats(str(profile))
-    return {"wall": wall, "cpu": cpu, "phases": {p["phase"]: p["seconds"] for p in res["phases"]},
+    return {"wall": wall, "cpu": cpu, "cpu_phases": cpu_phases,
+            "phases": {p["phase"]: p["seconds"] for p in res["phases"]},
             "round_trips": res["round_trips"], "digest": digest(res)}
 
 
@@ -141,23 +155,24 @@ def folds_of(tables: dict) -> dict[str, list[str]]:
     return {"final": sites, **{f"loso:{s}": [t for t in sites if t != s] for s in sites}}
 
 
-def neurocombat_folds(cfg: dict, tables: dict) -> float:
-    """Seconds of pooled neuroCombat fit (and applied) on the training rows of each of the study's folds."""
+def neurocombat_folds(cfg: dict, tables: dict) -> tuple[float, float]:
+    """Seconds (wall, CPU) of pooled neuroCombat fit (and applied) on the training rows of each of the study's
+    folds."""
     from neuroCombat import neuroCombat
 
     from fedrad.common.plan import candidate_features, study_plan
 
     feats = candidate_features(tables["site0"], study_plan(cfg)["study"])
-    total = 0.0
+    total = cpu = 0.0
     for train in folds_of(tables).values():
         pooled = pd.concat([tables[s].assign(site=s) for s in train], ignore_index=True)
         data = np.ascontiguousarray(pooled[feats].to_numpy(dtype=float).T)
         covars = pooled[["site", "age", "sex"]].copy()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with contextlib.redirect_stdout(io.StringIO()):
             neuroCombat(data, covars, "site", categorical_cols=["sex"], continuous_cols=["age"])
-        total += time.perf_counter() - t0
-    return total
+        total, cpu = total + time.perf_counter() - t0, cpu + time.process_time() - c0
+    return total, cpu
 
 
 def pooled_pipeline(cfg: dict, tables: dict) -> tuple[float, dict]:
@@ -169,18 +184,21 @@ def pooled_pipeline(cfg: dict, tables: dict) -> tuple[float, dict]:
     return time.perf_counter() - t0, out
 
 
-def twin_difference(study: dict, twins: dict) -> tuple[float, bool]:
+def twin_difference(study: dict, twins: dict) -> tuple[float, str, bool]:
     """Largest relative difference between the study's external metrics and the pooled twin's; signatures equal."""
     from fedrad.server.study_pooled import flatten_metrics
 
-    worst, same = 0.0, True
+    worst, where, same = 0.0, "", True
     for site, twin in twins.items():
         got, want = flatten_metrics(study["external"][site]), flatten_metrics(twin["metrics"])
         if set(got) != set(want):
-            return float("inf"), False
-        worst = max([worst] + [abs(got[k] - want[k]) / max(1.0, abs(want[k])) for k in got])
+            return float("inf"), "fields differ", False
+        for k in got:
+            d = abs(got[k] - want[k]) / max(1.0, abs(want[k]))
+            if d > worst:
+                worst, where = d, f"{site}: {k}"
         same &= study["selection"][f"loso:{site}"]["selected"] == twin["signature"]
-    return worst, same
+    return worst, where, same
 
 
 def run_baseline(rev: str, tmp: Path) -> dict:
@@ -217,7 +235,13 @@ def phase_line(label: str, run: dict, base: dict | None = None) -> str:
         line += f" ({run['wall'] / base['wall']:.2f} x baseline)"
     if "cpu" in run:  # the machine is shared: the study's own CPU time says what it costs
         line += f", CPU {run['cpu']:.1f} s" + (f" ({run['cpu'] / base['cpu']:.2f} x)" if base and "cpu" in base else "")
-    return line + f", {run['round_trips']} round trips; " + ", ".join(parts)
+    line += f", {run['round_trips']} round trips; " + ", ".join(parts)
+    if run.get("cpu_phases"):
+        line += "; CPU " + ", ".join(
+            f"{name} {secs:.2f} s" + (f" ({secs / base['cpu_phases'][name]:.2f} x)"
+                                      if base and base.get("cpu_phases", {}).get(name) else "")
+            for name, secs in run["cpu_phases"].items())
+    return line
 
 
 def main() -> None:
@@ -240,17 +264,20 @@ def main() -> None:
             print(f"results vs baseline {args.baseline}: max |difference| {diff:.1e}"
                   + (f" at {where}" if diff else " (identical)"), flush=True)
         cfg, _, tables = make_wide_sites(root / "tables")
-        floor = neurocombat_folds(cfg, tables)
-        harm = local["phases"]["harmonization"]
-        print(f"pooled neuroCombat over the {len(folds_of(tables))} folds: {floor:.2f} s; in-process harmonization "
-              f"phase {harm:.2f} s = {harm / floor:.1f} x neuroCombat"
-              + (f" (baseline {base['phases']['harmonization'] / floor:.1f} x)" if base else ""), flush=True)
+        floor, floor_cpu = neurocombat_folds(cfg, tables)
+        harm, harm_cpu = local["phases"]["harmonization"], local["cpu_phases"]["harmonization"]
+        print(f"pooled neuroCombat over the {len(folds_of(tables))} folds: {floor:.2f} s (CPU {floor_cpu:.2f} s); "
+              f"in-process harmonization phase {harm:.2f} s = {harm / floor:.1f} x neuroCombat, CPU {harm_cpu:.2f} s "
+              f"= {harm_cpu / floor_cpu:.1f} x"
+              + (f" (baseline {base['phases']['harmonization'] / floor:.1f} x, CPU "
+                 f"{base['cpu_phases']['harmonization'] / floor_cpu:.1f} x)" if base else ""), flush=True)
         if not args.no_pooled:
             secs, twins = pooled_pipeline(cfg, tables)
-            worst, same = twin_difference(local["digest"], twins)
+            worst, where, same = twin_difference(local["digest"], twins)
             print(f"pooled pipeline (fedrad.server.study_pooled) on the {len(twins)} held-out folds: {secs:.1f} s; "
                   f"in-process study {local['wall']:.1f} s = {local['wall'] / secs:.2f} x; external metrics vs the "
-                  f"pooled twin: max relative difference {worst:.1e}, signatures {'equal' if same else 'DIFFER'}",
+                  f"pooled twin: max relative difference {worst:.1e} ({where}), signatures "
+                  f"{'equal' if same else 'DIFFER'}",
                   flush=True)
         if args.runtime == "deployment":
             dep = run_deployment(root / "deployment")
