@@ -68,6 +68,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -104,6 +105,13 @@ def canonical_json(obj) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
 
 
+def _canonical_with(fields: dict, encoded: dict[str, bytes]) -> bytes:
+    """``canonical_json({**fields, **values})`` where ``encoded`` holds the canonical JSON of some values already:
+    a canonical object is its sorted members joined, so a large member is encoded once for every digest."""
+    members = {**{k: canonical_json(v) for k, v in fields.items()}, **encoded}
+    return b"{" + b",".join(canonical_json(k) + b":" + members[k] for k in sorted(members)) + b"}"
+
+
 def payload_digest(payload, arrays) -> str:
     """``payload_sha256`` of a record: SHA-256 of ``canonical_json({"arrays": arrays, "payload": payload})``."""
     return hashlib.sha256(canonical_json({"arrays": arrays, "payload": payload})).hexdigest()
@@ -132,7 +140,9 @@ def _mac_ok(obj: dict, key: bytes, fn) -> bool:
 
 
 def _listify(arrays: dict) -> dict:
-    return {k: {"dtype": str(v.dtype), "shape": list(v.shape), "values": v.tolist()} for k, v in arrays.items()}
+    names: dict = {}  # str(dtype) once per dtype: a round's reply holds thousands of small arrays
+    return {k: {"dtype": names[v.dtype] if v.dtype in names else names.setdefault(v.dtype, str(v.dtype)),
+                "shape": list(v.shape), "values": v.tolist()} for k, v in arrays.items()}
 
 
 def _count_numbers(obj) -> int:
@@ -262,11 +272,14 @@ def read_anchor(path: str | Path) -> dict | None:
     return anchor
 
 
-def write_anchor(path: str | Path, seq: int, head: str, mac_from: int, key: bytes) -> dict:
-    """Atomically replace the anchor: temp file (0600, fsynced), rename over ``path``, fsync the directory."""
+def write_anchor(path: str | Path, seq: int, head: str, mac_from: int, key: bytes,
+                 line_sha256: str | None = None) -> dict:
+    """Atomically replace the anchor: temp file (0600, fsynced), rename over ``path``, fsync the directory.
+    ``line_sha256``: SHA-256 of the last record's line as written (lets the next append skip parsing it)."""
     path = Path(path)
     anchor = {"format": "fedrad-audit-anchor/1", "seq": seq, "hash": head, "mac_from": mac_from,
-              "updated": datetime.now(timezone.utc).isoformat(timespec="milliseconds")}
+              "updated": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+              **({"line_sha256": line_sha256} if line_sha256 is not None else {})}
     anchor["mac"] = anchor_mac(anchor, key)
     tmp = _write_new_file(path, canonical_json(anchor) + b"\n")
     try:
@@ -287,8 +300,10 @@ def _tighten(path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------- writing
-def _read_tail(fd: int, path: Path) -> tuple[int, str, dict | None]:
-    """(next seq, previous hash, last record) from the last line of the open log (caller holds the lock)."""
+def _read_tail(fd: int, path: Path, line_sha256: str | None = None) -> tuple[int, str, dict | None]:
+    """(next seq, previous hash, last record) from the last line of the open log (caller holds the lock).
+    ``line_sha256``: the anchor's hash of the last line; when the line has it, only its ``seq``, ``prev``, ``hash``
+    and ``mac`` are read (what appending needs when the anchor names that record)."""
     size = os.fstat(fd).st_size
     if size == 0:
         return 0, GENESIS, None
@@ -307,6 +322,14 @@ def _read_tail(fd: int, path: Path) -> tuple[int, str, dict | None]:
         if cut >= 0:
             tail = tail[cut + 1:]
             break
+    if line_sha256 is not None and hashlib.sha256(tail).hexdigest() == line_sha256:
+        # the very line the anchor names (a forged anchor fails its MAC check next): its head and tail are all the
+        # next record needs, without parsing the whole payload again
+        head, end = _HEAD.match(tail), _TAIL.search(tail)
+        if head and end:
+            return int(head.group(1)) + 1, end.group(2).decode(), {
+                "seq": int(head.group(1)), "prev": end.group(1).decode(), "hash": end.group(2).decode(),
+                "mac": end.group(3).decode()}
     try:
         last = json.loads(tail)
         seq, prev = last["seq"], last["hash"]
@@ -316,6 +339,22 @@ def _read_tail(fd: int, path: Path) -> tuple[int, str, dict | None]:
         raise AuditLogError(f"{path}: the last line is not a chained audit record (an old-format or damaged log); "
                             f"{_MOVE_ASIDE}") from None
     return seq + 1, prev, last
+
+
+#: the first and last members of a record line as :meth:`AuditLog.record` writes it
+_HEAD = re.compile(rb'\{"seq": (0|[1-9][0-9]{0,17}), "time": "')
+_TAIL = re.compile(rb', "prev": "([0-9a-f]{64})", "hash": "([0-9a-f]{64})", "mac": "([0-9a-f]{64})"\}\Z')
+
+
+def _line(entry: dict, key: str, encoded: bytes) -> bytes:
+    """The record's line: ``json.dumps(entry)`` with member ``key`` written as its canonical JSON ``encoded`` (the
+    same parsed content; the largest member is not encoded a second time)."""
+    keys = list(entry)
+    i = keys.index(key)
+    before = json.dumps({k: entry[k] for k in keys[:i]}, allow_nan=False)[1:-1]
+    after = json.dumps({k: entry[k] for k in keys[i + 1:]}, allow_nan=False)[1:-1]
+    member = f"{json.dumps(key)}: ".encode() + encoded
+    return b"{" + b", ".join(p for p in (before.encode(), member, after.encode()) if p) + b"}\n"
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -415,26 +454,35 @@ class AuditLog:
         skeleton, arrays = split_payload(payload)
         body = json.loads(skeleton)
         listed = _listify(arrays)
-        try:
-            digest = payload_digest(body, listed)
+        try:  # payload and arrays are encoded once; the digest, hash, MAC and line reuse those bytes
+            raw = {"payload": canonical_json(body), "arrays": canonical_json(listed)}
+            digest = hashlib.sha256(_canonical_with({}, raw)).hexdigest()
         except ValueError:
             bad = [k for k, v in arrays.items() if v.dtype.kind in "fc" and not _all_finite(v)]
             raise ValueError(f"audit: {request} payload has non-finite values in array(s) {', '.join(bad)}; "
                              "refusing to send") from None
         fd = self._open_locked()
         try:
-            seq, prev, last = _read_tail(fd, self.path)
+            try:
+                expected = (read_anchor(self.anchor_path) or {}).get("line_sha256")
+            except AuditLogError:
+                expected = None  # reported by the state check below
+            seq, prev, last = _read_tail(fd, self.path, expected)
             key, mac_from = self._check_state(seq, last)
             entry = {"seq": seq, "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
                      "site": site, "request": request, "status": status,
                      "n_values": _array_count(listed) + _count_numbers(body),
                      "shapes": {k: v["shape"] for k, v in listed.items()}, "payload_sha256": digest,
                      "payload": body, "arrays": listed, **({"plan": str(plan)} if plan else {}), "prev": prev}
-            entry["hash"] = record_digest(entry)
-            entry["mac"] = record_mac(entry, key)
-            _write_all(fd, (json.dumps(entry, allow_nan=False) + "\n").encode("utf-8"))
+            fields = {k: v for k, v in entry.items() if k not in raw}
+            entry["hash"] = hashlib.sha256(_canonical_with(fields, raw)).hexdigest()
+            fields["hash"] = entry["hash"]
+            entry["mac"] = hmac.new(key, _RECORD_DOMAIN + _canonical_with(fields, raw), hashlib.sha256).hexdigest()
+            line = _line(entry, "arrays", raw["arrays"])
+            _write_all(fd, line)
             os.fsync(fd)
-            write_anchor(self.anchor_path, seq, entry["hash"], mac_from, key)
+            write_anchor(self.anchor_path, seq, entry["hash"], mac_from, key,
+                         line_sha256=hashlib.sha256(line[:-1]).hexdigest())
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
             os.close(fd)

@@ -173,7 +173,8 @@ def check_penalty(study: dict, ledger, fold: str, kind: str, gi: int, value) -> 
 def _subset(names, allowed, what: str, max_len: int | None = None) -> list[str]:
     _require(isinstance(names, (list, tuple)) and all(isinstance(n, str) for n in names), f"{what}: not a list")
     _require(len(set(names)) == len(names), f"{what}: repeated names")
-    _require(set(names) <= set(allowed), f"{what}: columns outside the plan")
+    _require(set(names) <= (allowed if isinstance(allowed, (set, frozenset)) else set(allowed)),
+             f"{what}: columns outside the plan")
     if max_len is not None:
         _require(len(names) <= max_len, f"{what}: more columns than the plan allows")
     return list(names)
@@ -187,13 +188,31 @@ def _study_prepare(site, record, payload, ledger):
     return {**prepare_spec(study), "source": alias, "robustness_needed": study["selection"]["icc_threshold"] is not None}
 
 
+#: (raw table version, plan's study, [columns]) -> (candidate features, volume column), per process
+_CANDIDATES: dict = {}
+
+
 def _site_candidates(site, study, cache: dict):
     """The site's candidate features of its ``raw`` table under the plan and its own ``[columns]`` allow-list (a
-    request can never widen them), and its volume column."""
+    request can never widen them), and its volume column: computed once per table version and plan in a process
+    (every request and task of a study checks against them)."""
     if "candidates" not in cache:
-        raw = site.table("raw")
-        cache["candidates"] = candidate_features(raw, study, site.columns)
-        cache["volume"] = site_volume(raw, study, site.columns)
+        try:
+            key = (site.table_version("raw"), json.dumps(study, sort_keys=True, default=str),
+                   json.dumps(site.columns, sort_keys=True, default=str))
+        except FileNotFoundError:
+            key = None
+        if key is None or key not in _CANDIDATES:
+            raw = site.table("raw")
+            found = (candidate_features(raw, study, site.columns), site_volume(raw, study, site.columns))
+            if key is None:
+                cache["candidates"], cache["volume"] = found
+                return cache["candidates"]
+            if len(_CANDIDATES) >= 64:
+                _CANDIDATES.clear()
+            _CANDIDATES[key] = found
+        cands, volume = _CANDIDATES[key]
+        cache["candidates"], cache["volume"] = list(cands), volume
     return cache["candidates"]
 
 
@@ -429,7 +448,7 @@ def _fit_round_study(site, record, payload, ledger, cache):
     study = record["plan"]["study"]
     ep = endpoints.of(endpoint(study))
     model = ep.model
-    cand = _site_candidates(site, study, cache)
+    cand = frozenset(_site_candidates(site, study, cache))  # one set for every task's check
     ledger.data["volume"] = cache["volume"]  # the site's own volume column: the only one a volume model may use
     k, seed = int(study["validation"]["inner_folds"]), int(study["validation"]["seed"])
     tasks = []

@@ -63,21 +63,68 @@ _READS: "OrderedDict[tuple, tuple[pd.DataFrame, int]]" = OrderedDict()
 READ_CACHE_BYTES = 256 << 20
 
 
+def file_key(path: Path) -> tuple:
+    """What identifies one version of a file: path, inode, size and mtime (a replaced or edited file differs)."""
+    st = path.stat()
+    return (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def read_table(path: Path, reader: Callable[[Path], pd.DataFrame]) -> pd.DataFrame:
     """``reader(path)``, read once per process for as long as the file is unchanged; every caller gets its own
     copy. A site message used to parse its tables 5-6 times (the plan checks, then each step); a derived table
     is replaced atomically (:meth:`Site.save_table`: a new inode) and an edited file changes size or mtime, so
     neither is ever served stale."""
-    st = path.stat()
-    key = (str(path), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = file_key(path)
     if key in _READS:
         _READS.move_to_end(key)
         return _READS[key][0].copy()
     df = reader(path)
+    df.attrs = {}  # table metadata (pandas copies it into every column it hands out) never slows a request
     _READS[key] = (df, 8 * int(df.size))  # ~8 bytes a cell (measuring object columns exactly costs more than the read)
     while len(_READS) > 1 and sum(size for _, size in _READS.values()) > READ_CACHE_BYTES:
         _READS.popitem(last=False)
     return df.copy()
+
+
+def frame_to_arrow(df: pd.DataFrame):
+    """``pyarrow.Table.from_pandas(df, preserve_index=False)``, the same table and pandas metadata, with the
+    float64 and int64 columns converted as whole blocks: pyarrow's own conversion takes each column from pandas
+    one by one, which dominates writing a wide feature table."""
+    import json
+
+    import numpy as np
+    import pyarrow as pa
+
+    kinds = {np.dtype(np.float64): "float64", np.dtype(np.int64): "int64"}
+    fast = [t in kinds for t in df.dtypes]
+    if not any(fast) or not df.columns.is_unique or not all(isinstance(c, str) for c in df.columns):
+        return pa.Table.from_pandas(df, preserve_index=False)
+    names = list(df.columns)
+    rest = [c for c, f in zip(names, fast) if not f]
+    base = pa.Table.from_pandas(df[rest], preserve_index=False)
+    meta = json.loads(base.schema.metadata[b"pandas"])
+    entries = {e["name"]: e for e in meta["columns"]}
+    arrays = {c: base.column(c) for c in rest}
+    for dtype, kind in kinds.items():
+        cols = [c for c, f, t in zip(names, fast, df.dtypes) if f and t == dtype]
+        if not cols:
+            continue
+        values = np.ascontiguousarray(df[cols].to_numpy(dtype=dtype).T)
+        for c, v in zip(cols, values):
+            arrays[c] = pa.array(v, from_pandas=True)
+            entries[c] = {"name": c, "field_name": c, "pandas_type": kind, "numpy_type": kind, "metadata": None}
+    meta["columns"] = [entries[c] for c in names]
+    schema = pa.schema([pa.field(c, arrays[c].type) for c in names],
+                       metadata={**base.schema.metadata, b"pandas": json.dumps(meta).encode()})
+    return pa.Table.from_arrays([arrays[c] for c in names], schema=schema)
+
+
+def remember_table(path: Path, df: pd.DataFrame) -> None:
+    """Put the DataFrame that reading ``path`` (just written) gives into this process's read cache."""
+    df.attrs = {}
+    _READS[file_key(path)] = (df, 8 * int(df.size))
+    while len(_READS) > 1 and sum(size for _, size in _READS.values()) > READ_CACHE_BYTES:
+        _READS.popitem(last=False)
 
 
 def _read_features(path: Path) -> pd.DataFrame:
@@ -230,16 +277,26 @@ class Site:
             raise ValueError(f"table {name!r} not found (an earlier phase did not run here)")
         return read_table(path, pd.read_parquet)
 
+    def table_version(self, name: str) -> tuple:
+        """:func:`file_key` of a table this site derived (``raw``, ``h-<fold>``): per-process caches of what is
+        computed from a table key on it."""
+        return file_key(self._table_path(name))
+
     def save_table(self, name: str, df: pd.DataFrame) -> Path:
         """Keep a derived table at the site (atomic write; never sent anywhere)."""
         import io
 
         from fedrad.common.files import atomic_write_bytes
 
+        import numpy as np
+        import pyarrow.parquet as pq
+
         path = self._table_path(name)
-        buf = io.BytesIO()
-        df.to_parquet(buf, index=False)
+        table = frame_to_arrow(df)
+        buf = io.BytesIO()  # float columns without dictionary pages: they hold no repeated values worth it
+        pq.write_table(table, buf, use_dictionary=[c for c, t in zip(df.columns, df.dtypes) if t != np.float64])
         atomic_write_bytes(path, buf.getvalue())
+        remember_table(path, table.to_pandas())  # what reading the file gives, without parsing it again
         return path
 
     def log_local(self, code: str, text: str, request: str = "") -> None:

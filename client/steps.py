@@ -81,11 +81,13 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
     from fedrad.common.plan import inner_fold_usable
 
     name = data.get("table")
-    spec_key = (name, json.dumps(data.get("rows"), sort_keys=True))
+    spec = data.get("rows")
+    flat = isinstance(spec, dict) and all(isinstance(v, (str, int, float, bool)) for v in spec.values())
+    spec_key = (name, tuple(sorted(spec.items())) if flat else json.dumps(spec, sort_keys=True))
     k_min = site.policy.min_cell_size
     if spec_key not in cache:
         if name not in cache:
-            cache[name] = site.table(name)
+            cache[name] = narrow(site.table(name), (cache.get(COLUMNS) or {}).get(name))
         rows = cache[name]
         if data.get("rows"):
             ids = rows["case_id"] if "case_id" in rows.columns else rows.index.astype(str)
@@ -109,7 +111,11 @@ def _model_rows(site: Site, data: dict, request: dict, cache: dict):
         absent = [c for c in features + endpoints.of_data(data).columns() if c not in rows.columns]
         if absent:
             raise ValueError(f"column(s) {', '.join(absent[:5])} not in the site's table")
-        text = [c for c in features if not pd.api.types.is_numeric_dtype(rows[c])]
+        if (spec_key, "dtypes") not in cache:  # one dtype lookup per row subset, not a column selection per task
+            cache[spec_key, "dtypes"] = dict(zip(rows.columns, rows.dtypes)) if rows.columns.is_unique else None
+        dtypes = cache[spec_key, "dtypes"]
+        text = [c for c, t in zip(features, rows[features].dtypes if dtypes is None else [dtypes[c] for c in features])
+                if not pd.api.types.is_numeric_dtype(t)]
         if text:
             raise ValueError(f"feature column {text[0]!r} is not numeric; encode it (e.g. one-hot) first")
         if site.policy.min_events:
@@ -124,9 +130,28 @@ def _check_events(site: Site, rows, data: dict) -> None:
     site.policy.check_events(*endpoints.of_data(data).policy_events(rows))
 
 
+#: key of a message cache (:func:`_model_rows`) holding, per table, the columns the message's tasks use
+COLUMNS = "__columns__"
+
+
+def narrow(rows: pd.DataFrame, columns) -> pd.DataFrame:
+    """``rows`` restricted to ``columns`` (and ``case_id``), in the table's order (``columns`` None: all of them).
+    Selecting rows and columns of a wide table costs pandas per column of the table, and a round's tasks use a
+    few of its columns only; a column a task names that the table lacks is still reported as missing."""
+    if columns is None:
+        return rows
+    keep = set(columns) | {"case_id"}
+    return rows[[c for c in rows.columns if c in keep]]
+
+
 def fit_round(site: Site, payload: dict) -> dict:
     """One step of every fit task that involves this site: its sums, gradients and Hessians."""
-    results, skipped, cache = {}, {}, {}
+    results, skipped, cache = {}, {}, {COLUMNS: {}}
+    for task in payload["tasks"]:  # the columns each table's tasks use
+        if task.get("sites") is None or site.name in task["sites"]:
+            data = task["data"]
+            cache[COLUMNS].setdefault(data.get("table"), set()).update(
+                list(task["request"]["features"]) + endpoints.of_data(data).columns())
     for task in payload["tasks"]:
         if task.get("sites") is not None and site.name not in task["sites"]:
             continue

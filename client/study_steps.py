@@ -12,6 +12,7 @@ import pandas as pd
 from fedrad.client.site import Site
 from fedrad.client.steps import harmonize_locally
 from fedrad.common import endpoints
+from fedrad.common.glm import cached_features
 from fedrad.common.messages import to_plain
 
 #: software whose versions a site reports with its numbers (provenance in the report)
@@ -22,8 +23,11 @@ def read_feature_file(path: Path, site: str) -> pd.DataFrame:
     if not path.is_file():
         raise ValueError(f"feature table {path} not found at site {site}")
     if path.suffix.lower() == ".parquet":
-        return pd.read_parquet(path)
-    return pd.read_csv(path, float_precision="round_trip")
+        rows = pd.read_parquet(path)
+    else:
+        rows = pd.read_csv(path, float_precision="round_trip")
+    rows.attrs = {}  # table metadata (pandas copies it into every column it hands out) never slows a request
+    return rows
 
 
 def study_prepare(site: Site, payload: dict) -> dict:
@@ -43,7 +47,7 @@ def study_prepare(site: Site, payload: dict) -> dict:
         out = site.workdir / "features.parquet"
         result = extract_manifest(Path(source["manifest"]), params=source.get("params"), out=out,
                                   jobs=site.extract_jobs, cache_dir=site.workdir / "cache")
-        rows = pd.read_parquet(out)
+        rows = read_feature_file(out, site.name)
         params_hash = read_provenance(out).get("params_hash")
         extraction = {"cases": result.n_cases, "extracted": result.n_ok, "failed": result.n_failed}
     else:
@@ -195,6 +199,14 @@ def study_select(site: Site, payload: dict) -> dict:
     return {"folds": out}
 
 
+def _narrow_to(rows: pd.DataFrame, columns: list) -> pd.DataFrame:
+    """``rows`` restricted to the columns an evaluation uses (:func:`fedrad.client.steps.narrow`), or all of them
+    when one of those names is not a column (a model term built from columns: nothing is narrowed then)."""
+    from fedrad.client.steps import narrow
+
+    return narrow(rows, columns) if set(columns) <= set(rows.columns) else rows
+
+
 def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     """Held-out loss of each inner-CV fit on this site's held-out inner fold (None when it has < k rows)."""
     from fedrad.common.folds import row_mask
@@ -203,12 +215,16 @@ def _cv_losses(site: Site, endpoint: dict, items: list) -> dict:
     kind = endpoints.of(endpoint)
     tables: dict[str, pd.DataFrame] = {}
     losses = {}
+    used: dict[str, list] = {}  # per table, the columns its items' models and the outcome use
+    for item in items:
+        if site.name in item["sites"]:
+            used.setdefault(item["table"], kind.columns()).extend(kind.model_features(item["model"]))
     for item in items:
         if site.name not in item["sites"]:
             continue
         name = item["table"]
         if name not in tables:
-            tables[name] = site.table(name)
+            tables[name] = _narrow_to(site.table(name), used[name])
         rows = tables[name]
         train = row_mask(list(rows["case_id"]), {**item["rows"], "keep": "train"})
         if not inner_fold_usable(int(train.sum()), int((~train).sum()), site.policy.min_cell_size):
@@ -229,14 +245,19 @@ def study_evaluate(site: Site, payload: dict) -> dict:
     for fold, spec in payload["folds"].items():
         if site.name not in spec["eval_sites"]:
             continue
-        rows = site.table(spec["table"])
+        used = kind.columns() + list(payload.get("subgroups") or ()) + [
+            f for vs in spec["models"].values() for d in vs.values() for f in kind.model_features(d)]
+        rows = _narrow_to(site.table(spec["table"]), used)
         variants = {m: {v: kind.model_from_dict(d) for v, d in vs.items()} for m, vs in spec["models"].items()}
         decision = ({"horizon": float(payload["dca_horizon"]), "baselines": spec.get("baselines") or {}}
                     if payload.get("dca_horizon") is not None else None)
-        out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
-                                      km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or (),
-                                      decision=decision)
-    return {"losses": _cv_losses(site, endpoint, payload.get("items", [])), "folds": to_plain(out, keep_arrays=True)}
+        with cached_features():  # every penalty variant of a model predicts from the same feature matrix
+            out[fold] = evaluate_variants(endpoint, variants, rows, min_cell_size=site.policy.min_cell_size,
+                                          km_grid=payload.get("km_times"), subgroups=payload.get("subgroups") or (),
+                                          decision=decision)
+    with cached_features():  # the inner folds' and penalties' models share their feature matrices
+        losses = _cv_losses(site, endpoint, payload.get("items", []))
+    return {"losses": losses, "folds": to_plain(out, keep_arrays=True)}
 
 
 def study_associate(site: Site, payload: dict) -> dict:

@@ -59,8 +59,8 @@ def site_association(rows: pd.DataFrame, features: Sequence[str], markers: Seque
     absent = [c for c in cols if c not in rows.columns]
     if absent:
         raise AssociationError(f"{where}: column(s) {', '.join(absent[:5])} not in the table")
-    for c in marks + adj:
-        if not pd.api.types.is_numeric_dtype(rows[c]):
+    for c, t in zip(marks + adj, rows[marks + adj].dtypes):
+        if not pd.api.types.is_numeric_dtype(t):
             raise AssociationError(f"{where}: column {c!r} is not numeric; code markers and covariates as numbers "
                                    "(0/1 for a status)")
     x = rows[cols].to_numpy(dtype=float)

@@ -159,6 +159,13 @@ _SINGULAR_TOL = 1e-9
 _PROTOCOL_VERSION = 1
 
 
+def _repeated(names: list) -> list:
+    """The names listed more than once, sorted (one pass: a wide table lists a thousand features)."""
+    from collections import Counter
+
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
 # ----------------------------------------------------------------------------------------------
 # Errors
 # ----------------------------------------------------------------------------------------------
@@ -1322,7 +1329,7 @@ def make_request(features: Sequence[str], covariates: Sequence[str] = (), catego
     features = [str(f) for f in _names(features)]
     if not features:
         raise CombatError("no features to harmonize")
-    dup = sorted({f for f in features if features.count(f) > 1})
+    dup = _repeated(features)
     if dup:
         raise CombatError(f"features {dup} listed more than once")
     continuous, cat = _split_covariates(covariates, categorical)
@@ -1694,10 +1701,13 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
     if not isinstance(rows, pd.DataFrame):
         raise CombatError(f"site rows {_where(site=site)} must be a pandas DataFrame")
     labels_sorted, labels = _site_batches(rows, ref.batch_col, site, batch)
-    out = rows.copy()
-    for f in kept:
-        if f in out.columns:
-            out[f] = out[f].astype(np.float64)
+    present = [f for f in kept if f in rows.columns]
+    block = rows[present].to_numpy(dtype=np.float64, copy=True)  # the harmonized feature columns, written below
+    column = {f: j for j, f in enumerate(present)}
+
+    def put(mask, names, values) -> None:
+        block[np.ix_(np.flatnonzero(mask), [column[n] for n in names])] = values
+
     adjustments = {}
     for label in labels_sorted:
         mask = labels == label if ref.batch_col is not None else np.ones(len(rows), dtype=bool)
@@ -1720,7 +1730,7 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
             z = (s - given[0]) / np.sqrt(given[1])
             if ref.covbat:
                 z = covbat_adjust(z, ref.covbat, ref.covbat_index(label))
-            out.loc[mask, kept] = _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled)
+            put(mask, kept, _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled))
             continue
         if not is_ref and not ref.mean_only:
             ymean = y.mean(axis=0)
@@ -1743,12 +1753,26 @@ def apply_combat(rows: pd.DataFrame, reference: ComBatReference | Mapping, *, si
                 raise CombatError(f"feature(s) {', '.join(k for k, u in zip(kept, use) if not u)} are constant "
                                   f"{where}, and CovBat's PCA step needs every harmonized feature; leave them out")
             z = covbat_adjust((s - a.gamma_star) / np.sqrt(a.delta_star), ref.covbat)
-            out.loc[mask, kept] = _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled)
+            put(mask, kept, _from_z(z, d, ref.grand_mean, ref.coef, ref.var_pooled))
             continue
         harmonized = _destandardize(s[:, use], a.gamma_star, a.delta_star, d, ref.grand_mean[use],
                                     ref.coef[:, use], ref.var_pooled[use])
-        out.loc[mask, names] = harmonized
-    return out, adjustments
+        put(mask, names, harmonized)
+    return _with_columns(rows, present, block), adjustments
+
+
+def _with_columns(rows: pd.DataFrame, names: list, block: np.ndarray) -> pd.DataFrame:
+    """A copy of ``rows`` whose columns ``names`` hold ``block`` (float64), in the original column order: one block
+    instead of a column-by-column assignment, which costs pandas a dtype scan of the whole frame per column."""
+    if not (rows.columns.is_unique and rows.index.is_unique):
+        out = rows.copy()
+        for j, f in enumerate(names):
+            out[f] = block[:, j]
+        return out
+    new = pd.DataFrame(block, columns=pd.Index(names, dtype=rows.columns.dtype), index=rows.index)
+    taken = set(names)
+    rest = rows[[c for c in rows.columns if c not in taken]].copy()
+    return pd.concat([rest, new], axis=1)[list(rows.columns)]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -626,9 +626,10 @@ class CoxModel:
         miss = [c for c in [*features, duration_col, event_col, *strata_cols] if c not in df.columns]
         if miss:
             raise CoxError(f"the data: column(s) {miss} not found")
-        for c in [*features, duration_col, event_col]:
-            if not (pd.api.types.is_numeric_dtype(df[c]) or pd.api.types.is_bool_dtype(df[c])):
-                raise CoxError(f"the data: column {c!r} is not numeric (dtype {df[c].dtype})")
+        checked = [*features, duration_col, event_col]
+        for c, t in zip(checked, df[checked].dtypes):  # dtypes of the columns used, not one column at a time
+            if not (pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t)):
+                raise CoxError(f"the data: column {c!r} is not numeric (dtype {t})")
         if strata_cols:
             by = strata_cols[0] if len(strata_cols) == 1 else strata_cols
             groups = dict(df.groupby(by, sort=True, dropna=False).indices)

@@ -6,6 +6,7 @@ federated study gets exactly the same folds.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 
 import numpy as np
@@ -15,8 +16,13 @@ def inner_folds(case_ids, k: int, seed: int = 0) -> np.ndarray:
     """Fold number (0..k-1) of each case id."""
     if k < 2:
         raise ValueError(f"k must be at least 2, got {k}")
-    return np.array([int(hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest()[:12], 16) % k for cid in case_ids],
-                    dtype=int)
+    return np.array(_folds(tuple(case_ids), int(k), int(seed)), dtype=int)
+
+
+@functools.lru_cache(maxsize=256)
+def _folds(case_ids: tuple, k: int, seed: int) -> tuple:
+    """The folds of a tuple of case ids (cached: a study round asks for the same rows' folds many times)."""
+    return tuple(int(hashlib.sha256(f"{seed}:{cid}".encode()).hexdigest()[:12], 16) % k for cid in case_ids)
 
 
 def row_mask(case_ids, spec: dict | None) -> np.ndarray:

@@ -92,6 +92,7 @@ bounded below in every case, so separation is harmless.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 from typing import Any, Mapping, Sequence
@@ -145,6 +146,13 @@ SEPARATION_MAX_COEF = 25.0
 _ARMIJO = 1e-4
 #: The quadratic-rate stopping rule is only trusted for steps at most this long.
 _QUADRATIC_MAX_STEP = 1e-3
+
+
+def _repeated(names: list) -> list:
+    """The names listed more than once, sorted (one pass: a wide table lists a thousand features)."""
+    from collections import Counter
+
+    return sorted(n for n, c in Counter(names).items() if c > 1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -212,18 +220,51 @@ def _penalty_spec(penalty: Any, C: Any, l1_ratio: Any) -> tuple[str | None, floa
     return penalty, C, rho
 
 
+_FEATURE_MEMO: dict | None = None
+
+
+@contextlib.contextmanager
+def cached_features():
+    """Inside the block, the feature matrix of one DataFrame and feature list is built once and shared (read-only):
+    for predictions of many models on rows that do not change meanwhile (a site's inner-CV losses and validation
+    metrics of every penalty variant)."""
+    global _FEATURE_MEMO
+    outer = _FEATURE_MEMO
+    _FEATURE_MEMO = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _FEATURE_MEMO = outer
+
+
 def _as_features(X: Any, features: Sequence[str] | None, where: str) -> np.ndarray:
     """Feature matrix (n×p float64): DataFrame columns selected by name, or a 2-D array in order."""
+    memo = _FEATURE_MEMO
+    if memo is None or features is None or not isinstance(X, pd.DataFrame):
+        return _feature_matrix(X, features, where)
+    key = (id(X), tuple(features))
+    hit = memo.get(key)
+    if hit is None or hit[0] is not X:  # the frame is kept with its matrix, so its id is not reused meanwhile
+        x = _feature_matrix(X, features, where)
+        x.setflags(write=False)
+        hit = memo[key] = (X, x)
+    return hit[1]
+
+
+def _feature_matrix(X: Any, features: Sequence[str] | None, where: str) -> np.ndarray:
     if isinstance(X, pd.DataFrame):
-        lookup = {str(c): c for c in X.columns}
-        if features is None:
-            features = list(lookup)
-        missing = [f for f in features if f not in lookup]
-        if missing:
-            raise GLMError(f"feature column(s) {missing} not found {where}; columns are {list(lookup)[:20]}")
-        cols = X[[lookup[f] for f in features]]
-        bad = [str(c) for c in cols.columns
-               if not (pd.api.types.is_numeric_dtype(cols[c]) or pd.api.types.is_bool_dtype(cols[c]))]
+        if features is not None and X.columns.is_unique and all(type(f) is str and f in X.columns for f in features):
+            cols = X[list(features)]  # every name is a column (the common case): no name lookup over the table
+        else:
+            lookup = {str(c): c for c in X.columns}
+            if features is None:
+                features = list(lookup)
+            missing = [f for f in features if f not in lookup]
+            if missing:
+                raise GLMError(f"feature column(s) {missing} not found {where}; columns are {list(lookup)[:20]}")
+            cols = X[[lookup[f] for f in features]]
+        bad = [str(c) for c, t in zip(cols.columns, cols.dtypes)
+               if not (pd.api.types.is_numeric_dtype(t) or pd.api.types.is_bool_dtype(t))]
         if bad:
             raise GLMError(f"feature column(s) {bad} {where} are not numeric; encode them (e.g. one-hot) first")
         x = cols.astype("float64").to_numpy(dtype=np.float64, na_value=np.nan)
@@ -317,7 +358,7 @@ def make_stats_request(features: Sequence[str]) -> dict:
     features = [str(f) for f in features]
     if not features:
         raise GLMError("no features to fit")
-    dup = sorted({f for f in features if features.count(f) > 1})
+    dup = _repeated(features)
     if dup:
         raise GLMError(f"features {dup} listed more than once")
     return {"kind": _STATS_KIND, "version": _PROTOCOL_VERSION, "features": features}

@@ -115,7 +115,24 @@ def request_name(message_type_: str) -> str:
     raise ValueError(f"unknown message type {message_type_!r}")
 
 
+_PLAIN = frozenset((str, int, bool, type(None)))
+
+
+def _plain_list(obj) -> bool:
+    """A list of plain strings, ints, bools, None and finite floats (no container, no numpy value): sent as is."""
+    for v in obj:
+        t = type(v)
+        if t is float:
+            if v - v != 0.0:  # inf or nan
+                return False
+        elif t not in _PLAIN:
+            return False
+    return True
+
+
 def _split(obj, arrays: dict, prefix: str):
+    if type(obj) is list and _plain_list(obj):  # the common case of long lists (names, per-feature values)
+        return obj
     if isinstance(obj, np.ndarray):
         key = prefix or "_"
         arrays[key] = np.ascontiguousarray(obj)
@@ -125,7 +142,9 @@ def _split(obj, arrays: dict, prefix: str):
         for k, v in obj.items():
             if not isinstance(k, str):
                 raise TypeError(f"payload keys must be strings, got {k!r}")
-            out[k] = _split(v, arrays, f"{prefix}/{k}" if prefix else k)
+            t = type(v)
+            out[k] = v if t in _PLAIN or (t is float and v - v == 0.0) else _split(
+                v, arrays, f"{prefix}/{k}" if prefix else k)
         return out
     if isinstance(obj, (list, tuple)):
         return [_split(v, arrays, f"{prefix}/{i}") for i, v in enumerate(obj)]
@@ -169,10 +188,38 @@ def join_payload(skeleton: str, arrays: dict[str, np.ndarray]) -> dict:
     if not arrays and '"__array__"' not in skeleton:
         return json.loads(skeleton)
 
+    if skeleton.count('"__array__"') == len(arrays):  # every marker is an array's: put each at its key's path
+        payload = json.loads(skeleton)
+        if _place_arrays(payload, arrays):
+            return payload
+
     def array_or_dict(obj: dict):  # the parser calls it for every object, innermost first
         return arrays[obj["__array__"]] if len(obj) == 1 and "__array__" in obj else obj
 
     return json.loads(skeleton, object_hook=array_or_dict)
+
+
+def _place_arrays(payload: dict, arrays: dict[str, np.ndarray]) -> bool:
+    """Replace each array's marker ``{"__array__": key}`` in a parsed payload, found by the path its key spells
+    (:func:`_split`: dict keys and list indices joined by ``/``); False, with nothing replaced, when a key does not
+    lead to its marker (a dict key containing ``/``): the caller then parses with a hook on every object."""
+    spots = []
+    for key in arrays:
+        parent, step = None, None
+        node = payload
+        for part in key.split("/"):
+            if isinstance(node, dict) and part in node:
+                parent, step, node = node, part, node[part]
+            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+                parent, step, node = node, int(part), node[int(part)]
+            else:
+                return False
+        if parent is None or node != {"__array__": key}:
+            return False
+        spots.append((parent, step, key))
+    for parent, step, key in spots:
+        parent[step] = arrays[key]
+    return True
 
 
 def _pack(arrays: dict[str, np.ndarray]) -> tuple[list, bytes]:

@@ -32,13 +32,19 @@ class ImputationRefused(ValueError):
     """A site would impute a feature it observes in fewer than k patients."""
 
 
-def _observed(moments: Mapping, feature: str) -> tuple[int, float | None]:
-    pos = {f: j for j, f in enumerate(moments["features"])}
+def _observed(moments: Mapping, feature: str, pos: Mapping | None = None) -> tuple[int, float | None]:
+    """(observed count, mean) of a feature in a site's moments; ``pos``: :func:`_index` of them, when the caller
+    asks for many features."""
+    pos = _index(moments) if pos is None else pos
     if feature not in pos:
         return 0, None
     j = pos[feature]
     n, mean = moments["n"][j], moments["mean"][j]
     return (int(n), float(mean)) if mean is not None else (0, None)
+
+
+def _index(moments: Mapping) -> dict:
+    return {f: j for j, f in enumerate(moments["features"])}
 
 
 def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], features: Sequence[str],
@@ -57,13 +63,14 @@ def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], feat
     # feature: it will refuse the study's sums anyway, so it must not drop every feature for the others
     silent = sorted(s for s in moments if not any(m is not None for m in moments[s].get("mean", [])))
     informing = [s for s in sorted(moments) if s not in silent]
+    index = {s: _index(moments[s]) for s in informing}
     for f in features:
         worst, why, any_missing = -1.0, "", False
         for s in informing:
-            n_obs, _ = _observed(moments[s], f)
+            n_obs, mean = _observed(moments[s], f, index[s])
             n = int(n_rows[s])
             share = 1.0 - n_obs / n if n else 1.0
-            if n_obs < 2 or _observed(moments[s], f)[1] is None:
+            if n_obs < 2 or mean is None:
                 share, reason = 1.0, f"fewer than the minimum cell size observed at {s}"
             else:
                 reason = f"missing in {share:.0%} of {s}'s patients"
@@ -76,7 +83,7 @@ def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], feat
             impute.append(f)
     for s in informing:
         for f in impute:
-            cells[s] += int(n_rows[s]) - _observed(moments[s], f)[0]
+            cells[s] += int(n_rows[s]) - _observed(moments[s], f, index[s])[0]
     return {"dropped": dropped, "impute": impute, "cells": cells, "max_missing": float(max_missing),
             "silent": silent}
 
@@ -84,10 +91,11 @@ def missing_plan(moments: Mapping[str, Mapping], n_rows: Mapping[str, int], feat
 def fold_values(moments: Mapping[str, Mapping], train_sites: Sequence[str], features: Sequence[str]) -> dict:
     """The imputation value of each feature in one fold: the training sites' pooled observed mean."""
     out = {}
+    index = {s: _index(moments[s]) for s in train_sites}
     for f in features:
         num = den = 0.0
         for s in train_sites:
-            n_obs, mean = _observed(moments[s], f)
+            n_obs, mean = _observed(moments[s], f, index[s])
             if mean is not None and n_obs > 0:
                 num += n_obs * mean
                 den += n_obs
@@ -101,6 +109,46 @@ def impute(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.
     """The site's rows with each feature's missing cells filled: ``values[f]`` (the fold's training-site mean)
     when at least ``k`` cells are missing, else the site's own observed mean (rule 3). Returns the table and
     ``{feature: "fold" | "site"}`` for the features that had missing cells."""
+    from fedrad.common.combat import _with_columns
+
+    feats = [f for f in values if f in rows.columns]
+    if not feats or not rows.columns.is_unique:
+        return _impute_by_column(rows, values, k)
+    numeric = [pd.api.types.is_numeric_dtype(t) for t in rows[feats].dtypes]
+    if not all(numeric):
+        return _impute_by_column(rows, values, k)
+    block = rows[feats].to_numpy(dtype=float, na_value=np.nan, copy=True)  # every feature's values at once
+    miss = ~np.isfinite(block)
+    counts = miss.sum(axis=0)
+    used: dict[str, str] = {}
+    changed = []
+    for j, f in enumerate(feats):
+        m = int(counts[j])
+        if m == 0:
+            continue
+        fill, used[f] = _fill_value(f, values[f], pd.Series(block[:, j]), miss[:, j], m, k)
+        block[miss[:, j], j] = fill
+        changed.append(j)
+    if not changed:
+        return rows.copy(), used
+    return _with_columns(rows, [feats[j] for j in changed], block[:, changed]), used
+
+
+def _fill_value(f: str, v, x: pd.Series, miss: np.ndarray, m: int, k: int) -> tuple[float, str]:
+    """The value a feature's ``m`` missing cells get, and from where (rule 3); refuses under k observed."""
+    n_obs = len(x) - m
+    if n_obs < max(int(k), 2):
+        raise ImputationRefused(f"feature {f!r} is observed in {n_obs} patients, fewer than the minimum cell "
+                                f"size {k}: not imputed")
+    if m < int(k):
+        return float(x[~miss].mean()), "site"
+    if not (isinstance(v, (int, float)) and math.isfinite(float(v))):
+        raise ValueError(f"imputation value of {f!r} is not a finite number")
+    return float(v), "fold"
+
+
+def _impute_by_column(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.DataFrame, dict]:
+    """:func:`impute` one column at a time (tables with text feature columns or repeated column names)."""
     out = rows.copy()
     used: dict[str, str] = {}
     for f, v in values.items():
@@ -111,16 +159,7 @@ def impute(rows: pd.DataFrame, values: Mapping[str, float], k: int) -> tuple[pd.
         m = int(miss.sum())
         if m == 0:
             continue
-        n_obs = len(x) - m
-        if n_obs < max(int(k), 2):
-            raise ImputationRefused(f"feature {f!r} is observed in {n_obs} patients, fewer than the minimum cell "
-                                    f"size {k}: not imputed")
-        if m < int(k):
-            fill, used[f] = float(x[~miss].mean()), "site"
-        else:
-            if not (isinstance(v, (int, float)) and math.isfinite(float(v))):
-                raise ValueError(f"imputation value of {f!r} is not a finite number")
-            fill, used[f] = float(v), "fold"
+        fill, used[f] = _fill_value(f, v, x, miss, m, k)
         x[miss] = fill
         out[f] = x
     return out, used

@@ -114,6 +114,13 @@ _KINDS = {
 DEFAULT_MIN_CELL_SIZE = 5
 
 
+def _repeated(names: list) -> list:
+    """The names listed more than once, sorted (one pass: a wide table lists a thousand features)."""
+    from collections import Counter
+
+    return sorted(n for n, c in Counter(names).items() if c > 1)
+
+
 class SelectionError(ValueError):
     """Invalid input for a selection statistic; the message names the feature, column and site."""
 
@@ -135,7 +142,7 @@ def _features(features: Any) -> list[str]:
     feats = [str(f) for f in features]
     if not feats:
         raise SelectionError("no features requested")
-    dup = sorted({f for f in feats if feats.count(f) > 1})
+    dup = _repeated(feats)
     if dup:
         raise SelectionError(f"features {dup} listed more than once")
     return feats
