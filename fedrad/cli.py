@@ -953,7 +953,11 @@ def study_run(
                                                           "home's)."),
     expected_sites: int = typer.Option(0, "--expected-sites", help="Sites to wait for (default: [sites] count, "
                                        "else [study] min_sites)."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish "
+                                  "(deployment: then its run is stopped on the SuperLink)."),
+    connect_timeout: float = typer.Option(300.0, "--connect-timeout", min=1.0,
+                                          help="Seconds the coordinator waits for the sites to connect "
+                                               "(deployment)."),
 ) -> None:
     """Run a multi-center validation study; writes results.json and report.html to the study's output."""
     import json
@@ -979,6 +983,7 @@ def study_run(
         _fail(str(exc))
     out = Path(cfg["study"]["output"])
     out.mkdir(parents=True, exist_ok=True)
+    dropped: dict[str, str] = {}  # sites a local rehearsal left out for an error in their data
     if runtime == "local":
         from fedrad.local import run_study_in_process
 
@@ -989,12 +994,19 @@ def study_run(
         from fedrad.server.federation import SiteError
         from fedrad.server.study import StudyError
 
+        from fedrad.server.federation import failure_line
+
         nodes = rehearsal_nodes(cfg, out / "sites")
         try:  # a site's refusal or a lost quorum: the reasons are in the message (and the sites' local logs)
             results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
-        except (SiteError, StudyError) as exc:
+        except SiteError as exc:
+            _fail(failure_line(exc, getattr(exc, "plan_id", None)))
+        except StudyError as exc:
             _fail(str(exc))
         write_json_atomic(results, out / "results.json")
+        from fedrad.local import data_failures
+
+        dropped = data_failures(results.get("missing_sites") or {})
     elif runtime == "simulation":
         from fedrad.server.runtime import RuntimeFailure, SimulationRun
 
@@ -1024,7 +1036,7 @@ def study_run(
             _fail(str(exc))
         results = json.loads((out / "results.json").read_text())
     elif runtime == "deployment":
-        from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
+        from fedrad.server.runtime import RuntimeFailure, flwr_run, write_app, write_cli_connection
 
         home = home.resolve()
         _check_coordinator_key(cfg, home, superlink)
@@ -1036,12 +1048,13 @@ def study_run(
             write_cli_connection(flwr_home, "fedrad", superlink, root_certificates)
         try:
             run_id = flwr_run(write_app(out / ".app"), flwr_home, "fedrad",
-                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n},
+                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n,
+                               "connect-timeout": float(connect_timeout)},
                               ticket_home=home)
-            typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
-            wait_for_run(flwr_home, "fedrad", run_id, timeout, done_file=out / "results.json")
         except RuntimeFailure as exc:
             _fail(str(exc))
+        typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
+        _follow_deployment_run(flwr_home, run_id, out, timeout)
         results = json.loads((out / "results.json").read_text())
     else:
         _fail(f"--runtime {runtime!r}: use deployment, simulation or local")
@@ -1049,6 +1062,59 @@ def study_run(
     for line in headline(results):
         typer.echo(line)
     typer.echo(f"results: {out / 'results.json'}; report: {report}")
+    if runtime == "local" and dropped:  # a rehearsal is for finding exactly this before the real study
+        _fail("the rehearsal left out " + "; ".join(f"{s}: {r}" for s, r in dropped.items())
+              + f" -- fix the data at {', '.join(dropped)} and run the rehearsal again (the results above "
+              "are without it)")
+
+
+class _RunFailed(Exception):
+    """The ServerApp wrote its one-line failure (``failure.json``) for this run."""
+
+
+def _follow_deployment_run(flwr_home: Path, run_id: int, out: Path, timeout: float) -> None:
+    """Wait for a deployment run, printing the ServerApp's progress lines (``<out>/progress.log``) as they come:
+    waiting for sites, phases, rounds and sites answered, a lost site and the restart. A failed run ends in its
+    one-line reason; on timeout (or Ctrl-C) the run is stopped on the SuperLink, so no ServerApp runs on."""
+    import json
+
+    from fedrad.demo import _server_log_lines
+    from fedrad.server.runtime import RunTimeout, RuntimeFailure, stop_run, wait_for_run
+    from fedrad.server.server_app import FAILURE_FILE
+
+    seen = [0]
+
+    def failure() -> str | None:
+        try:
+            doc = json.loads((out / FAILURE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return str(doc.get("error") or "") if doc.get("run_id") == run_id else None
+
+    def follow(_status=None) -> None:
+        lines = _server_log_lines(out)
+        if len(lines) < seen[0]:  # the ServerApp started the file afresh: an earlier run's lines were there
+            seen[0] = 0
+        for line in lines[seen[0]:]:
+            if not line.startswith("coordinator: error: "):  # said once, as this command's error line
+                typer.echo(line, err=True)
+        seen[0] = len(lines)
+        if failure() is not None:
+            raise _RunFailed()
+
+    try:
+        wait_for_run(flwr_home, "fedrad", run_id, timeout, on_poll=follow, done_file=out / "results.json")
+        follow()
+    except (_RunFailed, RuntimeFailure) as exc:
+        reason = failure()
+        if reason is None and isinstance(exc, RunTimeout):
+            state = stop_run(flwr_home, "fedrad", run_id)
+            _fail(f"run {run_id} did not finish within {timeout:.0f} s (--timeout); stopped it on the SuperLink "
+                  f"({state or 'status unknown'}); progress: {out / 'progress.log'}")
+        _fail(reason or str(exc).split("\n")[0])
+    except KeyboardInterrupt:
+        stop_run(flwr_home, "fedrad", run_id)
+        _fail(f"interrupted: run {run_id} stopped on the SuperLink", code=130)
 
 
 def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None:
