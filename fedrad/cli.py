@@ -1140,6 +1140,37 @@ def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None
               f"(--home), or put its key in study.toml (`fedrad coordinator keys --home {home}`)")
 
 
+@study_app.command("init")
+def study_init(
+    tables: list[Path] = typer.Argument(..., help="One feature table per site (CSV or parquet): the columns the "
+                                        "draft names are those every table has."),
+    out: Path = typer.Option(Path("study.toml"), "--out", help="The study file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Draft a commented study.toml from the sites' tables: id, outcome candidates, time/event pairs, clinical and
+    volume columns detected, every section explained; edit it, then rehearse with --runtime local."""
+    from fedrad.server.study_config import StudyConfigError, load_study
+    from fedrad.server.study_init import InitError, draft_study
+
+    if out.exists() and not force:
+        _fail(f"{out} exists: pass another --out, or --force to overwrite it")
+    try:
+        text = draft_study(tables, out)
+    except InitError as exc:
+        _fail(str(exc))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as exc:
+        _fail(_os_message(exc))
+    try:
+        load_study(out)
+    except StudyConfigError as exc:  # a draft that does not validate is a bug here, not the user's
+        _fail(f"the draft {out} does not validate ({exc}); edit it, or report this")
+    typer.echo(f"wrote {out}: check [endpoint], [sites] and [coordinator], then "
+               f"`fedrad study run {out} --runtime local` to rehearse")
+
+
 @study_app.command("report")
 def study_report(
     results_file: Path = typer.Argument(..., help="results.json of a study."),

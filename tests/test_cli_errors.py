@@ -54,6 +54,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "predict": (["predict", str(notjson), str(table)], "results.json"),
         "study run": (["study", "run", str(badtoml), "--runtime", "local"], "not_a_key"),
         "study report": (["study", "report", str(notjson)], "not JSON"),
+        "study init": (["study", "init", str(missing), "--out", str(tmp / "drafted.toml")], "nope.csv"),
     }
 
 
