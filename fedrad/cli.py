@@ -331,7 +331,60 @@ def coordinator_register_site(
                            name], capture_output=True, text=True, env=flower_env(home / "cli"))
     if proc.returncode != 0:
         _fail(f"registration failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
+    import re
+
+    from fedrad.server.runtime import record_site
+
+    node = re.search(r"SuperNode (\d+) registered", proc.stdout)
+    if node:  # `coordinator status` names the site of each node (Flower's node list has ids only)
+        record_site(home, name, int(node.group(1)))
     typer.echo(proc.stdout.strip())
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator home (as for start)."),
+) -> None:
+    """List the registered sites (online or not, node id, since when) and the SuperLink's runs with their state."""
+    from fedrad.server.runtime import RuntimeFailure, list_nodes, list_runs, registered_sites
+
+    home = home.resolve()
+    if not (home / "cli" / "config.toml").is_file():
+        _fail(f"no coordinator in {home}: start it with `fedrad coordinator start --home {home}`, or pass the "
+              "--home it was started with")
+    try:
+        nodes = list_nodes(home / "cli", "fedrad")
+        runs = list_runs(home / "cli", "fedrad")
+    except RuntimeFailure as exc:
+        _fail(f"{exc} (is `fedrad coordinator start --home {home}` running?)")
+    names = {str(v): k for k, v in registered_sites(home).items()}
+    online = [n for n in nodes if n.get("status") == "online"]
+    typer.echo(f"sites: {len(online)} of {len(nodes)} online")
+    for n in sorted(nodes, key=lambda n: (names.get(str(n.get("node-id")), "~"), str(n.get("node-id")))):
+        nid = str(n.get("node-id"))
+        since = (f"online since {n.get('online-at')}" if n.get("status") == "online"
+                 else f"offline since {n.get('offline-at')}" if n.get("offline-at") not in (None, "", "N/A")
+                 else "never connected")
+        typer.echo(f"  {names.get(nid, '(unnamed)'):<16} node {nid:<20} {n.get('status', '?'):<12} {since}")
+    typer.echo(f"runs: {len(runs)}")
+    for r in sorted(runs, key=lambda r: str(r.get("pending-at", ""))):
+        study = _run_study_name(home, str(r.get("run-id")))
+        typer.echo(f"  run {r.get('run-id')}  {r.get('status', '?'):<20} {study}  submitted {r.get('pending-at')}"
+                   f"  elapsed {r.get('elapsed')}")
+
+
+def _run_study_name(home: Path, run_id: str) -> str:
+    """The name of the study a run of this coordinator runs (from its ticket), or "" (no ticket: not ours)."""
+    import json
+
+    for folder in ("claimed", "tickets"):
+        try:
+            ticket = json.loads((home / folder / f"{run_id}.json").read_text())
+            plan = json.loads(Path(ticket["plan"]).read_text())
+            return f"study {(plan.get('config') or {}).get('study', {}).get('name', '?')!r}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return "(no ticket of this coordinator)"
 
 
 #: the SuperNode's local runtime API port when ``site join --port`` is not given and it is free (Flower's default)

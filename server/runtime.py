@@ -563,6 +563,26 @@ def list_nodes(flwr_home: Path, connection: str) -> list[dict]:
     return list(doc["nodes"])
 
 
+#: the coordinator home's record of the sites it registered: name -> node id (Flower's node list has ids only)
+SITES_FILE = "sites.json"
+
+
+def registered_sites(home: Path) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in json.loads((Path(home) / SITES_FILE).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_site(home: Path, name: str, node_id: int) -> None:
+    """Remember that site ``name`` was registered as ``node_id`` (``fedrad coordinator register-site``)."""
+    from fedrad.common.files import atomic_write_bytes
+
+    sites = registered_sites(home)
+    sites[name] = int(node_id)
+    atomic_write_bytes(Path(home) / SITES_FILE, json.dumps(sites, indent=1, sort_keys=True).encode())
+
+
 def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
     proc = subprocess.run([str(BIN / "flwr"), "log", str(run_id), connection, "--show"], capture_output=True,
                           text=True, env=flower_env(flwr_home), timeout=120)

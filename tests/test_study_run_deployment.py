@@ -7,7 +7,8 @@ one by one, and the real ``fedrad study run --home`` in a subprocess:
   timeout ends it in one line naming them;
 * its own ``--timeout`` stops the run on the SuperLink;
 * a site name no node has, and a plan changed after the sites approved it, each end in one line naming what to do;
-* a study that loses a site streams its rounds, the lost site with its reason and the restart, and completes.
+* a study that loses a site streams its rounds, the lost site with its reason and the restart, and completes;
+* ``fedrad coordinator status`` names the registered sites, online or not, and lists the runs with their state.
 
 After every failed run no ``flwr-serverapp`` (not even a ``<defunct>`` one) is left under the coordinator.
 """
@@ -115,6 +116,12 @@ def test_study_run_streams_progress_names_missing_sites_and_leaves_no_serverapp(
         _no_serverapp_left(coord)
         join(nodes[0])
         _wait_for(lambda: "SuperNode ID" in procs["site1"].log.read_text(), 60, "site1 to connect")
+        status = _fedrad("coordinator", "status", "--home", home, timeout=120)
+        assert status.returncode == 0, status.stderr
+        lines = status.stdout.splitlines()
+        assert lines[0] == "sites: 1 of 3 online", status.stdout
+        assert re.match(r"  site1 +node \d+ +online +online since 20", lines[1]), lines
+        assert re.match(r"  site2 +node \d+ +registered +never connected", lines[2]), lines
         res = run("--connect-timeout", "8")
         assert res.returncode == 1
         assert "waiting for sites: 1 of 3 connected (site2, site3 missing)" in res.stderr, res.stderr
@@ -168,6 +175,13 @@ def test_study_run_streams_progress_names_missing_sites_and_leaves_no_serverapp(
         results = json.loads((tmp_path / "results" / "results.json").read_text())
         assert results["plan_id"] == pid and list(results["missing_sites"]) == ["site3"]
         _no_serverapp_left(coord)
+        status = _fedrad("coordinator", "status", "--home", home, timeout=120)
+        assert status.returncode == 0 and status.stdout.startswith("sites: 3 of 3 online\n"), status.stdout
+        runs = [line for line in status.stdout.splitlines() if line.startswith("  run ")]
+        assert len(runs) == 6 and status.stdout.splitlines()[4] == "runs: 6", status.stdout
+        assert re.search(r"finished:completed +study 'outsider'", runs[-1]), runs
+        assert re.search(r"finished:stopped +study 'outsider'", runs[2]), runs
+        assert sum("finished:failed" in r for r in runs) == 4, runs
     finally:
         for proc in procs.values():
             proc.stop()
