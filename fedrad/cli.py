@@ -1078,6 +1078,7 @@ def study_run(
         from fedrad.local import write_simulation_sites
 
         write_simulation_sites(cfg, out / ".flower-sim" / "sites")  # the virtual sites' own site.toml + approval
+        run_id = None
         try:
             with SimulationRun(out / ".flower-sim", len(names)) as sim:
                 run_id = sim.submit({"plan": str(out / "plan.json"), "out-dir": str(out),
@@ -1085,8 +1086,15 @@ def study_run(
                 typer.echo(f"study submitted as Flower run {run_id} (simulation, {len(names)} virtual sites); "
                            f"progress: {out / 'progress.log'}", err=True)
                 sim.wait(run_id, timeout, done_file=out / "results.json")
-        except RuntimeFailure as exc:
-            _fail(str(exc))
+        except RuntimeFailure as exc:  # the ServerApp's own one-line reason when it wrote one
+            from fedrad.server.server_app import FAILURE_FILE
+
+            try:
+                doc = json.loads((out / FAILURE_FILE).read_text())
+                reason = doc.get("error") if doc.get("run_id") == run_id else None
+            except (OSError, ValueError, AttributeError):
+                reason = None
+            _fail(reason or str(exc))
         results = json.loads((out / "results.json").read_text())
     elif runtime == "deployment":
         from fedrad.server.runtime import RuntimeFailure, flwr_run, write_app, write_cli_connection
@@ -1164,10 +1172,30 @@ def _follow_deployment_run(flwr_home: Path, run_id: int, out: Path, timeout: flo
             state = stop_run(flwr_home, "fedrad", run_id)
             _fail(f"run {run_id} did not finish within {timeout:.0f} s (--timeout); stopped it on the SuperLink "
                   f"({state or 'status unknown'}); progress: {out / 'progress.log'}")
+        if isinstance(exc, _RunFailed):  # the ServerApp is ending: return once Flower has recorded it
+            _await_finished(flwr_home, run_id)
         _fail(reason or str(exc).split("\n")[0])
     except KeyboardInterrupt:
         stop_run(flwr_home, "fedrad", run_id)
         _fail(f"interrupted: run {run_id} stopped on the SuperLink", code=130)
+
+
+def _await_finished(flwr_home: Path, run_id: int, timeout: float = 30.0) -> None:
+    """Wait until the SuperLink records the run as finished (its ServerApp has exited); stop it after
+    ``timeout`` s, so that no ServerApp of this command outlives it."""
+    import time
+
+    from fedrad.server.runtime import RuntimeFailure, run_status, stop_run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if str(run_status(flwr_home, "fedrad", run_id).get("status", "")).startswith("finished"):
+                return
+        except RuntimeFailure:
+            return
+        time.sleep(1.0)
+    stop_run(flwr_home, "fedrad", run_id)
 
 
 def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None:
