@@ -1107,6 +1107,7 @@ def study_run(
         if superlink is not None:  # an explicit address: this run's own connection
             flwr_home = out / ".flwr"
             write_cli_connection(flwr_home, "fedrad", superlink, root_certificates)
+        (out / "progress.log").unlink(missing_ok=True)  # an earlier run's lines are not this run's progress
         try:
             run_id = flwr_run(write_app(out / ".app"), flwr_home, "fedrad",
                               {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n,

@@ -124,6 +124,7 @@ def test_study_run_streams_progress_names_missing_sites_and_leaves_no_serverapp(
         assert re.match(r"  site2 +node \d+ +registered +never connected", lines[2]), lines
         res = run("--connect-timeout", "8")
         assert res.returncode == 1
+        assert "0 of 3 connected" not in res.stderr  # the earlier run's progress is not shown again
         assert "waiting for sites: 1 of 3 connected (site2, site3 missing)" in res.stderr, res.stderr
         last = res.stderr.strip().splitlines()[-1]
         assert last.startswith("fedrad: error: only 1 of 3 connected (site2, site3 missing) after 8 s: start "
