@@ -331,7 +331,60 @@ def coordinator_register_site(
                            name], capture_output=True, text=True, env=flower_env(home / "cli"))
     if proc.returncode != 0:
         _fail(f"registration failed: {(proc.stdout + proc.stderr).strip()[-500:]}")
+    import re
+
+    from fedrad.server.runtime import record_site
+
+    node = re.search(r"SuperNode (\d+) registered", proc.stdout)
+    if node:  # `coordinator status` names the site of each node (Flower's node list has ids only)
+        record_site(home, name, int(node.group(1)))
     typer.echo(proc.stdout.strip())
+
+
+@coordinator_app.command("status")
+def coordinator_status(
+    home: Path = typer.Option(Path("fedrad-coordinator"), "--home", help="Coordinator home (as for start)."),
+) -> None:
+    """List the registered sites (online or not, node id, since when) and the SuperLink's runs with their state."""
+    from fedrad.server.runtime import RuntimeFailure, list_nodes, list_runs, registered_sites
+
+    home = home.resolve()
+    if not (home / "cli" / "config.toml").is_file():
+        _fail(f"no coordinator in {home}: start it with `fedrad coordinator start --home {home}`, or pass the "
+              "--home it was started with")
+    try:
+        nodes = list_nodes(home / "cli", "fedrad")
+        runs = list_runs(home / "cli", "fedrad")
+    except RuntimeFailure as exc:
+        _fail(f"{exc} (is `fedrad coordinator start --home {home}` running?)")
+    names = {str(v): k for k, v in registered_sites(home).items()}
+    online = [n for n in nodes if n.get("status") == "online"]
+    typer.echo(f"sites: {len(online)} of {len(nodes)} online")
+    for n in sorted(nodes, key=lambda n: (names.get(str(n.get("node-id")), "~"), str(n.get("node-id")))):
+        nid = str(n.get("node-id"))
+        since = (f"online since {n.get('online-at')}" if n.get("status") == "online"
+                 else f"offline since {n.get('offline-at')}" if n.get("offline-at") not in (None, "", "N/A")
+                 else "never connected")
+        typer.echo(f"  {names.get(nid, '(unnamed)'):<16} node {nid:<20} {n.get('status', '?'):<12} {since}")
+    typer.echo(f"runs: {len(runs)}")
+    for r in sorted(runs, key=lambda r: str(r.get("pending-at", ""))):
+        study = _run_study_name(home, str(r.get("run-id")))
+        typer.echo(f"  run {r.get('run-id')}  {r.get('status', '?'):<20} {study}  submitted {r.get('pending-at')}"
+                   f"  elapsed {r.get('elapsed')}")
+
+
+def _run_study_name(home: Path, run_id: str) -> str:
+    """The name of the study a run of this coordinator runs (from its ticket), or "" (no ticket: not ours)."""
+    import json
+
+    for folder in ("claimed", "tickets"):
+        try:
+            ticket = json.loads((home / folder / f"{run_id}.json").read_text())
+            plan = json.loads(Path(ticket["plan"]).read_text())
+            return f"study {(plan.get('config') or {}).get('study', {}).get('name', '?')!r}"
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            continue
+    return "(no ticket of this coordinator)"
 
 
 #: the SuperNode's local runtime API port when ``site join --port`` is not given and it is free (Flower's default)
@@ -1029,7 +1082,11 @@ def study_run(
                                                           "home's)."),
     expected_sites: int = typer.Option(0, "--expected-sites", help="Sites to wait for (default: [sites] count, "
                                        "else [study] min_sites)."),
-    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish."),
+    timeout: float = typer.Option(3600.0, "--timeout", help="Seconds to wait for the study to finish "
+                                  "(deployment: then its run is stopped on the SuperLink)."),
+    connect_timeout: float = typer.Option(300.0, "--connect-timeout", min=1.0,
+                                          help="Seconds the coordinator waits for the sites to connect "
+                                               "(deployment)."),
 ) -> None:
     """Run a multi-center validation study; writes results.json and report.html to the study's output."""
     import json
@@ -1055,6 +1112,7 @@ def study_run(
         _fail(str(exc))
     out = Path(cfg["study"]["output"])
     out.mkdir(parents=True, exist_ok=True)
+    dropped: dict[str, str] = {}  # sites a local rehearsal left out for an error in their data
     if runtime == "local":
         from fedrad.local import run_study_in_process
 
@@ -1065,12 +1123,19 @@ def study_run(
         from fedrad.server.federation import SiteError
         from fedrad.server.study import StudyError
 
+        from fedrad.server.federation import failure_line
+
         nodes = rehearsal_nodes(cfg, out / "sites")
         try:  # a site's refusal or a lost quorum: the reasons are in the message (and the sites' local logs)
             results = run_study_in_process(cfg, nodes, log=lambda line: typer.echo(line, err=True))
-        except (SiteError, StudyError) as exc:
+        except SiteError as exc:
+            _fail(failure_line(exc, getattr(exc, "plan_id", None)))
+        except StudyError as exc:
             _fail(str(exc))
         write_json_atomic(results, out / "results.json")
+        from fedrad.local import data_failures
+
+        dropped = data_failures(results.get("missing_sites") or {})
     elif runtime == "simulation":
         from fedrad.server.runtime import RuntimeFailure, SimulationRun
 
@@ -1089,6 +1154,7 @@ def study_run(
         from fedrad.local import write_simulation_sites
 
         write_simulation_sites(cfg, out / ".flower-sim" / "sites")  # the virtual sites' own site.toml + approval
+        run_id = None
         try:
             with SimulationRun(out / ".flower-sim", len(names)) as sim:
                 run_id = sim.submit({"plan": str(out / "plan.json"), "out-dir": str(out),
@@ -1096,11 +1162,18 @@ def study_run(
                 typer.echo(f"study submitted as Flower run {run_id} (simulation, {len(names)} virtual sites); "
                            f"progress: {out / 'progress.log'}", err=True)
                 sim.wait(run_id, timeout, done_file=out / "results.json")
-        except RuntimeFailure as exc:
-            _fail(str(exc))
+        except RuntimeFailure as exc:  # the ServerApp's own one-line reason when it wrote one
+            from fedrad.server.server_app import FAILURE_FILE
+
+            try:
+                doc = json.loads((out / FAILURE_FILE).read_text())
+                reason = doc.get("error") if doc.get("run_id") == run_id else None
+            except (OSError, ValueError, AttributeError):
+                reason = None
+            _fail(reason or str(exc))
         results = json.loads((out / "results.json").read_text())
     elif runtime == "deployment":
-        from fedrad.server.runtime import RuntimeFailure, flwr_run, wait_for_run, write_app, write_cli_connection
+        from fedrad.server.runtime import RuntimeFailure, flwr_run, write_app, write_cli_connection
 
         home = home.resolve()
         _check_coordinator_key(cfg, home, superlink)
@@ -1110,14 +1183,16 @@ def study_run(
         if superlink is not None:  # an explicit address: this run's own connection
             flwr_home = out / ".flwr"
             write_cli_connection(flwr_home, "fedrad", superlink, root_certificates)
+        (out / "progress.log").unlink(missing_ok=True)  # an earlier run's lines are not this run's progress
         try:
             run_id = flwr_run(write_app(out / ".app"), flwr_home, "fedrad",
-                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n},
+                              {"plan": str(out / "plan.json"), "out-dir": str(out), "expected-sites": n,
+                               "connect-timeout": float(connect_timeout)},
                               ticket_home=home)
-            typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
-            wait_for_run(flwr_home, "fedrad", run_id, timeout, done_file=out / "results.json")
         except RuntimeFailure as exc:
             _fail(str(exc))
+        typer.echo(f"study submitted as Flower run {run_id}; progress: {out / 'progress.log'}", err=True)
+        _follow_deployment_run(flwr_home, run_id, out, timeout)
         results = json.loads((out / "results.json").read_text())
     else:
         _fail(f"--runtime {runtime!r}: use deployment, simulation or local")
@@ -1125,6 +1200,79 @@ def study_run(
     for line in headline(results):
         typer.echo(line)
     typer.echo(f"results: {out / 'results.json'}; report: {report}")
+    if runtime == "local" and dropped:  # a rehearsal is for finding exactly this before the real study
+        _fail("the rehearsal left out " + "; ".join(f"{s}: {r}" for s, r in dropped.items())
+              + f" -- fix the data at {', '.join(dropped)} and run the rehearsal again (the results above "
+              "are without it)")
+
+
+class _RunFailed(Exception):
+    """The ServerApp wrote its one-line failure (``failure.json``) for this run."""
+
+
+def _follow_deployment_run(flwr_home: Path, run_id: int, out: Path, timeout: float) -> None:
+    """Wait for a deployment run, printing the ServerApp's progress lines (``<out>/progress.log``) as they come:
+    waiting for sites, phases, rounds and sites answered, a lost site and the restart. A failed run ends in its
+    one-line reason; on timeout (or Ctrl-C) the run is stopped on the SuperLink, so no ServerApp runs on."""
+    import json
+
+    from fedrad.demo import _server_log_lines
+    from fedrad.server.runtime import RunTimeout, RuntimeFailure, stop_run, wait_for_run
+    from fedrad.server.server_app import FAILURE_FILE
+
+    seen = [0]
+
+    def failure() -> str | None:
+        try:
+            doc = json.loads((out / FAILURE_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return str(doc.get("error") or "") if doc.get("run_id") == run_id else None
+
+    def follow(_status=None) -> None:
+        lines = _server_log_lines(out)
+        if len(lines) < seen[0]:  # the ServerApp started the file afresh: an earlier run's lines were there
+            seen[0] = 0
+        for line in lines[seen[0]:]:
+            if not line.startswith("coordinator: error: "):  # said once, as this command's error line
+                typer.echo(line, err=True)
+        seen[0] = len(lines)
+        if failure() is not None:
+            raise _RunFailed()
+
+    try:
+        wait_for_run(flwr_home, "fedrad", run_id, timeout, on_poll=follow, done_file=out / "results.json")
+        follow()
+    except (_RunFailed, RuntimeFailure) as exc:
+        reason = failure()
+        if reason is None and isinstance(exc, RunTimeout):
+            state = stop_run(flwr_home, "fedrad", run_id)
+            _fail(f"run {run_id} did not finish within {timeout:.0f} s (--timeout); stopped it on the SuperLink "
+                  f"({state or 'status unknown'}); progress: {out / 'progress.log'}")
+        if isinstance(exc, _RunFailed):  # the ServerApp is ending: return once Flower has recorded it
+            _await_finished(flwr_home, run_id)
+        _fail(reason or str(exc).split("\n")[0])
+    except KeyboardInterrupt:
+        stop_run(flwr_home, "fedrad", run_id)
+        _fail(f"interrupted: run {run_id} stopped on the SuperLink", code=130)
+
+
+def _await_finished(flwr_home: Path, run_id: int, timeout: float = 30.0) -> None:
+    """Wait until the SuperLink records the run as finished (its ServerApp has exited); stop it after
+    ``timeout`` s, so that no ServerApp of this command outlives it."""
+    import time
+
+    from fedrad.server.runtime import RuntimeFailure, run_status, stop_run
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if str(run_status(flwr_home, "fedrad", run_id).get("status", "")).startswith("finished"):
+                return
+        except RuntimeFailure:
+            return
+        time.sleep(1.0)
+    stop_run(flwr_home, "fedrad", run_id)
 
 
 def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None:
@@ -1148,6 +1296,37 @@ def _check_coordinator_key(cfg: dict, home: Path, superlink: str | None) -> None
         _fail(f"study.toml names coordinator key {fingerprint(key)}, but {home} holds "
               f"{fingerprint(held) if held else 'no signing key'}: run from the coordinator home that made the key "
               f"(--home), or put its key in study.toml (`fedrad coordinator keys --home {home}`)")
+
+
+@study_app.command("init")
+def study_init(
+    tables: list[Path] = typer.Argument(..., help="One feature table per site (CSV or parquet): the columns the "
+                                        "draft names are those every table has."),
+    out: Path = typer.Option(Path("study.toml"), "--out", help="The study file to write."),
+    force: bool = typer.Option(False, "--force", help="Overwrite --out if it exists."),
+) -> None:
+    """Draft a commented study.toml from the sites' tables: id, outcome candidates, time/event pairs, clinical and
+    volume columns detected, every section explained; edit it, then rehearse with --runtime local."""
+    from fedrad.server.study_config import StudyConfigError, load_study
+    from fedrad.server.study_init import InitError, draft_study
+
+    if out.exists() and not force:
+        _fail(f"{out} exists: pass another --out, or --force to overwrite it")
+    try:
+        text = draft_study(tables, out)
+    except InitError as exc:
+        _fail(str(exc))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text)
+    except OSError as exc:
+        _fail(_os_message(exc))
+    try:
+        load_study(out)
+    except StudyConfigError as exc:  # a draft that does not validate is a bug here, not the user's
+        _fail(f"the draft {out} does not validate ({exc}); edit it, or report this")
+    typer.echo(f"wrote {out}: check [endpoint], [sites] and [coordinator], then "
+               f"`fedrad study run {out} --runtime local` to rehearse")
 
 
 @study_app.command("report")

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from fedrad.client.policy import DEFAULT_MIN_CELL_SIZE
-from fedrad.server.federation import Federation, LocalGrid
+from fedrad.server.federation import Federation, LocalGrid, SiteError
 
 ROW_COL = "__fedrad_row__"
 #: pyradiomics feature names: <image type>_<class>_<feature>
@@ -426,8 +426,43 @@ def run_study_in_process(cfg: dict, node_configs: list[dict], log=None, signer=N
 
     cfg, signer = rehearsal_signer(cfg, signer)
     approve_at_sites(study_plan(cfg), node_configs)
-    fed = Federation(LocalGrid(client_app, node_configs), log=log, signer=signer)
-    return with_local_reasons(node_configs, lambda: make_study(fed, cfg).run())
+    fed = RehearsalFederation(LocalGrid(client_app, node_configs), node_configs, log=log, signer=signer)
+    try:
+        return with_local_reasons(node_configs, lambda: make_study(fed, cfg).run())
+    except SiteError as exc:
+        exc.plan_id = fed.plan_id  # the plan the sites refused, for the message that names it
+        raise
+
+
+class RehearsalFederation(Federation):
+    """A federation of sites on this machine: every site failure carries the site's own reason from its local
+    log (:func:`with_local_reasons`), also when the study drops the site and goes on without it. One person
+    runs every site of a rehearsal, so the reason that stays in a site's log over the network is theirs to see."""
+
+    def __init__(self, grid, node_configs: list[dict], **kwargs):
+        super().__init__(grid, **kwargs)
+        self.node_configs = node_configs
+
+    def ask(self, request: str, payload: dict | None = None, **kwargs) -> dict[str, dict]:
+        return with_local_reasons(self.node_configs, lambda: Federation.ask(self, request, payload, **kwargs))
+
+
+#: the public texts of a site's failure that mean its data or its configuration, not the protocol, failed
+def _data_texts() -> tuple[str, ...]:
+    from fedrad.client.site import PUBLIC_ERRORS
+
+    return PUBLIC_ERRORS["data"], PUBLIC_ERRORS["config"]
+
+
+def data_failures(missing: dict[str, str]) -> dict[str, str]:
+    """Of a study's missing sites (``results["missing_sites"]``), those dropped for an error in their data or
+    configuration, with the site log's reason when the failure carries it."""
+    texts = _data_texts()
+    out = {}
+    for site, reason in (missing or {}).items():
+        if any(str(reason).startswith(t) for t in texts):
+            out[site] = str(reason).split(" -- site log: ", 1)[-1]
+    return out
 
 
 def fit_fedavg(df: pd.DataFrame, site_col: str, features: list[str], outcome: str, *, C: float = 1.0,

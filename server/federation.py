@@ -33,7 +33,41 @@ class SiteError(RuntimeError):
         self.request = request
         self.failures = failures
         shown = "; ".join(f"{site}: {reason}" for site, reason in failures.items())
-        super().__init__(f"{request}: {len(failures)} site(s) failed: {shown}")
+        n = len(self.sites()) or len(failures)  # "study" / "federation" entries say why, they are no site
+        super().__init__(f"{request}: {n} site(s) failed: {shown}")
+
+    def sites(self) -> dict[str, str]:
+        """The failures of sites only (without the coordinator's own ``study`` / ``federation`` entries)."""
+        return {s: r for s, r in self.failures.items() if s not in NOT_SITES}
+
+
+#: keys of :attr:`SiteError.failures` that are the coordinator's own reasons, not sites
+NOT_SITES = ("study", "federation")
+
+
+#: what a site's refusal of a plan it did not approve says (fedrad.client.site.PUBLIC_ERRORS["plan-not-approved"])
+NOT_APPROVED = "does not belong to a study plan this site approved"
+#: the next step when sites refuse a plan they did not approve
+APPROVE_STEP = "ask each site to run `fedrad site approve study.toml --config site.toml`, then run the study again"
+
+
+def failure_line(exc: SiteError, plan_id: str | None = None) -> str:
+    """One line for a failed federation: which sites failed and why, the coordinator's own reason (quorum lost,
+    sites not connected) and, when sites refused the plan as not approved, the plan id and how to approve it."""
+    sites = exc.sites()
+    own = [r for s, r in exc.failures.items() if s in NOT_SITES]
+    refused = sorted(s for s, r in sites.items() if NOT_APPROVED in r)
+    if refused:
+        plan = f"study plan {plan_id[:12]}" if plan_id else "this study plan"
+        parts = [f"{', '.join(refused)} refused {plan}: not the plan {'it' if len(refused) == 1 else 'they'} "
+                 "approved (study.toml changed since, or not approved yet)"]
+        others = [f"{s}: {r}" for s, r in sorted(sites.items()) if s not in refused]
+        # every site refused: that the quorum is lost as well says nothing more
+        return "; ".join(parts + others + (own if others else [])) + f"; {APPROVE_STEP}"
+    if not sites:
+        return "; ".join(own) or str(exc)
+    shown = "; ".join(f"{s}: {r}" for s, r in sites.items())
+    return f"{len(sites)} site(s) failed during {exc.request}: " + "; ".join([shown, *own])
 
 
 #: what the SuperLink itself replies (``src_node_id`` 1, code 5) for a message whose site is gone: it missed its
@@ -103,16 +137,55 @@ class Federation:
         dropped = {self.node_of_site[s] for s in self.excluded if s in self.node_of_site}
         return [n for n in self.node_ids() if n not in dropped]
 
-    def wait_for_sites(self, n: int, timeout: float = 120.0) -> list[int]:
+    def registered_names(self) -> dict[int, str]:
+        """Node id -> the name the coordinator registered the site's key under (``fedrad coordinator
+        register-site --name``; Flower's node info, with node authentication only) of the connected nodes."""
+        try:
+            return {int(n.node_id): str(n.name) for n in self.grid.get_nodes() if getattr(n, "name", "")}
+        except Exception:  # a Grid without node info (in-process, simulation, older Flower): names from replies
+            return {}
+
+    def connected_line(self, n: int, expected: list[str] | None = None) -> str:
+        """``K of N connected`` with, when the sites' registered names are known, the missing ones named."""
+        nodes = self.node_ids()
+        line = f"{len(nodes)} of {n} connected"
+        names = self.registered_names()
+        if expected and names:
+            missing = [s for s in expected if s not in set(names.values())]
+            if missing:
+                line += f" ({', '.join(missing)} missing)"
+        return line
+
+    def wait_for_sites(self, n: int, timeout: float = 120.0, expected: list[str] | None = None,
+                       every: float = 15.0) -> list[int]:
+        """Wait until ``n`` sites are connected; a progress line ``waiting for sites: K of N connected (...)``
+        whenever the count changes and every ``every`` s. ``expected``: the sites the plan names (``[sites]``),
+        so that the line can name the missing ones. Raises :class:`SiteError` (request ``connect``) after
+        ``timeout`` s, naming how many connected."""
         deadline = time.monotonic() + timeout
+        said, said_at = None, 0.0
         while True:
             nodes = self.node_ids()
             if len(nodes) >= n:
                 return nodes
+            if len(nodes) != said or time.monotonic() - said_at >= every:
+                self.log(f"waiting for sites: {self.connected_line(n, expected)}")
+                said, said_at = len(nodes), time.monotonic()
             if time.monotonic() > deadline:
-                raise SiteError("connect", {"federation": f"only {len(nodes)} of {n} sites connected "
-                                                          f"after {timeout:.0f} s"})
+                raise SiteError("connect", {"federation": f"only {self.connected_line(n, expected)} after "
+                                                          f"{timeout:.0f} s: start `fedrad site join` at the "
+                                                          "missing sites, then run the study again"})
             time.sleep(0.5)
+
+    def check_site_names(self, expected: list[str]) -> None:
+        """Every site the plan names (``[sites]``) must be a connected site, when the registered names are known
+        (node authentication): a misspelt name fails here, before any site is asked."""
+        names = sorted(set(self.registered_names().values()))
+        unknown = [s for s in expected if s not in names]
+        if names and unknown:
+            what = "site named " + unknown[0] if len(unknown) == 1 else "sites named " + ", ".join(unknown)
+            raise SiteError("connect", {"federation": f"no {what} is connected (connected: {', '.join(names)}); "
+                                                      "check [sites] in study.toml"})
 
     def ask(self, request: str, payload: dict | None = None, *, per_site: dict[str, dict] | None = None,
             phase: str = "") -> dict[str, dict]:
@@ -301,6 +374,9 @@ class FastGrid(Grid):
 
     def get_node_ids(self):
         return self._inner.get_node_ids()
+
+    def get_nodes(self):
+        return self._inner.get_nodes()
 
     def push_messages(self, messages):
         return self._inner.push_messages(messages)

@@ -73,6 +73,10 @@ class RuntimeFailure(RuntimeError):
     """A Flower process or run failed; the message says which and where its log is."""
 
 
+class RunTimeout(RuntimeFailure):
+    """A run did not finish within the time it was given (it may still be running on the SuperLink)."""
+
+
 def toml_value(value) -> str:
     """A Python value as a TOML literal (``--node-config`` and ``--run-config`` values are TOML)."""
     if isinstance(value, bool):
@@ -353,7 +357,8 @@ def start_superexec(home: Path, runtime_address: str, secret: Path, *, coordinat
     SuperExec secret, so only it can claim a run's ServerApp; ServerApps it starts see ``coordinator_home``."""
     from fedrad.server.tickets import HOME_ENV
 
-    cmd = [str(BIN / "flower-superexec"), "--runtime-api-address", runtime_address,
+    # fedrad.server.superexec: Flower's SuperExec that also reaps its finished ServerApps (no <defunct> left)
+    cmd = [sys.executable, "-m", "fedrad.server.superexec", "--runtime-api-address", runtime_address,
            "--superexec-auth-secret-file", str(secret)]
     cmd += ["--root-certificates", str(root_certificates)] if root_certificates else ["--insecure"]
     if parent_pid is not None:
@@ -527,6 +532,57 @@ def list_runs(flwr_home: Path, connection: str) -> list[dict]:
     return _flwr_ls(flwr_home, connection)
 
 
+def stop_run(flwr_home: Path, connection: str, run_id: int, timeout: float = 60.0) -> str:
+    """``flwr stop RUN``, then wait until the SuperLink records the run as finished (its ServerApp ends with
+    it); returns the run's last status ("" when it could not be asked)."""
+    subprocess.run([str(BIN / "flwr"), "stop", str(run_id), connection, "--format", "json"], capture_output=True,
+                   text=True, env=flower_env(flwr_home), timeout=120)
+    deadline, state = time.monotonic() + timeout, ""
+    while time.monotonic() < deadline:
+        try:
+            state = str(run_status(flwr_home, connection, run_id).get("status", ""))
+        except RuntimeFailure:
+            return ""
+        if state.startswith("finished"):
+            break
+        time.sleep(1.0)
+    return state
+
+
+def list_nodes(flwr_home: Path, connection: str) -> list[dict]:
+    """The SuperNodes the SuperLink knows (``flwr supernode ls --format json``): node id, status, times."""
+    proc = subprocess.run([str(BIN / "flwr"), "supernode", "ls", connection, "--format", "json"],
+                          capture_output=True, text=True, env=flower_env(flwr_home), timeout=120)
+    try:
+        doc = json.loads(proc.stdout[proc.stdout.find("{"):])
+    except ValueError:
+        doc = {}
+    if not doc.get("success", False) or "nodes" not in doc:
+        reason = doc.get("error-message") or (proc.stdout + proc.stderr).strip()[-500:]
+        raise RuntimeFailure(f"flwr supernode ls failed (exit {proc.returncode}): {' '.join(str(reason).split())}")
+    return list(doc["nodes"])
+
+
+#: the coordinator home's record of the sites it registered: name -> node id (Flower's node list has ids only)
+SITES_FILE = "sites.json"
+
+
+def registered_sites(home: Path) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in json.loads((Path(home) / SITES_FILE).read_text()).items()}
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def record_site(home: Path, name: str, node_id: int) -> None:
+    """Remember that site ``name`` was registered as ``node_id`` (``fedrad coordinator register-site``)."""
+    from fedrad.common.files import atomic_write_bytes
+
+    sites = registered_sites(home)
+    sites[name] = int(node_id)
+    atomic_write_bytes(Path(home) / SITES_FILE, json.dumps(sites, indent=1, sort_keys=True).encode())
+
+
 def run_log(flwr_home: Path, connection: str, run_id: int) -> str:
     proc = subprocess.run([str(BIN / "flwr"), "log", str(run_id), connection, "--show"], capture_output=True,
                           text=True, env=flower_env(flwr_home), timeout=120)
@@ -587,7 +643,7 @@ def wait_for_run(flwr_home: Path, connection: str, run_id: int, timeout: float, 
                 raise RuntimeFailure(f"run {run_id} {state}: {details}\n{run_log(flwr_home, connection, run_id)[-3000:]}")
             return status
         if time.monotonic() > deadline:
-            raise RuntimeFailure(f"run {run_id} still {state or 'pending'} after {timeout:.0f} s")
+            raise RunTimeout(f"run {run_id} still {state or 'pending'} after {timeout:.0f} s")
         if done():  # the run is finishing: ask again shortly
             time.sleep(0.2)
             continue

@@ -590,6 +590,8 @@ class Study:
                 if n_left < min_sites:
                     raise SiteError(exc.request, {**missing, "study": f"quorum lost: {n_left} sites left, "
                                                                        f"[study] min_sites = {min_sites}"}) from exc
+                for site, reason in exc.failures.items():
+                    self.log(f"site {site} lost: {reason}")
                 self.log(f"site(s) {', '.join(exc.failures)} failed during {exc.request}; restarting the study "
                          f"with the {n_left} remaining sites")
                 for attr in ("scores", "excluded", "sites", "impute"):

@@ -45,6 +45,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "coordinator start": (["coordinator", "start", "--home", str(tmp / "c"), "--host", "0.0.0.0",
                                "--insecure"], "loopback"),
         "coordinator keys": (["coordinator", "keys", "--home", str(afile / "sub")], "a-file.txt"),
+        "coordinator status": (["coordinator", "status", "--home", str(tmp / "no-coordinator")], "no-coordinator"),
         "coordinator register-site": (["coordinator", "register-site", str(tmp / "no.pub"), "--name", "a",
                                        "--home", str(tmp / "c")], "no.pub"),
         "harmonize": (["harmonize", str(garbage), "--batch-col", "site", "--out", str(tmp / "h.csv")],
@@ -54,6 +55,7 @@ def _cases(tmp: Path) -> dict[str, tuple[list[str], str]]:
         "predict": (["predict", str(notjson), str(table)], "results.json"),
         "study run": (["study", "run", str(badtoml), "--runtime", "local"], "not_a_key"),
         "study report": (["study", "report", str(notjson)], "not JSON"),
+        "study init": (["study", "init", str(missing), "--out", str(tmp / "drafted.toml")], "nope.csv"),
     }
 
 
