@@ -297,8 +297,7 @@ def _selection_specs(site, study, folds: dict, ledger, cache) -> dict:
                 feats = _subset(r.get("features"), cand, "score-test features")
                 reqs[kind] = ep.score_request(feats)
             elif kind == "leak":  # the leakage screen's per-feature concordance counts (binary, survival)
-                _require(ep.concordance_request(list(cand)[:1] or ["x"]) is not None, "a leakage screen outside "
-                         "the plan's endpoint")
+                _require(not ep.leak_is_correlation, "a leakage screen outside the plan's endpoint")
                 reqs[kind] = ep.concordance_request(_subset(r.get("features"), cand, "leakage-screen features"))
             elif kind == "icc":
                 _require(study["selection"]["icc_threshold"] is not None, "ICC is not in the plan")

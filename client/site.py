@@ -319,7 +319,8 @@ class Site:
         """Signature, plan and policy checks, compute, audit, return the reply payload (``site`` key added).
 
         When the approved plan names a coordinator key the request must carry a valid signature by it for this
-        site's ``node`` (:func:`fedrad.client.signed.check_signature`, first of all). The request must belong to a
+        site's ``node`` (:func:`fedrad.client.signed.check_signature`, after the stateless allow-list and before
+        anything that reads or writes the plan's ledger). The request must belong to a
         plan the site approved (:func:`fedrad.client.guard.check_request`, which also derives every
         privacy-relevant parameter from the site's copy of that plan). An error or refusal is audited and answered
         with a code and a generic text only; its details go to the local log.
@@ -327,10 +328,10 @@ class Site:
         claimed = payload.get("plan") if isinstance(payload, dict) else None
         plan = claimed if isinstance(claimed, str) and len(claimed) <= 128 else None  # for the audit record
         try:
+            self.policy.check_allowed(self.name, request)  # stateless: the site's own allow-list of request types
             from fedrad.client.signed import check_signature
 
-            check_signature(self, request, payload, auth, node)
-            self.policy.check_allowed(self.name, request)
+            check_signature(self, request, payload, auth, node)  # before the plan's ledger is read or written
             from fedrad.client.guard import check_request
 
             record, clean = check_request(self, request, payload)

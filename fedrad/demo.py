@@ -30,6 +30,10 @@ def study_config(manifests: dict[str, Path], endpoint: str, params: str, out: Pa
     from fedrad.server.study_config import _merge, validate
 
     user = json.loads(json.dumps(DEMO_STUDY))
+    if endpoint != "response":  # the other demos as measured in the README: ComBat on age and sex
+        user["harmonization"]["covariates"] = ["age", "sex"]
+    if endpoint == "association":
+        user["model"]["grid"] = [0.01, 0.1, 1.0]  # not used (no model is fitted); the plan as before
     if endpoint == "survival":
         user["study"]["name"] = "fedrad demo: overall survival"
         user["endpoint"] = {"type": "survival", "time": "os_time", "event": "os_event"}

@@ -159,3 +159,35 @@ def test_the_subgroup_table_says_withheld_not_zero():
     html = _subgroup_table(res)
     assert "<td>stage = 1</td><td>withheld (&lt; k)</td><td>withheld (&lt; k)</td>" in html
     assert "<td>stage = 2</td><td>3</td><td>120</td>" in html
+
+
+def test_the_site_takes_the_screens_outcome_from_its_plan_and_features_from_its_candidates(tmp_path):
+    """A coordinator that names another outcome column, a non-candidate column or the screen under an endpoint
+    without it gets the plan's outcome or a refusal, through the real site agent."""
+    from fedrad.client.client_app import app
+    from fedrad.client.site import Site
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+    from fedrad.server.federation import Federation, LocalGrid
+    from fedrad.server.study import Study
+    from tests.test_site_guard import ask, refused
+
+    cfg, nodes, _ = make_sites(tmp_path, survival=False)
+    approve_at_sites(study_plan(cfg), nodes)
+    st = Study(Federation(LocalGrid(app, nodes)), cfg)
+    st.prepare()
+    st.harmonize()
+    node, site = nodes[0], nodes[0]["site-name"]
+
+    def select(request):
+        return {"plan": st.plan_id, "folds": {"final": {"train_sites": [site], "table": "h-final",
+                                                          "requests": {"leak": request}}}}
+
+    chosen = concordance_request(["original_glcm_F0"], outcome="os_event")  # not the plan's outcome
+    got = ask(node, "study_select", select(chosen))["folds"]["final"]["leak"]
+    rows = Site.from_node_config(node).table("h-final")
+    want = site_concordance(rows, concordance_request(["original_glcm_F0"], outcome="response"), site=site)
+    np.testing.assert_array_equal(got["concordant"], want["concordant"])
+    assert got["pairs"] == want["pairs"]
+    refused(node, "study_select", select(concordance_request(["age"], outcome="response")), "outside-plan")
+    refused(node, "study_select", select(concordance_request(["case_id"], outcome="response")), "outside-plan")

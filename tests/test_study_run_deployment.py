@@ -23,6 +23,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 from fedrad.server.runtime import BIN, free_port, start_supernode
 from tests.test_outsider import _fedrad, _wait_for, _write_study
@@ -63,6 +64,7 @@ def _no_serverapp_left(coord):
         raise AssertionError(f"left behind: {_serverapps(coord)}") from None
 
 
+@pytest.mark.slow  # ~2 min of real processes; the default suite's real coordinator runs: test_outsider, test_walkthrough
 def test_study_run_streams_progress_names_missing_sites_and_leaves_no_serverapp(tmp_path):
     from fedrad.client.keys import make_node_keys
     from fedrad.common.plan import plan_id, study_plan
