@@ -284,6 +284,7 @@ sys.exit(zygote_main({path!r}, {os.getpid()}))
 OLD_ZYGOTE_WAIT = 20.0
 
 
+@pytest.mark.slow  # its zygote imports for longer than the old 20 s bound on purpose
 def test_a_launcher_waits_for_a_zygote_importing_longer_than_any_fixed_bound(tmp_path):
     """A zygote whose imports take longer than the launcher's former 20 s (a loaded machine) still serves the
     launcher that arrived first: the wait lasts as long as the zygote lives and is starting."""

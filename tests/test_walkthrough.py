@@ -10,6 +10,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from fedrad.server.runtime import BIN, free_port
 from tests.test_study import make_sites
 
@@ -37,6 +39,7 @@ def _wait_for(path: Path, text: str, timeout: float = 120) -> None:
     raise AssertionError(f"{text!r} not in {path}: {path.read_text() if path.is_file() else 'no file'}")
 
 
+@pytest.mark.slow  # ~1 min; the default suite's real coordinator with TLS, node auth and a signed study: test_outsider
 def test_the_readme_walkthrough_with_relative_paths_runs_to_the_report(tmp_path):
     port, control = free_port(), free_port()
     coord_dir = tmp_path / "coordinator"
