@@ -80,10 +80,10 @@ def claim(home: str | Path | None, run_id: int, timeout: float = CLAIM_SECONDS) 
         raise TicketError(f"this ServerApp runs only under a fedrad coordinator ({HOME_ENV} is not set): start the "
                           "SuperLink with `fedrad coordinator start` and submit with `fedrad study run`")
     src = Path(home) / "tickets" / f"{int(run_id)}.json"
+    dst = _dir(home, "claimed") / src.name
     deadline = time.monotonic() + timeout
     while True:
         try:
-            dst = _dir(home, "claimed") / src.name
             os.rename(src, dst)  # atomic: a second claim of the same ticket finds nothing
             break
         except FileNotFoundError:
