@@ -163,3 +163,29 @@ def test_tcga_brca_default_federated_cox_reaches_fedadam(tmp_path):
     assert got["penalty_choice"]["method"] == "cv"
     assert got["union"] >= round(float(fedadam["union of test sets"]), 3), got
     assert abs(got["mean"] - float(fedadam["mean of centres"])) < 0.002, got
+
+
+def test_a_coordinator_cannot_choose_the_cv_penalty_rows_or_models_of_a_fit(tmp_path):
+    """Through the real site agent, after an honest federated CV fit: a penalty index off the plan's path, inner
+    folds of another seed or fold, and a model of another kind are refused, audited and release nothing."""
+    from fedrad.common.plan import fit_plan, plan_id
+    from fedrad.common.penalty_cv import cv_settings
+    from tests.test_site_guard import refused
+
+    df = _table()
+    feats = [c for c in df.columns if c.startswith("original_")]
+    work = tmp_path / "w"
+    fit_table(df, "site", "logistic", feats, outcome="response", federated=True, workdir=work)
+    site = sorted(df["site"].unique())[0]
+    node = {"site-name": site, "table": str(next(work.glob(f"{site}/**/table.parquet"))),
+            "workdir": str(work / site), "min-cell-size": 10}
+    data = {"model": "logistic", "features": feats, "outcome": "response"}
+    pid = plan_id(fit_plan(data, rounds=200, cv=cv_settings(penalty="l2")))
+    rows = {"k": 3, "seed": 0, "fold": 1}
+    item = {"id": "2|1", "rows": rows, "table": None, "model": {"kind": "logistic"}}
+    refused(node, "study_evaluate", {"plan": pid, "items": [{**item, "id": "99|1"}]}, "outside-plan")
+    refused(node, "study_evaluate", {"plan": pid, "items": [{**item, "rows": {**rows, "seed": 7}}]}, "outside-plan")
+    refused(node, "study_evaluate", {"plan": pid, "items": [{**item, "rows": {**rows, "fold": 2}}]}, "outside-plan")
+    refused(node, "study_evaluate", {"plan": pid, "items": [{**item, "model": {"kind": "cox"}}]}, "outside-plan")
+    task = {"id": "2|1", "request": {"features": feats}, "data": {**data, "rows": {**rows, "keep": "test"}}}
+    refused(node, "fit_round", {"plan": pid, "tasks": [task]}, "outside-plan")
