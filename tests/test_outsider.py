@@ -63,22 +63,29 @@ def _wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def test_an_outsider_cannot_claim_submit_stop_or_list_the_coordinators_runs(tmp_path):
-    from fedrad.client.keys import make_node_keys
-    from fedrad.common.plan import study_plan
-    from fedrad.local import approve_at_sites
+def start_coordinator(tmp_path: Path):
+    """``fedrad coordinator start`` with TLS + node auth on loopback (its CA key offline), in the background:
+    ``(process, home, ca.crt, sites' port, control port)``; callers wait for its SuperExec and stop it."""
     from fedrad.server.certs import make_certificates
-    from fedrad.server.study_config import load_study
 
     certs = make_certificates(tmp_path / "certs")
-    ca = certs["ca_cert"]
-    (certs["ca_key"]).unlink()  # the CA key is offline
+    certs["ca_key"].unlink()  # the CA key is offline
     port, control = free_port(), free_port()
     home = tmp_path / "coord"
     coord = subprocess.Popen([str(BIN / "fedrad"), "coordinator", "start", "--home", str(home), "--certs",
                               str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
                               "--control-port", str(control)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
+    return coord, home, certs["ca_cert"], port, control
+
+
+def test_an_outsider_cannot_claim_submit_stop_or_list_the_coordinators_runs(tmp_path):
+    from fedrad.client.keys import make_node_keys
+    from fedrad.common.plan import study_plan
+    from fedrad.local import approve_at_sites
+    from fedrad.server.study_config import load_study
+
+    coord, home, ca, port, control = start_coordinator(tmp_path)
     procs, outsider_exec = [], None
     try:
         _wait_for(lambda: (home / "superexec" / "superexec.log").is_file(), 90, "the coordinator's SuperExec")

@@ -25,8 +25,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from fedrad.server.runtime import BIN, free_port, start_supernode
-from tests.test_outsider import _fedrad, _wait_for, _write_study
+from fedrad.server.runtime import free_port, start_supernode
+from tests.test_outsider import _fedrad, _wait_for, _write_study, start_coordinator
 from tests.test_study import make_sites
 
 
@@ -69,16 +69,9 @@ def test_study_run_streams_progress_names_missing_sites_and_leaves_no_serverapp(
     from fedrad.client.keys import make_node_keys
     from fedrad.common.plan import plan_id, study_plan
     from fedrad.local import approve_at_sites
-    from fedrad.server.certs import make_certificates
     from fedrad.server.study_config import load_study
 
-    ca = make_certificates(tmp_path / "certs")["ca_cert"]
-    port, control = free_port(), free_port()
-    home = tmp_path / "coord"
-    coord = subprocess.Popen([str(BIN / "fedrad"), "coordinator", "start", "--home", str(home), "--certs",
-                              str(tmp_path / "certs"), "--host", "127.0.0.1", "--port", str(port),
-                              "--control-port", str(control)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                             text=True, start_new_session=True)
+    coord, home, ca, port, control = start_coordinator(tmp_path)
     procs = {}
     try:
         _wait_for(lambda: (home / "superexec" / "superexec.log").is_file(), 90, "the coordinator's SuperExec")
